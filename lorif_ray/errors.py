@@ -1,0 +1,41 @@
+"""Named exceptions. Each message names the file, layer, example or value at fault."""
+
+
+class LorifError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(LorifError, ValueError):
+    """An invalid setting (f, c, r, dtype, method, paths ...)."""
+
+
+class DataError(LorifError, ValueError):
+    """Training or query data that cannot be used (missing file or column, empty set)."""
+
+
+class NoLossTokensError(DataError):
+    """Examples whose every label is ignored (-100), e.g. a prompt longer than max_length."""
+
+
+class IndexNotFoundError(LorifError, FileNotFoundError):
+    """No index (manifest) where one is expected."""
+
+
+class MissingShardError(LorifError, FileNotFoundError):
+    """A shard listed in a manifest is not on disk."""
+
+
+class CorruptShardError(LorifError, ValueError):
+    """A shard whose checksum, row count or schema does not match its manifest."""
+
+
+class IndexMismatchError(LorifError, ValueError):
+    """An existing index or curvature made with another config, model or layer list."""
+
+
+class ModelMismatchError(IndexMismatchError):
+    """The model at query time is not the model the index was built from."""
+
+
+class NonFiniteGradientError(LorifError, FloatingPointError):
+    """NaN or Inf in a per-example gradient."""
