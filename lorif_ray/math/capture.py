@@ -1,0 +1,139 @@
+"""Per-example projected gradients of linear layers, captured with hooks.
+
+For a layer y = x Wᵀ (``nn.Linear``, W: O×I) or y = x W (transformers' GPT-2 ``Conv1D``, W: I×O),
+the weight gradient of example i is δY_iᵀ X_i summed over its tokens. We never form it: a forward
+hook keeps A_i = X_i P_in (T×d1) and a hook on the output tensor keeps B_i = δY_i P_out (T×d2), so
+the projected gradient is G̃_i = A_iᵀ B_i (d1×d2).
+
+δY is the gradient of each example's *summed* token loss (never a batch mean), so examples in one
+batch do not scale each other. Right padding never contributes: a padded position has no loss and,
+under causal attention, feeds no other position, so its δY is exactly zero.
+
+While the capture is active every parameter is frozen, so backward computes activation gradients
+only (no weight gradients are ever allocated); hooked outputs are made to require grad.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorif_ray.errors import NoLossTokensError, NonFiniteGradientError
+from lorif_ray.math.projection import LayerProjection
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(I, O) of an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored I×O)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    raise TypeError(f"{type(module).__name__} is not a supported linear layer (nn.Linear or Conv1D)")
+
+
+class ProjectedGradientCapture:
+    """Hooks that record A = X P_in and B = δY P_out for the given layers.
+
+    Use as a context manager around one forward + backward; then ``pop()`` returns
+    ``{name: (A (B, T, d1), B (B, T, d2))}``.
+
+    Example:
+        >>> with ProjectedGradientCapture(model, modules, projections) as capture:
+        ...     per_example_token_loss(model, batch).sum().backward()
+        ...     blocks = capture.pop()
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], projections: dict[str, LayerProjection]):
+        missing = set(modules) - set(projections)
+        if missing:
+            raise KeyError(f"no projection for layers {sorted(missing)}")
+        self.model = model
+        self.modules = modules
+        self.projections = projections
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> "ProjectedGradientCapture":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._frozen:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._handles, self._frozen = [], []
+        self._inputs.clear()
+        self._outputs.clear()
+
+    def _forward_hook(self, name: str):
+        projection = self.projections[name]
+
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return None
+            if name in self._inputs:
+                raise RuntimeError(f"layer {name} ran twice in one forward pass; shared layers are not supported")
+            x = inputs[0]
+            self._inputs[name] = x.to(projection.p_in.dtype) @ projection.p_in  # (B, T, d1)
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+
+            def grad_hook(grad_output):
+                self._outputs[name] = grad_output.to(projection.p_out.dtype) @ projection.p_out  # (B, T, d2)
+
+            output.register_hook(grad_hook)
+            return output
+
+        return hook
+
+    def pop(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The (A, B) pairs of the last forward+backward, and reset."""
+        missing = [n for n in self.modules if n not in self._inputs or n not in self._outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing[:5]} saw no forward or no backward pass (not on the loss path?)")
+        blocks = {n: (self._inputs[n], self._outputs[n]) for n in self.modules}
+        self._inputs.clear()
+        self._outputs.clear()
+        return blocks
+
+
+def per_example_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ids: list[str] | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy of each example: (B,).
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T); labels are aligned with
+            input_ids (Hugging Face convention) and -100 marks tokens without loss.
+        ids: example ids, used only to name examples without loss tokens.
+    """
+    labels = batch["labels"][:, 1:]
+    counts = (labels != -100).sum(dim=1)
+    if bool((counts == 0).any()):
+        bad = [ids[i] if ids else str(i) for i in torch.nonzero(counts == 0).flatten().tolist()]
+        raise NoLossTokensError(f"examples without loss tokens (all labels -100): {bad[:10]}")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in full precision, whatever the model's dtype
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
+    return token_loss.sum(dim=1)
+
+
+def dense_gradients(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """G̃ = Aᵀ B per example: (B, T, d1), (B, T, d2) → (B, d1, d2)."""
+    return torch.bmm(a.transpose(1, 2), b)
+
+
+def check_finite(tensor: torch.Tensor, layer: str, ids: list[str]) -> None:
+    """Raise NonFiniteGradientError naming the layer and examples if ``tensor`` (B, ...) has NaN/Inf."""
+    bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        names = [ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+        raise NonFiniteGradientError(f"NaN/Inf gradient in layer {layer} for examples {names[:10]} ({len(names)} in all)")

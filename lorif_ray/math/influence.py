@@ -1,0 +1,157 @@
+"""Influence scores of one layer: LoRIF (Woodbury, from factors), LoGRA (exact inverse), GradDot, RepSim.
+
+Score convention (every method, every output): I(t, q) = g_qᵀ H⁻¹ g_t with g the gradient of the
+*summed* token loss and H ≈ GᵀG + λI. Up-weighting t by ε changes the query loss by about −ε·I(t, q),
+so a positive score marks a proponent (training on t lowers the query's loss) and I(t, q) itself
+approximates how much the query loss (nats) would rise if t were left out of training.
+
+LoRIF (DESIGN §2.4), with g' = V_rᵀ g and w_j = σ_j² / (λ(λ + σ_j²)):
+    I(t, q) = (1/λ) g_qᵀ g_t − Σ_j w_j g'_{q,j} g'_{t,j},
+and g_qᵀ g_t = Σ_{a,b} (u_{q,a}ᵀ u_{t,b})(v_{q,a}ᵀ v_{t,b}) from rank-c factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class GradientBlock:
+    """Projected gradients of n examples at one layer, as rank-c factors or dense rows.
+
+    Attributes:
+        u: (n, d1, c) left factors, or None.
+        v: (n, d2, c) right factors, or None.
+        g: (n, D) dense rows vec(G̃) (row-major, D = d1·d2), or None.
+    """
+
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+
+    @property
+    def factored(self) -> bool:
+        return self.u is not None
+
+    def __len__(self) -> int:
+        return (self.u if self.factored else self.g).shape[0]
+
+    def dense(self) -> torch.Tensor:
+        """(n, D) rows vec(u vᵀ), formed from the factors if needed."""
+        if self.g is not None:
+            return self.g
+        return dense_from_factors(self.u, self.v)
+
+
+def dense_from_factors(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """vec(u vᵀ): (n, d1, c), (n, d2, c) → (n, d1·d2)."""
+    return torch.einsum("nic,njc->nij", u, v).reshape(u.shape[0], -1)
+
+
+def factor_inner(uq: torch.Tensor, vq: torch.Tensor, ut: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """⟨u_q v_qᵀ, u_t v_tᵀ⟩_F for all pairs: O(c²(d1+d2)) each → (nq, nt)."""
+    nq, d1, cq = uq.shape
+    nt, _, ct = ut.shape
+    uu = uq.transpose(1, 2).reshape(nq * cq, d1) @ ut.transpose(1, 2).reshape(nt * ct, d1).T
+    vv = vq.transpose(1, 2).reshape(nq * cq, -1) @ vt.transpose(1, 2).reshape(nt * ct, -1).T
+    if cq == ct == 1:
+        return uu * vv
+    return (uu * vv).reshape(nq, cq, nt, ct).sum(dim=(1, 3))
+
+
+def inner(a: GradientBlock, b: GradientBlock) -> torch.Tensor:
+    """g_aᵀ g_b for all pairs (na, nb), through the factors when both sides have them."""
+    if a.factored and b.factored:
+        return factor_inner(a.u, a.v, b.u, b.v)
+    return a.dense() @ b.dense().T
+
+
+def self_inner(a: GradientBlock) -> torch.Tensor:
+    """‖g‖² per example (n,)."""
+    if a.factored:
+        return ((a.u.transpose(1, 2) @ a.u) * (a.v.transpose(1, 2) @ a.v)).sum(dim=(1, 2))
+    return (a.g * a.g).sum(dim=1)
+
+
+def woodbury_weights(values: torch.Tensor, damping: float) -> torch.Tensor:
+    """w_j = σ_j² / (λ(λ + σ_j²)), so that (V diag(σ²) Vᵀ + λI)⁻¹ = I/λ − V diag(w) Vᵀ."""
+    return values / (damping * (damping + values))
+
+
+@dataclass
+class LayerCurvature:
+    """What stage 2 keeps for one layer.
+
+    Attributes:
+        kind: "woodbury" (LoRIF), "inverse" (LoGRA) or "identity" (GradDot).
+        damping: λ.
+        vectors: (D, r) V_r (woodbury).
+        values: (r,) σ_j² (woodbury).
+        inverse: (D, D) (GᵀG + λI)⁻¹ (inverse).
+    """
+
+    kind: str
+    damping: float = 0.0
+    vectors: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> "LayerCurvature":
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return LayerCurvature(self.kind, self.damping, move(self.vectors), move(self.values), move(self.inverse))
+
+
+def exact_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """(GᵀG + λI)⁻¹ (D, D), in float64 through the eigendecomposition."""
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    return (vectors / (values.clamp_min(0) + damping)) @ vectors.T
+
+
+class PreparedQuery:
+    """Query-side terms of one layer, computed once and reused for every training block.
+
+    Example:
+        >>> prepared = PreparedQuery(query_block, curvature)
+        >>> scores = prepared.scores(train_block)  # (nq, nt)
+    """
+
+    def __init__(self, query: GradientBlock, curvature: LayerCurvature):
+        self.query = query
+        self.curvature = curvature
+        if curvature.kind == "woodbury":
+            w = woodbury_weights(curvature.values, curvature.damping)
+            self.weighted = (query.dense() @ curvature.vectors) * w  # (nq, r)
+        elif curvature.kind == "inverse":
+            self.preconditioned = query.dense() @ curvature.inverse  # (nq, D)
+        elif curvature.kind != "identity":
+            raise ValueError(f"unknown curvature kind {curvature.kind!r}")
+
+    def scores(self, train: GradientBlock) -> torch.Tensor:
+        """I(t, q) for this layer: (nq, nt)."""
+        kind = self.curvature.kind
+        if kind == "identity":
+            return inner(self.query, train)
+        if kind == "inverse":
+            return self.preconditioned @ train.dense().T
+        projected = train.dense() @ self.curvature.vectors  # (nt, r)
+        return inner(self.query, train) / self.curvature.damping - self.weighted @ projected.T
+
+
+def self_influence(block: GradientBlock, curvature: LayerCurvature) -> torch.Tensor:
+    """I(t, t) = g_tᵀ H⁻¹ g_t per example (n,), for normalized scores."""
+    if curvature.kind == "identity":
+        return self_inner(block)
+    if curvature.kind == "inverse":
+        g = block.dense()
+        return ((g @ curvature.inverse) * g).sum(dim=1)
+    projected = block.dense() @ curvature.vectors
+    w = woodbury_weights(curvature.values, curvature.damping)
+    return self_inner(block) / curvature.damping - (projected * projected * w).sum(dim=1)
+
+
+def repsim_scores(query_hidden: torch.Tensor, train_hidden: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of representations: (nq, H), (nt, H) → (nq, nt)."""
+    return F.normalize(query_hidden, dim=1) @ F.normalize(train_hidden, dim=1).T
