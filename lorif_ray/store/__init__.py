@@ -1,0 +1,39 @@
+"""Store: Parquet shards of per-example rows (+ manifest), and small artifacts saved with their config.
+
+Imports only pyarrow, numpy, torch, safetensors and the standard library.
+"""
+
+from lorif_ray.store.artifacts import (
+    atomic_path,
+    file_sha256,
+    load_tensors,
+    read_table_meta,
+    save_tensors,
+    write_json,
+    write_table,
+)
+from lorif_ray.store.manifest import Manifest, ShardRecord
+from lorif_ray.store.schema import ID_COLUMN, STORAGE_DTYPES, arrow_schema, arrow_to_tensor, tensor_to_arrow
+from lorif_ray.store.shards import ShardWriter, iter_batches, open_index, read_ids, shard_file_name
+
+__all__ = [
+    "ID_COLUMN",
+    "STORAGE_DTYPES",
+    "Manifest",
+    "ShardRecord",
+    "ShardWriter",
+    "arrow_schema",
+    "arrow_to_tensor",
+    "atomic_path",
+    "file_sha256",
+    "iter_batches",
+    "load_tensors",
+    "open_index",
+    "read_ids",
+    "read_table_meta",
+    "save_tensors",
+    "shard_file_name",
+    "tensor_to_arrow",
+    "write_json",
+    "write_table",
+]

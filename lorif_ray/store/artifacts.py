@@ -1,0 +1,143 @@
+"""Small results (curvature, scores, reports) saved like shards: atomically, with the config that made them.
+
+Every file is written to a temporary name in its directory, fsynced and renamed, so a reader never sees
+a partial file. The config goes inside the file: safetensors metadata or Parquet schema metadata under
+the key `lorif.meta` (JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorif_ray.errors import CorruptShardError, IndexNotFoundError
+
+META_KEY = "lorif.meta"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; on success moves it to `path`.
+
+    The temporary file is fsynced, renamed over `path` (`os.replace`) and the directory fsynced. If the
+    body raises, the temporary file is removed and `path` is left as it was.
+
+    Example:
+        >>> with atomic_path(out / "scores.parquet") as tmp:
+        ...     pq.write_table(table, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Writes `obj` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """Saves named tensors to a safetensors file, atomically, with `meta` as JSON under `lorif.meta`.
+
+    Args:
+        path: destination file.
+        tensors: name -> tensor of any shape (moved to CPU; must not share memory with each other).
+        meta: JSON-serializable config that made the tensors.
+
+    Returns:
+        Hex SHA-256 of the written file.
+    """
+    header = {META_KEY: json.dumps(meta)}
+    cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(cpu, tmp, metadata=header)
+        digest = file_sha256(tmp)
+    return digest
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Loads a file written by `save_tensors`.
+
+    Returns:
+        (name -> tensor on `device`, meta dict; {} if the file has none).
+
+    Raises:
+        IndexNotFoundError: no file at `path`.
+        CorruptShardError: the file is not readable safetensors or its meta is not JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IndexNotFoundError(f"no tensor file at {path}")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        meta = json.loads(header.get(META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptShardError(f"cannot read tensor file {path}: {e}") from e
+    return tensors, meta
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, meta: dict) -> str:
+    """Writes a Parquet file, atomically, with `meta` as JSON under the schema metadata key `lorif.meta`.
+
+    Returns:
+        Hex SHA-256 of the written file.
+    """
+    metadata = {**(table.schema.metadata or {}), META_KEY.encode(): json.dumps(meta).encode()}
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
+        digest = file_sha256(tmp)
+    return digest
+
+
+def read_table_meta(path: str | os.PathLike) -> dict:
+    """The `lorif.meta` dict of a Parquet file ({} if it has none), read from the footer only.
+
+    Raises:
+        IndexNotFoundError: no file at `path`.
+        CorruptShardError: not a readable Parquet file, or its meta is not JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise IndexNotFoundError(f"no Parquet file at {path}")
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata.get(META_KEY.encode(), b"{}"))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptShardError(f"cannot read Parquet metadata of {path}: {e}") from e

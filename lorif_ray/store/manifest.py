@@ -1,0 +1,90 @@
+"""The manifest of an index directory: what its rows hold, how they were made, and its shards.
+
+`_manifest.json` sits next to the shard files. It lists each shard with its row count, size and SHA-256,
+and says whether the index is complete (every shard written and `finalize` called).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError
+from lorif_ray.store.artifacts import write_json
+from lorif_ray.store.schema import BYTES_PER_VALUE, check_columns, check_dtype
+
+MANIFEST_NAME = "_manifest.json"  # leading "_": dataset readers skip it, so the directory reads as Parquet
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShardRecord:
+    """One shard file of an index."""
+
+    index: int  # position in the index; shard i holds rows [i * shard_size, (i + 1) * shard_size)
+    file: str  # file name, relative to the index directory
+    rows: int
+    sha256: str  # hex digest of the file's bytes
+    bytes: int  # file size
+
+
+@dataclass
+class Manifest:
+    """What an index directory holds and how it was made."""
+
+    kind: str  # what rows hold: "factors", "dense", "hidden", ...
+    columns: dict[str, int]  # column name -> floats per row, in storage order
+    dtype: str  # storage dtype, one of schema.STORAGE_DTYPES
+    shard_size: int  # rows per shard (the last one may hold fewer)
+    num_rows: int | None = None  # total rows, set by finalize
+    complete: bool = False  # every shard written and finalize called
+    meta: dict = field(default_factory=dict)  # config, model identity, layer list: whatever the writer passes
+    shards: list[ShardRecord] = field(default_factory=list)  # sorted by index
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+        check_columns(self.columns)
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ConfigError(f"shard_size must be a positive int, got {self.shard_size!r}")
+
+    def payload_bytes_per_row(self) -> int:
+        """Bytes of float values in one row: sum of widths x bytes per value."""
+        return sum(self.columns.values()) * BYTES_PER_VALUE[self.dtype]
+
+    def total_bytes(self) -> int:
+        """Sum of the shard file sizes."""
+        return sum(s.bytes for s in self.shards)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes `directory/_manifest.json` atomically."""
+        write_json(Path(directory) / MANIFEST_NAME, asdict(self))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Manifest:
+        """Reads `directory/_manifest.json`.
+
+        Raises:
+            IndexNotFoundError: no manifest in `directory`.
+            CorruptShardError: the manifest is not valid JSON or lacks fields.
+            IndexMismatchError: written by a newer format version.
+        """
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise IndexNotFoundError(f"no index at {Path(directory)}: {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptShardError(f"unreadable manifest {path}: {e}") from e
+        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise IndexMismatchError(
+                f"{path} has format version {version}; this lorif-ray reads up to {FORMAT_VERSION}"
+            )
+        try:
+            shards = [ShardRecord(**s) for s in data.pop("shards")]
+            return cls(**data, shards=shards)
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise CorruptShardError(f"invalid manifest {path}: {e}") from e
