@@ -83,7 +83,7 @@ class ProjectedGradientCapture:
             if name in self._inputs:
                 raise RuntimeError(f"layer {name} ran twice in one forward pass; shared layers are not supported")
             x = inputs[0]
-            self._inputs[name] = x.to(projection.p_in.dtype) @ projection.p_in  # (B, T, d1)
+            self._inputs[name] = x.detach().to(projection.p_in.dtype) @ projection.p_in  # (B, T, d1)
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
 

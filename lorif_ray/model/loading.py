@@ -28,7 +28,9 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
         (model, tokenizer). The tokenizer gets a pad token (eos) if it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our stages draw their own bars
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path={path} is not a local Hugging Face model directory (no config.json)")

@@ -1,0 +1,21 @@
+"""Stage 2: per-layer curvature (LoRIF: rank-r randomized SVD; LoGRA: exact inverse) from the index.
+
+    python jobs/curvature.py model.path=/models/my-gpt2 r=256 output_dir=out
+"""
+
+import hydra
+
+from lorif_ray.config import from_hydra, register_configs
+from lorif_ray.stages.curvature import run_curvature
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg) -> None:
+    report = run_curvature(from_hydra(cfg))
+    print(f"curvature: {report['path']}" + (" (reused)" if report["reused"] else f" in {report['seconds']:.1f}s"))
+
+
+if __name__ == "__main__":
+    main()

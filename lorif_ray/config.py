@@ -1,0 +1,127 @@
+"""Structured configs: one dataclass per part, registered with Hydra so typos fail at start-up.
+
+The keys are the public contract: ``model.path``, ``data.train``, ``data.queries``,
+``data.max_length``, ``method=lorif|logra|graddot|repsim``, ``f``, ``c``, ``r``, ``damping``,
+``seed``, ``dtype``, ``query.top_k``, ``query.full_scores``, ``output_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from lorif_ray.errors import ConfigError
+
+METHODS = ("lorif", "logra", "graddot", "repsim")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # local Hugging Face model dir; None = the embedded default (built on first use)
+    layers: Optional[List[str]] = None  # fnmatch patterns on module names; None = every linear in the blocks
+    dtype: str = "float32"  # compute dtype of the model
+    device: str = "auto"  # auto = cuda if available, else cpu
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # .parquet/.jsonl with `text`, or `prompt` + `response`; optional `id`
+    queries: Optional[str] = None  # same format; an optional `source_id` column is checked against the top-k
+    max_length: int = 128
+    batch_size: int = 8  # examples per forward+backward
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lorif"
+
+    @property
+    def store_kind(self) -> str:
+        """What stage 1 stores per example: rank-c factors, dense projected gradients, or hidden states."""
+        return {"lorif": "factors", "logra": "dense", "graddot": "dense", "repsim": "hidden"}[self.name]
+
+
+@dataclass
+class QueryConfig:
+    top_k: int = 10
+    full_scores: bool = False  # also write scores.npy (float32, queries × train, input order)
+    normalize: bool = False  # cosine-style: I(t,q) / sqrt(I(t,t) I(q,q)), in [-1, 1]
+    train_batch_rows: int = 2048  # training rows scored per step
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    f: int = 4  # projection factor: d1 = I/f, d2 = O/f
+    c: int = 1  # factor rank (LoRIF); capped at min(d1, d2), where factors are exact
+    r: int = 64  # truncation rank of the curvature (LoRIF); capped at D = d1·d2
+    damping: Optional[float] = None  # λ; None = 0.1 × mean of the top r+p eigenvalues (LoGRA: of all)
+    damping_scale: float = 0.1
+    seed: int = 0  # projections, factor start blocks and rSVD start are all derived from it
+    dtype: str = "float32"  # storage dtype of the index: float32 | float16 | bfloat16
+    factor_iters: Optional[int] = None  # None = 8 for c = 1, 16 for c > 1
+    svd_power_iters: int = 3
+    oversample: int = 10
+    shard_size: int = 1024  # examples per Parquet shard (the unit of resumption)
+    output_dir: str = "outputs/run"
+    index_dir: Optional[str] = None  # None = <output_dir>/index; share one across runs that differ in r
+    embedded_cache: str = ".cache/embedded"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def index_path(self) -> Path:
+        return Path(self.index_dir) if self.index_dir else Path(self.output_dir) / "index"
+
+    @property
+    def curvature_path(self) -> Path:
+        return Path(self.output_dir) / "curvature.safetensors"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first invalid value."""
+    checks = [
+        (cfg.method.name in METHODS, f"method={cfg.method.name!r}: choose one of {METHODS}"),
+        (cfg.f >= 1, f"f={cfg.f}: the projection factor must be >= 1"),
+        (cfg.c >= 1, f"c={cfg.c}: the factor rank must be >= 1"),
+        (cfg.r >= 1, f"r={cfg.r}: the truncation rank must be >= 1"),
+        (cfg.damping is None or cfg.damping > 0, f"damping={cfg.damping}: must be > 0 or null"),
+        (cfg.damping_scale > 0, f"damping_scale={cfg.damping_scale}: must be > 0"),
+        (cfg.dtype in STORAGE_DTYPES, f"dtype={cfg.dtype!r}: choose one of {STORAGE_DTYPES}"),
+        (cfg.factor_iters is None or cfg.factor_iters >= 1, f"factor_iters={cfg.factor_iters}: must be >= 1"),
+        (cfg.svd_power_iters >= 0, f"svd_power_iters={cfg.svd_power_iters}: must be >= 0"),
+        (cfg.oversample >= 0, f"oversample={cfg.oversample}: must be >= 0"),
+        (cfg.shard_size >= 1, f"shard_size={cfg.shard_size}: must be >= 1"),
+        (cfg.data.max_length >= 2, f"data.max_length={cfg.data.max_length}: must be >= 2"),
+        (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: must be >= 1"),
+        (cfg.query.top_k >= 1, f"query.top_k={cfg.query.top_k}: must be >= 1"),
+        (cfg.query.train_batch_rows >= 1, f"query.train_batch_rows={cfg.query.train_batch_rows}: must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (called by the jobs)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="lorif_schema", node=Config)
+
+
+def from_hydra(cfg) -> Config:
+    """A validated Config from Hydra's DictConfig."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)

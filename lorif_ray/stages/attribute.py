@@ -1,0 +1,29 @@
+"""The three stages in one process, with a printed summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorif_ray.config import Config
+from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.index import run_index
+from lorif_ray.stages.inputs import resolve_inputs
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.summary import describe_index, describe_proponents
+from lorif_ray.store import write_json
+
+
+def run_attribute(cfg: Config) -> dict:
+    """index → curvature → query; prints what each stage did and the top proponents of a few queries."""
+    index = run_index(cfg)
+    print(describe_index(index))
+    curvature = run_curvature(cfg)
+    print("curvature: " + ("reused" if curvature["reused"] else f"{curvature['seconds']:.1f}s") + f" -> {curvature['path']}")
+    query = run_query(cfg)
+    print(f"query: {query['queries']} queries x {query['train']} training examples scored in "
+          f"{query['score_seconds']:.2f}s (+{query['query_gradient_seconds']:.2f}s query gradients) -> {query['topk_path']}")
+    inputs = resolve_inputs(cfg)
+    print(describe_proponents(Path(query["topk_path"]), inputs.train_path, inputs.queries_path))
+    report = {"index": index, "curvature": curvature, "query": query}
+    write_json(Path(cfg.output_dir) / "report.json", report)
+    return report

@@ -1,0 +1,125 @@
+"""Stage 2: per-layer curvature from the index — V_r, σ², λ (LoRIF), (GᵀG + λI)⁻¹ (LoGRA), or none.
+
+Rows of G are rebuilt from the stored factors batch by batch (only that layer's columns are read);
+G is never materialized. A curvature file made with the same settings from the same index is reused.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from lorif_ray.config import Config
+from lorif_ray.errors import ConfigError, IndexMismatchError, LorifError
+from lorif_ray.math.influence import LayerCurvature, exact_inverse
+from lorif_ray.math.rsvd import eigh_spectrum, gram_apply_from_batches, gram_from_batches, randomized_spectrum
+from lorif_ray.model.loading import resolve_device
+from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
+from lorif_ray.stages.inputs import math_dtype
+from lorif_ray.store import Manifest, iter_batches, load_tensors, open_index, save_tensors
+
+CURVATURE_KIND = {"lorif": "woodbury", "logra": "inverse", "graddot": "identity", "repsim": "none"}
+NEEDS_STORE = {"lorif": "factors", "logra": "dense", "graddot": "dense", "repsim": "hidden"}
+
+
+def layer_specs(manifest: Manifest) -> list[LayerSpec]:
+    return [LayerSpec(**d) for d in manifest.meta["layers"]]
+
+
+def check_method_matches_index(method: str, manifest: Manifest, index_dir) -> None:
+    if manifest.kind != NEEDS_STORE[method]:
+        raise IndexMismatchError(f"method={method} needs an index of {NEEDS_STORE[method]!r} rows, but {index_dir} "
+                                 f"holds {manifest.kind!r} rows; use another output_dir/index_dir or method")
+
+
+def curvature_meta(cfg: Config, manifest: Manifest) -> dict:
+    """What determines the curvature: the method's settings and the index it was computed from."""
+    return {
+        "method": cfg.method.name,
+        "config": {"r": cfg.r, "damping": cfg.damping, "damping_scale": cfg.damping_scale,
+                   "oversample": cfg.oversample, "svd_power_iters": cfg.svd_power_iters, "seed": cfg.seed},
+        "index": {"model": manifest.meta["model"], "config": manifest.meta["config"],
+                  "shards": [r.sha256 for r in manifest.shards]},
+    }
+
+
+def run_curvature(cfg: Config) -> dict:
+    """Compute and save the curvature of every layer at ``cfg.curvature_path``; returns a report dict."""
+    manifest = open_index(cfg.index_path, verify=True)
+    check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
+    meta = curvature_meta(cfg, manifest)
+    if cfg.curvature_path.exists() and load_tensors(cfg.curvature_path)[1].get("method_meta") == meta:
+        return {"reused": True, "path": str(cfg.curvature_path)}
+    device = resolve_device(cfg.model.device)
+    dtype = math_dtype(device)
+    kind = CURVATURE_KIND[cfg.method.name]
+    tensors, layers = {}, {}
+    start = time.perf_counter()
+    specs = layer_specs(manifest) if kind not in ("identity", "none") else []
+    for spec in tqdm(specs, desc="stage 2: curvature", unit="layer", disable=not cfg.progress):
+        def rows(spec=spec):
+            columns = [f"{spec.name}.{c}" for c in (("u", "v") if manifest.kind == "factors" else ("g",))]
+            for _, cols in iter_batches(cfg.index_path, columns, batch_rows=cfg.query.train_batch_rows,
+                                        out_dtype=dtype, device=device, manifest=manifest):
+                yield blocks_from_columns([spec], manifest.kind, cols)[spec.name].dense()
+
+        curvature = layer_curvature(cfg, kind, spec, rows, dtype, device)
+        layers[spec.name] = {"kind": kind, "damping": curvature.damping,
+                             "rank": 0 if curvature.values is None else int(curvature.values.numel())}
+        for field in ("vectors", "values", "inverse"):
+            value = getattr(curvature, field)
+            if value is not None:
+                tensors[f"{spec.name}.{field}"] = value.cpu()
+    seconds = time.perf_counter() - start
+    save_tensors(cfg.curvature_path, tensors, {"method_meta": meta, "kind": kind, "layers": layers})
+    return {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers}
+
+
+def layer_curvature(cfg: Config, kind: str, spec: LayerSpec, rows, dtype, device) -> LayerCurvature:
+    """Curvature of one layer from a re-iterable stream of its dense rows."""
+    dim = spec.dim
+    if kind == "inverse":
+        gram = gram_from_batches(rows(), dim, dtype=torch.float64, device=device)
+        damping = cfg.damping or cfg.damping_scale * float(gram.trace()) / dim  # 0.1 × mean of all eigenvalues
+        _check_damping(damping, spec)
+        return LayerCurvature(kind, damping, inverse=exact_inverse(gram, damping).to(dtype))
+    rank = min(cfg.r, dim)
+    if rank + cfg.oversample >= dim:  # the whole spectrum is as cheap as a sketch of it
+        spectrum = eigh_spectrum(gram_from_batches(rows(), dim, dtype=torch.float64, device=device), rank, cfg.oversample)
+    else:
+        spectrum = randomized_spectrum(gram_apply_from_batches(rows), dim, rank, oversample=cfg.oversample,
+                                       power_iters=cfg.svd_power_iters, seed=cfg.seed, name=spec.name,
+                                       dtype=dtype, device=device)
+    damping = cfg.damping or spectrum.damping(cfg.damping_scale)
+    _check_damping(damping, spec)
+    return LayerCurvature(kind, damping, spectrum.vectors.to(dtype), spectrum.values.to(dtype))
+
+
+def _check_damping(damping: float, spec: LayerSpec) -> None:
+    if not damping > 0:
+        raise LorifError(f"layer {spec.name}: every stored gradient is zero, so the damping rule gives λ = 0; "
+                         "set damping explicitly or leave the layer out (model.layers)")
+
+
+def load_curvature(cfg: Config, manifest: Manifest, device, dtype) -> dict[str, LayerCurvature]:
+    """The saved curvature of every layer, checked against the index and method."""
+    if not cfg.curvature_path.exists():
+        raise ConfigError(f"no curvature at {cfg.curvature_path}; run stage 2 (jobs/curvature.py) first")
+    tensors, meta = load_tensors(cfg.curvature_path, device=device)
+    saved = meta.get("method_meta", {})
+    wanted = curvature_meta(cfg, manifest)
+    if saved.get("index") != wanted["index"] or saved.get("method") != wanted["method"]:
+        raise IndexMismatchError(f"{cfg.curvature_path} was computed for method={saved.get('method')} from another "
+                                 f"index than {cfg.index_path}; re-run stage 2")
+    kind = meta["kind"]
+    out = {}
+    for spec in layer_specs(manifest):
+        if kind == "identity":
+            out[spec.name] = LayerCurvature("identity")
+            continue
+        info = meta["layers"][spec.name]
+        get = lambda field: tensors.get(f"{spec.name}.{field}")  # noqa: E731
+        out[spec.name] = LayerCurvature(kind, info["damping"], get("vectors"), get("values"), get("inverse")).to(dtype=dtype)
+    return out

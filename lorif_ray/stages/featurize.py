@@ -1,0 +1,130 @@
+"""Batches of tokenized examples → what stage 1 stores per example (and stage 3 scores with).
+
+One ``Featurizer`` holds the model, its selected layers and their projections. For a batch it runs
+one forward+backward with the capture hooks and returns store columns, (n, width) tensors:
+``<layer>.u`` / ``<layer>.v`` (rank-c factors, row-major (d, c) flattened) for LoRIF,
+``<layer>.g`` (dense vec(G̃), D = d1·d2) for LoGRA and GradDot, ``hidden`` (last non-pad token of the
+last layer) for RepSim. ``blocks()`` turns columns back into per-layer ``GradientBlock``s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorif_ray.math.capture import ProjectedGradientCapture, check_finite, dense_gradients, linear_dims, per_example_token_loss
+from lorif_ray.math.factorize import default_iterations, effective_rank, factorize, initial_block
+from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.projection import layer_projection
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shapes of one attributed layer (recorded in the manifest)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    d1: int
+    d2: int
+    c: int  # effective factor rank (0 for dense/hidden stores)
+
+    @property
+    def dim(self) -> int:
+        return self.d1 * self.d2
+
+
+class Featurizer:
+    """Per-example projected gradients (factors or dense) or hidden states of a model.
+
+    Args:
+        model: causal LM in eval mode.
+        layers: {name: module} from ``select_layers``.
+        kind: "factors", "dense" or "hidden".
+        f, c, seed: projection factor, factor rank, seed.
+        factor_iters: power iterations (None = 8 for c = 1, 16 otherwise).
+        compute_dtype: dtype of projections and factorization (float32; float64 in tests).
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, kind: str, f: int, c: int, seed: int,
+                 factor_iters: int | None = None, compute_dtype: torch.dtype = torch.float32):
+        self.model, self.layers, self.kind = model, layers, kind
+        self.seed, self.compute_dtype = seed, compute_dtype
+        self.device = next(model.parameters()).device
+        self.projections = {
+            name: layer_projection(seed, name, *linear_dims(m), f, dtype=compute_dtype, device=self.device)
+            for name, m in layers.items()
+        }
+        self.specs = []
+        for name, m in layers.items():
+            p = self.projections[name]
+            rank = effective_rank(c, p.d1, p.d2) if kind == "factors" else 0
+            self.specs.append(LayerSpec(name, *linear_dims(m), p.d1, p.d2, rank))
+        self.iterations = factor_iters or default_iterations(c)
+        self.start_blocks = {
+            s.name: initial_block(seed, s.name, s.d2, s.c, compute_dtype, self.device) for s in self.specs if s.c
+        }
+
+    @property
+    def columns(self) -> dict[str, int]:
+        """Store layout: column name → floats per example."""
+        if self.kind == "hidden":
+            return {"hidden": int(self.model.config.hidden_size)}
+        if self.kind == "dense":
+            return {f"{s.name}.g": s.dim for s in self.specs}
+        out = {}
+        for s in self.specs:
+            out[f"{s.name}.u"] = s.d1 * s.c
+            out[f"{s.name}.v"] = s.d2 * s.c
+        return out
+
+    def __call__(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Store columns of one batch: {column: (n, width)} on the model's device."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.kind == "hidden":
+            return {"hidden": self._hidden(batch)}
+        with ProjectedGradientCapture(self.model, self.layers, self.projections) as capture:
+            per_example_token_loss(self.model, batch, ids).sum().backward()
+            captured = capture.pop()
+        out = {}
+        n = len(ids)
+        for spec in self.specs:
+            a, b = captured[spec.name]
+            if self.kind == "dense":
+                g = dense_gradients(a, b).reshape(n, -1)
+                check_finite(g, spec.name, ids)
+                out[f"{spec.name}.g"] = g
+            else:
+                check_finite(a, spec.name, ids)
+                check_finite(b, spec.name, ids)
+                u, v = factorize(a, b, self.start_blocks[spec.name], self.iterations)
+                out[f"{spec.name}.u"] = u.reshape(n, -1)
+                out[f"{spec.name}.v"] = v.reshape(n, -1)
+        return out
+
+    @torch.no_grad()
+    def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer hidden state at each example's last non-pad token: (n, H)."""
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        last = batch["attention_mask"].sum(dim=1) - 1
+        hidden = output.hidden_states[-1]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(self.compute_dtype)
+
+    def blocks(self, columns: dict[str, torch.Tensor]) -> dict[str, GradientBlock]:
+        """Store columns → {layer: GradientBlock}."""
+        return blocks_from_columns(self.specs, self.kind, columns)
+
+
+def blocks_from_columns(specs: list[LayerSpec], kind: str, columns: dict[str, torch.Tensor]) -> dict[str, GradientBlock]:
+    """{layer: GradientBlock} from store columns of ``kind`` "factors" or "dense"."""
+    out = {}
+    for s in specs:
+        if kind == "dense":
+            out[s.name] = GradientBlock(g=columns[f"{s.name}.g"])
+        else:
+            u = columns[f"{s.name}.u"]
+            out[s.name] = GradientBlock(u=u.reshape(u.shape[0], s.d1, s.c),
+                                        v=columns[f"{s.name}.v"].reshape(u.shape[0], s.d2, s.c))
+    return out

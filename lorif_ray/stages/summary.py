@@ -1,0 +1,61 @@
+"""Human-readable summaries of stage reports, and the known-source check of queries with ``source_id``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from lorif_ray.data import load_examples
+
+
+def describe_index(report: dict) -> str:
+    rate = report.get("examples_per_second")
+    lines = [
+        f"index: {report['examples']} examples in {report['index_dir']} "
+        f"({report['computed']} computed, {report['skipped_shards']} shards reused"
+        + (f", {rate:.1f} examples/s" if rate else "") + ")",
+        f"  stored {report['kind']} rows ({report['dtype']}): {report['bytes_per_example'] / 1024:.2f} KiB/example "
+        f"on disk; payload {report['payload_bytes_per_example'] / 1024:.2f} KiB = sum over layers of "
+        + ("c(d1+d2)" if report["kind"] == "factors" else "D" if report["kind"] == "dense" else "H")
+        + f" x dtype size; file overhead {100 * report['overhead_fraction']:+.2f}%",
+    ]
+    return "\n".join(lines)
+
+
+def expected_sources(path: Path) -> dict[str, str]:
+    """{query id: source id} from a queries file with ``id`` and ``source_id`` columns ({} otherwise)."""
+    if path.suffix == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r["id"]): str(r["source_id"]) for r in rows if "id" in r and r.get("source_id") is not None}
+
+
+def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, int]:
+    """(queries whose known source is in their top-k, queries with a known source)."""
+    table = pq.read_table(topk_path).to_pylist()
+    found = {r["query_id"] for r in table if r["rank"] <= k and sources.get(r["query_id"]) == r["train_id"]}
+    return len(found), len(sources)
+
+
+def describe_proponents(topk_path: Path, train_path: Path, queries_path: Path, *, show: int = 3, k: int = 5) -> str:
+    """The top-k proponents, with their text, of the first ``show`` queries (and the known-source hit rate)."""
+    text = {e.id: e.text for e in load_examples(train_path)}
+    queries = {e.id: e for e in load_examples(queries_path)}
+    sources = expected_sources(queries_path)
+    rows = pq.read_table(topk_path).to_pylist()
+    lines = []
+    for query_id in list(queries)[:show]:
+        q = queries[query_id]
+        prompt = q.prompt if q.prompt is not None else ""
+        lines.append(f"query {query_id}: {prompt!r} -> {q.text[len(prompt):]!r}")
+        for r in (r for r in rows if r["query_id"] == query_id and r["rank"] <= k):
+            mark = "  <- known source" if sources.get(query_id) == r["train_id"] else ""
+            lines.append(f"  {r['rank']}. {r['score']:+.4g}  [{r['train_id']}] {text[r['train_id']]}{mark}")
+    if sources:
+        for top in (1, k):
+            hit, total = source_hits(topk_path, sources, top)
+            lines.append(f"known source in the top-{top}: {hit}/{total} queries ({100 * hit / total:.0f}%)")
+    return "\n".join(lines)
