@@ -27,3 +27,33 @@ def tiny_llama(vocab_size: int = 61, seed: int = 0, dtype=torch.float64):
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model(request):
     return {"gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]()
+
+
+WORDS = "the cat dog sat on mat a red blue big small ran fast slow tree house river stone old green".split()
+
+
+def write_tiny_model_dir(directory, arch: str = "gpt2", n_train: int = 48, n_queries: int = 6, seed: int = 0) -> dict:
+    """A random tiny causal LM saved as a local Hugging Face dir, with train/queries jsonl files."""
+    import json
+    import random
+
+    from lorif_ray.embedded.tokenizer import build_tokenizer
+
+    rng = random.Random(seed)
+    sentence = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    train = [{"id": f"t{i}", "text": sentence(3, 12)} for i in range(n_train)]
+    queries = [{"id": f"q{i}", "prompt": sentence(2, 4), "response": " " + sentence(1, 3)} for i in range(n_queries)]
+    tokenizer = build_tokenizer(WORDS)
+    model = (tiny_gpt2 if arch == "gpt2" else tiny_llama)(vocab_size=len(tokenizer), seed=seed, dtype=torch.float32)
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory / "model")
+    tokenizer.save_pretrained(directory / "model")
+    for name, rows in (("train", train), ("queries", queries)):
+        (directory / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"model": directory / "model", "train": directory / "train.jsonl", "queries": directory / "queries.jsonl"}
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))

@@ -1,0 +1,50 @@
+"""The jobs through their command line, as a user runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_lorif_with_full_rank_equals_logra_through_the_cli(tiny_assets, tmp_path):
+    """c ≥ min(d1, d2) makes factors exact and r ≥ rank(G) makes the Woodbury inverse exact."""
+    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+              f"data.queries={tiny_assets['queries']}", "f=4", "seed=3", "damping=0.01", "query.full_scores=true",
+              "progress=false", "model.device=cpu"]
+    _run("jobs/attribute.py", *common, "method=lorif", "c=1000", "r=1000", f"output_dir={tmp_path / 'lorif'}")
+    _run("jobs/attribute.py", *common, "method=logra", f"output_dir={tmp_path / 'logra'}")
+    lorif, logra = (np.load(tmp_path / m / "scores.npy") for m in ("lorif", "logra"))
+    assert lorif.shape == (6, 48) and lorif.dtype == np.float32
+    assert np.linalg.norm(lorif - logra) / np.linalg.norm(logra) <= 1e-4
+    assert pq.read_table(tmp_path / "lorif" / "topk.parquet").column_names == ["query_id", "rank", "train_id", "score"]
+
+
+def test_stages_as_separate_jobs_and_a_multirun(tiny_assets, tmp_path):
+    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+              f"data.queries={tiny_assets['queries']}", "progress=false", f"output_dir={tmp_path / 'out'}"]
+    assert "index: 48 examples" in _run("jobs/index.py", *common)
+    assert "curvature:" in _run("jobs/curvature.py", *common, "r=8")
+    assert "scored 6 queries x 48" in _run("jobs/query.py", *common, "r=8")
+    assert pq.read_table(tmp_path / "out" / "topk.parquet").num_rows == 6 * 10
+    out = _run("jobs/attribute.py", "-m", "method=graddot,repsim", *common[:-1],
+               f"output_dir={tmp_path}/sweep_${{method.name}}", f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    assert "#1 : method=repsim" in out
+    for m in ("graddot", "repsim"):
+        assert (tmp_path / f"sweep_{m}" / "topk.parquet").exists()
+
+
+def test_invalid_values_fail_at_start_up(tiny_assets, tmp_path):
+    for bad, message in (("c=0", "c=0"), ("method=lorf", "lorf"), ("dtype=int8", "int8"), ("nonexistent_key=1", "nonexistent_key")):
+        result = subprocess.run([sys.executable, "jobs/attribute.py", bad, f"model.path={tiny_assets['model']}",
+                                 f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and message in result.stdout + result.stderr, (bad, result.stderr[-500:])
