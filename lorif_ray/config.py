@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from lorif_ray.errors import ConfigError
+from lorif_ray.store.schema import STORAGE_DTYPES
 
 METHODS = ("lorif", "logra", "graddot", "repsim")
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass

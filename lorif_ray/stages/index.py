@@ -19,11 +19,9 @@ from lorif_ray.errors import DataError
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import load_model, model_identity
 from lorif_ray.stages.featurize import Featurizer
-from lorif_ray.stages.inputs import file_sha256, require, resolve_inputs, tokenized
-from lorif_ray.store import ShardWriter, write_json
-
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
+from lorif_ray.stages.inputs import require, resolve_inputs, tokenized
+from lorif_ray.store import ShardWriter, file_sha256, write_json
+from lorif_ray.store.schema import BYTES_PER_VALUE
 
 def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: list[str] | None = None,
                      factor_iters: int | None = None) -> Featurizer:
@@ -87,7 +85,7 @@ def run_index(cfg: Config) -> dict:
 
 def storage_report(manifest, featurizer: Featurizer, dtype: str) -> dict:
     """Stored bytes per example: the payload c(d1+d2)·size per layer, and the files' overhead over it."""
-    size = BYTES[dtype]
+    size = BYTES_PER_VALUE[dtype]
     per_layer = {}
     for s in featurizer.specs if featurizer.kind != "hidden" else []:
         floats = s.c * (s.d1 + s.d2) if featurizer.kind == "factors" else s.dim

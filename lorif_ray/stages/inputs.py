@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +43,6 @@ def require(path: Path | None, key: str) -> Path:
 def tokenized(path: Path, tokenizer, max_length: int):
     """Load and tokenize a data file (errors name the file and the offending ids)."""
     return tokenize_examples(load_examples(path), tokenizer, max_length)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def math_dtype(device: torch.device) -> torch.dtype:
