@@ -59,6 +59,10 @@ def run_index(cfg: Config) -> dict:
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
     num_shards = math.ceil(len(examples) / cfg.shard_size)
+    if cfg.progress:
+        payload = sum(featurizer.columns.values()) * BYTES_PER_VALUE[cfg.dtype]
+        print(f"stage 1: {len(examples)} examples x {payload / 1024:.2f} KiB ({featurizer.kind}, {cfg.dtype}) "
+              f"= {len(examples) * payload / 2**20:.1f} MiB to store in {cfg.index_path}")
     start, computed, skipped = time.perf_counter(), 0, 0
     with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
         for shard in range(num_shards):
@@ -86,10 +90,12 @@ def run_index(cfg: Config) -> dict:
 def storage_report(manifest, featurizer: Featurizer, dtype: str) -> dict:
     """Stored bytes per example: the payload c(d1+d2)·size per layer, and the files' overhead over it."""
     size = BYTES_PER_VALUE[dtype]
-    per_layer = {}
+    per_layer, shapes = {}, {}
     for s in featurizer.specs if featurizer.kind != "hidden" else []:
         floats = s.c * (s.d1 + s.d2) if featurizer.kind == "factors" else s.dim
         per_layer[s.name] = floats * size
+        formula = f"{s.c}x({s.d1}+{s.d2})" if featurizer.kind == "factors" else f"{s.d1}x{s.d2}"
+        shapes[formula] = shapes.get(formula, 0) + 1
     payload = manifest.payload_bytes_per_row() * manifest.num_rows
     total = manifest.total_bytes()
     return {
@@ -100,4 +106,5 @@ def storage_report(manifest, featurizer: Featurizer, dtype: str) -> dict:
         "overhead_fraction": (total - payload) / payload,
         "total_bytes": total,
         "bytes_per_example_per_layer": per_layer,
+        "layer_shapes": shapes,  # "c x (d1+d2)" (or "d1 x d2") → number of layers of that shape
     }

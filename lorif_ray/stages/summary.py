@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from lorif_ray.data import load_examples
+from lorif_ray.store.schema import BYTES_PER_VALUE
 
 
 def describe_index(report: dict) -> str:
@@ -21,6 +22,9 @@ def describe_index(report: dict) -> str:
         + ("c(d1+d2)" if report["kind"] == "factors" else "D" if report["kind"] == "dense" else "H")
         + f" x dtype size; file overhead {100 * report['overhead_fraction']:+.2f}%",
     ]
+    size = BYTES_PER_VALUE[report["dtype"]]
+    for formula, count in report.get("layer_shapes", {}).items():
+        lines.append(f"    {count} layer(s) of {formula} floats x {size} B")
     return "\n".join(lines)
 
 
