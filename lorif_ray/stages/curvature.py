@@ -7,6 +7,7 @@ G is never materialized. A curvature file made with the same settings from the s
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, IndexMismatchError, LorifError
 from lorif_ray.math.influence import LayerCurvature, exact_inverse
-from lorif_ray.math.rsvd import eigh_spectrum, gram_apply_from_batches, gram_from_batches, randomized_spectrum
+from lorif_ray.math.rsvd import GramApply, eigh_spectrum, gram_apply_from_batches, gram_from_batches, randomized_spectrum
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
 from lorif_ray.stages.inputs import math_dtype
@@ -45,17 +46,24 @@ def curvature_meta(cfg: Config, manifest: Manifest) -> dict:
     }
 
 
-def run_curvature(cfg: Config) -> dict:
-    """Compute and save the curvature of every layer at ``cfg.curvature_path``; returns a report dict."""
+def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
+    """Open and verify the index; the curvature's metadata; whether a saved file already matches it."""
     manifest = open_index(cfg.index_path, verify=True)
     check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
     meta = curvature_meta(cfg, manifest)
-    if cfg.curvature_path.exists() and load_tensors(cfg.curvature_path)[1].get("method_meta") == meta:
+    reusable = cfg.curvature_path.exists() and load_tensors(cfg.curvature_path)[1].get("method_meta") == meta
+    return manifest, meta, reusable
+
+
+def run_curvature(cfg: Config) -> dict:
+    """Compute and save the curvature of every layer at ``cfg.curvature_path``; returns a report dict."""
+    manifest, meta, reusable = prepare_curvature(cfg)
+    if reusable:
         return {"reused": True, "path": str(cfg.curvature_path)}
     device = resolve_device(cfg.model.device)
     dtype = math_dtype(device)
     kind = CURVATURE_KIND[cfg.method.name]
-    tensors, layers = {}, {}
+    results = {}
     start = time.perf_counter()
     specs = layer_specs(manifest) if kind not in ("identity", "none") else []
     for spec in tqdm(specs, desc="stage 2: curvature", unit="layer", disable=not cfg.progress):
@@ -65,31 +73,42 @@ def run_curvature(cfg: Config) -> dict:
                                         out_dtype=dtype, device=device, manifest=manifest):
                 yield blocks_from_columns([spec], manifest.kind, cols)[spec.name].dense()
 
-        curvature = layer_curvature(cfg, kind, spec, rows, dtype, device)
-        layers[spec.name] = {"kind": kind, "damping": curvature.damping,
-                             "rank": 0 if curvature.values is None else int(curvature.values.numel())}
+        gram = lambda rows=rows, dim=spec.dim: gram_from_batches(rows(), dim, dtype=torch.float64, device=device)  # noqa: E731
+        results[spec.name] = layer_curvature(cfg, kind, spec, gram_apply_from_batches(rows), gram, dtype, device)
+    return save_curvature(cfg, meta, kind, results, time.perf_counter() - start)
+
+
+def save_curvature(cfg: Config, meta: dict, kind: str, results: dict[str, LayerCurvature], seconds: float) -> dict:
+    """Write every layer's curvature with the settings that made it; returns the stage report."""
+    tensors, layers = {}, {}
+    for name, curvature in results.items():
+        layers[name] = {"kind": kind, "damping": curvature.damping,
+                        "rank": 0 if curvature.values is None else int(curvature.values.numel())}
         for field in ("vectors", "values", "inverse"):
             value = getattr(curvature, field)
             if value is not None:
-                tensors[f"{spec.name}.{field}"] = value.cpu()
-    seconds = time.perf_counter() - start
+                tensors[f"{name}.{field}"] = value.cpu()
     save_tensors(cfg.curvature_path, tensors, {"method_meta": meta, "kind": kind, "layers": layers})
     return {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers}
 
 
-def layer_curvature(cfg: Config, kind: str, spec: LayerSpec, rows, dtype, device) -> LayerCurvature:
-    """Curvature of one layer from a re-iterable stream of its dense rows."""
+def layer_curvature(cfg: Config, kind: str, spec: LayerSpec, gram_apply: GramApply, gram: Callable[[], torch.Tensor],
+                    dtype, device) -> LayerCurvature:
+    """Curvature of one layer, given GᵀG Q (one pass over G per call) and the D×D GᵀG (one pass).
+
+    Both come from streamed rows in one process or from partial sums reduced across workers.
+    """
     dim = spec.dim
     if kind == "inverse":
-        gram = gram_from_batches(rows(), dim, dtype=torch.float64, device=device)
-        damping = cfg.damping or cfg.damping_scale * float(gram.trace()) / dim  # 0.1 × mean of all eigenvalues
+        gram_matrix = gram()
+        damping = cfg.damping or cfg.damping_scale * float(gram_matrix.trace()) / dim  # 0.1 × mean of all eigenvalues
         _check_damping(damping, spec)
-        return LayerCurvature(kind, damping, inverse=exact_inverse(gram, damping).to(dtype))
+        return LayerCurvature(kind, damping, inverse=exact_inverse(gram_matrix, damping).to(dtype))
     rank = min(cfg.r, dim)
     if rank + cfg.oversample >= dim:  # the whole spectrum is as cheap as a sketch of it
-        spectrum = eigh_spectrum(gram_from_batches(rows(), dim, dtype=torch.float64, device=device), rank, cfg.oversample)
+        spectrum = eigh_spectrum(gram(), rank, cfg.oversample)
     else:
-        spectrum = randomized_spectrum(gram_apply_from_batches(rows), dim, rank, oversample=cfg.oversample,
+        spectrum = randomized_spectrum(gram_apply, dim, rank, oversample=cfg.oversample,
                                        power_iters=cfg.svd_power_iters, seed=cfg.seed, name=spec.name,
                                        dtype=dtype, device=device)
     damping = cfg.damping or spectrum.damping(cfg.damping_scale)

@@ -24,7 +24,7 @@ from lorif_ray.config import Config
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.math.influence import PreparedQuery, repsim_scores, self_influence
-from lorif_ray.model.loading import check_same_model, load_model, model_identity
+from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.stages.curvature import check_method_matches_index, layer_specs, load_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.index import build_featurizer
@@ -76,10 +76,8 @@ class Scorer:
         return scores
 
 
-def run_query(cfg: Config) -> dict:
-    """Score ``data.queries`` against the index; returns a report with the output paths."""
-    manifest = open_index(cfg.index_path)
-    check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
+def featurize_queries(cfg: Config, manifest) -> tuple[list[str], dict[str, torch.Tensor], float]:
+    """Query ids, query columns (in the math dtype) and seconds, featurized exactly like the index."""
     inputs = resolve_inputs(cfg)
     queries_path = require(inputs.queries_path, "data.queries")
     model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
@@ -87,24 +85,28 @@ def run_query(cfg: Config) -> dict:
     _check_index_config(cfg, manifest)
     featurizer = build_featurizer(cfg, model, kind=manifest.kind, layer_names=[s.name for s in layer_specs(manifest)],
                                   factor_iters=manifest.meta["config"]["factor_iters"])
-    device = featurizer.device
-    dtype = math_dtype(device)
     queries = tokenized(queries_path, tokenizer, manifest.meta["config"]["max_length"])
     if not queries:
         raise ConfigError(f"{queries_path} holds no queries")
     start = time.perf_counter()
     parts = [featurizer(ids, batch) for ids, batch in token_batches(queries, cfg.data.batch_size, tokenizer.pad_token_id)]
-    query_columns = {k: torch.cat([p[k] for p in parts]).to(dtype) for k in parts[0]}
-    query_seconds = time.perf_counter() - start
+    columns = {k: torch.cat([p[k] for p in parts]).to(math_dtype(featurizer.device)) for k in parts[0]}
+    return [q.id for q in queries], columns, time.perf_counter() - start
 
+
+def run_query(cfg: Config) -> dict:
+    """Score ``data.queries`` against the index; returns a report with the output paths."""
+    manifest = open_index(cfg.index_path)
+    check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
+    query_ids, query_columns, query_seconds = featurize_queries(cfg, manifest)
+    device = resolve_device(cfg.model.device)
+    dtype = math_dtype(device)
     scorer = Scorer(cfg, manifest, query_columns, device, dtype)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    num_queries, num_train = len(queries), manifest.num_rows
+    num_queries, num_train = len(query_ids), manifest.num_rows
     topk = TopK(num_queries, min(cfg.query.top_k, num_train), device)
     train_ids: list[str] = []
     start = time.perf_counter()
-    with _full_scores(output_dir / "scores.npy", (num_queries, num_train), cfg.query.full_scores) as full, \
+    with full_scores_file(cfg, (num_queries, num_train)) as full, \
             tqdm(total=num_train, unit="ex", desc="stage 3: score", disable=not cfg.progress) as bar:
         for ids, columns in iter_batches(cfg.index_path, batch_rows=cfg.query.train_batch_rows, out_dtype=dtype,
                                          device=device, manifest=manifest):
@@ -114,18 +116,22 @@ def run_query(cfg: Config) -> dict:
                 full[:, len(train_ids):len(train_ids) + len(ids)] = scores.float().cpu().numpy()
             train_ids.extend(ids)
             bar.update(len(ids))
-    score_seconds = time.perf_counter() - start
+    report = write_query_outputs(cfg, query_ids, train_ids, topk.scores, topk.index)
+    return {**report, "query_gradient_seconds": query_seconds, "score_seconds": time.perf_counter() - start}
 
-    meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "score": SCORE_MEANING[cfg.method.name]
-            if not cfg.query.normalize else NORMALIZED_MEANING}
-    query_ids = [q.id for q in queries]
-    write_table(output_dir / "topk.parquet", topk_table(query_ids, train_ids, topk), meta)
+
+def write_query_outputs(cfg: Config, query_ids: list[str], train_ids: list[str], scores: torch.Tensor,
+                        index: torch.Tensor) -> dict:
+    """``topk.parquet`` from (nq, k) scores and row indices, and ``scores.json`` next to ``scores.npy``."""
+    output_dir = Path(cfg.output_dir)
+    meta = {"config": cfg.to_dict(), "index": str(cfg.index_path),
+            "score": NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[cfg.method.name]}
+    write_table(output_dir / "topk.parquet", topk_table(query_ids, train_ids, scores, index), meta)
     if cfg.query.full_scores:
         write_json(output_dir / "scores.json", {**meta, "query_ids": query_ids, "train_ids": train_ids})
     return {"topk_path": str(output_dir / "topk.parquet"),
             "scores_path": str(output_dir / "scores.npy") if cfg.query.full_scores else None,
-            "queries": num_queries, "train": num_train,
-            "query_gradient_seconds": query_seconds, "score_seconds": score_seconds}
+            "queries": len(query_ids), "train": len(train_ids)}
 
 
 SCORE_MEANING = {
@@ -139,8 +145,9 @@ SCORE_MEANING = {
 NORMALIZED_MEANING = "I(t,q) / sqrt(I(t,t) I(q,q)) in [-1, 1]; > 0: proponent"
 
 
-def topk_table(query_ids: list[str], train_ids: list[str], topk: TopK) -> pa.Table:
-    scores, index = topk.scores.float().cpu().numpy(), topk.index.cpu().numpy()
+def topk_table(query_ids: list[str], train_ids: list[str], scores: torch.Tensor, index: torch.Tensor) -> pa.Table:
+    """One row per (query, rank) from (nq, k) scores and training row indices."""
+    scores, index = scores.float().cpu().numpy(), index.cpu().numpy()
     k = scores.shape[1]
     return pa.table({
         "query_id": pa.array(np.repeat(query_ids, k).tolist(), pa.string()),
@@ -151,12 +158,14 @@ def topk_table(query_ids: list[str], train_ids: list[str], topk: TopK) -> pa.Tab
 
 
 @contextmanager
-def _full_scores(path: Path, shape: tuple[int, int], enabled: bool):
-    """A float32 .npy memory map that replaces ``path`` only on success (None when disabled)."""
-    if not enabled:
+def full_scores_file(cfg: Config, shape: tuple[int, int]):
+    """A float32 .npy memory map that replaces ``<output_dir>/scores.npy`` only on success (None unless
+    ``query.full_scores``)."""
+    if not cfg.query.full_scores:
         yield None
         return
-    with atomic_path(path) as tmp:
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(cfg.output_dir) / "scores.npy") as tmp:
         scores = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         yield scores
         scores.flush()
