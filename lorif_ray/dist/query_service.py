@@ -1,0 +1,229 @@
+"""Query service (stage 3 over shard owners): resident shards, scatter queries, gather top-k.
+
+Each ``QueryWorker`` owns a contiguous, deterministic group of shards and loads their rows into
+memory once. The driver builds the ``Scorer`` once per query batch (query gradients' curvature terms
+are query-side work, done once), ships it to every worker with one ``ray.put``, each worker returns
+its top-k per query with *global* row indices (and optionally its block of the full score matrix),
+and the driver merges. The service stays alive across query batches.
+
+Example (needs a running Ray):
+    >>> with QueryService(cfg, num_workers=2) as service:
+    ...     first = service.query(query_columns)      # workers load their shards here, once
+    ...     second = service.query(other_columns)     # reuses the resident shards
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lorif_ray.config import Config
+from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
+from lorif_ray.model.loading import resolve_device
+from lorif_ray.stages.curvature import check_method_matches_index
+from lorif_ray.stages.inputs import math_dtype
+from lorif_ray.stages.query import Scorer, TopK, featurize_queries, full_scores_file, write_query_outputs
+from lorif_ray.store import iter_batches, open_index, read_ids
+
+
+class QueryWorker:
+    """Scores query batches against the resident rows of its shards (a plain class; wrap with ``ray.remote``).
+
+    Args:
+        index_dir: the index directory.
+        shards: shard indices this worker owns (any order; rows keep their global index).
+        dtype: dtype of the resident rows (the scoring dtype).
+        device: where rows live and scoring runs.
+        batch_rows: rows scored per step (bounds the (nq, batch_rows) temporaries).
+
+    Example:
+        >>> worker = QueryWorker(index_dir, [0, 1], torch.float64, "cpu")
+        >>> scores, rows, full = worker.score({"scorer": scorer, "k": 5, "full": False})
+        >>> scores.shape, rows.shape            # (nq, 5) each; rows are global row indices
+    """
+
+    def __init__(self, index_dir, shards: Sequence[int], dtype: torch.dtype = torch.float32, device="cpu",
+                 batch_rows: int = 2048):
+        self.index_dir, self.shards = str(index_dir), list(shards)
+        self.dtype, self.device, self.batch_rows = dtype, torch.device(device), batch_rows
+        self.loads = 0
+        self._load()
+
+    def _load(self) -> None:
+        """Read every column of this worker's shards into memory (once)."""
+        manifest = open_index(self.index_dir)
+        starts, offset = {}, 0
+        for record in sorted(manifest.shards, key=lambda r: r.index):
+            starts[record.index] = offset
+            offset += record.rows
+        rows_of = {r.index: r.rows for r in manifest.shards}
+        parts, ids = [], []
+        for batch_ids, columns in iter_batches(self.index_dir, batch_rows=1 << 16, out_dtype=self.dtype,
+                                               device=self.device, manifest=manifest, shards=self.shards):
+            parts.append({k: v.clone() for k, v in columns.items()})
+            ids.extend(batch_ids)
+        names = list(manifest.columns)
+        self.columns = {k: torch.cat([p[k] for p in parts]) if parts else
+                        torch.zeros(0, manifest.columns[k], dtype=self.dtype, device=self.device) for k in names}
+        self.ids = ids
+        self.global_index = torch.cat([torch.arange(starts[s], starts[s] + rows_of[s]) for s in self.shards]) \
+            if self.shards else torch.zeros(0, dtype=torch.long)
+        self.global_index = self.global_index.to(self.device)
+        self.loads += 1
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    def info(self) -> dict:
+        """What this worker holds: shards, rows, how often it loaded them, and its process id."""
+        return {"shards": self.shards, "rows": self.num_rows, "loads": self.loads, "pid": os.getpid()}
+
+    def score(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Top-k of one query batch against this worker's rows.
+
+        Args:
+            payload: {"scorer": Scorer (query-side terms, built once on the driver), "k": top-k,
+                "full": also return the (nq, rows) block of scores, "num_queries": nq}.
+
+        Returns:
+            (scores (nq, k'), global row indices (nq, k'), full block (nq, rows) float32 or None), on
+            the CPU, with k' = min(k, rows).
+        """
+        scorer, num_queries = payload["scorer"], payload["num_queries"]
+        topk = TopK(num_queries, min(payload["k"], self.num_rows), self.device)
+        blocks = []
+        for start in range(0, self.num_rows, self.batch_rows):
+            columns = {k: v[start:start + self.batch_rows] for k, v in self.columns.items()}
+            scores = scorer(columns)  # (nq, b)
+            topk.update(scores, start)
+            if payload["full"]:
+                blocks.append(scores.float().cpu())
+        full = None
+        if payload["full"]:
+            full = torch.cat(blocks, dim=1) if blocks else torch.zeros(num_queries, 0)
+        return topk.scores.cpu(), self.global_index[topk.index].cpu(), full
+
+
+@dataclass
+class QueryResult:
+    """Merged answer for one query batch.
+
+    Attributes:
+        scores: (nq, k) best scores, descending.
+        index: (nq, k) global training row indices (rows of the index in input order).
+        full: (nq, N) float32 scores in input order, or None.
+    """
+
+    scores: torch.Tensor
+    index: torch.Tensor
+    full: np.ndarray | None = None
+
+
+def merge_topk(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-worker (scores (nq, k_w), global index (nq, k_w)) into the overall top-k."""
+    scores = torch.cat([s for s, _ in parts], dim=1)
+    index = torch.cat([i for _, i in parts], dim=1)
+    best = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    return best.values, torch.gather(index, 1, best.indices)
+
+
+class QueryService:
+    """Long-lived query actors over an index's shards (one contiguous shard group each).
+
+    Args:
+        cfg: the run config (index path, method, query settings, device).
+        num_workers: number of actors (capped at the number of shards).
+        actor_options: ``ray.remote`` options of each actor (default ``{"num_cpus": 0.5}``; add
+            ``num_gpus`` to keep shards in GPU memory).
+    """
+
+    def __init__(self, cfg: Config, num_workers: int, *, actor_options: dict | None = None):
+        import ray
+
+        self.cfg = cfg
+        self.manifest = open_index(cfg.index_path)
+        check_method_matches_index(cfg.method.name, self.manifest, cfg.index_path)
+        self.device = resolve_device(cfg.model.device)
+        self.dtype = math_dtype(self.device)
+        self.groups = shard_groups(self.manifest, num_workers)
+        remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(QueryWorker)
+        self.workers = [remote.remote(str(cfg.index_path), group, self.dtype, str(self.device),
+                                      cfg.query.train_batch_rows) for group in self.groups]
+        self._train_ids: list[str] | None = None
+
+    @property
+    def train_ids(self) -> list[str]:
+        """Example ids of every training row, in input order (read once, only the id column)."""
+        if self._train_ids is None:
+            self._train_ids = read_ids(self.cfg.index_path, self.manifest)
+        return self._train_ids
+
+    def query(self, query_columns: dict[str, torch.Tensor], *, full_scores: bool | None = None) -> QueryResult:
+        """Score one batch of query columns (as the featurizer makes them) against every shard.
+
+        Example:
+            >>> result = service.query(query_columns)
+            >>> [service.train_ids[i] for i in result.index[0]]   # best training examples of query 0
+        """
+        import ray
+
+        full = self.cfg.query.full_scores if full_scores is None else full_scores
+        query_columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in query_columns.items()}
+        num_queries = next(iter(query_columns.values())).shape[0]
+        scorer = Scorer(self.cfg, self.manifest, query_columns, self.device, self.dtype)  # query-side work, once
+        k = min(self.cfg.query.top_k, self.manifest.num_rows)
+        payload = ray.put({"scorer": scorer, "k": k, "full": full, "num_queries": num_queries})
+        results = ray.get([w.score.remote(payload) for w in self.workers])
+        scores, index = merge_topk([(s, i) for s, i, _ in results], k)
+        matrix = None
+        if full:
+            matrix = np.concatenate([block.numpy() for _, _, block in results], axis=1)  # groups are in input order
+        return QueryResult(scores, index, matrix)
+
+    def stats(self) -> list[dict]:
+        """Each worker's ``info()``: shards, rows, load count, pid."""
+        import ray
+
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+    def __enter__(self) -> "QueryService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_query_distributed(cfg: Config, num_workers: int, *, actor_options: dict | None = None) -> dict:
+    """Stage 3 through a ``QueryService``: writes the same ``topk.parquet`` (and ``scores.npy`` +
+    ``scores.json`` with ``query.full_scores``) as ``run_query(cfg)``.
+
+    Example:
+        >>> ray.init(num_cpus=4)
+        >>> run_query_distributed(cfg, num_workers=4)["topk_path"]
+    """
+    manifest = open_index(cfg.index_path)
+    check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
+    query_ids, query_columns, query_seconds = featurize_queries(cfg, manifest)
+    start = time.perf_counter()
+    with QueryService(cfg, num_workers, actor_options=actor_options) as service:
+        result = service.query(query_columns)
+        train_ids = service.train_ids
+    with full_scores_file(cfg, (len(query_ids), manifest.num_rows)) as full:
+        if full is not None:
+            full[:] = result.full
+    report = write_query_outputs(cfg, query_ids, train_ids, result.scores, result.index)
+    return {**report, "workers": len(service.groups), "query_gradient_seconds": query_seconds,
+            "score_seconds": time.perf_counter() - start}
