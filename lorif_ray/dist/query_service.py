@@ -25,7 +25,7 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.curvature import check_method_matches_index
+from lorif_ray.stages.curvature import check_method_matches_index, load_curvature
 from lorif_ray.stages.inputs import math_dtype
 from lorif_ray.stages.query import Scorer, TopK, featurize_queries, full_scores_file, write_query_outputs
 from lorif_ray.store import iter_batches, open_index, read_ids
@@ -152,6 +152,8 @@ class QueryService:
         self.device = resolve_device(cfg.model.device)
         self.dtype = math_dtype(self.device)
         self.groups = shard_groups(self.manifest, num_workers)
+        # loaded once for the service's lifetime, not once per query batch
+        self.curvature = None if self.manifest.kind == "hidden" else load_curvature(cfg, self.manifest, self.device, self.dtype)
         remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(QueryWorker)
         self.workers = [remote.remote(str(cfg.index_path), group, self.dtype, str(self.device),
                                       cfg.query.train_batch_rows) for group in self.groups]
@@ -176,7 +178,7 @@ class QueryService:
         full = self.cfg.query.full_scores if full_scores is None else full_scores
         query_columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in query_columns.items()}
         num_queries = next(iter(query_columns.values())).shape[0]
-        scorer = Scorer(self.cfg, self.manifest, query_columns, self.device, self.dtype)  # query-side work, once
+        scorer = Scorer(self.cfg, self.manifest, query_columns, self.device, self.dtype, self.curvature)
         k = min(self.cfg.query.top_k, self.manifest.num_rows)
         payload = ray.put({"scorer": scorer, "k": k, "full": full, "num_queries": num_queries})
         results = ray.get([w.score.remote(payload) for w in self.workers])

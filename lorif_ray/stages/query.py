@@ -52,13 +52,14 @@ class TopK:
 class Scorer:
     """Scores of prepared queries against blocks of stored rows, summed over layers."""
 
-    def __init__(self, cfg: Config, manifest, query_columns: dict[str, torch.Tensor], device, dtype):
+    def __init__(self, cfg: Config, manifest, query_columns: dict[str, torch.Tensor], device, dtype,
+                 curvature: dict | None = None):
         self.kind, self.normalize = manifest.kind, cfg.query.normalize
         self.specs = layer_specs(manifest)
         if self.kind == "hidden":
             self.query_hidden = query_columns["hidden"]
             return
-        self.curvature = load_curvature(cfg, manifest, device, dtype)
+        self.curvature = curvature or load_curvature(cfg, manifest, device, dtype)  # pass it to reuse it
         blocks = blocks_from_columns(self.specs, self.kind, query_columns)
         self.prepared = {name: PreparedQuery(block, self.curvature[name]) for name, block in blocks.items()}
         if self.normalize:
