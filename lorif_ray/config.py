@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from lorif_ray.errors import ConfigError
 from lorif_ray.store.schema import STORAGE_DTYPES
@@ -23,6 +23,9 @@ class ModelConfig:
     layers: Optional[List[str]] = None  # fnmatch patterns on module names; None = every linear in the blocks
     dtype: str = "float32"  # compute dtype of the model
     device: str = "auto"  # auto = cuda if available, else cpu
+    # Hugging Face config fields (model_type, hidden_size, ...) of a model known only by its shape:
+    # used by the capacity planner and by benchmarks that build random-weight models; None = read path
+    arch: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -51,12 +54,34 @@ class QueryConfig:
     train_batch_rows: int = 2048  # training rows scored per step
 
 
+BACKENDS = ("ray", "none")
+
+
+@dataclass
+class ClusterConfig:
+    backend: str = "ray"  # ray = stages run on Ray actors; none = all three stages in this process, no Ray
+    address: Optional[str] = None  # None = start a local Ray instance; "auto" = join the running cluster
+    num_cpus: Optional[int] = None  # CPUs of a local instance (None = all of this machine)
+    gradient_actors: int = 2  # model replicas streaming stage 1 (each loads the model once)
+    tp_size: int = 1  # tensor-parallel ranks per replica (DeepSpeed AutoTP); one Ray actor per rank
+    writer_actors: int = 1  # factorization pool: turns captured gradients into factors, writes shards
+    fused: bool = True  # gradient actors factorize in place; false ships the captured (A, B) to the pool
+    gram_actors: int = 2  # stage 2: shard-group actors summing Gram products
+    query_actors: int = 2  # stage 3: actors keeping their shards resident
+    cpus_per_actor: float = 0.5  # small, so several actors and the driver share a laptop
+    gpus_per_actor: Optional[float] = None  # None = 1 when the cluster has GPUs, else 0
+    inflight_per_actor: int = 2  # shards queued per gradient actor (backpressure on the pool)
+    max_restarts: int = 2  # Ray restarts of a crashed actor (its in-flight tasks are retried)
+    placement_strategy: str = "PACK"  # of each replica's placement group (its TP ranks)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     f: int = 4  # projection factor: d1 = I/f, d2 = O/f
     c: int = 1  # factor rank (LoRIF); capped at min(d1, d2), where factors are exact
     r: int = 64  # truncation rank of the curvature (LoRIF); capped at D = d1·d2
@@ -105,6 +130,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length >= 2, f"data.max_length={cfg.data.max_length}: must be >= 2"),
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: must be >= 1"),
         (cfg.query.top_k >= 1, f"query.top_k={cfg.query.top_k}: must be >= 1"),
+        (cfg.cluster.backend in BACKENDS, f"cluster.backend={cfg.cluster.backend!r}: choose one of {BACKENDS}"),
+        (min(cfg.cluster.gradient_actors, cfg.cluster.writer_actors, cfg.cluster.gram_actors,
+             cfg.cluster.query_actors, cfg.cluster.tp_size, cfg.cluster.inflight_per_actor) >= 1,
+         "cluster.*_actors, cluster.tp_size and cluster.inflight_per_actor must be >= 1"),
+        (cfg.cluster.cpus_per_actor >= 0, f"cluster.cpus_per_actor={cfg.cluster.cpus_per_actor}: must be >= 0"),
         (cfg.query.train_batch_rows >= 1, f"query.train_batch_rows={cfg.query.train_batch_rows}: must be >= 1"),
     ]
     for ok, message in checks:
