@@ -6,14 +6,14 @@
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.dist.stages import run_stage
 
 register_configs()
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    report = run_curvature(from_hydra(cfg))
+    report = run_stage("curvature", from_hydra(cfg))
     print(f"curvature: {report['path']}" + (" (reused)" if report["reused"] else f" in {report['seconds']:.1f}s"))
 
 

@@ -6,14 +6,14 @@
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.stages.query import run_query
+from lorif_ray.dist.stages import run_stage
 
 register_configs()
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    report = run_query(from_hydra(cfg))
+    report = run_stage("query", from_hydra(cfg))
     print(f"scored {report['queries']} queries x {report['train']} training examples in "
           f"{report['score_seconds']:.2f}s -> {report['topk_path']}")
 

@@ -27,7 +27,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
     Returns:
         (model, tokenizer). The tokenizer gets a pad token (eos) if it has none.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our stages draw their own bars
@@ -37,10 +37,17 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.to(resolve_device(device)).eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model directory, with a pad token (eos) if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(resolve_device(device)).eval(), tokenizer
+    return tokenizer
 
 
 def model_identity(model: nn.Module) -> dict:

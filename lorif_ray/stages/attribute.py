@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from lorif_ray.config import Config
 from lorif_ray.stages.curvature import run_curvature
@@ -13,13 +14,22 @@ from lorif_ray.stages.summary import describe_index, describe_proponents
 from lorif_ray.store import write_json
 
 
-def run_attribute(cfg: Config) -> dict:
-    """index → curvature → query; prints what each stage did and the top proponents of a few queries."""
-    index = run_index(cfg)
+LOCAL_STAGES = {"index": run_index, "curvature": run_curvature, "query": run_query}
+
+
+def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] | None = None) -> dict:
+    """index → curvature → query; prints what each stage did and the top proponents of a few queries.
+
+    Args:
+        run_stage: runs one stage by name (``lorif_ray.dist.stages.run_stage`` puts them on Ray);
+            None runs them in this process.
+    """
+    run_stage = run_stage or (lambda name, c: LOCAL_STAGES[name](c))
+    index = run_stage("index", cfg)
     print(describe_index(index))
-    curvature = run_curvature(cfg)
+    curvature = run_stage("curvature", cfg)
     print("curvature: " + ("reused" if curvature["reused"] else f"{curvature['seconds']:.1f}s") + f" -> {curvature['path']}")
-    query = run_query(cfg)
+    query = run_stage("query", cfg)
     print(f"query: {query['queries']} queries x {query['train']} training examples scored in "
           f"{query['score_seconds']:.2f}s (+{query['query_gradient_seconds']:.2f}s query gradients) -> {query['topk_path']}")
     inputs = resolve_inputs(cfg)

@@ -5,6 +5,10 @@ one forward+backward with the capture hooks and returns store columns, (n, width
 ``<layer>.u`` / ``<layer>.v`` (rank-c factors, row-major (d, c) flattened) for LoRIF,
 ``<layer>.g`` (dense vec(G̃), D = d1·d2) for LoGRA and GradDot, ``hidden`` (last non-pad token of the
 last layer) for RepSim. ``blocks()`` turns columns back into per-layer ``GradientBlock``s.
+
+The work splits in two: ``Featurizer.capture`` (needs the model: forward+backward with hooks) and
+``ColumnMaker`` (needs only the layer shapes: factorization). Stage 1 on Ray runs them in one actor
+(fused) or ships the captured pairs to a factorization pool.
 """
 
 from __future__ import annotations
@@ -36,8 +40,60 @@ class LayerSpec:
         return self.d1 * self.d2
 
 
+class ColumnMaker:
+    """Captured (A, B) pairs → store columns. Needs no model, so the factorization pool can run it.
+
+    Args:
+        specs: the layers' shapes (from a ``Featurizer`` or an index manifest).
+        kind: "factors" (rank-c factors by block power iteration) or "dense" (vec(AᵀB)).
+        seed: derives each layer's factor start block (the same in every process).
+        iterations: power iterations of the factorization.
+        compute_dtype, device: where and in what precision factors are computed.
+    """
+
+    def __init__(self, specs: list[LayerSpec], *, kind: str, seed: int, iterations: int,
+                 compute_dtype: torch.dtype = torch.float32, device="cpu"):
+        self.specs, self.kind, self.iterations = specs, kind, iterations
+        self.compute_dtype, self.device = compute_dtype, torch.device(device)
+        self.start_blocks = {
+            s.name: initial_block(seed, s.name, s.d2, s.c, compute_dtype, self.device) for s in specs if s.c
+        }
+
+    @property
+    def columns(self) -> dict[str, int]:
+        """Store layout: column name → floats per example."""
+        if self.kind == "dense":
+            return {f"{s.name}.g": s.dim for s in self.specs}
+        out = {}
+        for s in self.specs:
+            out[f"{s.name}.u"] = s.d1 * s.c
+            out[f"{s.name}.v"] = s.d2 * s.c
+        return out
+
+    def __call__(self, ids: list[str], captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """{layer: (A (n, T, d1), B (n, T, d2))} → {column: (n, width)}; raises on NaN/Inf naming the examples."""
+        out = {}
+        n = len(ids)
+        for spec in self.specs:
+            a, b = (t.to(device=self.device, dtype=self.compute_dtype) for t in captured[spec.name])
+            if self.kind == "dense":
+                g = dense_gradients(a, b).reshape(n, -1)
+                check_finite(g, spec.name, ids)
+                out[f"{spec.name}.g"] = g
+            else:
+                check_finite(a, spec.name, ids)
+                check_finite(b, spec.name, ids)
+                u, v = factorize(a, b, self.start_blocks[spec.name], self.iterations)
+                out[f"{spec.name}.u"] = u.reshape(n, -1)
+                out[f"{spec.name}.v"] = v.reshape(n, -1)
+        return out
+
+
 class Featurizer:
     """Per-example projected gradients (factors or dense) or hidden states of a model.
+
+    ``capture`` runs one forward+backward with the hooks and returns the (A, B) pairs; calling the
+    featurizer also turns them into store columns (``ColumnMaker``), which is the fused path.
 
     Args:
         model: causal LM in eval mode.
@@ -63,46 +119,28 @@ class Featurizer:
             rank = effective_rank(c, p.d1, p.d2) if kind == "factors" else 0
             self.specs.append(LayerSpec(name, *linear_dims(m), p.d1, p.d2, rank))
         self.iterations = factor_iters or default_iterations(c)
-        self.start_blocks = {
-            s.name: initial_block(seed, s.name, s.d2, s.c, compute_dtype, self.device) for s in self.specs if s.c
-        }
+        self.maker = None if kind == "hidden" else ColumnMaker(
+            self.specs, kind=kind, seed=seed, iterations=self.iterations, compute_dtype=compute_dtype, device=self.device)
 
     @property
     def columns(self) -> dict[str, int]:
         """Store layout: column name → floats per example."""
         if self.kind == "hidden":
             return {"hidden": int(self.model.config.hidden_size)}
-        if self.kind == "dense":
-            return {f"{s.name}.g": s.dim for s in self.specs}
-        out = {}
-        for s in self.specs:
-            out[f"{s.name}.u"] = s.d1 * s.c
-            out[f"{s.name}.v"] = s.d2 * s.c
-        return out
+        return self.maker.columns
+
+    def capture(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One forward+backward: {layer: (A (n, T, d1), B (n, T, d2))} on the model's device."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with ProjectedGradientCapture(self.model, self.layers, self.projections) as capture:
+            per_example_token_loss(self.model, batch, ids).sum().backward()
+            return capture.pop()
 
     def __call__(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Store columns of one batch: {column: (n, width)} on the model's device."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.kind == "hidden":
-            return {"hidden": self._hidden(batch)}
-        with ProjectedGradientCapture(self.model, self.layers, self.projections) as capture:
-            per_example_token_loss(self.model, batch, ids).sum().backward()
-            captured = capture.pop()
-        out = {}
-        n = len(ids)
-        for spec in self.specs:
-            a, b = captured[spec.name]
-            if self.kind == "dense":
-                g = dense_gradients(a, b).reshape(n, -1)
-                check_finite(g, spec.name, ids)
-                out[f"{spec.name}.g"] = g
-            else:
-                check_finite(a, spec.name, ids)
-                check_finite(b, spec.name, ids)
-                u, v = factorize(a, b, self.start_blocks[spec.name], self.iterations)
-                out[f"{spec.name}.u"] = u.reshape(n, -1)
-                out[f"{spec.name}.v"] = v.reshape(n, -1)
-        return out
+            return {"hidden": self._hidden({k: v.to(self.device) for k, v in batch.items()})}
+        return self.maker(ids, self.capture(ids, batch))
 
     @torch.no_grad()
     def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,19 +6,21 @@ shard is recorded in the manifest, so a re-run after a crash skips it and resume
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
+from lorif_ray.data import TokenizedExample
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import DataError
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import load_model, model_identity
-from lorif_ray.stages.featurize import Featurizer
+from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import require, resolve_inputs, tokenized
 from lorif_ray.store import ShardWriter, file_sha256, write_json
 from lorif_ray.store.schema import BYTES_PER_VALUE
@@ -46,60 +48,109 @@ def index_meta(cfg: Config, featurizer: Featurizer, model, data_sha256: str, num
     }
 
 
-def run_index(cfg: Config) -> dict:
-    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
-    inputs = resolve_inputs(cfg)
-    train_path = require(inputs.train_path, "data.train")
-    model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+def train_examples(cfg: Config, tokenizer) -> tuple[Path, list[TokenizedExample]]:
+    """The tokenized training set of a config (errors name the file when it is empty)."""
+    train_path = require(resolve_inputs(cfg).train_path, "data.train")
     examples = tokenized(train_path, tokenizer, cfg.data.max_length)
     if not examples:
         raise DataError(f"{train_path} holds no training examples")
+    return train_path, examples
+
+
+def shard_chunks(examples: list, shard_size: int) -> list[list]:
+    """Examples cut into deterministic shards in input order: shard i holds [i·size, (i+1)·size)."""
+    return [examples[i:i + shard_size] for i in range(0, len(examples), shard_size)]
+
+
+def featurize_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int, pad_token_id: int,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """One shard's ids and store columns {column: (n, width)} on the CPU (fused capture + factorization)."""
+    ids, parts = [], []
+    for batch_ids, batch in token_batches(chunk, batch_size, pad_token_id):
+        parts.append({k: v.detach().cpu() for k, v in featurizer(batch_ids, batch).items()})
+        ids.extend(batch_ids)
+        if on_batch:
+            on_batch(len(batch_ids))
+    return ids, {k: torch.cat([p[k] for p in parts]) for k in featurizer.columns}
+
+
+def capture_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int,
+                  pad_token_id: int) -> list[tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """One shard's captured (A, B) pairs per batch, on the CPU (for a separate factorization step)."""
+    out = []
+    for batch_ids, batch in token_batches(chunk, batch_size, pad_token_id):
+        captured = featurizer.capture(batch_ids, batch)
+        out.append((batch_ids, {k: (a.detach().cpu(), b.detach().cpu()) for k, (a, b) in captured.items()}))
+    return out
+
+
+def columns_of_captured(maker: ColumnMaker, captured: list) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``capture_chunk``'s output → (ids, store columns), exactly as ``featurize_chunk`` makes them."""
+    ids, parts = [], []
+    for batch_ids, pairs in captured:
+        parts.append({k: v.cpu() for k, v in maker(batch_ids, pairs).items()})
+        ids.extend(batch_ids)
+    return ids, {k: torch.cat([p[k] for p in parts]) for k in maker.columns}
+
+
+def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str) -> None:
+    """Print the index size before stage 1 starts."""
+    if cfg.progress:
+        payload = sum(columns.values()) * BYTES_PER_VALUE[cfg.dtype]
+        print(f"stage 1: {num_examples} examples x {payload / 1024:.2f} KiB ({kind}, {cfg.dtype}) "
+              f"= {num_examples * payload / 2**20:.1f} MiB to store in {cfg.index_path}")
+
+
+def run_index(cfg: Config) -> dict:
+    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
+    inputs = resolve_inputs(cfg)
+    model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+    train_path, examples = train_examples(cfg, tokenizer)
     featurizer = build_featurizer(cfg, model)
     meta = index_meta(cfg, featurizer, model, file_sha256(train_path), len(examples))
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
-    num_shards = math.ceil(len(examples) / cfg.shard_size)
-    if cfg.progress:
-        payload = sum(featurizer.columns.values()) * BYTES_PER_VALUE[cfg.dtype]
-        print(f"stage 1: {len(examples)} examples x {payload / 1024:.2f} KiB ({featurizer.kind}, {cfg.dtype}) "
-              f"= {len(examples) * payload / 2**20:.1f} MiB to store in {cfg.index_path}")
+    announce(cfg, len(examples), featurizer.columns, featurizer.kind)
     start, computed, skipped = time.perf_counter(), 0, 0
     with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
-        for shard in range(num_shards):
-            chunk = examples[shard * cfg.shard_size:(shard + 1) * cfg.shard_size]
+        for shard, chunk in enumerate(shard_chunks(examples, cfg.shard_size)):
             if writer.is_done(shard):
                 skipped += 1
                 bar.update(len(chunk))
                 continue
-            ids, parts = [], []
-            for batch_ids, batch in token_batches(chunk, cfg.data.batch_size, tokenizer.pad_token_id):
-                parts.append({k: v.detach().cpu() for k, v in featurizer(batch_ids, batch).items()})
-                ids.extend(batch_ids)
-                bar.update(len(batch_ids))
-            writer.write_shard(shard, ids, {k: torch.cat([p[k] for p in parts]) for k in featurizer.columns})
+            ids, columns = featurize_chunk(featurizer, chunk, cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
+            writer.write_shard(shard, ids, columns)
             computed += len(chunk)
-    seconds = time.perf_counter() - start
-    manifest = writer.finalize(len(examples))
-    report = storage_report(manifest, featurizer, cfg.dtype)
-    report.update(examples=len(examples), computed=computed, skipped_shards=skipped, seconds=seconds,
-                  examples_per_second=computed / seconds if computed else None, index_dir=str(cfg.index_path))
+    return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=skipped,
+                        seconds=time.perf_counter() - start)
+
+
+def finish_index(cfg: Config, writer: ShardWriter, num_examples: int, *, computed: int, seconds: float,
+                 **extra) -> dict:
+    """Finalize the manifest (every shard present, row counts right) and write ``_report.json``."""
+    manifest = writer.finalize(num_examples)
+    specs = [LayerSpec(**layer) for layer in manifest.meta["layers"]]
+    report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
+    report.update(examples=num_examples, computed=computed, seconds=seconds,
+                  examples_per_second=computed / seconds if computed else None, index_dir=str(cfg.index_path),
+                  **extra)
     write_json(cfg.index_path / "_report.json", report)
     return report
 
 
-def storage_report(manifest, featurizer: Featurizer, dtype: str) -> dict:
+def storage_report(manifest, specs: list[LayerSpec], kind: str, dtype: str) -> dict:
     """Stored bytes per example: the payload c(d1+d2)·size per layer, and the files' overhead over it."""
     size = BYTES_PER_VALUE[dtype]
     per_layer, shapes = {}, {}
-    for s in featurizer.specs if featurizer.kind != "hidden" else []:
-        floats = s.c * (s.d1 + s.d2) if featurizer.kind == "factors" else s.dim
+    for s in specs if kind != "hidden" else []:
+        floats = s.c * (s.d1 + s.d2) if kind == "factors" else s.dim
         per_layer[s.name] = floats * size
-        formula = f"{s.c}x({s.d1}+{s.d2})" if featurizer.kind == "factors" else f"{s.d1}x{s.d2}"
+        formula = f"{s.c}x({s.d1}+{s.d2})" if kind == "factors" else f"{s.d1}x{s.d2}"
         shapes[formula] = shapes.get(formula, 0) + 1
     payload = manifest.payload_bytes_per_row() * manifest.num_rows
     total = manifest.total_bytes()
     return {
-        "kind": featurizer.kind,
+        "kind": kind,
         "dtype": dtype,
         "payload_bytes_per_example": manifest.payload_bytes_per_row(),
         "bytes_per_example": total / manifest.num_rows,

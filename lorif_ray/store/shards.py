@@ -156,6 +156,16 @@ class ShardWriter:
         Raises:
             ConfigError: a missing or extra column, a wrong shape or row count, a non-string id.
         """
+        return self.commit(self.write_file(shard_index, example_ids, arrays))
+
+    def write_file(
+        self, shard_index: int, example_ids: list[str], arrays: dict[str, torch.Tensor]
+    ) -> ShardRecord:
+        """Writes the file of shard `shard_index` atomically, without recording it in the manifest.
+
+        For pipelines where workers write files and one owner (the driver) commits their records:
+        a file that is never committed is simply rewritten by the next run. Arguments as `write_shard`.
+        """
         self._validate(shard_index, example_ids, arrays)
         dtype = self.manifest.dtype
         table = pa.Table.from_arrays(
@@ -173,10 +183,20 @@ class ShardWriter:
                 use_byte_stream_split=self._byte_stream_split,
                 **_PARQUET_OPTIONS,
             )
-            record = ShardRecord(shard_index, path.name, rows, file_sha256(tmp), tmp.stat().st_size)
+            return ShardRecord(shard_index, path.name, rows, file_sha256(tmp), tmp.stat().st_size)
+
+    def commit(self, record: ShardRecord) -> ShardRecord:
+        """Records a shard written by `write_file` (here or in another process) in the manifest.
+
+        Raises:
+            MissingShardError: the record's file is not on disk with the recorded size.
+        """
+        path = self.directory / record.file
+        if not path.is_file() or path.stat().st_size != record.bytes:
+            raise MissingShardError(f"shard {record.index}: {path} is not on disk with {record.bytes} bytes")
         with self._locked():
             manifest = self._load_or_create(self.manifest)
-            others = [s for s in manifest.shards if s.index != shard_index]
+            others = [s for s in manifest.shards if s.index != record.index]
             manifest.shards = sorted(others + [record], key=lambda s: s.index)
             manifest.complete, manifest.num_rows = False, None
             manifest.save(self.directory)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from lorif_ray.config import QueryConfig
+from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.query import run_query
@@ -14,6 +14,7 @@ from tests.stages.helpers import make_config
 
 NUM_WORKERS = 2
 SHARD_SIZE = 10  # 48 examples → 5 shards, split 3 + 2 between the two workers
+QUERY = QueryConfig(full_scores=True, top_k=5, train_batch_rows=7)  # batches never align with shards
 
 
 @pytest.fixture(scope="session")
@@ -33,19 +34,18 @@ def baseline(tiny_assets, tmp_path_factory):
     not D = 192 / 256 of the other layers (randomized path), so both paths are compared.
     """
     root = tmp_path_factory.mktemp("dist")
-    query = QueryConfig(full_scores=True, top_k=5, train_batch_rows=7)  # batches never align with shards
-    cfg = make_config(tiny_assets, root / "one", shard_size=SHARD_SIZE, query=query)
+    cfg = make_config(tiny_assets, root / "one", shard_size=SHARD_SIZE, query=QUERY, cluster=ClusterConfig(backend="none"))
     run_index(cfg)
     run_curvature(cfg)
     run_query(cfg)
 
     def config(name: str, with_curvature: bool = False, **overrides):
         """A config on the same index, writing to its own output dir (optionally with the baseline curvature)."""
-        other = make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, query=query,
+        other = make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, query=QUERY,
                             index_dir=str(cfg.index_path), **overrides)
         if with_curvature:
             other.curvature_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(cfg.curvature_path, other.curvature_path)
         return other
 
-    return {"cfg": cfg, "config": config}
+    return {"cfg": cfg, "config": config, "root": root}

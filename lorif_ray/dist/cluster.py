@@ -1,0 +1,84 @@
+"""Joining a Ray cluster and placing actors on it, from ``cluster.*`` of the config.
+
+    cluster.address=null   start a local Ray instance (``python jobs/attribute.py``)
+    cluster.address=auto   join the running cluster (``ray job submit ... -- python jobs/attribute.py``)
+
+Every actor asks for ``cluster.cpus_per_actor`` CPUs and ``cluster.gpus_per_actor`` GPUs (by default
+one GPU when the cluster has any). Gradient actors are placed with one placement group per model
+replica (its tensor-parallel ranks, ``cluster.placement_strategy``), so a replica's ranks land
+together and a replacement for a dead rank reuses its bundle.
+"""
+
+from __future__ import annotations
+
+from lorif_ray.config import ClusterConfig
+from lorif_ray.errors import ConfigError
+
+PLACEMENT_TIMEOUT_S = 120  # a placement group that is not ready by then cannot be placed on this cluster
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """Start or join Ray as the config says; keeps an already initialized Ray (tests, notebooks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cluster.address:
+        ray.init(address=cluster.address, log_to_driver=True)
+    else:
+        # "local": always a new instance, never a cluster some earlier `ray start` left on this machine
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def gpus_per_actor(cluster: ClusterConfig) -> float:
+    """``cluster.gpus_per_actor``, or 1 if unset and the cluster has GPUs, else 0."""
+    import ray
+
+    if cluster.gpus_per_actor is not None:
+        return cluster.gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def actor_options(cluster: ClusterConfig, *, gpu: bool = True, restartable: bool = False) -> dict:
+    """``ray.remote`` options of one actor: its CPUs/GPUs, and restarts for idempotent work.
+
+    Args:
+        gpu: whether this kind of actor uses a GPU when the cluster has them (gradient and query
+            actors do; the factorization pool and the Gram reducers run on CPUs).
+        restartable: Ray restarts the actor after a crash and retries its in-flight calls (only
+            for actors whose calls can safely run twice, e.g. writing a shard file atomically).
+    """
+    options = {"num_cpus": cluster.cpus_per_actor, "num_gpus": gpus_per_actor(cluster) if gpu else 0}
+    if restartable:
+        options.update(max_restarts=cluster.max_restarts, max_task_retries=cluster.max_restarts)
+    return options
+
+
+def replica_placement_group(cluster: ClusterConfig, options: dict):
+    """A ready placement group of ``cluster.tp_size`` bundles (one per rank) for one model replica.
+
+    Raises:
+        ConfigError: the cluster cannot place it (names what was asked and what the cluster has).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": options["num_cpus"]}
+    if options.get("num_gpus"):
+        bundle["GPU"] = options["num_gpus"]
+    group = placement_group([dict(bundle) for _ in range(cluster.tp_size)], strategy=cluster.placement_strategy)
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        raise ConfigError(
+            f"cannot place a model replica of {cluster.tp_size} x {bundle} ({cluster.placement_strategy}) within "
+            f"{PLACEMENT_TIMEOUT_S}s; the cluster has {ray.cluster_resources()} (lower cluster.gradient_actors, "
+            "cluster.cpus_per_actor or cluster.gpus_per_actor)")
+    return group
+
+
+def in_bundle(group, index: int) -> dict:
+    """``ray.remote`` options that put an actor in bundle ``index`` of ``group``."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}

@@ -1,0 +1,117 @@
+"""Stage 1 on Ray: gradient actors + factorization pool write the one-process index, survive dead
+actors, and the whole Ray pipeline gives the one-process top-k and scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lorif_ray.config import ClusterConfig
+from lorif_ray.data import load_examples
+from lorif_ray.dist.index_pipeline import run_index_distributed
+from lorif_ray.dist.stages import run_stage
+from lorif_ray.stages.attribute import run_attribute
+from lorif_ray.store import Manifest, iter_batches, open_index, read_ids
+from tests.dist.conftest import QUERY, SHARD_SIZE
+from tests.stages.helpers import make_config
+
+
+def _config(tiny_assets, root, name, **cluster):
+    options = dict(backend="ray", gradient_actors=2, writer_actors=1, gram_actors=2, query_actors=2)
+    return make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, query=QUERY,
+                       cluster=ClusterConfig(**{**options, **cluster}))
+
+
+def _columns(index_dir) -> dict[str, torch.Tensor]:
+    parts: dict[str, list] = {}
+    for _, columns in iter_batches(index_dir, batch_rows=1000):
+        for name, value in columns.items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _assert_same_index(actual_dir, expected_dir, rtol=1e-6):
+    actual, expected = _columns(actual_dir), _columns(expected_dir)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        scale = float(expected[name].abs().max())
+        assert float((actual[name] - expected[name]).abs().max()) <= rtol * scale, name
+    assert read_ids(actual_dir) == read_ids(expected_dir)
+
+
+def test_ray_pipeline_equals_the_one_process_pipeline(tiny_assets, baseline, ray_cluster):
+    """2 gradient actors, 2 Gram actors, 2 query actors: same top-k ids, scores within 1e-5."""
+    cfg = _config(tiny_assets, baseline["root"], "ray_pipeline")
+    report = run_attribute(cfg, run_stage)
+    assert report["index"]["gradient_actors"] == 2 and report["query"]["workers"] == 2
+    one = baseline["cfg"]
+    expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
+    actual = pq.read_table(cfg.output_dir + "/topk.parquet").to_pydict()
+    for column in ("query_id", "rank", "train_id"):
+        assert actual[column] == expected[column], column
+    scores, expected_scores = np.load(cfg.output_dir + "/scores.npy"), np.load(one.output_dir + "/scores.npy")
+    assert np.abs(scores - expected_scores).max() <= 1e-5 * np.abs(expected_scores).max()
+    _assert_same_index(cfg.index_path, one.index_path)
+
+
+def test_factorization_pool_gives_the_fused_factors(tiny_assets, baseline, ray_cluster):
+    """Not fused: gradient actors ship the captured (A, B) and two pool actors factorize and write."""
+    cfg = _config(tiny_assets, baseline["root"], "pool", fused=False, writer_actors=2)
+    report = run_index_distributed(cfg)
+    assert (report["fused"], report["writer_actors"], report["computed"]) == (False, 2, 48)
+    _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
+
+
+def _expected_ids(tiny_assets) -> list[str]:
+    return [e.id for e in load_examples(tiny_assets["train"])]
+
+
+@pytest.mark.parametrize("which", ["gradient", "writer"])
+def test_an_actor_killed_mid_index_loses_and_duplicates_nothing(tiny_assets, baseline, ray_cluster, which):
+    """Kill an actor for good after the first committed shard: the driver requeues its work on a
+    replacement; every training id is in the store exactly once."""
+    cfg = _config(tiny_assets, baseline["root"], f"killed_{which}", inflight_per_actor=1)
+    killed = []
+
+    def kill_first(record, pipeline):
+        if not killed:
+            actor = (pipeline.gradient_actors if which == "gradient" else pipeline.writer_actors)[0]
+            ray_cluster.kill(actor, no_restart=True)
+            killed.append(record.index)
+
+    report = run_index_distributed(cfg, on_commit=kill_first)
+    assert killed and report["replaced_actors"] >= 1
+    ids = read_ids(cfg.index_path)
+    assert sorted(ids) == sorted(_expected_ids(tiny_assets)) and len(ids) == len(set(ids)) == 48
+    assert ids == _expected_ids(tiny_assets)  # in input order: shard i holds rows [10 i, 10 i + 10)
+    _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
+
+
+def test_ray_restarts_a_crashed_actor_and_retries_its_calls(tiny_assets, baseline, ray_cluster):
+    """A crash Ray may restart (``no_restart=False``): the in-flight calls are retried by Ray itself."""
+    cfg = _config(tiny_assets, baseline["root"], "restarted")
+    crashed = []
+
+    def crash_once(record, pipeline):
+        if not crashed:
+            ray_cluster.kill(pipeline.gradient_actors[1], no_restart=False)
+            crashed.append(record.index)
+
+    report = run_index_distributed(cfg, on_commit=crash_once)
+    assert crashed and report["computed"] == 48
+    assert read_ids(cfg.index_path) == _expected_ids(tiny_assets)
+
+
+def test_a_rerun_recomputes_only_the_missing_shards(tiny_assets, baseline, ray_cluster):
+    cfg = _config(tiny_assets, baseline["root"], "resumed", gradient_actors=1)
+    run_index_distributed(cfg)
+    manifest = Manifest.load(cfg.index_path)  # as if the run had died before committing shard 3
+    manifest.shards = [s for s in manifest.shards if s.index != 3]
+    manifest.complete, manifest.num_rows = False, None
+    manifest.save(cfg.index_path)
+    report = run_index_distributed(cfg)
+    assert (report["computed"], report["skipped_shards"]) == (SHARD_SIZE, 4)
+    assert open_index(cfg.index_path, verify=True).num_rows == 48
+    _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
