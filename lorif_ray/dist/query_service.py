@@ -16,18 +16,27 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from lorif_ray.config import Config
 from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
+from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.curvature import check_method_matches_index, load_curvature
 from lorif_ray.stages.inputs import math_dtype
-from lorif_ray.stages.query import Scorer, TopK, featurize_queries, full_scores_file, write_query_outputs
+from lorif_ray.stages.query import (
+    QueryFeaturizer,
+    Scorer,
+    TopK,
+    featurize_queries,
+    full_scores_file,
+    write_query_outputs,
+)
 from lorif_ray.store import iter_batches, open_index, read_ids
 
 
@@ -208,6 +217,14 @@ class QueryService:
         self.close()
 
 
+def write_result(cfg: Config, query_ids: list[str], train_ids: list[str], result: QueryResult) -> dict:
+    """``topk.parquet`` (and, with full scores, ``scores.npy`` + ``scores.json``) in ``cfg.output_dir``."""
+    with full_scores_file(cfg, (len(query_ids), len(train_ids))) as full:
+        if full is not None:
+            full[:] = result.full
+    return write_query_outputs(cfg, query_ids, train_ids, result.scores, result.index)
+
+
 def run_query_distributed(cfg: Config, num_workers: int, *, actor_options: dict | None = None) -> dict:
     """Stage 3 through a ``QueryService``: writes the same ``topk.parquet`` (and ``scores.npy`` +
     ``scores.json`` with ``query.full_scores``) as ``run_query(cfg)``.
@@ -222,10 +239,37 @@ def run_query_distributed(cfg: Config, num_workers: int, *, actor_options: dict 
     start = time.perf_counter()
     with QueryService(cfg, num_workers, actor_options=actor_options) as service:
         result = service.query(query_columns)
-        train_ids = service.train_ids
-    with full_scores_file(cfg, (len(query_ids), manifest.num_rows)) as full:
-        if full is not None:
-            full[:] = result.full
-    report = write_query_outputs(cfg, query_ids, train_ids, result.scores, result.index)
+        report = write_result(cfg, query_ids, service.train_ids, result)
     return {**report, "workers": len(service.groups), "query_gradient_seconds": query_seconds,
             "score_seconds": time.perf_counter() - start}
+
+
+def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_options: dict | None = None
+          ) -> Iterator[dict]:
+    """Answer query files one after another with one long-lived service (model and shards loaded once).
+
+    Batch n's outputs go to ``<output_dir>/serve/<n>-<file stem>/``. A bad query file yields an
+    error report and the service goes on.
+
+    Yields:
+        per batch {"batch", "queries", "topk_path", "queries_count", "seconds", "shard_loads"} or
+        {"batch", "queries", "error"}.
+    """
+    manifest = open_index(cfg.index_path)
+    check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
+    featurize = QueryFeaturizer(cfg, manifest)
+    with QueryService(cfg, num_workers, actor_options=actor_options) as service:
+        for batch, line in enumerate(q.strip() for q in query_files):
+            if not line:
+                continue
+            start = time.perf_counter()
+            try:
+                query_ids, columns, _ = featurize(Path(line))
+                out = replace(cfg, output_dir=str(Path(cfg.output_dir) / "serve" / f"{batch}-{Path(line).stem}"))
+                report = write_result(out, query_ids, service.train_ids, service.query(columns))
+            except (LorifError, OSError) as error:
+                yield {"batch": batch, "queries": line, "error": f"{type(error).__name__}: {error}"}
+                continue
+            yield {"batch": batch, "queries": line, "topk_path": report["topk_path"],
+                   "queries_count": report["queries"], "seconds": time.perf_counter() - start,
+                   "shard_loads": sum(s["loads"] for s in service.stats())}

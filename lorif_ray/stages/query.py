@@ -77,22 +77,38 @@ class Scorer:
         return scores
 
 
+class QueryFeaturizer:
+    """Loads the model once and featurizes query files exactly like the index (a query service keeps one).
+
+    Raises:
+        ModelMismatchError / IndexMismatchError: the model or f/c/seed differ from the index's.
+    """
+
+    def __init__(self, cfg: Config, manifest):
+        model, self.tokenizer = load_model(resolve_inputs(cfg).model_path, dtype=cfg.model.dtype,
+                                           device=cfg.model.device)
+        check_same_model(manifest.meta["model"], model_identity(model), f"index {cfg.index_path}")
+        _check_index_config(cfg, manifest)
+        self.featurizer = build_featurizer(cfg, model, kind=manifest.kind,
+                                           layer_names=[s.name for s in layer_specs(manifest)],
+                                           factor_iters=manifest.meta["config"]["factor_iters"])
+        self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
+
+    def __call__(self, queries_path: Path) -> tuple[list[str], dict[str, torch.Tensor], float]:
+        """Query ids, query columns {column: (nq, width)} in the math dtype, and seconds."""
+        queries = tokenized(Path(queries_path), self.tokenizer, self.max_length)
+        if not queries:
+            raise ConfigError(f"{queries_path} holds no queries")
+        start = time.perf_counter()
+        parts = [self.featurizer(ids, batch)
+                 for ids, batch in token_batches(queries, self.batch_size, self.tokenizer.pad_token_id)]
+        columns = {k: torch.cat([p[k] for p in parts]).to(math_dtype(self.featurizer.device)) for k in parts[0]}
+        return [q.id for q in queries], columns, time.perf_counter() - start
+
+
 def featurize_queries(cfg: Config, manifest) -> tuple[list[str], dict[str, torch.Tensor], float]:
-    """Query ids, query columns (in the math dtype) and seconds, featurized exactly like the index."""
-    inputs = resolve_inputs(cfg)
-    queries_path = require(inputs.queries_path, "data.queries")
-    model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
-    check_same_model(manifest.meta["model"], model_identity(model), f"index {cfg.index_path}")
-    _check_index_config(cfg, manifest)
-    featurizer = build_featurizer(cfg, model, kind=manifest.kind, layer_names=[s.name for s in layer_specs(manifest)],
-                                  factor_iters=manifest.meta["config"]["factor_iters"])
-    queries = tokenized(queries_path, tokenizer, manifest.meta["config"]["max_length"])
-    if not queries:
-        raise ConfigError(f"{queries_path} holds no queries")
-    start = time.perf_counter()
-    parts = [featurizer(ids, batch) for ids, batch in token_batches(queries, cfg.data.batch_size, tokenizer.pad_token_id)]
-    columns = {k: torch.cat([p[k] for p in parts]).to(math_dtype(featurizer.device)) for k in parts[0]}
-    return [q.id for q in queries], columns, time.perf_counter() - start
+    """Query ids, query columns (in the math dtype) and seconds of ``data.queries``."""
+    return QueryFeaturizer(cfg, manifest)(require(resolve_inputs(cfg).queries_path, "data.queries"))
 
 
 def run_query(cfg: Config) -> dict:

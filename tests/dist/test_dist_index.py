@@ -8,19 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorif_ray.config import ClusterConfig
+from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import load_examples
 from lorif_ray.dist.index_pipeline import run_index_distributed
 from lorif_ray.dist.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.store import Manifest, iter_batches, open_index, read_ids
-from tests.dist.conftest import QUERY, SHARD_SIZE
+from tests.conftest import QUERY_CONFIG, SHARD_SIZE
 from tests.stages.helpers import make_config
 
 
 def _config(tiny_assets, root, name, **cluster):
     options = dict(backend="ray", gradient_actors=2, writer_actors=1, gram_actors=2, query_actors=2)
-    return make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, query=QUERY,
+    return make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, query=QueryConfig(**QUERY_CONFIG),
                        cluster=ClusterConfig(**{**options, **cluster}))
 
 

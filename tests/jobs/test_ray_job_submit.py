@@ -48,6 +48,9 @@ def head_node():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()),
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         # the session's own Ray already holds the default agent ports on this machine
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
          "--temp-dir", temp_dir, "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -62,14 +65,24 @@ def head_node():
         psutil.wait_procs(mine, timeout=30)
 
 
+def _submit(head_node, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's job agent is still starting (the dashboard answers first)."""
+    command = [str(BIN / "ray"), "job", "submit", "--address", head_node["address"], "--working-dir", str(ROOT),
+               "--", *entrypoint]
+    deadline = time.time() + 120
+    while True:
+        result = subprocess.run(command, env=head_node["env"], capture_output=True, text=True, timeout=400)
+        if "No available agent" not in result.stderr or time.time() > deadline:
+            return result
+        time.sleep(2)
+
+
 def test_attribute_job_through_ray_job_submit(head_node, tiny_assets, tmp_path):
     out = tmp_path / "submitted"
-    result = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head_node["address"], "--working-dir", str(ROOT), "--",
-         sys.executable, "jobs/attribute.py", "cluster.address=auto", f"model.path={tiny_assets['model']}",
-         f"data.train={tiny_assets['train']}", f"data.queries={tiny_assets['queries']}", "model.device=cpu",
-         "query.full_scores=true", "progress=false", f"output_dir={out}"],
-        env=head_node["env"], capture_output=True, text=True, timeout=400)
+    result = _submit(head_node, sys.executable, "jobs/attribute.py", "cluster.address=auto",
+                     f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+                     f"data.queries={tiny_assets['queries']}", "model.device=cpu", "query.full_scores=true",
+                     "progress=false", f"output_dir={out}")
     log = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in log, log[-3000:]
     assert "Connecting to existing Ray cluster" in log  # joined the head node, did not start its own
