@@ -1,0 +1,25 @@
+"""Capacity planner: index size, curvature size, GPU memory per rank and stage times of a run, from the
+model's shape alone (no weights, no Ray, no GPU). Prints Markdown tables and one line per figure,
+each saying whether it is exact or an estimate and from what.
+
+    python jobs/plan.py                                         # the embedded default
+    python jobs/plan.py model=llama_70b f=4 c=1 r=4096 num_examples=1000000 gpu_memory_gib=80
+    python jobs/plan.py model=olmo3_7b method=logra f=128 dtype=float16 num_gpus=16
+    python jobs/plan.py model=apertus_70b f=64 tp_size=4 batch_size=4 max_length=2048
+"""
+
+import hydra
+from omegaconf import OmegaConf
+
+from lorif_ray.plan import format_plan, make_plan, register_plan_config
+
+register_plan_config()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="plan")
+def main(cfg) -> None:
+    print(format_plan(make_plan(OmegaConf.to_object(cfg))))
+
+
+if __name__ == "__main__":
+    main()
