@@ -74,21 +74,32 @@ class ProjectedGradientCapture:
         self._inputs.clear()
         self._outputs.clear()
 
-    def _forward_hook(self, name: str):
-        projection = self.projections[name]
+    def project_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A = X P_in: (B, T, I) → (B, T, d1). Subclasses (tensor parallel) project their input slice."""
+        p_in = self.projections[name].p_in
+        return x.to(p_in.dtype) @ p_in
 
+    def project_output(self, name: str, grad_output: torch.Tensor) -> torch.Tensor:
+        """B = δY P_out: (B, T, O) → (B, T, d2). Subclasses (tensor parallel) project their output slice."""
+        p_out = self.projections[name].p_out
+        return grad_output.to(p_out.dtype) @ p_out
+
+    def finalize(self, blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Hook for subclasses to combine partial blocks (e.g. an all-reduce across ranks) in ``pop``."""
+        return blocks
+
+    def _forward_hook(self, name: str):
         def hook(module, inputs, output):
             if not torch.is_grad_enabled():
                 return None
             if name in self._inputs:
                 raise RuntimeError(f"layer {name} ran twice in one forward pass; shared layers are not supported")
-            x = inputs[0]
-            self._inputs[name] = x.detach().to(projection.p_in.dtype) @ projection.p_in  # (B, T, d1)
+            self._inputs[name] = self.project_input(name, inputs[0].detach())  # (B, T, d1)
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
 
             def grad_hook(grad_output):
-                self._outputs[name] = grad_output.to(projection.p_out.dtype) @ projection.p_out  # (B, T, d2)
+                self._outputs[name] = self.project_output(name, grad_output)  # (B, T, d2)
 
             output.register_hook(grad_hook)
             return output
@@ -103,7 +114,7 @@ class ProjectedGradientCapture:
         blocks = {n: (self._inputs[n], self._outputs[n]) for n in self.modules}
         self._inputs.clear()
         self._outputs.clear()
-        return blocks
+        return self.finalize(blocks)
 
 
 def per_example_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ids: list[str] | None = None) -> torch.Tensor:

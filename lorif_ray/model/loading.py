@@ -77,3 +77,28 @@ def check_same_model(expected: dict, actual: dict, where: str) -> None:
     if diff:
         details = ", ".join(f"{k}: index {expected.get(k)!r} vs model {actual.get(k)!r}" for k in diff)
         raise ModelMismatchError(f"the model does not match the one {where} was built from ({details})")
+
+
+def load_model_for_sharding(path: str | Path, *, dtype: str = "bfloat16"):
+    """A local causal LM on the CPU in ``dtype``, loaded for tensor-parallel sharding (eval mode).
+
+    transformers builds the model on the meta device and streams the safetensors weights into it in
+    the target dtype (``low_cpu_mem_usage``), so no float32 copy and no randomly initialized copy is
+    ever made. Peak host memory per rank is one full copy of the weights in ``dtype`` (e.g. 2 bytes
+    per parameter in bf16): DeepSpeed AutoTP (training mode) slices full tensors, then copies each
+    slice to the device and frees the full tensor, so after sharding a rank holds 1/tp of each sharded
+    linear plus the replicated embeddings, norms and head. Ranks on one host should load one after
+    another when host memory is short (the sharding call is collective, the loading is not).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={path} is not a local Hugging Face model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
+                                                 low_cpu_mem_usage=True)
+    return model.eval()

@@ -1,0 +1,435 @@
+"""Tensor-parallel gradient capture: DeepSpeed AutoTP shards the linears, the ranks share projections.
+
+This is the only module that imports deepspeed, and only inside functions, so the rest of the
+package works where deepspeed is absent.
+
+What AutoTP (training mode, ``deepspeed.initialize`` with ``tensor_parallel.autotp_size``) does:
+
+- Llama-style models (HF ``base_model_tp_plan``): q/k/v/gate/up_proj → ``LinearLayer``
+  (column-parallel: the weight's output dim O is split, the output stays sharded, the backward
+  all-reduces the input gradient); o_proj/down_proj → ``LinearAllreduce`` (row-parallel: the input
+  dim I is split and the forward all-reduces the output, so every rank sees the full Y and δY);
+  lm_head → ``LinearLayer`` with ``gather_output=True`` (its output is gathered: full logits).
+- GPT-2: AutoTP refuses GPT-2 (its Conv1D has a kernel-injection policy, which is inference only),
+  so ``init_tensor_parallel`` first turns every ``Conv1D`` into an exactly equivalent ``nn.Linear``
+  (weight transposed) and passes an explicit partition config: c_attn → ``SubParamLinearLayer``
+  (column-parallel, q, k and v each split by heads), c_fc → ``LinearLayer``, attn.c_proj and
+  mlp.c_proj → ``LinearAllreduce``. Attention's ``split_size`` is set to the local width.
+
+Under tensor parallelism a column-parallel layer holds rows ``S`` of O: its rank computes
+``δY_S P_out[S]`` and the ranks sum (all-reduce) the small (B, T, d2) blocks; a row-parallel layer
+holds rows ``S`` of I: the ranks sum ``X_S P_in[S]``. Projections are regenerated in full from
+``(seed, layer name)`` and each rank takes its rows, so TP=k gives the same A, B (hence G̃ = AᵀB,
+factors and scores) as TP=1, up to float rounding. See ``TensorParallelCapture``.
+
+How a Ray gradient actor uses this (one actor per rank; the actors of a replica in one placement
+group, every actor of the replica receiving the same batches):
+
+1. Before anything imports deepspeed, set in the actor process (``rank_environment`` builds it)::
+
+       RANK, WORLD_SIZE       rank in / size of the replica's group (WORLD_SIZE = tp_size)
+       LOCAL_RANK             rank on the node (selects the GPU; 0..gpus-1)
+       MASTER_ADDR, MASTER_PORT   rank 0's address and a free port, the same for all ranks
+       DS_ACCELERATOR         "cpu" (gloo) or "cuda" (nccl)
+       GLOO_SOCKET_IFNAME     "lo" when all ranks are on one host and run on CPU
+
+2. ``tp = setup_rank(model_path, tp_size, dtype=..., patterns=...)``: initializes the process
+   group (deepspeed's shared-memory comm op disabled), loads the model, records each selected
+   layer's full (I, O), shards with AutoTP and returns a ``TensorParallelModel``.
+3. ``projections = tp.projections(seed, f, dtype)`` (full, seed-regenerated, on the model device).
+4. Per batch, on every rank: ``blocks = tp.capture(ids, batch, projections)`` → every rank holds
+   the same ``{layer: (A, B)}`` that TP=1 would give.
+5. Factorize without doing work twice: ``mine = layers_of_rank(costs, tp.rank, tp.world_size)``,
+   run the column maker on ``{n: blocks[n] for n in mine}``, then
+   ``gather_columns(columns, tp.group)`` → the merged columns on rank 0, ``None`` elsewhere.
+   Rank 0's actor returns (or writes) them; the other actors return None.
+
+Memory: ``load_model_for_sharding`` (``lorif_ray.model.loading``) loads the checkpoint in the
+target dtype with transformers' low-memory loader, so each rank holds one full copy of the weights
+in host memory until AutoTP slices them (DeepSpeed's ``move`` copies the slice to the device and
+frees the full tensor); after sharding a rank holds 1/tp of every sharded linear plus the
+replicated embeddings, norms and lm_head. See ``load_model_for_sharding`` for the peak.
+
+Example (two processes on CPU)::
+
+    os.environ.update(rank_environment(rank, 2, "127.0.0.1", port))
+    tp = setup_rank("/models/llama", 2, dtype="float32")
+    projections = tp.projections(seed=0, f=4)
+    blocks = tp.capture(ids, batch, projections)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from lorif_ray.math.capture import ProjectedGradientCapture, linear_dims, per_example_token_loss
+from lorif_ray.math.projection import LayerProjection, layer_projection
+
+# Partition config for GPT-2 after ``conv1d_to_linear`` (AutoTP has no GPT-2 training policy).
+GPT2_PARTITION_CONFIG = {
+    "use_default_specs": False,
+    "layer_specs": [
+        {"patterns": [r".*\.attn\.c_attn\.weight$"], "partition_type": "column", "shape": [3, -1], "partition_dim": 0},
+        {"patterns": [r".*\.attn\.c_proj\.weight$"], "partition_type": "row"},
+        {"patterns": [r".*\.mlp\.c_fc\.weight$"], "partition_type": "column"},
+        {"patterns": [r".*\.mlp\.c_proj\.weight$"], "partition_type": "row"},
+    ],
+}
+
+
+def rank_environment(rank: int, world_size: int, master_addr: str, master_port: int, *,
+                     local_rank: int | None = None, accelerator: str = "cpu") -> dict[str, str]:
+    """The environment variables one rank needs before deepspeed is imported."""
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank if local_rank is None else local_rank),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "DS_ACCELERATOR": accelerator,
+    }
+    if accelerator == "cpu" and master_addr in ("127.0.0.1", "localhost"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Initialize torch.distributed through deepspeed (env:// rendezvous from the rank variables).
+
+    On CPU deepspeed would build and use a shared-memory all-reduce op (a C++ extension); it is
+    disabled so that gloo does every collective and nothing is compiled.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    cpu = os.environ["DS_ACCELERATOR"] == "cpu"
+    if cpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # comm/torch.py: build_shm_op → None
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend or ("gloo" if cpu else "nccl"), verbose=False)
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every transformers ``Conv1D`` (y = x W + b, W: I×O) by the equal ``nn.Linear`` (Wᵀ), in place."""
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__ != "Conv1D":
+                continue
+            in_features, out_features = child.weight.shape
+            linear = nn.Linear(in_features, out_features, bias=child.bias is not None,
+                               device=child.weight.device, dtype=child.weight.dtype)
+            linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=child.weight.requires_grad)
+            if child.bias is not None:
+                linear.bias = child.bias
+            setattr(parent, child_name, linear)
+    return model
+
+
+def _is_gpt2(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+
+
+def init_tensor_parallel(model: nn.Module, tp_size: int, *, partition_config: dict | None = None,
+                         extra_config: dict | None = None):
+    """Shard ``model`` in place with DeepSpeed AutoTP (training mode, ZeRO stage 0); returns the engine.
+
+    ``init_distributed`` must have run. The optimizer is a plain ``torch.optim.SGD(lr=0)`` so
+    deepspeed compiles no op; it is never stepped. GPT-2 models get ``conv1d_to_linear`` and
+    ``GPT2_PARTITION_CONFIG`` unless a ``partition_config`` is given; other models follow their
+    Hugging Face tensor-parallel plan (or AutoTP's heuristics). The model is left in eval mode.
+
+    Args:
+        model: an unsharded Hugging Face causal LM with materialized (not meta) weights on the CPU.
+        tp_size: ranks in the tensor-parallel group (= WORLD_SIZE with one replica per group).
+        partition_config: DeepSpeed ``tensor_parallel.partition_config`` (layer specs).
+        extra_config: merged into the deepspeed config (e.g. {"bf16": {"enabled": True}}).
+    """
+    import deepspeed
+
+    if _is_gpt2(model):
+        conv1d_to_linear(model)
+        partition_config = partition_config or GPT2_PARTITION_CONFIG
+    tensor_parallel = {"autotp_size": tp_size}
+    if partition_config is not None:
+        tensor_parallel["partition_config"] = partition_config
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 0},
+        "tensor_parallel": tensor_parallel,
+        **(extra_config or {}),
+    }
+    optimizer = torch.optim.SGD([p for p in model.parameters()], lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    module = engine.module
+    if _is_gpt2(module):
+        # update_mp_params shards embed_dim/num_heads but not split_size, which splits q|k|v.
+        for sub in module.modules():
+            if hasattr(sub, "split_size") and hasattr(sub, "c_attn"):
+                sub.split_size = sub.c_attn.weight.shape[0] // 3
+    module.eval()
+    return engine
+
+
+def tensor_parallel_group():
+    """The tensor-parallel process group deepspeed made (None before ``init_tensor_parallel``)."""
+    from deepspeed.utils import groups
+
+    return groups.get_tensor_model_parallel_group()
+
+
+def full_layer_dims(name: str, module: nn.Module) -> tuple[int, int]:
+    """(I, O) of the *unsharded* layer: from DeepSpeed's recorded original shape, or the module itself."""
+    shape = getattr(module, "_orig_weight_shape", None)
+    if shape is not None:
+        out_features, in_features = shape
+        return int(in_features), int(out_features)
+    try:
+        return linear_dims(module)
+    except TypeError as exc:
+        raise TypeError(f"layer {name}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which slice of a layer's full dims this rank sees.
+
+    Attributes:
+        side: "output" (column-parallel, output not gathered: δY is a slice of O),
+            "input" (row-parallel: X is a slice of I) or None (this rank sees full X and δY).
+        index: the global indices of the slice (LongTensor), None when side is None.
+    """
+
+    side: str | None
+    index: torch.Tensor | None = None
+
+
+def _contiguous_index(sizes, tp_index: int) -> torch.Tensor:
+    start = sum(sizes[:tp_index])
+    return torch.arange(start, start + sizes[tp_index])
+
+
+def _subparam_index(module: nn.Module, total: int) -> torch.Tensor:
+    """Indices a ``SubParam*`` layer keeps: each sub-parameter (e.g. q, k, v) split by its own widths."""
+    sizes = module._subparam_sizes or (total,)
+    widths = module._subparam_shard_widths
+    offset, parts = 0, []
+    for size, per_rank in zip(sizes, widths):
+        start = offset + sum(per_rank[:module.tp_index])
+        parts.append(torch.arange(start, start + per_rank[module.tp_index]))
+        offset += size
+    return torch.cat(parts)
+
+
+def shard_layout(module: nn.Module) -> ShardLayout:
+    """The ``ShardLayout`` of a (possibly) DeepSpeed-sharded linear layer."""
+    from deepspeed.module_inject import layers as ds_layers
+
+    if not isinstance(module, ds_layers.TensorParallel_Layer) or getattr(module, "tp_world_size", 1) == 1:
+        return ShardLayout(None)
+    out_features, in_features = module._orig_weight_shape
+    if isinstance(module, (ds_layers.LinearAllreduce, ds_layers.SubParamLinearAllreduce)):
+        if isinstance(module, ds_layers.LinearAllreduceWithReplicatedInput):
+            return ShardLayout(None)  # scatters a full input itself: X and δY are full
+        if isinstance(module, ds_layers.SubParamLinearAllreduce):
+            if module.partition_dim != len(module._logical_shape) - 1:
+                raise NotImplementedError(f"{module.name}: row-parallel split on dim {module.partition_dim}")
+            index = _subparam_index(module, in_features)
+        else:
+            index = _contiguous_index(module._partition_sizes, module.tp_index)
+        side, expected = "input", module.weight.shape[1]
+    elif isinstance(module, ds_layers.SubParamLinearLayer):
+        if module.partition_dim != 0:
+            raise NotImplementedError(f"{module.name}: column-parallel split on dim {module.partition_dim}")
+        index, side, expected = _subparam_index(module, out_features), "output", module.weight.shape[0]
+    elif type(module) is ds_layers.LinearLayer:
+        if module.gather_output:
+            return ShardLayout(None)  # the output is gathered: X and δY are full
+        index = _contiguous_index(module._partition_sizes, module.tp_index)
+        side, expected = "output", module.weight.shape[0]
+    else:
+        raise NotImplementedError(f"no capture rule for DeepSpeed layer {type(module).__name__}")
+    if index.numel() != expected:
+        raise RuntimeError(f"{type(module).__name__}: {index.numel()} indices for a local dim of {expected}")
+    return ShardLayout(side, index)
+
+
+class TensorParallelCapture(ProjectedGradientCapture):
+    """``ProjectedGradientCapture`` for AutoTP-sharded layers: every rank gets the TP=1 (A, B).
+
+    A column-parallel layer (output not gathered) projects its δY slice with the matching rows of
+    P_out; a row-parallel layer projects its X slice with the matching rows of P_in; ``pop`` sums
+    these partial (B, T, d) blocks over the group in one all-reduce. Unsharded layers (and gathered
+    outputs) are projected as usual. All ranks must run the same batch (as AutoTP requires anyway).
+
+    Args:
+        model, layers: the sharded model and {name: module} of the layers to capture.
+        projections: the full projections {name: LayerProjection}, P_in (I, d1), P_out (O, d2).
+        group: the tensor-parallel process group (None = the default group).
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], projections: dict[str, LayerProjection],
+                 group=None):
+        super().__init__(model, layers, projections)
+        self.group = group
+        self.layouts = {name: shard_layout(module) for name, module in layers.items()}
+        self._p_in, self._p_out = {}, {}
+        for name, module in layers.items():
+            p, layout = projections[name], self.layouts[name]
+            in_features, out_features = full_layer_dims(name, module)
+            if p.p_in.shape[0] != in_features or p.p_out.shape[0] != out_features:
+                raise ValueError(f"projection of {name} is for {tuple(p.p_in.shape[:1] + p.p_out.shape[:1])}, "
+                                 f"the full layer is (I, O) = {(in_features, out_features)}")
+            index = None if layout.index is None else layout.index.to(p.p_in.device)
+            self._p_in[name] = p.p_in[index] if layout.side == "input" else p.p_in  # (I_k, d1)
+            self._p_out[name] = p.p_out[index] if layout.side == "output" else p.p_out  # (O_k, d2)
+
+    def project_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        p_in = self._p_in[name]
+        return x.to(p_in.dtype) @ p_in  # (B, T, d1), partial if row-parallel
+
+    def project_output(self, name: str, grad_output: torch.Tensor) -> torch.Tensor:
+        p_out = self._p_out[name]
+        return grad_output.to(p_out.dtype) @ p_out  # (B, T, d2), partial if column-parallel
+
+    def finalize(self, blocks):
+        partial = [blocks[n][0] if self.layouts[n].side == "input" else blocks[n][1]
+                   for n in self.modules if self.layouts[n].side is not None]
+        if not partial:
+            return blocks
+        flat = torch.cat([t.reshape(-1) for t in partial])
+        torch_dist.all_reduce(flat, group=self.group)  # one collective per batch, fixed layer order
+        out, offset = {}, 0
+        for name in self.modules:
+            a, b = blocks[name]
+            side = self.layouts[name].side
+            if side is not None:
+                t = a if side == "input" else b
+                summed = flat[offset:offset + t.numel()].view_as(t)
+                offset += t.numel()
+                a, b = (summed, b) if side == "input" else (a, summed)
+            out[name] = (a, b)
+        return out
+
+
+def divide_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
+    """Split layers among ranks, largest cost first to the least-loaded rank (deterministic).
+
+    Returns one list per rank, each in the order of ``costs``; every layer is in exactly one list.
+    """
+    loads = [0.0] * world_size
+    owner = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], list(costs).index(n))):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[name] = rank
+        loads[rank] += costs[name]
+    return [[n for n in costs if owner[n] == r] for r in range(world_size)]
+
+
+def layers_of_rank(costs: Mapping[str, float], rank: int, world_size: int) -> list[str]:
+    """The layers ``rank`` factorizes (see ``divide_layers``); e.g. costs = {name: d1 * d2}."""
+    return divide_layers(costs, world_size)[rank]
+
+
+def gather_columns(columns: dict[str, torch.Tensor], group=None, dst: int = 0, all_ranks: bool = False):
+    """Merge each rank's store columns {column: (n, width)}: on rank ``dst`` (else None), or on all ranks.
+
+    Tensors travel through the CPU (pickled objects), so this works for gloo and nccl alike.
+    """
+    local = {k: v.detach().cpu() for k, v in columns.items()}
+    world = torch_dist.get_world_size(group)
+    gathered = [None] * world
+    if all_ranks:
+        torch_dist.all_gather_object(gathered, local, group=group)
+    else:
+        me = torch_dist.get_rank(group)
+        torch_dist.gather_object(local, gathered if me == dst else None,
+                                 dst=torch_dist.get_global_rank(group, dst) if group is not None else dst,
+                                 group=group)
+        if me != dst:
+            return None
+    merged = {}
+    for part in gathered:
+        overlap = merged.keys() & part.keys()
+        if overlap:
+            raise RuntimeError(f"columns computed by two ranks: {sorted(overlap)[:5]}")
+        merged.update(part)
+    return merged
+
+
+@dataclass
+class TensorParallelModel:
+    """One rank's view of a sharded model and its attributed layers.
+
+    Attributes:
+        engine: the deepspeed engine (kept alive; never stepped).
+        model: the sharded causal LM (eval mode).
+        layers: {name: sharded module} of the attributed layers, in model order.
+        dims: {name: (I, O)} of the *unsharded* layers (what projections and manifests use).
+        group: the tensor-parallel process group.
+    """
+
+    engine: object
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    dims: dict[str, tuple[int, int]]
+    group: object = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def rank(self) -> int:
+        return torch_dist.get_rank(self.group)
+
+    @property
+    def world_size(self) -> int:
+        return torch_dist.get_world_size(self.group)
+
+    def projections(self, seed: int, f: int, dtype: torch.dtype = torch.float32) -> dict[str, LayerProjection]:
+        """Full, seed-regenerated projections of every layer, on the model's device."""
+        return {n: layer_projection(seed, n, *self.dims[n], f, dtype=dtype, device=self.device) for n in self.layers}
+
+    def capturer(self, projections: dict[str, LayerProjection]) -> TensorParallelCapture:
+        return TensorParallelCapture(self.model, self.layers, projections, group=self.group)
+
+    def capture(self, ids: list[str], batch: dict[str, torch.Tensor], projections: dict[str, LayerProjection]):
+        """One forward+backward on this rank's shard: {layer: (A, B)}, identical on every rank."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.capturer(projections) as capture:
+            per_example_token_loss(self.model, batch, ids).sum().backward()
+            return capture.pop()
+
+
+def shard_model(model: nn.Module, tp_size: int, *, patterns: list[str] | None = None,
+                partition_config: dict | None = None, extra_config: dict | None = None) -> TensorParallelModel:
+    """Select layers on the unsharded model, record their full dims, shard, and re-resolve the modules."""
+    from lorif_ray.model.layers import select_layers
+
+    names = list(select_layers(model, patterns))
+    dims = {n: linear_dims(model.get_submodule(n)) for n in names}
+    engine = init_tensor_parallel(model, tp_size, partition_config=partition_config, extra_config=extra_config)
+    sharded = engine.module
+    layers = {n: sharded.get_submodule(n) for n in names}
+    device = next(sharded.parameters()).device
+    return TensorParallelModel(engine, sharded, layers, dims, tensor_parallel_group(), device)
+
+
+def setup_rank(model_path: str | Path, tp_size: int, *, dtype: str = "bfloat16", patterns: list[str] | None = None,
+               partition_config: dict | None = None) -> TensorParallelModel:
+    """Everything a rank process does before its first batch (the rank variables must be set).
+
+    Initializes the process group, loads the local checkpoint (low-memory, in ``dtype``), selects
+    the layers (``patterns`` as in ``select_layers``), records their full (I, O) and shards the model.
+    """
+    from lorif_ray.model.loading import load_model_for_sharding
+
+    init_distributed()
+    model = load_model_for_sharding(model_path, dtype=dtype)
+    return shard_model(model, tp_size, patterns=patterns, partition_config=partition_config)
