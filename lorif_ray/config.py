@@ -71,8 +71,7 @@ class ClusterConfig:
     cpus_per_actor: float = 0.5  # small, so several actors and the driver share a laptop
     gpus_per_actor: Optional[float] = None  # None = 1 when the cluster has GPUs, else 0
     inflight_per_actor: int = 2  # shards queued per gradient actor (backpressure on the pool)
-    max_restarts: int = 2  # Ray restarts of a crashed actor (its in-flight tasks are retried)
-    placement_strategy: str = "PACK"  # of each replica's placement group (its TP ranks)
+    max_restarts: int = 2  # Ray restarts of a crashed actor (its in-flight tasks are retried); not for TP ranks
 
 
 @dataclass

@@ -5,8 +5,8 @@
 
 Every actor asks for ``cluster.cpus_per_actor`` CPUs and ``cluster.gpus_per_actor`` GPUs (by default
 one GPU when the cluster has any). Gradient actors are placed with one placement group per model
-replica (its tensor-parallel ranks, ``cluster.placement_strategy``), so a replica's ranks land
-together and a replacement for a dead rank reuses its bundle.
+replica: its tensor-parallel ranks, STRICT_PACK (one node: they rendezvous on 127.0.0.1 and
+all-reduce every batch), so a replacement replica reuses the same bundles.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def replica_placement_group(cluster: ClusterConfig, options: dict):
     bundle = {"CPU": options["num_cpus"]}
     if options.get("num_gpus"):
         bundle["GPU"] = options["num_gpus"]
-    group = placement_group([dict(bundle) for _ in range(cluster.tp_size)], strategy=cluster.placement_strategy)
+    group = placement_group([dict(bundle) for _ in range(cluster.tp_size)], strategy="STRICT_PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(group)
         raise ConfigError(
-            f"cannot place a model replica of {cluster.tp_size} x {bundle} ({cluster.placement_strategy}) within "
+            f"cannot place a model replica of {cluster.tp_size} x {bundle} on one node within "
             f"{PLACEMENT_TIMEOUT_S}s; the cluster has {ray.cluster_resources()} (lower cluster.gradient_actors, "
             "cluster.cpus_per_actor or cluster.gpus_per_actor)")
     return group

@@ -21,6 +21,7 @@ their in-flight calls themselves.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,9 +32,11 @@ from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
 from lorif_ray.dist.cluster import actor_options, in_bundle, replica_placement_group
-from lorif_ray.errors import ConfigError, LorifError
-from lorif_ray.model.loading import load_model, load_tokenizer
-from lorif_ray.stages.featurize import ColumnMaker, LayerSpec
+from lorif_ray.errors import LorifError
+from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
+from lorif_ray.data import iter_batches as token_batches
+from lorif_ray.math.capture import check_finite
+from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (
     announce,
     build_featurizer,
@@ -50,40 +53,95 @@ from lorif_ray.store import ShardRecord, ShardWriter, file_sha256
 
 
 class GradientWorker:
-    """One model replica: loads the model once and featurizes whole shards (a plain class; wrap with
-    ``ray.remote``).
+    """One model replica, or one tensor-parallel rank of it: loads the model once and featurizes whole
+    shards (a plain class; wrap with ``ray.remote``).
+
+    With ``tp_size`` > 1 the constructor only records its rank; ``setup`` (called on every rank of
+    the replica at once) joins the replica's process group and shards the model with DeepSpeed
+    AutoTP. Every rank then runs the same batches; each factorizes its share of the layers and
+    rank 0 gathers and returns the columns (the other ranks return no payload).
 
     Example:
         >>> worker = GradientWorker(cfg, model_path)
         >>> status, payload = worker.featurize(0, chunk, fused=True)   # payload: ("columns", ids, columns)
     """
 
-    def __init__(self, cfg: Config, model_path: str):
-        model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
-        self.cfg, self.model = cfg, model
-        self.featurizer = build_featurizer(cfg, model)
-        self.pad_token_id = tokenizer.pad_token_id
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, tp_size: int = 1):
+        self.cfg, self.model_path, self.rank, self.tp_size = cfg, model_path, rank, tp_size
+        self.pad_token_id = load_tokenizer(model_path).pad_token_id
+        if tp_size == 1:
+            model, _ = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+            self.identity = model_identity(model)
+            self.featurizer = build_featurizer(cfg, model)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """A free port on this (rank 0's) node; the replica's ranks share the node (STRICT_PACK)."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return "127.0.0.1", s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the replica's process group and shard the model (collective: all ranks at once)."""
+        from lorif_ray.model import tensor_parallel as tp
+        from lorif_ray.model.loading import load_model_for_sharding
+
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows each rank its own GPU
+        os.environ.update(tp.rank_environment(self.rank, self.tp_size, master_addr, master_port, local_rank=0,
+                                              accelerator=accelerator))
+        tp.init_distributed()
+        model = load_model_for_sharding(self.model_path, dtype=self.cfg.model.dtype)
+        self.identity = model_identity(model)  # of the unsharded model, as the query stage sees it
+        self.sharded = tp.shard_model(model, self.tp_size, patterns=self.cfg.model.layers)
+        group = self.sharded.group
+        cfg = self.cfg
+        self.featurizer = Featurizer(
+            self.sharded.model, self.sharded.layers, kind=cfg.method.store_kind, f=cfg.f, c=cfg.c, seed=cfg.seed,
+            factor_iters=cfg.factor_iters, dims=self.sharded.dims,
+            capture_factory=lambda m, layers, p: tp.TensorParallelCapture(m, layers, p, group=group))
+        specs = self.featurizer.specs
+        mine = set(tp.layers_of_rank({s.name: s.dim for s in specs}, self.rank, self.tp_size))
+        self.my_maker = None if self.featurizer.kind == "hidden" else ColumnMaker(
+            [s for s in specs if s.name in mine], kind=self.featurizer.kind, seed=cfg.seed,
+            iterations=self.featurizer.iterations, device=self.featurizer.device)
 
     def describe(self, data_sha256: str, num_examples: int) -> dict:
         """The index's manifest fields as this replica makes them: kind, columns, meta."""
         f = self.featurizer
         return {"kind": f.kind, "columns": f.columns,
-                "meta": index_meta(self.cfg, f, self.model, data_sha256, num_examples)}
+                "meta": index_meta(self.cfg, f, self.identity, data_sha256, num_examples)}
 
-    def featurize(self, shard: int, chunk: list, fused: bool) -> tuple[dict, tuple]:
+    def featurize(self, shard: int, chunk: list, fused: bool) -> tuple[dict, tuple | None]:
         """One shard → (status, payload); payload is ("columns", ids, {column: (n, width)}) or, not
-        fused, ("captured", [(batch ids, {layer: (A, B)})]) for the pool to factorize."""
+        fused, ("captured", [(batch ids, {layer: (A, B)})]) for the pool to factorize; None on
+        tensor-parallel ranks other than 0."""
         start = time.perf_counter()
-        batch_size = self.cfg.data.batch_size
-        if fused or self.featurizer.kind == "hidden":
-            payload = ("columns", *featurize_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+        batch_size, kind = self.cfg.data.batch_size, self.featurizer.kind
+        if fused or kind == "hidden":
+            if self.tp_size == 1 or kind == "hidden":
+                payload = ("columns", *featurize_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+            else:
+                payload = self._featurize_tensor_parallel(chunk)
         else:
             payload = ("captured", capture_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
-        status = {"shard": shard, "rows": len(chunk), "pid": os.getpid(), "seconds": time.perf_counter() - start}
-        return status, payload
+        status = {"shard": shard, "rows": len(chunk), "rank": self.rank, "pid": os.getpid(),
+                  "seconds": time.perf_counter() - start}
+        return status, payload if self.rank == 0 else None
 
-    def pid(self) -> int:
-        return os.getpid()
+    def _featurize_tensor_parallel(self, chunk: list) -> tuple | None:
+        """Each rank factorizes its layers of the (identical) captured blocks; rank 0 gathers."""
+        from lorif_ray.model.tensor_parallel import gather_columns
+
+        ids, parts = [], []
+        for batch_ids, batch in token_batches(chunk, self.cfg.data.batch_size, self.pad_token_id):
+            captured = self.featurizer.capture(batch_ids, batch)
+            for name, (a, b) in captured.items():  # every layer on every rank: all raise, none waits
+                check_finite(a, name, batch_ids)
+                check_finite(b, name, batch_ids)
+            parts.append({k: v.cpu() for k, v in self.my_maker(batch_ids, captured).items()})
+            ids.extend(batch_ids)
+        columns = gather_columns({k: torch.cat([p[k] for p in parts]) for k in self.my_maker.columns},
+                                 self.sharded.group)
+        return None if columns is None else ("columns", ids, columns)
 
 
 class ShardWorker:
@@ -113,49 +171,65 @@ class ShardWorker:
 
 @dataclass
 class _Slot:
-    """One actor position: the actor now in it and its calls in flight."""
+    """One actor position: the actors now in it (a replica's ranks, or a pool member) and their calls
+    in flight (keyed by the call's first result)."""
 
-    actor: object
+    actors: list
     inflight: set = field(default_factory=set)
-    group: object = None  # the placement group of a gradient actor
+    group: object = None  # the placement group of a gradient replica
+
+    @property
+    def actor(self):
+        """The actor that answers: rank 0 of a replica, or the pool member."""
+        return self.actors[0]
 
 
 class IndexPipeline:
-    """The actors of one stage-1 run: gradient actors (one per replica) and the factorization pool.
+    """The actors of one stage-1 run: gradient replicas (``cluster.tp_size`` ranks each, one
+    placement group per replica) and the factorization pool.
 
     Attributes:
-        gradient_actors: the live gradient actors, by slot (a replacement takes a dead one's slot).
+        gradient_actors: rank 0 of each live replica, by slot (a replacement takes a dead one's slot).
         writer_actors: the live pool members, by slot.
-        replaced: how many actors were replaced after dying.
+        replaced: how many replicas or pool members were replaced after dying.
     """
 
     def __init__(self, cfg: Config, model_path: str):
         import ray
 
-        if cfg.cluster.tp_size != 1:
-            raise ConfigError("cluster.tp_size > 1 needs the tensor-parallel gradient actors (lorif_ray.dist.tp)")
         self.cfg, self.model_path = cfg, model_path
-        self._gradient_options = actor_options(cfg.cluster, gpu=True, restartable=True)
+        tensor_parallel = cfg.cluster.tp_size > 1  # a restarted rank could not rejoin its group
+        self._gradient_options = actor_options(cfg.cluster, gpu=True, restartable=not tensor_parallel)
         self._writer_options = actor_options(cfg.cluster, gpu=False, restartable=True)
         self._gradient_remote = ray.remote(GradientWorker)
         self._writer_remote = ray.remote(ShardWorker)
         self.gradient_slots = []
         for _ in range(cfg.cluster.gradient_actors):
             group = replica_placement_group(cfg.cluster, self._gradient_options)
-            self.gradient_slots.append(_Slot(self._new_gradient_actor(group), group=group))
+            self.gradient_slots.append(_Slot(self._new_replica(group), group=group))
         self.writer_slots: list[_Slot] = []
         self.layout: dict | None = None
         self.replaced = 0
 
-    def _new_gradient_actor(self, group):
-        return self._gradient_remote.options(**self._gradient_options, **in_bundle(group, 0)).remote(
-            self.cfg, self.model_path)
+    def _new_replica(self, group) -> list:
+        """The ranks of one replica in ``group``'s bundles; with TP, joined into one process group."""
+        import ray
+
+        tp_size = self.cfg.cluster.tp_size
+        ranks = [self._gradient_remote.options(**self._gradient_options, **in_bundle(group, rank)).remote(
+            self.cfg, self.model_path, rank, tp_size) for rank in range(tp_size)]
+        if tp_size > 1:
+            address, port = ray.get(ranks[0].rendezvous.remote())
+            ray.get([rank.setup.remote(address, port) for rank in ranks])
+        return ranks
 
     def start_writers(self, index_dir: str, layout: dict) -> None:
         """Start the factorization pool once the driver has created the manifest."""
         self.index_dir, self.layout = index_dir, layout
-        self.writer_slots = [_Slot(self._writer_remote.options(**self._writer_options).remote(index_dir, layout))
-                             for _ in range(self.cfg.cluster.writer_actors)]
+        self.writer_slots = [_Slot([self._new_writer()]) for _ in range(self.cfg.cluster.writer_actors)]
+
+    def _new_writer(self):
+        return self._writer_remote.options(**self._writer_options).remote(self.index_dir, self.layout)
 
     @property
     def gradient_actors(self) -> list:
@@ -165,27 +239,32 @@ class IndexPipeline:
     def writer_actors(self) -> list:
         return [s.actor for s in self.writer_slots]
 
+    def featurize(self, slot: _Slot, shard: int, chunk: list) -> tuple:
+        """Send shard ``shard`` to every rank of a replica: (rank 0's status, its payload, all statuses)."""
+        calls = [rank.featurize.options(num_returns=2).remote(shard, chunk, self.cfg.cluster.fused)
+                 for rank in slot.actors]
+        return calls[0][0], calls[0][1], [status for status, _ in calls]
+
     def replace(self, slot: _Slot, error: Exception) -> None:
-        """Put a fresh actor in a dead actor's slot (gradient or pool), up to 2 per slot on average."""
+        """Put fresh actors in a dead slot (a whole replica, or a pool member), up to 2 per slot on average."""
         import ray
 
         self.replaced += 1
         limit = 2 * (len(self.gradient_slots) + len(self.writer_slots))
         if self.replaced > limit:
             raise LorifError(f"stage 1: {self.replaced} actors died (more than {limit}); last: {error}") from error
-        ray.kill(slot.actor)
+        for actor in slot.actors:
+            ray.kill(actor)
         slot.inflight.clear()
-        if slot.group is not None:
-            slot.actor = self._new_gradient_actor(slot.group)
-        else:
-            slot.actor = self._writer_remote.options(**self._writer_options).remote(self.index_dir, self.layout)
+        slot.actors = self._new_replica(slot.group) if slot.group is not None else [self._new_writer()]
 
     def close(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
         for slot in self.gradient_slots + self.writer_slots:
-            ray.kill(slot.actor)
+            for actor in slot.actors:
+                ray.kill(actor)
         for slot in self.gradient_slots:
             remove_placement_group(slot.group)
         self.gradient_slots, self.writer_slots = [], []
@@ -254,18 +333,18 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, chunks:
         for slot in pipeline.gradient_slots:
             while pending and len(slot.inflight) < cluster.inflight_per_actor and waiting_payloads < payload_budget:
                 shard = pending.popleft()
-                status, payload = slot.actor.featurize.options(num_returns=2).remote(shard, chunks[shard], cluster.fused)
+                status, payload, statuses = pipeline.featurize(slot, shard, chunks[shard])
                 slot.inflight.add(status)
-                featurizing[status] = (slot, shard, payload)
+                featurizing[status] = (slot, shard, payload, statuses)
                 waiting_payloads += 1
         (ready,), _ = ray.wait(list(featurizing) + list(writing), num_returns=1)
         if ready in featurizing:
-            slot, shard, payload = featurizing.pop(ready)
+            slot, shard, payload, statuses = featurizing.pop(ready)
             slot.inflight.discard(ready)
             try:
-                ray.get(ready)
-            except RayActorError as error:  # the actor died for good: redo its shards elsewhere
-                pending.extendleft(s for _, s, _ in _drop(featurizing, slot) + [(slot, shard, payload)])
+                ray.get(statuses)  # every rank of the replica finished the shard
+            except RayActorError as error:  # an actor died for good: redo its shards elsewhere
+                pending.extendleft(entry[1] for entry in _drop(featurizing, slot) + [(slot, shard)])
                 pipeline.replace(slot, error)
                 continue
             except RayTaskError as error:
@@ -277,7 +356,7 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, chunks:
             try:
                 record = ray.get(ready)
             except RayActorError as error:  # the payloads survive their writer: hand them to the new one
-                to_write.extendleft((s, p) for _, s, p in _drop(writing, slot) + [(slot, shard, payload)])
+                to_write.extendleft((entry[1], entry[2]) for entry in _drop(writing, slot) + [(slot, shard, payload)])
                 pipeline.replace(slot, error)
                 continue
             except ObjectLostError:  # the payload died with its gradient actor's node: featurize again

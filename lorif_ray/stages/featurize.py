@@ -14,6 +14,7 @@ The work splits in two: ``Featurizer.capture`` (needs the model: forward+backwar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -102,22 +103,28 @@ class Featurizer:
         f, c, seed: projection factor, factor rank, seed.
         factor_iters: power iterations (None = 8 for c = 1, 16 otherwise).
         compute_dtype: dtype of projections and factorization (float32; float64 in tests).
+        dims: {name: (I, O)} of the unsharded layers, when ``layers`` are tensor-parallel shards.
+        capture_factory: builds the capture hooks from (model, layers, projections); default
+            ``ProjectedGradientCapture`` (tensor parallelism passes its all-reducing capture).
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, kind: str, f: int, c: int, seed: int,
-                 factor_iters: int | None = None, compute_dtype: torch.dtype = torch.float32):
+                 factor_iters: int | None = None, compute_dtype: torch.dtype = torch.float32,
+                 dims: dict[str, tuple[int, int]] | None = None,
+                 capture_factory: Callable[..., ProjectedGradientCapture] = ProjectedGradientCapture):
         self.model, self.layers, self.kind = model, layers, kind
-        self.seed, self.compute_dtype = seed, compute_dtype
+        self.seed, self.compute_dtype, self.capture_factory = seed, compute_dtype, capture_factory
         self.device = next(model.parameters()).device
+        dims = dims or {name: linear_dims(m) for name, m in layers.items()}
         self.projections = {
-            name: layer_projection(seed, name, *linear_dims(m), f, dtype=compute_dtype, device=self.device)
-            for name, m in layers.items()
+            name: layer_projection(seed, name, *dims[name], f, dtype=compute_dtype, device=self.device)
+            for name in layers
         }
         self.specs = []
-        for name, m in layers.items():
+        for name in layers:
             p = self.projections[name]
             rank = effective_rank(c, p.d1, p.d2) if kind == "factors" else 0
-            self.specs.append(LayerSpec(name, *linear_dims(m), p.d1, p.d2, rank))
+            self.specs.append(LayerSpec(name, *dims[name], p.d1, p.d2, rank))
         self.iterations = factor_iters or default_iterations(c)
         self.maker = None if kind == "hidden" else ColumnMaker(
             self.specs, kind=kind, seed=seed, iterations=self.iterations, compute_dtype=compute_dtype, device=self.device)
@@ -132,7 +139,7 @@ class Featurizer:
     def capture(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """One forward+backward: {layer: (A (n, T, d1), B (n, T, d2))} on the model's device."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with ProjectedGradientCapture(self.model, self.layers, self.projections) as capture:
+        with self.capture_factory(self.model, self.layers, self.projections) as capture:
             per_example_token_loss(self.model, batch, ids).sum().backward()
             return capture.pop()
 

@@ -36,13 +36,14 @@ def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: l
                       factor_iters=factor_iters or cfg.factor_iters)
 
 
-def index_meta(cfg: Config, featurizer: Featurizer, model, data_sha256: str, num_examples: int) -> dict:
-    """Everything that determines the stored rows (a resumed run must match it exactly)."""
+def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256: str, num_examples: int) -> dict:
+    """Everything that determines the stored rows (a resumed run must match it exactly); ``identity``
+    is ``model_identity`` of the unsharded model."""
     return {
         "config": {"kind": featurizer.kind, "f": cfg.f, "c": cfg.c, "seed": cfg.seed,
                    "factor_iters": featurizer.iterations, "max_length": cfg.data.max_length,
                    "layers": cfg.model.layers, "model_dtype": cfg.model.dtype},
-        "model": model_identity(model),
+        "model": identity,
         "layers": [asdict(s) for s in featurizer.specs],
         "data": {"sha256": data_sha256, "num_examples": num_examples},
     }
@@ -107,7 +108,7 @@ def run_index(cfg: Config) -> dict:
     model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
     train_path, examples = train_examples(cfg, tokenizer)
     featurizer = build_featurizer(cfg, model)
-    meta = index_meta(cfg, featurizer, model, file_sha256(train_path), len(examples))
+    meta = index_meta(cfg, featurizer, model_identity(model), file_sha256(train_path), len(examples))
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
     announce(cfg, len(examples), featurizer.columns, featurizer.kind)
