@@ -55,24 +55,28 @@ def actor_options(cluster: ClusterConfig, *, gpu: bool = True, restartable: bool
 
 
 def replica_placement_group(cluster: ClusterConfig, options: dict):
-    """A ready placement group of ``cluster.tp_size`` bundles (one per rank) for one model replica.
+    """A ready placement group of ``cluster.tp_size`` bundles (one per rank, one node) for one model replica."""
+    return ready_placement_group([options] * cluster.tp_size, "STRICT_PACK", "a model replica (its tensor-parallel ranks)")
+
+
+def ready_placement_group(options: list[dict], strategy: str, what: str):
+    """A placement group with one bundle per actor's ``ray.remote`` options, once the cluster placed it.
 
     Raises:
-        ConfigError: the cluster cannot place it (names what was asked and what the cluster has).
+        ConfigError: the cluster cannot place it within PLACEMENT_TIMEOUT_S (names what was asked
+            and what the cluster has), instead of waiting forever for resources.
     """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = {"CPU": options["num_cpus"]}
-    if options.get("num_gpus"):
-        bundle["GPU"] = options["num_gpus"]
-    group = placement_group([dict(bundle) for _ in range(cluster.tp_size)], strategy="STRICT_PACK")
+    bundles = [{"CPU": o["num_cpus"], **({"GPU": o["num_gpus"]} if o.get("num_gpus") else {})} for o in options]
+    group = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(group)
         raise ConfigError(
-            f"cannot place a model replica of {cluster.tp_size} x {bundle} on one node within "
-            f"{PLACEMENT_TIMEOUT_S}s; the cluster has {ray.cluster_resources()} (lower cluster.gradient_actors, "
+            f"cannot place {what}: {bundles} ({strategy}) within {PLACEMENT_TIMEOUT_S}s; the cluster has "
+            f"{ray.cluster_resources()} and {ray.available_resources()} free (lower cluster.*_actors, "
             "cluster.cpus_per_actor or cluster.gpus_per_actor)")
     return group
 

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.dist.cluster import actor_options, in_bundle, replica_placement_group
+from lorif_ray.dist.cluster import actor_options, in_bundle, ready_placement_group, replica_placement_group
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.data import iter_batches as token_batches
@@ -177,6 +177,7 @@ class _Slot:
     actors: list
     inflight: set = field(default_factory=set)
     group: object = None  # the placement group of a gradient replica
+    bundle: int = 0  # a pool member's bundle in the pool's placement group
 
     @property
     def actor(self):
@@ -208,6 +209,7 @@ class IndexPipeline:
             group = replica_placement_group(cfg.cluster, self._gradient_options)
             self.gradient_slots.append(_Slot(self._new_replica(group), group=group))
         self.writer_slots: list[_Slot] = []
+        self.writer_group = None
         self.layout: dict | None = None
         self.replaced = 0
 
@@ -224,12 +226,16 @@ class IndexPipeline:
         return ranks
 
     def start_writers(self, index_dir: str, layout: dict) -> None:
-        """Start the factorization pool once the driver has created the manifest."""
+        """Start the factorization pool (one placement group, a bundle per member) once the driver
+        has created the manifest."""
         self.index_dir, self.layout = index_dir, layout
-        self.writer_slots = [_Slot([self._new_writer()]) for _ in range(self.cfg.cluster.writer_actors)]
+        count = self.cfg.cluster.writer_actors
+        self.writer_group = ready_placement_group([self._writer_options] * count, "PACK", "the factorization pool")
+        self.writer_slots = [_Slot([self._new_writer(i)], bundle=i) for i in range(count)]
 
-    def _new_writer(self):
-        return self._writer_remote.options(**self._writer_options).remote(self.index_dir, self.layout)
+    def _new_writer(self, bundle: int):
+        return self._writer_remote.options(**self._writer_options, **in_bundle(self.writer_group, bundle)).remote(
+            self.index_dir, self.layout)
 
     @property
     def gradient_actors(self) -> list:
@@ -256,7 +262,7 @@ class IndexPipeline:
         for actor in slot.actors:
             ray.kill(actor)
         slot.inflight.clear()
-        slot.actors = self._new_replica(slot.group) if slot.group is not None else [self._new_writer()]
+        slot.actors = self._new_replica(slot.group) if slot.group is not None else [self._new_writer(slot.bundle)]
 
     def close(self) -> None:
         import ray
@@ -265,8 +271,9 @@ class IndexPipeline:
         for slot in self.gradient_slots + self.writer_slots:
             for actor in slot.actors:
                 ray.kill(actor)
-        for slot in self.gradient_slots:
-            remove_placement_group(slot.group)
+        for group in [slot.group for slot in self.gradient_slots] + [self.writer_group]:
+            if group is not None:
+                remove_placement_group(group)
         self.gradient_slots, self.writer_slots = [], []
 
 

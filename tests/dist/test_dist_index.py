@@ -10,6 +10,7 @@ import torch
 
 from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import load_examples
+from lorif_ray.errors import ConfigError
 from lorif_ray.dist.index_pipeline import run_index_distributed
 from lorif_ray.dist.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
@@ -115,3 +116,13 @@ def test_a_rerun_recomputes_only_the_missing_shards(tiny_assets, baseline, ray_c
     assert (report["computed"], report["skipped_shards"]) == (SHARD_SIZE, 4)
     assert open_index(cfg.index_path, verify=True).num_rows == 48
     _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
+
+
+def test_a_pipeline_the_cluster_cannot_place_fails_with_a_clear_error(tiny_assets, baseline, ray_cluster,
+                                                                      monkeypatch):
+    import lorif_ray.dist.cluster as cluster
+
+    monkeypatch.setattr(cluster, "PLACEMENT_TIMEOUT_S", 2)
+    cfg = _config(tiny_assets, baseline["root"], "too_big", cpus_per_actor=3.0)
+    with pytest.raises(ConfigError, match=r"cannot place a model replica.*'CPU': 3\.0"):
+        run_index_distributed(cfg)
