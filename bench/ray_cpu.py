@@ -5,8 +5,8 @@
 
 Stage 1 indexes the embedded default's training set (``--repeat`` copies of it, fresh ids) with 1
 and 2 gradient actors (fused), and 2 actors with the factorization pool (not fused); the one-process
-stage is measured in the same run for reference. Each actor gets 1 CPU (Ray sets its torch threads
-to 1). The query stage scores the embedded queries against a synthetic index of ``--rows`` rows with
+stage is measured in the same run for reference. Each actor asks for 0.5 CPU (so 2 gradient actors
+and the pool member fit on 2 CPUs); Ray runs it with 1 torch thread. The query stage scores the embedded queries against a synthetic index of ``--rows`` rows with
 the real index's layout (random factors: the cost does not depend on the values) through a
 QueryService of 1 and 2 actors: once with loading, then with the shards resident.
 """
@@ -73,7 +73,7 @@ def main() -> None:
         return Config(data=DataConfig(train=str(train), queries=str(inputs.queries_path), max_length=64,
                                       batch_size=16),
                       output_dir=str(out / name), progress=False, shard_size=256,
-                      cluster=ClusterConfig(**{"cpus_per_actor": 1.0, **cluster}))
+                      cluster=ClusterConfig(**cluster))
 
     torch.set_num_threads(2)
     rows = []
@@ -83,18 +83,16 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stage1 = {}
     for name, actors, fused in (("1 actor", 1, True), ("2 actors", 2, True), ("2 actors + pool", 2, False)):
-        # not fused: the pool member needs a share of the 2 CPUs too
-        cpus = 1.0 if fused else 0.5
         report = run_index_distributed(config(name.replace(" ", "_"), gradient_actors=actors, fused=fused,
-                                              writer_actors=1, cpus_per_actor=cpus))
+                                              writer_actors=1))
         stage1[name] = report["examples_per_second"]
         rows.append(("stage 1", f"{name} ({'fused' if fused else 'factorize in the pool'})",
                      report["examples_per_second"], stage1[name] / stage1["1 actor"]))
 
-    run_curvature(one)
     synthetic = synthetic_index(one.index_path, out / "synthetic", args.rows, shard_size=4096)
-    cfg = Config(output_dir=one.output_dir, index_dir=str(synthetic), progress=False,
-                 query=QueryConfig(top_k=10, train_batch_rows=8192), cluster=ClusterConfig(cpus_per_actor=1.0))
+    cfg = Config(output_dir=str(out / "synthetic_query"), index_dir=str(synthetic), progress=False,
+                 query=QueryConfig(top_k=10, train_batch_rows=8192), cluster=ClusterConfig())
+    run_curvature(cfg)
     _, query_columns, _ = featurize_queries(one, open_index(one.index_path))
     latency = {}
     for actors in (1, 2):

@@ -74,6 +74,10 @@ class GradientWorker:
             self.identity = model_identity(model)
             self.featurizer = build_featurizer(cfg, model)
 
+    def ready(self) -> int:
+        """This process's id, once the constructor (model loading) has finished."""
+        return os.getpid()
+
     def rendezvous(self) -> tuple[str, int]:
         """A free port on this (rank 0's) node; the replica's ranks share the node (STRICT_PACK)."""
         with socket.socket() as s:
@@ -208,6 +212,7 @@ class IndexPipeline:
         for _ in range(cfg.cluster.gradient_actors):
             group = replica_placement_group(cfg.cluster, self._gradient_options)
             self.gradient_slots.append(_Slot(self._new_replica(group), group=group))
+        ray.get([actor.ready.remote() for slot in self.gradient_slots for actor in slot.actors])  # models loaded
         self.writer_slots: list[_Slot] = []
         self.writer_group = None
         self.layout: dict | None = None
