@@ -24,19 +24,13 @@ import numpy as np
 import torch
 
 from lorif_ray.config import Config
+from lorif_ray.dist.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.curvature import check_method_matches_index, load_curvature
-from lorif_ray.stages.inputs import math_dtype
-from lorif_ray.stages.query import (
-    QueryFeaturizer,
-    Scorer,
-    TopK,
-    featurize_queries,
-    full_scores_file,
-    write_query_outputs,
-)
+from lorif_ray.stages.inputs import math_dtype, require, resolve_inputs
+from lorif_ray.stages.query import Scorer, TopK, full_scores_file, write_query_outputs
 from lorif_ray.store import iter_batches, open_index, read_ids
 
 
@@ -235,7 +229,8 @@ def run_query_distributed(cfg: Config, num_workers: int, *, actor_options: dict 
     """
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
-    query_ids, query_columns, query_seconds = featurize_queries(cfg, manifest)
+    with RemoteQueryFeaturizer(cfg, manifest) as featurize:  # on a gradient replica: the driver loads no model
+        query_ids, query_columns, query_seconds = featurize(require(resolve_inputs(cfg).queries_path, "data.queries"))
     start = time.perf_counter()
     with QueryService(cfg, num_workers, actor_options=actor_options) as service:
         result = service.query(query_columns)
@@ -257,8 +252,8 @@ def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_op
     """
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
-    featurize = QueryFeaturizer(cfg, manifest)
-    with QueryService(cfg, num_workers, actor_options=actor_options) as service:
+    with RemoteQueryFeaturizer(cfg, manifest) as featurize, \
+            QueryService(cfg, num_workers, actor_options=actor_options) as service:
         for batch, line in enumerate(q.strip() for q in query_files):
             if not line:
                 continue
