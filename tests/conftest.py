@@ -24,6 +24,21 @@ def tiny_llama(vocab_size: int = 61, seed: int = 0, dtype=torch.float64):
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def padded_batch(lengths, prompt_lengths, vocab=61, seed=0):
+    """Right-padded batch of random tokens; labels -100 on prompt tokens and padding."""
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), t), generator=gen)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    labels = ids.clone()
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+        labels[i, n:] = -100
+        labels[i, :p] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model(request):
     return {"gpt2": tiny_gpt2, "llama": tiny_llama}[request.param]()

@@ -7,21 +7,9 @@ from lorif_ray.errors import NoLossTokensError, NonFiniteGradientError
 from lorif_ray.math.capture import ProjectedGradientCapture, check_finite, dense_gradients, linear_dims, per_example_token_loss
 from lorif_ray.math.projection import layer_projection
 from lorif_ray.model.layers import select_layers
+from tests.conftest import padded_batch
 
 
-def _batch(lengths, prompt_lengths, vocab=61, seed=0):
-    """Right-padded batch; labels -100 on prompt tokens and padding."""
-    gen = torch.Generator().manual_seed(seed)
-    t = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), t), generator=gen)
-    mask = torch.zeros(len(lengths), t, dtype=torch.long)
-    labels = ids.clone()
-    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
-        mask[i, :n] = 1
-        ids[i, n:] = 0
-        labels[i, n:] = -100
-        labels[i, :p] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _reference(model, layers, projections, example):
@@ -45,7 +33,7 @@ def test_capture_matches_autograd_per_example(tiny_model):
     assert not any("lm_head" in n for n in layers)
     projections = {n: layer_projection(7, n, *linear_dims(m), 4, dtype=torch.float64) for n, m in layers.items()}
     lengths, prompts = [9, 5, 12], [0, 2, 6]
-    batch = _batch(lengths, prompts)
+    batch = padded_batch(lengths, prompts)
     with ProjectedGradientCapture(tiny_model, layers, projections) as capture:
         per_example_token_loss(tiny_model, batch).sum().backward()
         blocks = capture.pop()
@@ -74,7 +62,7 @@ def test_parameters_restored_and_hooks_removed():
 def test_examples_without_loss_tokens_are_named():
     from tests.conftest import tiny_gpt2
 
-    batch = _batch([6, 4], [0, 4])  # second example: every label masked
+    batch = padded_batch([6, 4], [0, 4])  # second example: every label masked
     with pytest.raises(NoLossTokensError, match=r"\['b'\]"):
         per_example_token_loss(tiny_gpt2(), batch, ids=["a", "b"])
 

@@ -23,6 +23,7 @@ from lorif_ray.math.influence import GradientBlock, LayerCurvature, PreparedQuer
 from lorif_ray.math.projection import layer_projection
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.tensor_parallel import conv1d_to_linear, divide_layers, layers_of_rank
+from tests.conftest import padded_batch
 from tests.conftest import tiny_gpt2, tiny_llama
 
 SEED, F, C, ITERS, TP = 5, 4, 2, 16, 2
@@ -32,22 +33,9 @@ TOL = 1e-10  # float64 throughout
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 
 
-def _batch(lengths, prompt_lengths, vocab=61, seed=0):
-    """Right-padded batch; labels -100 on prompt tokens and padding."""
-    gen = torch.Generator().manual_seed(seed)
-    t = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), t), generator=gen)
-    mask = torch.zeros(len(lengths), t, dtype=torch.long)
-    labels = ids.clone()
-    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
-        mask[i, :n] = 1
-        ids[i, n:] = 0
-        labels[i, n:] = -100
-        labels[i, :p] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-BATCHES = {"train": _batch([9, 5, 12, 7], [0, 2, 6, 1], seed=1), "query": _batch([6, 10], [3, 4], seed=2)}
+BATCHES = {"train": padded_batch([9, 5, 12, 7], [0, 2, 6, 1], seed=1), "query": padded_batch([6, 10], [3, 4], seed=2)}
 
 
 def _factor_columns(blocks, names):
