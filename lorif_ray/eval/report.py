@@ -14,6 +14,26 @@ MARKERS = {"lorif": ("o", "tab:red"), "logra": ("s", "tab:blue"), "graddot": ("^
            "repsim": ("v", "tab:purple"), "kronfluence": ("D", "tab:orange")}
 
 
+def _is_peer(row: dict) -> bool:
+    """An external peer's row (Kronfluence): no per-example storage, its own factors."""
+    return row["method"].startswith("kronfluence")
+
+
+def _label(row: dict) -> str:
+    if not _is_peer(row):
+        return row["method"]
+    damping = row.get("damping")
+    return f"{row['method']} (λ {'0.1×mean Λ' if damping is None else format(damping, 'g')})"
+
+
+def _storage(row: dict) -> str:
+    if _is_peer(row):
+        factors = row.get("factor_bytes")
+        return "none" + ("" if factors is None else f" (factors {factors / 2**20:.2f} MiB in all)")
+    storage = row.get("bytes_per_example")
+    return "–" if storage is None else f"{storage / 1024:.2f} KiB"
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
@@ -22,17 +42,17 @@ def results_table(rows: list[dict]) -> str:
     head = ("| method | f | c | r | LDS ± s.e. | tail-patch Δlog p ± s.e. | storage/example | stage 1 s | "
             "stage 2 s | query s |\n|---|---|---|---|---|---|---|---|---|---|")
     order = {"lorif": 0, "logra": 1, "graddot": 2, "repsim": 3, "kronfluence": 4}
-    rows = sorted(rows, key=lambda r: (order.get(r["method"], 9), r.get("f") or 0, r.get("c") or 0, r.get("r") or 0))
+    rows = sorted(rows, key=lambda r: (order.get(r["method"].split("-")[0], 9), r["method"], r.get("f") or 0,
+                                       r.get("c") or 0, r.get("r") or 0, -(r.get("damping") or float("inf"))))
     lines = [head]
     for r in rows:
-        storage = r.get("bytes_per_example")
         source = r.get("index_source")
         derived = (r.get("index_made_by") or source) == "dense"
         stage1 = _fmt(r.get("index_seconds"), ".2f") + (" (from dense)" if derived else "")
         lines.append(
-            f"| {r['method']} | {_fmt(r.get('f'), 'd')} | {_fmt(r.get('c'), 'd')} | {_fmt(r.get('r'), 'd')} | "
+            f"| {_label(r)} | {_fmt(r.get('f'), 'd')} | {_fmt(r.get('c'), 'd')} | {_fmt(r.get('r'), 'd')} | "
             f"{_fmt(r['lds'])} ± {_fmt(r['lds_se'])} | {_fmt(r.get('tail_patch'))} ± {_fmt(r.get('tail_patch_se'))} | "
-            f"{'–' if storage is None else f'{storage / 1024:.2f} KiB'} | {stage1} | "
+            f"{_storage(r)} | {stage1} | "
             f"{_fmt(r.get('curvature_seconds'), '.2f')} | {_fmt(r.get('query_seconds'), '.2f')} |")
     return "\n".join(lines)
 
@@ -53,20 +73,21 @@ def paired_differences(rows: list[dict], metric: str = "lds") -> str:
         return np.array(json.loads(path.read_text())["per_query"]) if path.exists() else None
 
     refs = sorted((r for r in rows if r["method"] == "logra"), key=lambda r: r["f"])
-    others = [r for r in rows if r["method"] in ("lorif", "graddot", "repsim")]
+    others = [r for r in rows if r["method"] in ("lorif", "graddot", "repsim") or _is_peer(r)]
     if not refs or not others:
         return "(needs LoGRA and other points)"
     lines = ["| point | storage/example | " + " | ".join(f"Δ vs LoGRA f={r['f']} ({r['bytes_per_example'] / 1024:.0f} KiB)"
                                                           for r in refs) + " |",
              "|---|---|" + "---|" * len(refs)]
-    for r in sorted(others, key=lambda r: (r["method"], r.get("f") or 0, r.get("c") or 0, r.get("r") or 0)):
+    for r in sorted(others, key=lambda r: (_is_peer(r), r["method"], r.get("f") or 0, r.get("c") or 0, r.get("r") or 0,
+                                           -(r.get("damping") or float("inf")))):
         mine = per_query(r)
-        name = r["method"] + (f" f={r['f']}" if r.get("f") else "") + (f" c={r['c']} r={r['r']}" if r["method"] == "lorif" else "")
+        name = _label(r) + (f" f={r['f']}" if r.get("f") else "") + (f" c={r['c']} r={r['r']}" if r["method"] == "lorif" else "")
         cells = []
         for ref in refs:
             theirs = per_query(ref)
             cells.append("–" if mine is None or theirs is None else str(MeanSE.of(mine - theirs)))
-        lines.append(f"| {name} | {r['bytes_per_example'] / 1024:.2f} KiB | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {_storage(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -81,7 +102,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    fig, ax = plt.subplots(figsize=(9.6, 4.8))
     kib = lambda r: r["bytes_per_example"] / 1024  # noqa: E731
     lorif = [r for r in rows if r["method"] == "lorif"]
     shades = plt.get_cmap("Reds")
@@ -113,12 +134,21 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
             if r.get("f"):
                 ax.annotate(f"f{r['f']}", (kib(r), r["lds"]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=colour)
+    peers = sorted((r for r in rows if _is_peer(r)), key=lambda r: -r["lds"])
+    for i, r in enumerate(peers):  # no per-example storage: a level across the plot, its s.e. as a band
+        style = ("--", ":", "-.")[i % 3]
+        factors = r.get("factor_bytes")
+        ax.axhline(r["lds"], color=MARKERS["kronfluence"][1], linestyle=style, linewidth=1.2,
+                   label=f"{_label(r)}: no per-example storage"
+                         + ("" if factors is None else f", factors {factors / 2**20:.1f} MiB"))
+        ax.axhspan(r["lds"] - (r["lds_se"] or 0), r["lds"] + (r["lds_se"] or 0), color=MARKERS["kronfluence"][1],
+                   alpha=0.08)
     ax.set_xscale("log")
     ax.set_xlabel("storage per training example (KiB, log scale)")
     ax.set_ylabel("LDS (mean over queries ± s.e.)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -187,7 +217,12 @@ def write_report(results_dir: str | Path, markdown_path: str | Path, plot_path: 
         "LDS: Spearman over subsets between Σ_{t∈S} I(t,q) and −loss_S(q), mean over queries ± s.e. "
         "Tail-patch: one SGD step on the top-k proponents (one batch), increase of the query's target log-probability "
         "(nats), mean ± s.e. Storage: payload bytes per example (c(d1+d2) or d1·d2 floats per layer × 4 B). "
-        "Query s: query gradients + scoring all N.",
+        "Query s: query gradients + scoring all N."
+        + (" Kronfluence (external peer, jobs/peer_kronfluence.py): EK-FAC influence on the full (unprojected) "
+           "gradients of the same block layers, same loss convention and ground truth; it stores nothing per "
+           "training example (its factors, size given, are fitted once), stage 2 s = fitting the factors, query s = "
+           "query gradients + recomputing all N training gradients; λ = its damping (0.1×mean Λ: its heuristic, "
+           "per module; a number: fixed)." if any(_is_peer(r) for r in rows) else ""),
         "", results_table(rows), "", f"![LDS vs storage]({rel})", "",
         "## LDS differences, paired over queries", "",
         "Mean over queries of LDS(point) − LDS(LoGRA) ± the s.e. of that paired difference.", "",

@@ -105,15 +105,7 @@ def run_point(cfg: SweepConfig) -> dict:
     write_json(out / "lds.json", {"query_ids": gt.query_ids, "per_query": [float(v) for v in lds_values],
                                   "num_subsets": int(gt.subsets.shape[0]), "seeds": gt.seeds})
 
-    tp_path = out / f"tailpatch-k{ev.tail_patch_k}-lr{ev.tail_patch_lr:g}.json"
-    if not tp_path.exists():
-        model, tokenizer = load_model(setup.model_dir, device="cpu")
-        train_set, queries = tokenized(setup, tokenizer, ev.max_length)
-        start = time.perf_counter()
-        tp, gains = tail_patch(model, tokenizer, train_set, queries, scores, ev.tail_patch_k, ev.tail_patch_lr)
-        write_json(tp_path, {"mean": tp.mean, "se": tp.se, "per_query": gains.tolist(),
-                             "seconds": time.perf_counter() - start})
-        RUNS["tail_patch"] += 1
+    tp_path = cached_tail_patch(ev, setup, scores, out)
     tp = json.loads(tp_path.read_text())
 
     method = point.method.name
@@ -141,6 +133,20 @@ def run_point(cfg: SweepConfig) -> dict:
     }
     append_row(Path(ev.results_dir), row)
     return row
+
+
+def cached_tail_patch(ev: EvalConfig, setup: Setup, scores: np.ndarray, out: Path) -> Path:
+    """The tail-patch of (nq, N) scores (ground-truth order) into ``out``, unless already there; its path."""
+    tp_path = out / f"tailpatch-k{ev.tail_patch_k}-lr{ev.tail_patch_lr:g}.json"
+    if not tp_path.exists():
+        model, tokenizer = load_model(setup.model_dir, device="cpu")
+        train_set, queries = tokenized(setup, tokenizer, ev.max_length)
+        start = time.perf_counter()
+        tp, gains = tail_patch(model, tokenizer, train_set, queries, scores, ev.tail_patch_k, ev.tail_patch_lr)
+        write_json(tp_path, {"mean": tp.mean, "se": tp.se, "per_query": gains.tolist(),
+                             "seconds": time.perf_counter() - start})
+        RUNS["tail_patch"] += 1
+    return tp_path
 
 
 def write_ground_truth_summary(ev: EvalConfig, setup: Setup, gt: GroundTruth) -> dict:
