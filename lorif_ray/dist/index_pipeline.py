@@ -35,7 +35,7 @@ from lorif_ray.dist.cluster import actor_options, in_bundle, ready_placement_gro
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.data import iter_batches as token_batches
-from lorif_ray.math.capture import check_finite
+from lorif_ray.math.capture import check_finite_all, nonfinite_rows
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (
     announce,
@@ -138,9 +138,8 @@ class GradientWorker:
         ids, parts = [], []
         for batch_ids, batch in token_batches(chunk, self.cfg.data.batch_size, self.pad_token_id):
             captured = self.featurizer.capture(batch_ids, batch)
-            for name, (a, b) in captured.items():  # every layer on every rank: all raise, none waits
-                check_finite(a, name, batch_ids)
-                check_finite(b, name, batch_ids)
+            # every layer on every rank (one sync): all ranks raise alike, none waits in the gather
+            check_finite_all([(name, nonfinite_rows(t)) for name, pair in captured.items() for t in pair], batch_ids)
             parts.append({k: v.cpu() for k, v in self.my_maker(batch_ids, captured).items()})
             ids.extend(batch_ids)
         columns = gather_columns({k: torch.cat([p[k] for p in parts]) for k in self.my_maker.columns},

@@ -77,12 +77,14 @@ class ProjectedGradientCapture:
     def project_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """A = X P_in: (B, T, I) → (B, T, d1). Subclasses (tensor parallel) project their input slice."""
         p_in = self.projections[name].p_in
-        return x.to(p_in.dtype) @ p_in
+        with torch.autocast(x.device.type, enabled=False):  # the projection's own dtype, even under autocast
+            return x.to(p_in.dtype) @ p_in
 
     def project_output(self, name: str, grad_output: torch.Tensor) -> torch.Tensor:
         """B = δY P_out: (B, T, O) → (B, T, d2). Subclasses (tensor parallel) project their output slice."""
         p_out = self.projections[name].p_out
-        return grad_output.to(p_out.dtype) @ p_out
+        with torch.autocast(grad_output.device.type, enabled=False):
+            return grad_output.to(p_out.dtype) @ p_out
 
     def finalize(self, blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Hook for subclasses to combine partial blocks (e.g. an all-reduce across ranks) in ``pop``."""
@@ -144,7 +146,27 @@ def dense_gradients(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def check_finite(tensor: torch.Tensor, layer: str, ids: list[str]) -> None:
     """Raise NonFiniteGradientError naming the layer and examples if ``tensor`` (B, ...) has NaN/Inf."""
-    bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        names = [ids[i] for i in torch.nonzero(bad).flatten().tolist()]
-        raise NonFiniteGradientError(f"NaN/Inf gradient in layer {layer} for examples {names[:10]} ({len(names)} in all)")
+    check_finite_all([(layer, nonfinite_rows(tensor))], ids)
+
+
+def nonfinite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows of ``tensor`` (B, ...) holding NaN/Inf (no host sync)."""
+    return ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+
+
+def check_finite_all(masks: list[tuple[str, torch.Tensor]], ids: list[str]) -> None:
+    """``check_finite`` for many tensors with one host sync.
+
+    Args:
+        masks: [(layer, nonfinite_rows(tensor))] in the order ``check_finite`` would have checked them.
+
+    Raises:
+        NonFiniteGradientError: the same error ``check_finite`` raises for the first bad tensor.
+    """
+    if not masks or not bool(torch.stack([m for _, m in masks]).any()):
+        return
+    for layer, bad in masks:
+        if bool(bad.any()):
+            names = [ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+            raise NonFiniteGradientError(f"NaN/Inf gradient in layer {layer} for examples {names[:10]} "
+                                         f"({len(names)} in all)")

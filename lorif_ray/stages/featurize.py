@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorif_ray.math.capture import ProjectedGradientCapture, check_finite, dense_gradients, linear_dims, per_example_token_loss
+from lorif_ray.math.capture import (ProjectedGradientCapture, check_finite_all, dense_gradients, linear_dims,
+                                   nonfinite_rows, per_example_token_loss)
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize, initial_block
 from lorif_ray.math.influence import GradientBlock
 from lorif_ray.math.projection import layer_projection
@@ -75,18 +76,18 @@ class ColumnMaker:
         """{layer: (A (n, T, d1), B (n, T, d2))} → {column: (n, width)}; raises on NaN/Inf naming the examples."""
         out = {}
         n = len(ids)
+        pairs = {s.name: tuple(t.to(device=self.device, dtype=self.compute_dtype) for t in captured[s.name])
+                 for s in self.specs}
+        if self.kind == "dense":
+            for spec in self.specs:
+                out[f"{spec.name}.g"] = dense_gradients(*pairs[spec.name]).reshape(n, -1)
+            check_finite_all([(s.name, nonfinite_rows(out[f"{s.name}.g"])) for s in self.specs], ids)  # one sync
+            return out
+        check_finite_all([(s.name, nonfinite_rows(t)) for s in self.specs for t in pairs[s.name]], ids)  # one sync
         for spec in self.specs:
-            a, b = (t.to(device=self.device, dtype=self.compute_dtype) for t in captured[spec.name])
-            if self.kind == "dense":
-                g = dense_gradients(a, b).reshape(n, -1)
-                check_finite(g, spec.name, ids)
-                out[f"{spec.name}.g"] = g
-            else:
-                check_finite(a, spec.name, ids)
-                check_finite(b, spec.name, ids)
-                u, v = factorize(a, b, self.start_blocks[spec.name], self.iterations)
-                out[f"{spec.name}.u"] = u.reshape(n, -1)
-                out[f"{spec.name}.v"] = v.reshape(n, -1)
+            u, v = factorize(*pairs[spec.name], self.start_blocks[spec.name], self.iterations)
+            out[f"{spec.name}.u"] = u.reshape(n, -1)
+            out[f"{spec.name}.v"] = v.reshape(n, -1)
         return out
 
 
@@ -106,18 +107,24 @@ class Featurizer:
         dims: {name: (I, O)} of the unsharded layers, when ``layers`` are tensor-parallel shards.
         capture_factory: builds the capture hooks from (model, layers, projections); default
             ``ProjectedGradientCapture`` (tensor parallelism passes its all-reducing capture).
+        autocast_dtype: run the model's forward under ``torch.autocast`` in this dtype (e.g.
+            torch.bfloat16 on a GPU); projections and factorization stay in their own dtypes.
+        projection_dtype: dtype of P_in, P_out and the hooks' projections (None = compute_dtype); A and B
+            are cast to compute_dtype before the factorization.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, kind: str, f: int, c: int, seed: int,
                  factor_iters: int | None = None, compute_dtype: torch.dtype = torch.float32,
                  dims: dict[str, tuple[int, int]] | None = None,
-                 capture_factory: Callable[..., ProjectedGradientCapture] = ProjectedGradientCapture):
+                 capture_factory: Callable[..., ProjectedGradientCapture] = ProjectedGradientCapture,
+                 autocast_dtype: torch.dtype | None = None, projection_dtype: torch.dtype | None = None):
         self.model, self.layers, self.kind = model, layers, kind
+        self.autocast_dtype = autocast_dtype
         self.seed, self.compute_dtype, self.capture_factory = seed, compute_dtype, capture_factory
         self.device = next(model.parameters()).device
         dims = dims or {name: linear_dims(m) for name, m in layers.items()}
         self.projections = {
-            name: layer_projection(seed, name, *dims[name], f, dtype=compute_dtype, device=self.device)
+            name: layer_projection(seed, name, *dims[name], f, dtype=projection_dtype or compute_dtype, device=self.device)
             for name in layers
         }
         self.specs = []
@@ -140,7 +147,9 @@ class Featurizer:
         """One forward+backward: {layer: (A (n, T, d1), B (n, T, d2))} on the model's device."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.capture_factory(self.model, self.layers, self.projections) as capture:
-            per_example_token_loss(self.model, batch, ids).sum().backward()
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = per_example_token_loss(self.model, batch, ids).sum()
+            loss.backward()  # outside autocast, as torch recommends; the hooks project in their own dtype
             return capture.pop()
 
     def __call__(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

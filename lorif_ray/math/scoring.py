@@ -1,0 +1,346 @@
+"""Batched scoring: every layer of a block of training rows at once (the fast path of ``PreparedQuery``).
+
+The per-layer score (``influence.py``) summed over layers is rearranged into a few large products:
+
+- term 1 from factors, Σ_ℓ s_ℓ (u_qᵀ u_t)(v_qᵀ v_t) with s_ℓ = 1/λ_ℓ (LoRIF) or 1 (GradDot): layers of
+  equal (d1, d2, c) are stacked and done in two ``bmm`` calls per group, (L, nq·c, d) × (L, d, nt·c);
+  s_ℓ is folded into the query's u.
+- dense terms, Σ_ℓ (P_ℓ g_q)ᵀ g_t (LoGRA, GradDot, LoRIF's 1/λ term on dense rows): one GEMM over the
+  layers' concatenated columns.
+- LoRIF's curvature term, −Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j}: one GEMM over the concatenated coordinates
+  g'_t = V_rᵀ g_t of every layer, either stored after stage 2 (``train_coordinates``) or computed here
+  from the block (dense rows of layers with equal shape and r stacked, one ``bmm`` per group).
+
+Everything is torch only and device-agnostic; float64 on CPU gives the same scores as
+``PreparedQuery.scores`` summed over layers to rounding (tests/math/test_fast_scoring.py).
+
+Example:
+    >>> layout = ScoreLayout.build(specs, "factors", curvature)
+    >>> query = StackedQuery(layout, query_blocks, curvature)
+    >>> scores = query.scores(layout.train_block(columns))  # (nq, nt)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lorif_ray.math.influence import GradientBlock, LayerCurvature, self_influence, woodbury_weights
+
+
+@dataclass
+class FactorGroup:
+    """Layers whose factors have equal shape, stacked along a leading layer axis."""
+
+    d1: int
+    d2: int
+    c: int
+    names: list[str]
+
+
+@dataclass
+class CoordinateGroup:
+    """Woodbury layers with equal (d1, d2, c, r): their g' are computed together and sit side by side."""
+
+    dim: int
+    rank: int
+    names: list[str]
+
+
+@dataclass
+class TrainBlock:
+    """Training rows laid out for ``StackedQuery.scores``.
+
+    Attributes:
+        factors: per FactorGroup, (U (L, n, c, d1), V (L, n, c, d2)) — c-major so that
+            ``U.reshape(L, n·c, d1)`` is a view; None for dense stores.
+        dense: (n, ΣD) dense rows of every layer side by side (layout order), or None.
+        coordinates: (n, Σr) g'_t of every Woodbury layer (layout order), or None (computed on demand).
+    """
+
+    factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    dense: torch.Tensor | None = None
+    coordinates: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        if self.factors:
+            return self.factors[0][0].shape[1]
+        if self.dense is not None:
+            return self.dense.shape[0]
+        return self.coordinates.shape[0]
+
+    def rows(self, start: int, stop: int) -> "TrainBlock":
+        """Rows start … stop − 1 as views (no copy)."""
+        return TrainBlock(
+            None if self.factors is None else [(u[:, start:stop], v[:, start:stop]) for u, v in self.factors],
+            None if self.dense is None else self.dense[start:stop],
+            None if self.coordinates is None else self.coordinates[start:stop])
+
+    def to(self, device=None, dtype=None) -> "TrainBlock":
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return TrainBlock(None if self.factors is None else [(move(u), move(v)) for u, v in self.factors],
+                          move(self.dense), move(self.coordinates))
+
+    def nbytes(self) -> int:
+        tensors = [t for pair in self.factors or [] for t in pair] + [self.dense, self.coordinates]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class ScoreLayout:
+    """How the layers of an index are grouped for batched scoring.
+
+    Attributes:
+        kind: store kind, "factors" or "dense".
+        names: every layer, in manifest order.
+        factor_groups: layers of equal (d1, d2, c) (factor stores).
+        dense_dims: {name: D} in the order of the concatenated dense columns (dense stores).
+        coordinate_groups: Woodbury layers of equal (d1, d2, c, r); their g' columns follow this order.
+        scale: {name: s_ℓ} of term 1 (1/λ for Woodbury, 1 for identity).
+    """
+
+    kind: str
+    names: list[str]
+    shapes: dict[str, tuple[int, int, int]]
+    factor_groups: list[FactorGroup] = field(default_factory=list)
+    dense_dims: dict[str, int] = field(default_factory=dict)
+    coordinate_groups: list[CoordinateGroup] = field(default_factory=list)
+    scale: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, specs, kind: str, curvature: dict[str, LayerCurvature]) -> "ScoreLayout":
+        """``specs``: objects with name, d1, d2, c (``LayerSpec``); ``curvature``: {name: LayerCurvature}."""
+        if kind not in ("factors", "dense"):
+            raise ValueError(f"batched scoring needs a factors or dense store, not {kind!r}")
+        layout = cls(kind, [s.name for s in specs], {s.name: (s.d1, s.d2, s.c) for s in specs})
+        factor_groups: dict[tuple, FactorGroup] = {}
+        coordinate_groups: dict[tuple, CoordinateGroup] = {}
+        for s in specs:
+            curv = curvature[s.name]
+            if curv.kind == "woodbury":
+                layout.scale[s.name] = 1.0 / curv.damping
+                key = (s.d1, s.d2, s.c, int(curv.values.numel()))  # ⊆ a FactorGroup: its rows are reused
+                group = coordinate_groups.setdefault(key, CoordinateGroup(s.d1 * s.d2, key[3], []))
+                group.names.append(s.name)
+            elif curv.kind == "identity":
+                layout.scale[s.name] = 1.0
+            elif not (curv.kind == "inverse" and kind == "dense"):
+                raise ValueError(f"layer {s.name}: curvature {curv.kind!r} cannot score a {kind} store")
+            if kind == "factors":
+                factor_groups.setdefault((s.d1, s.d2, s.c), FactorGroup(s.d1, s.d2, s.c, [])).names.append(s.name)
+            else:
+                layout.dense_dims[s.name] = s.d1 * s.d2
+        layout.factor_groups = list(factor_groups.values())
+        layout.coordinate_groups = list(coordinate_groups.values())
+        return layout
+
+    @property
+    def coordinate_names(self) -> list[str]:
+        """Woodbury layers in the order of the concatenated g' columns."""
+        return [n for g in self.coordinate_groups for n in g.names]
+
+    @property
+    def coordinate_width(self) -> int:
+        return sum(g.rank * len(g.names) for g in self.coordinate_groups)
+
+    def train_block(self, columns: dict[str, torch.Tensor], coordinates: dict[str, torch.Tensor] | None = None,
+                    dtype=None) -> TrainBlock:
+        """Store columns {column: (n, width)} (+ optional stored g' {layer: (n, r)}) → a TrainBlock."""
+        factors, dense = None, None
+        if self.kind == "factors":
+            factors = []
+            for g in self.factor_groups:
+                u = torch.stack([columns[f"{n}.u"] for n in g.names]).to(dtype=dtype)  # (L, n, d1·c)
+                v = torch.stack([columns[f"{n}.v"] for n in g.names]).to(dtype=dtype)
+                length, n = u.shape[:2]
+                u = u.reshape(length, n, g.d1, g.c).transpose(2, 3).contiguous()  # (L, n, c, d1)
+                v = v.reshape(length, n, g.d2, g.c).transpose(2, 3).contiguous()
+                factors.append((u, v))
+        else:
+            dense = torch.cat([columns[f"{n}.g"] for n in self.dense_dims], dim=1).to(dtype=dtype)
+        coords = None
+        if coordinates is not None:
+            coords = torch.cat([coordinates[n] for n in self.coordinate_names], dim=1).to(dtype=dtype)
+        return TrainBlock(factors, dense, coords)
+
+    def layer_blocks(self, block: TrainBlock) -> dict[str, GradientBlock]:
+        """A TrainBlock back as {layer: GradientBlock} (views where possible)."""
+        out = {}
+        if block.factors is not None:
+            for g, (u, v) in zip(self.factor_groups, block.factors):
+                for i, name in enumerate(g.names):
+                    out[name] = GradientBlock(u=u[i].transpose(1, 2), v=v[i].transpose(1, 2))
+        else:
+            start = 0
+            for name, dim in self.dense_dims.items():
+                out[name] = GradientBlock(g=block.dense[:, start:start + dim])
+                start += dim
+        return out
+
+
+def _stacked_dense(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Khatri–Rao rows vec(Σ_c u_c v_cᵀ): (L, n, c, d1), (L, n, c, d2) → (L, n, d1·d2)."""
+    length, n, _, d1 = u.shape
+    return torch.einsum("lnci,lncj->lnij", u, v).reshape(length, n, d1 * v.shape[-1])
+
+
+class StackedQuery:
+    """Query-side terms of every layer, prepared once; ``scores`` does one block of training rows.
+
+    Args:
+        layout: from ``ScoreLayout.build``.
+        query: {layer: GradientBlock} of the queries (factors or dense, like the store).
+        curvature: {layer: LayerCurvature}.
+        normalize: divide by sqrt(I(q,q) I(t,t)) (cosine in the curvature metric).
+        matmul_dtype: dtype of the big products' inputs (e.g. torch.bfloat16 on a GPU); products are
+            cast back to the query's dtype before they are multiplied and summed. None = the query's.
+        keep_vectors: keep V_r per layer so that g'_t can be computed for blocks without stored g'.
+    """
+
+    def __init__(self, layout: ScoreLayout, query: dict[str, GradientBlock], curvature: dict[str, LayerCurvature],
+                 *, normalize: bool = False, matmul_dtype: torch.dtype | None = None, keep_vectors: bool = True):
+        self.layout, self.normalize = layout, normalize
+        first = next(iter(query.values()))
+        self.dtype = (first.u if first.factored else first.g).dtype
+        self.matmul_dtype = matmul_dtype or self.dtype
+        self.nq = len(first)
+        mm = self.matmul_dtype
+        self.factor_query = []  # per group: (U_q (L, nq·c, d1) scaled by s_ℓ, V_q (L, nq·c, d2))
+        for g in layout.factor_groups:
+            scale = torch.tensor([layout.scale[n] for n in g.names], dtype=self.dtype, device=first.u.device)
+            u = torch.stack([query[n].u.transpose(1, 2) for n in g.names]) * scale[:, None, None, None]
+            v = torch.stack([query[n].v.transpose(1, 2) for n in g.names])
+            self.factor_query.append((u.reshape(len(g.names), -1, g.d1).to(mm),
+                                      v.reshape(len(g.names), -1, g.d2).to(mm)))
+        self.dense_query = None  # (nq, ΣD): s_ℓ g_q, or (GᵀG + λI)⁻¹ g_q for LoGRA
+        if layout.kind == "dense":
+            parts = []
+            for n in layout.dense_dims:
+                curv, g = curvature[n], query[n].dense()
+                parts.append(g @ curv.inverse if curv.kind == "inverse" else g * layout.scale[n])
+            self.dense_query = torch.cat(parts, dim=1).to(mm)
+        # Curvature term: −(w ⊙ g'_q) against g'_t, every Woodbury layer side by side.
+        self.vectors, weighted, weights = [], [], []
+        for g in layout.coordinate_groups:
+            vectors = torch.stack([curvature[n].vectors for n in g.names])  # (L, D, r)
+            w = torch.stack([woodbury_weights(curvature[n].values, curvature[n].damping) for n in g.names])
+            dense_q = torch.stack([query[n].dense() for n in g.names])  # (L, nq, D)
+            weighted.append((torch.bmm(dense_q, vectors) * w[:, None, :]).transpose(0, 1).reshape(self.nq, -1))
+            weights.append(w.reshape(-1))
+            if keep_vectors:
+                self.vectors.append(vectors.to(mm))
+        self.weighted = torch.cat(weighted, dim=1).to(mm) if weighted else None  # (nq, Σr)
+        self.weights = torch.cat(weights) if weights else None  # (Σr,) for self-influence
+        self.inverse = {n: curvature[n] for n in layout.dense_dims if curvature[n].kind == "inverse"}
+        if normalize:
+            self.query_self = sum(self_influence(b, curvature[n]) for n, b in query.items())
+
+    def coordinates(self, block: TrainBlock) -> torch.Tensor:
+        """g'_t = V_rᵀ g_t of every Woodbury layer: (nt, Σr) (stored ones if the block has them)."""
+        if block.coordinates is not None:
+            return block.coordinates
+        if len(self.vectors) != len(self.layout.coordinate_groups):
+            raise ValueError("this StackedQuery was built with keep_vectors=False and the block has no g'")
+        rows = self._coordinate_rows(block)
+        parts = [torch.bmm(r.to(v.dtype), v).transpose(0, 1).reshape(r.shape[1], -1)
+                 for r, v in zip(rows, self.vectors)]
+        return torch.cat(parts, dim=1)
+
+    def _coordinate_rows(self, block: TrainBlock) -> list[torch.Tensor]:
+        """Dense rows (L, nt, D) of each CoordinateGroup."""
+        layers = self.layout.layer_blocks(block)
+        out = []
+        for g in self.layout.coordinate_groups:
+            if block.factors is not None and self._whole_factor_group(g):
+                u, v = block.factors[self._group_index[tuple(g.names)]]
+                out.append(_stacked_dense(u, v))
+            else:
+                out.append(torch.stack([layers[n].dense() for n in g.names]))
+        return out
+
+    def _whole_factor_group(self, g: CoordinateGroup) -> bool:
+        if not hasattr(self, "_group_index"):
+            self._group_index = {tuple(fg.names): i for i, fg in enumerate(self.layout.factor_groups)}
+        return tuple(g.names) in self._group_index
+
+    def term_one(self, block: TrainBlock) -> torch.Tensor:
+        """Σ_ℓ s_ℓ g_qᵀ g_t (with P_ℓ for LoGRA): (nq, nt)."""
+        nt = len(block)
+        out = torch.zeros(self.nq, nt, dtype=self.dtype, device=self._device)
+        mm = self.matmul_dtype
+        if block.factors is not None:
+            for g, (uq, vq), (ut, vt) in zip(self.layout.factor_groups, self.factor_query, block.factors):
+                length = len(g.names)
+                uu = torch.bmm(uq, ut.reshape(length, nt * g.c, g.d1).to(mm).transpose(1, 2)).to(self.dtype)
+                vv = torch.bmm(vq, vt.reshape(length, nt * g.c, g.d2).to(mm).transpose(1, 2)).to(self.dtype)
+                prod = uu.mul_(vv)  # (L, nq·c, nt·c)
+                if g.c > 1:
+                    prod = prod.reshape(length, self.nq, g.c, nt, g.c).sum(dim=(2, 4))
+                out += prod.reshape(length, self.nq, nt).sum(dim=0)
+        if block.dense is not None:
+            out += (self.dense_query @ block.dense.to(mm).T).to(self.dtype)
+        return out
+
+    def curvature_term(self, block: TrainBlock) -> torch.Tensor | None:
+        """Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j} (to be subtracted): (nq, nt), or None without Woodbury layers."""
+        if self.weighted is None:
+            return None
+        return (self.weighted @ self.coordinates(block).to(self.matmul_dtype).T).to(self.dtype)
+
+    @property
+    def _device(self):
+        ref = self.factor_query[0][0] if self.factor_query else self.dense_query
+        return ref.device
+
+    def scores(self, block: TrainBlock) -> torch.Tensor:
+        """I(t, q) summed over layers (normalized if asked): (nq, nt)."""
+        scores = self.term_one(block)
+        curvature = self.curvature_term(block)
+        if curvature is not None:
+            scores -= curvature
+        if self.normalize:
+            train_self = self.train_self_influence(block)
+            scores = scores / (self.query_self[:, None] * train_self[None, :]).clamp_min(1e-30).sqrt()
+        return scores
+
+    def train_self_influence(self, block: TrainBlock) -> torch.Tensor:
+        """I(t, t) per training row (nt,), from the same stacked layout."""
+        nt = len(block)
+        out = torch.zeros(nt, dtype=self.dtype, device=self._device)
+        if block.factors is not None:
+            for g, (u, v) in zip(self.layout.factor_groups, block.factors):
+                scale = torch.tensor([self.layout.scale[n] for n in g.names], dtype=self.dtype, device=out.device)
+                u, v = u.to(self.dtype), v.to(self.dtype)
+                uu = u @ u.transpose(2, 3)  # (L, n, c, c)
+                vv = v @ v.transpose(2, 3)
+                out += ((uu * vv).sum(dim=(2, 3)) * scale[:, None]).sum(dim=0)
+        if block.dense is not None:
+            start = 0
+            for name, dim in self.layout.dense_dims.items():
+                g = block.dense[:, start:start + dim].to(self.dtype)
+                start += dim
+                if name in self.inverse:
+                    out += ((g @ self.inverse[name].inverse.to(self.dtype)) * g).sum(dim=1)
+                else:
+                    out += (g * g).sum(dim=1) * self.layout.scale[name]
+        if self.weights is not None:
+            coords = self.coordinates(block).to(self.dtype)
+            out -= (coords * coords * self.weights.to(self.dtype)).sum(dim=1)
+        return out
+
+
+def score_in_chunks(query: StackedQuery, block: TrainBlock, topk, *, offset: int = 0, chunk_rows: int = 8192,
+                    sink=None) -> None:
+    """Score a (resident) block ``chunk_rows`` rows at a time into a running top-k.
+
+    Args:
+        topk: an object with ``update(scores (nq, n), offset)`` (``lorif_ray.stages.query.TopK``).
+        offset: global row index of the block's first row.
+        sink: optional callable(scores, offset) for full scores (e.g. a memory map writer).
+    """
+    for start in range(0, len(block), chunk_rows):
+        scores = query.scores(block.rows(start, min(start + chunk_rows, len(block))))
+        topk.update(scores, offset + start)
+        if sink is not None:
+            sink(scores, offset + start)

@@ -1,0 +1,104 @@
+"""Stage-1 fast-path pieces: hooks without host syncs, one finite-check sync per batch, autocast forward
+with projections kept in their own dtype."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from lorif_ray.errors import NonFiniteGradientError
+from lorif_ray.math.capture import ProjectedGradientCapture, check_finite, check_finite_all, nonfinite_rows
+from lorif_ray.model.layers import select_layers
+from lorif_ray.stages.featurize import Featurizer
+from tests.conftest import padded_batch, tiny_gpt2
+
+
+def _featurizer(model, **kw):
+    return Featurizer(model, select_layers(model, None), kind="factors", f=2, c=2, seed=0,
+                      compute_dtype=kw.pop("compute_dtype", torch.float64), **kw)
+
+
+@contextmanager
+def _no_host_sync():
+    """Tensor → Python conversions raise while active."""
+    def refuse(*_):
+        raise AssertionError("host sync inside a capture hook")
+    saved = {a: getattr(torch.Tensor, a) for a in SYNCS}
+    for attr in SYNCS:
+        setattr(torch.Tensor, attr, refuse)
+    try:
+        yield
+    finally:
+        for attr, fn in saved.items():
+            setattr(torch.Tensor, attr, fn)
+
+
+SYNCS = ("__bool__", "item", "tolist", "numpy", "cpu")
+
+
+class GuardedCapture(ProjectedGradientCapture):
+    """The capture with every hook body run under ``_no_host_sync`` (the model itself may sync)."""
+
+    calls = 0
+
+    def _forward_hook(self, name):
+        hook = super()._forward_hook(name)
+
+        def guarded(*args):
+            with _no_host_sync():
+                GuardedCapture.calls += 1
+                return hook(*args)
+        return guarded
+
+    def project_output(self, name, grad_output):
+        with _no_host_sync():
+            GuardedCapture.calls += 1
+            return super().project_output(name, grad_output)
+
+
+def test_hooks_do_no_host_sync():
+    model = tiny_gpt2()
+    feat = _featurizer(model, capture_factory=GuardedCapture)
+    captured = feat.capture(["a", "b"], padded_batch([9, 7], [2, 3]))
+    assert len(captured) == len(feat.layers) and GuardedCapture.calls == 2 * len(feat.layers)
+
+
+def test_one_sync_check_names_the_same_layer_and_examples():
+    good, bad = torch.ones(3, 4), torch.ones(3, 4)
+    bad[1, 2] = float("nan")
+    masks = [("l0", nonfinite_rows(good)), ("l1", nonfinite_rows(bad)), ("l2", nonfinite_rows(bad * 0 + 1))]
+    with pytest.raises(NonFiniteGradientError) as one:
+        check_finite_all(masks, ["x", "y", "z"])
+    with pytest.raises(NonFiniteGradientError) as reference:
+        check_finite(bad, "l1", ["x", "y", "z"])
+    assert str(one.value) == str(reference.value)
+    check_finite_all(masks[:1], ["x", "y", "z"])
+
+
+def test_autocast_forward_keeps_float32_projections_and_close_factors():
+    model = tiny_gpt2(dtype=torch.float32)
+    batch = padded_batch([12, 9, 5], [2, 3, 1])
+    ids = ["a", "b", "c"]
+    exact = _featurizer(model, compute_dtype=torch.float32)
+    fast = _featurizer(model, compute_dtype=torch.float32, autocast_dtype=torch.bfloat16)
+    captured = fast.capture(ids, batch)
+    assert all(a.dtype == b.dtype == torch.float32 for a, b in captured.values())
+    ref, got = exact(ids, batch), fast(ids, batch)
+    for name in ref:  # compare the rank-c gradients u vᵀ, not the factors (sign/rotation free)
+        if name.endswith(".u"):
+            layer = name[:-2]
+            spec = next(s for s in exact.specs if s.name == layer)
+            def dense(cols):
+                u = cols[f"{layer}.u"].reshape(3, spec.d1, spec.c)
+                v = cols[f"{layer}.v"].reshape(3, spec.d2, spec.c)
+                return u @ v.transpose(1, 2)
+            err = (dense(got) - dense(ref)).norm() / dense(ref).norm()
+            assert err < 0.1, (layer, float(err))
+
+
+def test_bf16_projection_dtype_is_used_in_the_hooks():
+    model = tiny_gpt2(dtype=torch.float32)
+    feat = _featurizer(model, compute_dtype=torch.float32, projection_dtype=torch.bfloat16)
+    captured = feat.capture(["a", "b"], padded_batch([8, 6], [1, 2]))
+    assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in captured.values())
+    assert feat(["a", "b"], padded_batch([8, 6], [1, 2]))[f"{feat.specs[0].name}.u"].dtype == torch.float32
