@@ -49,6 +49,7 @@ from lorif_ray.eval.groundtruth import Setup, ensure_setup, ground_truth, tokeni
 from lorif_ray.eval.recipe import summed_losses
 from lorif_ray.eval.stats import MeanSE, lds_per_query
 from lorif_ray.eval.sweep import append_row, cached_tail_patch, load_scores, write_ground_truth_summary
+from lorif_ray.model.layers import conv1d_to_linear
 from lorif_ray.store import write_json
 
 RUNS: Counter = Counter()  # what this process actually computed: "kronfluence_factors", "kronfluence_scores"
@@ -60,23 +61,6 @@ _PRECONDITION_FACTORS = {
     "diagonal": ("lambda_matrix",),
     "identity": (),
 }
-
-
-def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """Replace every transformers ``Conv1D`` (y = x W + b, W stored I×O) by the equal ``nn.Linear``."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ != "Conv1D":
-                continue
-            in_features, out_features = child.weight.shape
-            linear = nn.Linear(in_features, out_features, bias=child.bias is not None,
-                               dtype=child.weight.dtype, device=child.weight.device)
-            with torch.no_grad():
-                linear.weight.copy_(child.weight.t())
-                if child.bias is not None:
-                    linear.bias.copy_(child.bias)
-            setattr(parent, name, linear)
-    return model
 
 
 class _Examples(torch.utils.data.Dataset):

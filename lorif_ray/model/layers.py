@@ -49,3 +49,19 @@ def select_layers(model: nn.Module, patterns: list[str] | None = None) -> dict[s
 def layer_shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
     """{name: (I, O)}."""
     return {name: linear_dims(module) for name, module in layers.items()}
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every transformers ``Conv1D`` (y = x W + b, W: I×O) by the equal ``nn.Linear`` (Wᵀ), in place."""
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__ != "Conv1D":
+                continue
+            in_features, out_features = child.weight.shape
+            linear = nn.Linear(in_features, out_features, bias=child.bias is not None,
+                               device=child.weight.device, dtype=child.weight.dtype)
+            linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=child.weight.requires_grad)
+            if child.bias is not None:
+                linear.bias = child.bias
+            setattr(parent, child_name, linear)
+    return model

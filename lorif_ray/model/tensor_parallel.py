@@ -70,6 +70,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from lorif_ray.math.capture import ProjectedGradientCapture, linear_dims, per_example_token_loss
+from lorif_ray.model.layers import conv1d_to_linear
 from lorif_ray.math.projection import LayerProjection, layer_projection
 
 # Partition config for GPT-2 after ``conv1d_to_linear`` (AutoTP has no GPT-2 training policy).
@@ -115,22 +116,6 @@ def init_distributed(backend: str | None = None) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # comm/torch.py: build_shm_op → None
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend or ("gloo" if cpu else "nccl"), verbose=False)
-
-
-def conv1d_to_linear(model: nn.Module) -> nn.Module:
-    """Replace every transformers ``Conv1D`` (y = x W + b, W: I×O) by the equal ``nn.Linear`` (Wᵀ), in place."""
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child).__name__ != "Conv1D":
-                continue
-            in_features, out_features = child.weight.shape
-            linear = nn.Linear(in_features, out_features, bias=child.bias is not None,
-                               device=child.weight.device, dtype=child.weight.dtype)
-            linear.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=child.weight.requires_grad)
-            if child.bias is not None:
-                linear.bias = child.bias
-            setattr(parent, child_name, linear)
-    return model
 
 
 def _is_gpt2(model: nn.Module) -> bool:

@@ -22,7 +22,8 @@ from lorif_ray.math.factorize import factorize, initial_block
 from lorif_ray.math.influence import GradientBlock, LayerCurvature, PreparedQuery, exact_inverse, inner
 from lorif_ray.math.projection import layer_projection
 from lorif_ray.model.layers import select_layers
-from lorif_ray.model.tensor_parallel import conv1d_to_linear, divide_layers, layers_of_rank
+from lorif_ray.model.layers import conv1d_to_linear
+from lorif_ray.model.tensor_parallel import divide_layers, layers_of_rank
 from tests.conftest import padded_batch
 from tests.conftest import tiny_gpt2, tiny_llama
 
