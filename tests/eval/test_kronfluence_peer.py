@@ -12,7 +12,6 @@ from omegaconf import OmegaConf
 from lorif_ray.eval.config import register_sweep_configs
 from lorif_ray.eval.groundtruth import ensure_setup, ground_truth
 from lorif_ray.eval.sweep import read_results
-from tests.conftest import tiny_gpt2
 
 pytest.importorskip("kronfluence")
 
