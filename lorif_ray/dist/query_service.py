@@ -1,10 +1,11 @@
 """Query service (stage 3 over shard owners): resident shards, scatter queries, gather top-k.
 
-Each ``QueryWorker`` owns a contiguous, deterministic group of shards and loads their rows into
-memory once. The driver builds the ``Scorer`` once per query batch (query gradients' curvature terms
-are query-side work, done once), ships it to every worker with one ``ray.put``, each worker returns
-its top-k per query with *global* row indices (and optionally its block of the full score matrix),
-and the driver merges. The service stays alive across query batches.
+Each ``QueryWorker`` owns a contiguous, deterministic group of shards and loads their rows and the
+curvature into memory once, on its own device (the GPU Ray gave it, if any). The driver ships each
+batch's query columns to every worker with one ``ray.put``; each worker prepares the query-side
+terms on its device, returns its top-k per query with *global* row indices (and optionally its
+block of the full score matrix), and the driver merges. The driver never loads the curvature or the
+model. The service stays alive across query batches.
 
 Example (needs a running Ray):
     >>> with QueryService(cfg, num_workers=2) as service:
@@ -37,29 +38,33 @@ from lorif_ray.store import iter_batches, open_index, read_ids
 class QueryWorker:
     """Scores query batches against the resident rows of its shards (a plain class; wrap with ``ray.remote``).
 
+    The worker picks its own device (``model.device``; "auto" = the GPU Ray gave it, else the CPU)
+    and the matching scoring dtype, loads its rows and the curvature once, and builds each batch's
+    query-side terms itself, so nothing device-specific crosses the wire.
+
     Args:
-        index_dir: the index directory.
+        cfg: the run config (index, curvature, method, query settings, device).
         shards: shard indices this worker owns (any order; rows keep their global index).
-        dtype: dtype of the resident rows (the scoring dtype).
-        device: where rows live and scoring runs.
-        batch_rows: rows scored per step (bounds the (nq, batch_rows) temporaries).
 
     Example:
-        >>> worker = QueryWorker(index_dir, [0, 1], torch.float64, "cpu")
-        >>> scores, rows, full = worker.score({"scorer": scorer, "k": 5, "full": False})
+        >>> worker = QueryWorker(cfg, [0, 1])
+        >>> scores, rows, full = worker.score({"columns": query_columns, "k": 5, "full": False})
         >>> scores.shape, rows.shape            # (nq, 5) each; rows are global row indices
     """
 
-    def __init__(self, index_dir, shards: Sequence[int], dtype: torch.dtype = torch.float32, device="cpu",
-                 batch_rows: int = 2048):
-        self.index_dir, self.shards = str(index_dir), list(shards)
-        self.dtype, self.device, self.batch_rows = dtype, torch.device(device), batch_rows
+    def __init__(self, cfg: Config, shards: Sequence[int]):
+        self.cfg, self.index_dir, self.shards = cfg, str(cfg.index_path), list(shards)
+        self.device = resolve_device(cfg.model.device)
+        self.dtype, self.batch_rows = math_dtype(self.device), cfg.query.train_batch_rows
+        self.manifest = open_index(self.index_dir)
+        self.curvature = None if self.manifest.kind == "hidden" else \
+            load_curvature(cfg, self.manifest, self.device, self.dtype)
         self.loads = 0
         self._load()
 
     def _load(self) -> None:
         """Read every column of this worker's shards into memory (once)."""
-        manifest = open_index(self.index_dir)
+        manifest = self.manifest
         starts, offset = {}, 0
         for record in sorted(manifest.shards, key=lambda r: r.index):
             starts[record.index] = offset
@@ -85,25 +90,27 @@ class QueryWorker:
 
     def info(self) -> dict:
         """What this worker holds: shards, rows, how often it loaded them, and its process id."""
-        return {"shards": self.shards, "rows": self.num_rows, "loads": self.loads, "pid": os.getpid()}
+        return {"shards": self.shards, "rows": self.num_rows, "loads": self.loads, "pid": os.getpid(),
+                "device": str(self.device)}
 
     def score(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Top-k of one query batch against this worker's rows.
 
         Args:
-            payload: {"scorer": Scorer (query-side terms, built once on the driver), "k": top-k,
-                "full": also return the (nq, rows) block of scores, "num_queries": nq}.
+            payload: {"columns": query columns {column: (nq, width)} as the featurizer makes them,
+                "k": top-k, "full": also return the (nq, rows) block of scores}.
 
         Returns:
             (scores (nq, k'), global row indices (nq, k'), full block (nq, rows) float32 or None), on
             the CPU, with k' = min(k, rows).
         """
-        scorer, num_queries = payload["scorer"], payload["num_queries"]
+        columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in payload["columns"].items()}
+        scorer = Scorer(self.cfg, self.manifest, columns, self.device, self.dtype, self.curvature)
+        num_queries = next(iter(columns.values())).shape[0]
         topk = TopK(num_queries, min(payload["k"], self.num_rows), self.device)
         blocks = []
         for start in range(0, self.num_rows, self.batch_rows):
-            columns = {k: v[start:start + self.batch_rows] for k, v in self.columns.items()}
-            scores = scorer(columns)  # (nq, b)
+            scores = scorer({k: v[start:start + self.batch_rows] for k, v in self.columns.items()})  # (nq, b)
             topk.update(scores, start)
             if payload["full"]:
                 blocks.append(scores.float().cpu())
@@ -152,15 +159,15 @@ class QueryService:
         self.cfg = cfg
         self.manifest = open_index(cfg.index_path)
         check_method_matches_index(cfg.method.name, self.manifest, cfg.index_path)
-        self.device = resolve_device(cfg.model.device)
-        self.dtype = math_dtype(self.device)
         self.groups = shard_groups(self.manifest, num_workers)
-        # loaded once for the service's lifetime, not once per query batch
-        self.curvature = None if self.manifest.kind == "hidden" else load_curvature(cfg, self.manifest, self.device, self.dtype)
         remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(QueryWorker)
-        self.workers = [remote.remote(str(cfg.index_path), group, self.dtype, str(self.device),
-                                      cfg.query.train_batch_rows) for group in self.groups]
+        self.workers = [remote.remote(cfg, group) for group in self.groups]
         self._train_ids: list[str] | None = None
+        try:  # surface a constructor's error (e.g. a stale curvature file) here, named
+            self.stats()
+        except ray.exceptions.RayActorError as error:
+            self.close()
+            raise LorifError(f"a query actor failed to start: {error}") from error
 
     @property
     def train_ids(self) -> list[str]:
@@ -179,11 +186,8 @@ class QueryService:
         import ray
 
         full = self.cfg.query.full_scores if full_scores is None else full_scores
-        query_columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in query_columns.items()}
-        num_queries = next(iter(query_columns.values())).shape[0]
-        scorer = Scorer(self.cfg, self.manifest, query_columns, self.device, self.dtype, self.curvature)
         k = min(self.cfg.query.top_k, self.manifest.num_rows)
-        payload = ray.put({"scorer": scorer, "k": k, "full": full, "num_queries": num_queries})
+        payload = ray.put({"columns": {k: v.cpu() for k, v in query_columns.items()}, "k": k, "full": full})
         results = ray.get([w.score.remote(payload) for w in self.workers])
         scores, index = merge_topk([(s, i) for s, i, _ in results], k)
         matrix = None

@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from lorif_ray.dist.query_service import QueryService, QueryWorker, merge_topk, run_query_distributed
+from lorif_ray.errors import LorifError
 from lorif_ray.stages.query import featurize_queries
 from lorif_ray.dist.rsvd import shard_groups
-from lorif_ray.stages.query import Scorer
 from lorif_ray.store import open_index
 from tests.dist.conftest import NUM_WORKERS
 
@@ -24,11 +25,8 @@ def test_workers_without_ray_merge_to_the_full_scores(baseline):
     cfg = baseline["config"]("plain_workers", with_curvature=True)
     manifest = open_index(cfg.index_path)
     _, columns, _ = featurize_queries(cfg, manifest)
-    scorer = Scorer(cfg, manifest, columns, torch.device("cpu"), torch.float64)
-    workers = [QueryWorker(cfg.index_path, g, torch.float64, "cpu", batch_rows=4)
-               for g in shard_groups(manifest, NUM_WORKERS)]
-    payload = {"scorer": scorer, "k": 5, "full": True, "num_queries": 6}
-    results = [w.score(payload) for w in workers]
+    workers = [QueryWorker(cfg, g) for g in shard_groups(manifest, NUM_WORKERS)]
+    results = [w.score({"columns": columns, "k": 5, "full": True}) for w in workers]
     full = np.concatenate([b.numpy() for _, _, b in results], axis=1)
     expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
     assert _relative_error(full, expected) <= 1e-5
@@ -70,3 +68,9 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
     assert _relative_error(second.full, expected[3:]) <= 1e-5
     torch.testing.assert_close(second.index, first.index[3:])
     assert second.scores.shape == (3, 5)
+
+
+def test_a_service_without_curvature_fails_at_start_naming_it(baseline, ray_cluster):
+    cfg = baseline["config"]("no_curvature")  # the index, but stage 2 never ran for this output dir
+    with pytest.raises(LorifError, match="curvature"):
+        QueryService(cfg, NUM_WORKERS)
