@@ -52,6 +52,12 @@ class QueryConfig:
     full_scores: bool = False  # also write scores.npy (float32, queries × train, input order)
     normalize: bool = False  # cosine-style: I(t,q) / sqrt(I(t,t) I(q,q)), in [-1, 1]
     train_batch_rows: int = 2048  # training rows scored per step
+    # One process (cluster=none): hold the whole index in memory and score layers of equal shape in
+    # batched products, instead of streaming shards (Ray query actors always keep their shards resident)
+    resident: bool = False
+    # Stage 2 also stores g'_t = V_r^T g_t (r floats per layer per example, float32) so the resident
+    # query skips recomputing them: more disk, less query time (cluster=none for now)
+    store_coordinates: bool = False
 
 
 BACKENDS = ("ray", "none")

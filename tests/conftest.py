@@ -102,8 +102,9 @@ def baseline(tiny_assets, tmp_path_factory):
 
     def config(name: str, with_curvature: bool = False, **overrides):
         """A config on the same index, writing to its own output dir (optionally with the baseline curvature)."""
-        other = make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, query=QueryConfig(**QUERY_CONFIG),
-                            index_dir=str(cfg.index_path), **overrides)
+        overrides.setdefault("query", QueryConfig(**QUERY_CONFIG))
+        other = make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, index_dir=str(cfg.index_path),
+                            **overrides)
         if with_curvature:
             other.curvature_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(cfg.curvature_path, other.curvature_path)

@@ -7,6 +7,8 @@ from typing import Callable
 
 from lorif_ray.config import Config
 from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.fast_curvature import run_curvature_fast
+from lorif_ray.stages.fast_query import run_query_fast
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.query import run_query
@@ -14,17 +16,28 @@ from lorif_ray.stages.summary import describe_index, describe_proponents
 from lorif_ray.store import write_json
 
 
-LOCAL_STAGES = {"index": run_index, "curvature": run_curvature, "query": run_query}
+STAGES = ("index", "curvature", "query")
 
 
-def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] | None = None) -> dict:
+def run_local_stage(name: str, cfg: Config) -> dict:
+    """Stage ``name`` in this process: streaming, or the resident paths ``query.store_coordinates`` /
+    ``query.resident`` ask for."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
+    if name == "index":
+        return run_index(cfg)
+    if name == "curvature":
+        return run_curvature_fast(cfg, store_coordinates=True) if cfg.query.store_coordinates else run_curvature(cfg)
+    return run_query_fast(cfg) if cfg.query.resident else run_query(cfg)
+
+
+def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_local_stage) -> dict:
     """index → curvature → query; prints what each stage did and the top proponents of a few queries.
 
     Args:
         run_stage: runs one stage by name (``lorif_ray.dist.stages.run_stage`` puts them on Ray);
-            None runs them in this process.
+            by default in this process.
     """
-    run_stage = run_stage or (lambda name, c: LOCAL_STAGES[name](c))
     index = run_stage("index", cfg)
     print(describe_index(index))
     curvature = run_stage("curvature", cfg)

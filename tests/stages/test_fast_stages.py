@@ -86,3 +86,30 @@ def test_resident_index_round_trips_and_stale_coordinates_are_refused(baseline, 
     assert not coordinates_match(cfg)
     with pytest.raises(IndexMismatchError):
         load_coordinates(cfg)
+
+
+def test_config_keys_select_the_resident_paths(baseline):
+    """query.store_coordinates (stage 2 writes g'_t) + query.resident (stage 3 batched, resident) through
+    the stage dispatcher the jobs use: the same top-k and scores as the streaming stages."""
+    from lorif_ray.config import ClusterConfig
+    from lorif_ray.dist.stages import run_stage
+
+    cfg = baseline["config"]("keys", cluster=ClusterConfig(backend="none"),
+                             query=QueryConfig(**QUERY_CONFIG, resident=True, store_coordinates=True))
+    assert "coordinates" in run_stage("curvature", cfg)
+    report = run_stage("query", cfg)
+    assert report["used_coordinates"]
+    expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
+    scores = np.load(cfg.output_dir + "/scores.npy")
+    assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_stored_coordinates_are_refused_on_ray(baseline):
+    from lorif_ray.config import ClusterConfig
+    from lorif_ray.dist.stages import run_stage
+    from lorif_ray.errors import ConfigError
+
+    cfg = baseline["config"]("keys_ray", cluster=ClusterConfig(backend="ray"),
+                             query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
+    with pytest.raises(ConfigError, match="store_coordinates"):
+        run_stage("curvature", cfg)
