@@ -87,15 +87,16 @@ class GradientWorker:
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the replica's process group and shard the model (collective: all ranks at once)."""
         from lorif_ray.model import tensor_parallel as tp
-        from lorif_ray.model.loading import load_model_for_sharding
 
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows each rank its own GPU
         os.environ.update(tp.rank_environment(self.rank, self.tp_size, master_addr, master_port, local_rank=0,
                                               accelerator=accelerator))
         tp.init_distributed()
-        model = load_model_for_sharding(self.model_path, dtype=self.cfg.model.dtype)
-        self.identity = model_identity(model)  # of the unsharded model, as the query stage sees it
-        self.sharded = tp.shard_model(model, self.tp_size, patterns=self.cfg.model.layers)
+        # Each rank reads only its slices of the checkpoint; the identity of the unsharded model (as the
+        # query stage sees it) is computed from strided samples read from the files.
+        self.sharded = tp.load_sharded(self.model_path, self.tp_size, dtype=self.cfg.model.dtype,
+                                       patterns=self.cfg.model.layers, identity=True)
+        self.identity = self.sharded.identity
         group = self.sharded.group
         cfg = self.cfg
         self.featurizer = Featurizer(

@@ -50,20 +50,31 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def model_identity(model: nn.Module) -> dict:
+def _fingerprint_step(numel: int) -> int:
+    return max(1, numel // 4096)
+
+
+def model_identity(model: nn.Module, sample=None) -> dict:
     """What identifies the weights: class, config hash and a cheap fingerprint of every parameter.
 
     The fingerprint sums a strided sample of ≤ 4096 entries per parameter in float64, so it costs
     little on a 70B model and still changes when any checkpoint is swapped for another.
+
+    Args:
+        model: the unsharded model (its parameters may be on the meta device when ``sample`` is given).
+        sample: optional ``sample(name, param, step) -> float64 tensor`` giving ``flat[::step]`` of the
+            parameter's values from elsewhere (see ``checkpoint_sampler``); default: the parameter itself.
     """
     config = getattr(model, "config", None)
     config_json = json.dumps(config.to_diff_dict() if config is not None else {}, sort_keys=True, default=str)
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].to(device="cpu", dtype=torch.float64)
-        digest.update(f"{name}:{tuple(param.shape)}:{float(sample.sum()):.10e}:{float(sample.abs().sum()):.10e}".encode())
+        step = _fingerprint_step(param.numel())
+        if sample is None:
+            values = param.detach().reshape(-1)[::step].to(device="cpu", dtype=torch.float64)
+        else:
+            values = sample(name, param, step)
+        digest.update(f"{name}:{tuple(param.shape)}:{float(values.sum()):.10e}:{float(values.abs().sum()):.10e}".encode())
     return {
         "class": type(model).__name__,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
@@ -102,3 +113,86 @@ def load_model_for_sharding(path: str | Path, *, dtype: str = "bfloat16"):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
                                                  low_cpu_mem_usage=True)
     return model.eval()
+
+
+# ---- reading a checkpoint without materializing it (tensor-parallel slice loading) ----
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of a local checkpoint (``model.safetensors.index.json`` or ``model.safetensors``)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ConfigError(f"{path} has no safetensors checkpoint (model.safetensors[.index.json]); "
+                          "slice loading reads safetensors only")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def checkpoint_key(names, keys, base_prefix: str | None) -> str | None:
+    """The checkpoint key of a model tensor known by ``names`` (aliases): exact, or with/without the
+    base model prefix (old GPT-2 checkpoints store ``h.0...`` for ``transformer.h.0...``)."""
+    for name in names:
+        candidates = [name]
+        if base_prefix:
+            if name.startswith(base_prefix + "."):
+                candidates.append(name[len(base_prefix) + 1:])
+            else:
+                candidates.append(f"{base_prefix}.{name}")
+        for candidate in candidates:
+            if candidate in keys:
+                return candidate
+    return None
+
+
+def checkpoint_sampler(path: str | Path, dtype: torch.dtype, base_prefix: str | None = None):
+    """A ``sample`` for ``model_identity`` that reads ``flat[::step]`` of each tensor straight from the files.
+
+    The safetensors files are memory-mapped and only the sampled elements are touched, each cast to
+    ``dtype`` (what the loaded model holds) and then to float64, so the fingerprint equals that of the
+    model loaded in ``dtype``. Tied parameters appear once, under the name the model gives them.
+    """
+    import mmap
+    import struct
+
+    files = checkpoint_files(path)
+    opened: dict[Path, tuple] = {}
+
+    def header(file: Path):
+        if file not in opened:
+            with open(file, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                meta = json.loads(f.read(size))
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private, writable: no torch warning
+            opened[file] = (8 + size, meta, mm)
+        return opened[file]
+
+    def sample(name: str, param: torch.Tensor, step: int) -> torch.Tensor:
+        key = checkpoint_key([name], files.keys(), base_prefix)
+        if key is None:
+            raise ConfigError(f"{name} is not in the checkpoint at {path}")
+        base, meta, mm = header(files[key])
+        info = meta[key]
+        start, end = info["data_offsets"]
+        stored = SAFETENSORS_DTYPES[info["dtype"]]
+        numel = (end - start) // stored.itemsize
+        if numel != param.numel():
+            raise ConfigError(f"{key}: {numel} values in the checkpoint, the model has {tuple(param.shape)}")
+        if numel == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        flat = torch.frombuffer(mm, dtype=stored, offset=base + start, count=numel)
+        values = flat[::step].to(dtype).to(torch.float64)  # copies: the view on the map is dropped
+        del flat
+        return values
+
+    return sample

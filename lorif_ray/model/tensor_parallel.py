@@ -49,6 +49,9 @@ target dtype with transformers' low-memory loader, so each rank holds one full c
 in host memory until AutoTP slices them (DeepSpeed's ``move`` copies the slice to the device and
 frees the full tensor); after sharding a rank holds 1/tp of every sharded linear plus the
 replicated embeddings, norms and lm_head. See ``load_model_for_sharding`` for the peak.
+``load_sharded`` (``setup_rank(..., slice_loading=True)``; what ``GradientWorker.setup`` uses) avoids
+the full copy: the model is built with meta parameters, AutoTP shards it as metadata, and each rank
+reads only its slices from the safetensors files, so its peak is its share plus one tensor in transit.
 
 Example (two processes on CPU)::
 
@@ -132,7 +135,9 @@ def init_tensor_parallel(model: nn.Module, tp_size: int, *, partition_config: di
     Hugging Face tensor-parallel plan (or AutoTP's heuristics). The model is left in eval mode.
 
     Args:
-        model: an unsharded Hugging Face causal LM with materialized (not meta) weights on the CPU.
+        model: an unsharded Hugging Face causal LM with its weights on the CPU, or with its parameters on
+            the meta device (``load_sharded``: the engine then leaves the device alone and the caller
+            must fill every parameter and move the model).
         tp_size: ranks in the tensor-parallel group (= WORLD_SIZE with one replica per group).
         partition_config: DeepSpeed ``tensor_parallel.partition_config`` (layer specs).
         extra_config: merged into the deepspeed config (e.g. {"bf16": {"enabled": True}}).
@@ -153,7 +158,17 @@ def init_tensor_parallel(model: nn.Module, tp_size: int, *, partition_config: di
         **(extra_config or {}),
     }
     optimizer = torch.optim.SGD([p for p in model.parameters()], lr=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta:
+        # AutoTP shards meta weights as metadata only (TensorParallel_Layer.move keeps meta tensors),
+        # but the engine then calls module.to(device), which cannot copy meta tensors: skip it here,
+        # load_sharded fills the parameters and moves the model itself.
+        model.to = lambda *args, **kwargs: model
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    finally:
+        if on_meta:
+            del model.to
     module = engine.module
     if _is_gpt2(module):
         # update_mp_params shards embed_dim/num_heads but not split_size, which splits q|k|v.
@@ -360,6 +375,7 @@ class TensorParallelModel:
         layers: {name: sharded module} of the attributed layers, in model order.
         dims: {name: (I, O)} of the *unsharded* layers (what projections and manifests use).
         group: the tensor-parallel process group.
+        identity: ``model_identity`` of the unsharded checkpoint, when ``load_sharded`` computed it.
     """
 
     engine: object
@@ -368,6 +384,7 @@ class TensorParallelModel:
     dims: dict[str, tuple[int, int]]
     group: object = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    identity: dict | None = None  # model_identity of the unsharded model (load_sharded(..., identity=True))
 
     @property
     def rank(self) -> int:
@@ -407,14 +424,213 @@ def shard_model(model: nn.Module, tp_size: int, *, patterns: list[str] | None = 
 
 
 def setup_rank(model_path: str | Path, tp_size: int, *, dtype: str = "bfloat16", patterns: list[str] | None = None,
-               partition_config: dict | None = None) -> TensorParallelModel:
+               partition_config: dict | None = None, slice_loading: bool = False) -> TensorParallelModel:
     """Everything a rank process does before its first batch (the rank variables must be set).
 
     Initializes the process group, loads the local checkpoint (low-memory, in ``dtype``), selects
     the layers (``patterns`` as in ``select_layers``), records their full (I, O) and shards the model.
+    With ``slice_loading`` the rank reads only its slices of the checkpoint (``load_sharded``).
     """
     from lorif_ray.model.loading import load_model_for_sharding
 
     init_distributed()
+    if slice_loading:
+        return load_sharded(model_path, tp_size, dtype=dtype, patterns=patterns, partition_config=partition_config)
     model = load_model_for_sharding(model_path, dtype=dtype)
     return shard_model(model, tp_size, patterns=patterns, partition_config=partition_config)
+
+
+class _ParametersOnMeta:
+    """While active, every registered parameter is moved to the meta device; buffers stay real.
+
+    So a model built inside gets its buffers (rotary ``inv_freq``, masks) computed on the CPU exactly
+    as transformers computes them, and no parameter memory. A parameter's constructor may allocate
+    it (uninitialized, so not resident) just before it is moved; it is freed at once.
+    """
+
+    def __enter__(self):
+        self._original = original = nn.Module.register_parameter
+
+        def register_parameter(module, name, param):
+            original(module, name, param)
+            if param is not None and not param.is_meta:
+                kwargs = dict(param.__dict__)
+                module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+                module._parameters[name].__dict__.update(kwargs)
+
+        nn.Module.register_parameter = register_parameter
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter = self._original
+
+
+def meta_model(model_path: str | Path, dtype: str = "bfloat16") -> nn.Module:
+    """The causal LM of a local checkpoint with its parameters on the meta device and real buffers (eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorif_ray.model.loading import DTYPES
+    from lorif_ray.errors import ConfigError
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path={path} is not a local Hugging Face model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with _ParametersOnMeta():
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return model.eval()
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted-contiguous runs [(start, stop)] of an index (AutoTP slices are unions of a few ranges)."""
+    values = index.tolist()
+    runs, start = [], values[0]
+    for prev, cur in zip(values, values[1:]):
+        if cur != prev + 1:
+            runs.append((start, prev + 1))
+            start = cur
+    runs.append((start, values[-1] + 1))
+    return runs
+
+
+def weight_slice(module: nn.Module, param_name: str) -> tuple[int, torch.Tensor] | None:
+    """(dim, global indices) of the slice of ``module.<param_name>`` that this rank holds, None if replicated.
+
+    Unlike ``shard_layout`` (what the capture sees), this is about the stored weight: a gathered
+    column-parallel head still holds a row slice of its weight.
+    """
+    from deepspeed.module_inject import layers as ds_layers
+
+    if not isinstance(module, ds_layers.TensorParallel_Layer) or getattr(module, "tp_world_size", 1) == 1:
+        return None
+    out_features, in_features = module._orig_weight_shape
+    if isinstance(module, (ds_layers.LinearAllreduce, ds_layers.SubParamLinearAllreduce)):
+        if param_name != "weight":
+            return None  # row-parallel bias is replicated
+        if isinstance(module, ds_layers.SubParamLinearAllreduce):
+            if module.partition_dim != len(module._logical_shape) - 1:
+                raise NotImplementedError(f"{module.name}: row-parallel split on dim {module.partition_dim}")
+            return 1, _subparam_index(module, in_features)
+        return 1, _contiguous_index(module._partition_sizes, module.tp_index)
+    if isinstance(module, ds_layers.SubParamLinearLayer):
+        if module.partition_dim != 0:
+            raise NotImplementedError(f"{module.name}: column-parallel split on dim {module.partition_dim}")
+        return 0, _subparam_index(module, out_features)
+    if type(module) is ds_layers.LinearLayer:
+        return 0, _contiguous_index(module._partition_sizes, module.tp_index)
+    raise NotImplementedError(f"slice loading has no rule for DeepSpeed layer {type(module).__name__}")
+
+
+def _read_slice(handle, key: str, spec, transposed: bool) -> torch.Tensor:
+    """Read a checkpoint tensor, or only the rows/columns of ``spec`` = (dim in the model's layout, index)."""
+    view = handle.get_slice(key)
+    if spec is None:
+        tensor = view[:]
+    else:
+        dim, index = spec
+        dim = 1 - dim if transposed else dim
+        parts = [view[a:b] if dim == 0 else view[:, a:b] for a, b in _runs(index)]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    return tensor.t() if transposed else tensor
+
+
+def _materialize(param: nn.Parameter, value: torch.Tensor, owners, replaced: dict) -> None:
+    """Put ``value`` in place of a meta parameter: a new Parameter (with the old one's attributes, e.g.
+    DeepSpeed's TP flags) set on every module that holds it, so tied parameters stay one object."""
+    if not param.is_meta:
+        param.data = value
+        return
+    new = nn.Parameter(value, requires_grad=param.requires_grad)
+    new.__dict__.update(param.__dict__)
+    for _, module, param_name in owners:
+        module._parameters[param_name] = new
+    replaced[id(param)] = new
+
+
+def _repoint_engine(engine, replaced: dict) -> None:
+    """Point the engine's optimizer and name map at the materialized parameters (never stepped, but kept true)."""
+    optimizers = {id(o): o for o in (getattr(engine, "optimizer", None), getattr(engine, "basic_optimizer", None),
+                                     getattr(engine, "client_optimizer", None)) if o is not None}
+    for optimizer in optimizers.values():
+        for group in getattr(optimizer, "param_groups", []):
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    engine.param_names = {param: name for name, param in engine.module.named_parameters()}
+
+
+def load_sharded(model_path: str | Path, tp_size: int, *, dtype: str = "bfloat16", patterns: list[str] | None = None,
+                 partition_config: dict | None = None, extra_config: dict | None = None,
+                 identity: bool = False) -> TensorParallelModel:
+    """Shard a checkpoint with AutoTP while reading only this rank's slices (``init_distributed`` must have run).
+
+    1. The model is built from its config with every parameter on the meta device (buffers real,
+       computed on the CPU as transformers computes them): no weight memory.
+    2. ``shard_model`` runs AutoTP on it: the layers are replaced and the split is recorded, the meta
+       weights take their local shapes (nothing is allocated; the engine skips its ``module.to``).
+    3. Every parameter is read from the safetensors files with ``safe_open(...).get_slice``: the
+       rank's rows (column-parallel, incl. the q/k/v sub-parameter split of GPT-2's c_attn) or
+       columns (row-parallel) of sharded linears, the whole tensor for replicated ones (embeddings,
+       norms, head), cast to ``dtype`` and moved to the engine's device. GPT-2's Conv1D weights are
+       stored I×O: their slices are read transposed. Tied parameters are one Parameter, read once.
+
+    Peak host memory per rank: the rank's slices plus the replicated parameters (in ``dtype``), plus
+    one tensor in transit (its slice as stored, its cast) and the pages of that one tensor in the
+    memory-mapped file (page cache, counted in RSS only while the file is open: it is opened per tensor).
+
+    Args:
+        identity: also compute ``model_identity`` of the unsharded model from strided samples read
+            from the files (equal to ``model_identity(load_model(model_path, dtype=dtype))``).
+    """
+    from safetensors import safe_open
+
+    from lorif_ray.model.loading import DTYPES, checkpoint_files, checkpoint_key, checkpoint_sampler, model_identity
+    from lorif_ray.errors import ConfigError
+
+    model = meta_model(model_path, dtype)
+    base_prefix = getattr(model, "base_model_prefix", None)
+    ident = model_identity(model, sample=checkpoint_sampler(model_path, DTYPES[dtype], base_prefix)) if identity else None
+    conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}  # stored I×O
+    tp = shard_model(model, tp_size, patterns=patterns, partition_config=partition_config, extra_config=extra_config)
+    sharded, device = tp.model, tp.engine.device
+
+    aliases: dict[int, list[str]] = {}
+    for name, param in sharded.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for module_name, module in sharded.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module_name, module, param_name))
+            params[id(param)] = param
+
+    files = checkpoint_files(model_path)
+    by_file: dict = {}
+    for pid, param in params.items():
+        key = checkpoint_key(aliases[pid], files.keys(), base_prefix)
+        if key is None:
+            raise ConfigError(f"{aliases[pid]} not in the checkpoint at {model_path}")
+        specs = [(weight_slice(m, pn), mn in conv1d and pn == "weight") for mn, m, pn in owners[pid]]
+        sliced = [s for s in specs if s[0] is not None]
+        spec, transposed = sliced[0] if sliced else specs[0]
+        by_file.setdefault(files[key], []).append((param, key, spec, transposed))
+    replaced: dict[int, nn.Parameter] = {}
+    for file, items in by_file.items():
+        for param, key, spec, transposed in items:
+            # one open per tensor: the file is memory-mapped while open, and the pages a read touches
+            # count in this process's RSS until it is closed (a column slice touches every row's pages)
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                value = _read_slice(handle, key, spec, transposed)
+            if tuple(value.shape) != tuple(param.shape):
+                raise RuntimeError(f"{key}: read {tuple(value.shape)} for a local parameter of {tuple(param.shape)}")
+            _materialize(param, value.to(device=device, dtype=param.dtype).contiguous(), owners[id(param)], replaced)
+            del value
+    _repoint_engine(tp.engine, replaced)
+    tp.layers = {n: sharded.get_submodule(n) for n in tp.layers}
+    sharded.to(device)  # the buffers
+    left = [n for n, t in [*sharded.named_parameters(), *sharded.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"not materialized by slice loading: {left[:5]}")
+    tp.device = next(sharded.parameters()).device
+    tp.identity = ident
+    return tp

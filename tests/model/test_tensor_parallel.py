@@ -87,8 +87,42 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     # End to end as a rank process would: load a local checkpoint, shard, capture.
     tp = tpm.setup_rank(os.path.join(out_dir, "llama"), TP, dtype="float64")
     saved["setup_rank"] = tp.capture(None, BATCHES["train"], tp.projections(SEED, F, torch.float64))
+    # Slice loading: a meta model sharded by AutoTP, each rank reading only its slices of the checkpoint.
+    for arch in MODELS:
+        if arch == "llama":
+            tp = tpm.setup_rank(os.path.join(out_dir, arch), TP, dtype="float64", slice_loading=True)
+            identity = None
+        else:
+            tp = tpm.load_sharded(os.path.join(out_dir, arch), TP, dtype="float64", identity=True)
+            identity = tp.identity
+        projections = tp.projections(SEED, F, torch.float64)
+        saved[f"slice_{arch}"] = {
+            "blocks": {split: tp.capture(None, batch, projections) for split, batch in BATCHES.items()},
+            "weights": _compare_with_checkpoint(tp.model, weights[arch], arch), "identity": identity,
+            "tied": tp.model.get_output_embeddings().weight is tp.model.get_input_embeddings().weight,
+            "meta": [n for n, t in [*tp.model.named_parameters(), *tp.model.named_buffers()] if t.is_meta],
+        }
     torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
+
+
+def _compare_with_checkpoint(model, state: dict, arch: str) -> dict:
+    """{parameter: whether it equals its slice of the checkpoint tensor (Conv1D stored I×O)}."""
+    from lorif_ray.model.tensor_parallel import weight_slice
+
+    conv1d = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") if arch == "gpt2" else ()
+    out = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}"
+            key = "transformer.wte.weight" if name == "lm_head.weight" and arch == "gpt2" else name
+            full = state[key]
+            if param_name == "weight" and module_name.endswith(conv1d):
+                full = full.t()
+            spec = weight_slice(module, param_name)
+            want = full if spec is None else full.index_select(spec[0], spec[1])
+            out[name] = (spec is not None, tuple(param.shape) == tuple(want.shape) and torch.equal(param, want))
+    return out
 
 
 def _free_port() -> int:
@@ -107,7 +141,8 @@ def ranks(tmp_path_factory, weights):
     """What each of the two ranks saved: [rank0, rank1]."""
     out = tmp_path_factory.mktemp("tp")
     torch.save(weights, out / "weights.pt")
-    _model("llama", weights).save_pretrained(out / "llama")
+    for arch in MODELS:
+        _model(arch, weights).save_pretrained(out / arch)  # float64 safetensors
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=TP, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(TP)]
 
@@ -266,3 +301,66 @@ def test_setup_rank_end_to_end(ranks, reference):
         assert list(got) == list(want)
         worst = max(max(_rel(got[n][0], a), _rel(got[n][1], b)) for n, (a, b) in want.items())
         assert worst <= TOL
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_slice_loading_matches_full_loading_and_tp1(ranks, reference, arch):
+    """Slice-loaded TP=2 (meta model, each rank reads its slices) = fully loaded TP=2 = TP=1."""
+    worst_full, worst_ref = 0.0, 0.0
+    for saved in ranks:
+        got = saved[f"slice_{arch}"]["blocks"]
+        for split, want in reference[arch]["blocks"].items():
+            full = saved[arch]["blocks"][split]
+            assert list(got[split]) == list(want)
+            for name, (a, b) in want.items():
+                ga, gb = got[split][name]
+                for i in range(a.shape[0]):  # per example
+                    worst_full = max(worst_full, _rel(ga[i], full[name][0][i]), _rel(gb[i], full[name][1][i]))
+                    worst_ref = max(worst_ref, _rel(ga[i], a[i]), _rel(gb[i], b[i]))
+    print(f"{arch}: slice-loaded TP=2 vs full TP=2: {worst_full:.2e}, vs TP=1: {worst_ref:.2e}")
+    assert worst_full <= TOL and worst_ref <= TOL
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_slice_loaded_weights_are_checkpoint_slices(ranks, arch):
+    for saved in ranks:
+        info = saved[f"slice_{arch}"]
+        assert info["meta"] == []
+        weights = info["weights"]
+        assert weights and all(ok for _, ok in weights.values()), [n for n, (_, ok) in weights.items() if not ok]
+        sharded = [n for n, (is_slice, _) in weights.items() if is_slice]
+        assert len(sharded) >= (8 if arch == "gpt2" else 15)  # the block linears (+ the llama head)
+    if arch == "gpt2":
+        assert all(saved["slice_gpt2"]["tied"] for saved in ranks)  # lm_head is wte
+
+
+def _loaded_identity(path, dtype):
+    """model_identity of the model as ``load_model`` loads it (from_pretrained; no tokenizer needed here)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorif_ray.model.loading import DTYPES, model_identity
+
+    return model_identity(AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True).eval())
+
+
+@needs_deepspeed
+def test_checkpoint_identity_equals_loaded_model_identity(ranks, weights, tmp_path):
+    """load_sharded(identity=True) reads the fingerprint's samples from the files: same as the loaded model's."""
+    _model("gpt2", weights).save_pretrained(tmp_path)  # the checkpoint the ranks read
+    want = _loaded_identity(tmp_path, "float64")
+    assert ranks[0]["slice_gpt2"]["identity"] == want == ranks[1]["slice_gpt2"]["identity"]
+
+
+def test_checkpoint_sampler_casts_like_loading(tmp_path):
+    """The fingerprint of a float32 checkpoint loaded in bfloat16, computed from the files, is the loaded model's."""
+    from lorif_ray.model.loading import checkpoint_sampler, model_identity
+    from lorif_ray.model.tensor_parallel import meta_model
+
+    for arch, make in MODELS.items():
+        make(dtype=torch.float32).save_pretrained(tmp_path / arch)
+        model = meta_model(tmp_path / arch, "bfloat16")
+        got = model_identity(model, sample=checkpoint_sampler(tmp_path / arch, torch.bfloat16, model.base_model_prefix))
+        assert got == _loaded_identity(tmp_path / arch, "bfloat16"), arch
+        assert all(p.is_meta for p in model.parameters())
