@@ -68,11 +68,13 @@ class GradientWorker:
 
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, tp_size: int = 1):
         self.cfg, self.model_path, self.rank, self.tp_size = cfg, model_path, rank, tp_size
-        self.pad_token_id = load_tokenizer(model_path).pad_token_id
         if tp_size == 1:
-            model, _ = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+            model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
             self.identity = model_identity(model)
             self.featurizer = build_featurizer(cfg, model)
+        else:  # the model is loaded, sharded, in ``setup``
+            tokenizer = load_tokenizer(model_path)
+        self.pad_token_id = tokenizer.pad_token_id
 
     def ready(self) -> int:
         """This process's id, once the constructor (model loading) has finished."""

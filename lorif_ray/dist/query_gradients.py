@@ -14,7 +14,7 @@ from lorif_ray.dist.index_pipeline import IndexPipeline
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer, resolve_device
 from lorif_ray.stages.inputs import math_dtype, resolve_inputs, tokenized
-from lorif_ray.stages.query import _check_index_config
+from lorif_ray.stages.query import check_index_config
 
 
 class RemoteQueryFeaturizer:
@@ -30,7 +30,7 @@ class RemoteQueryFeaturizer:
     def __init__(self, cfg: Config, manifest):
         import ray
 
-        _check_index_config(cfg, manifest)
+        check_index_config(cfg, manifest)
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]

@@ -21,10 +21,14 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.rsvd import GramApply
-from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.curvature import CURVATURE_KIND, layer_curvature, layer_specs, prepare_curvature, save_curvature
+from lorif_ray.stages.curvature import (
+    curvature_layers,
+    layer_curvature,
+    layer_specs,
+    prepare_curvature,
+    save_curvature,
+)
 from lorif_ray.stages.featurize import blocks_from_columns
-from lorif_ray.stages.inputs import math_dtype
 from lorif_ray.store import Manifest, iter_batches, open_index
 
 DEFAULT_ACTOR_OPTIONS = {"num_cpus": 0.5}  # small, so several workers and the driver share a laptop
@@ -148,10 +152,7 @@ def run_curvature_distributed(cfg: Config, num_workers: int, *, actor_options: d
     manifest, meta, reusable = prepare_curvature(cfg)
     if reusable:
         return {"reused": True, "path": str(cfg.curvature_path)}
-    device = resolve_device(cfg.model.device)
-    dtype = math_dtype(device)
-    kind = CURVATURE_KIND[cfg.method.name]
-    specs = layer_specs(manifest) if kind not in ("identity", "none") else []
+    kind, specs, device, dtype = curvature_layers(cfg, manifest)
     results = {}
     start = time.perf_counter()
     workers = start_gram_workers(cfg.index_path, manifest, num_workers, cfg.query.train_batch_rows, actor_options) \

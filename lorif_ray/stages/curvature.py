@@ -55,17 +55,23 @@ def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
     return manifest, meta, reusable
 
 
+def curvature_layers(cfg: Config, manifest: Manifest, device=None) -> tuple[str, list[LayerSpec], torch.device,
+                                                                         torch.dtype]:
+    """The method's curvature kind, the layers that need one, and the device and dtype to compute in."""
+    kind = CURVATURE_KIND[cfg.method.name]
+    specs = layer_specs(manifest) if kind not in ("identity", "none") else []
+    device = resolve_device(device or cfg.model.device)
+    return kind, specs, device, math_dtype(device)
+
+
 def run_curvature(cfg: Config) -> dict:
     """Compute and save the curvature of every layer at ``cfg.curvature_path``; returns a report dict."""
     manifest, meta, reusable = prepare_curvature(cfg)
     if reusable:
         return {"reused": True, "path": str(cfg.curvature_path)}
-    device = resolve_device(cfg.model.device)
-    dtype = math_dtype(device)
-    kind = CURVATURE_KIND[cfg.method.name]
+    kind, specs, device, dtype = curvature_layers(cfg, manifest)
     results = {}
     start = time.perf_counter()
-    specs = layer_specs(manifest) if kind not in ("identity", "none") else []
     for spec in tqdm(specs, desc="stage 2: curvature", unit="layer", disable=not cfg.progress):
         def rows(spec=spec):
             columns = [f"{spec.name}.{c}" for c in (("u", "v") if manifest.kind == "factors" else ("g",))]

@@ -27,11 +27,8 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.math.influence import LayerCurvature, dense_from_factors
-from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.curvature import (CURVATURE_KIND, layer_curvature, layer_specs, prepare_curvature,
-                                        save_curvature)
+from lorif_ray.stages.curvature import curvature_layers, layer_curvature, prepare_curvature, save_curvature
 from lorif_ray.stages.featurize import LayerSpec
-from lorif_ray.stages.inputs import math_dtype
 from lorif_ray.store import atomic_path, file_sha256, iter_batches, write_json
 
 COORDINATES_DIR = "curvature_coordinates"
@@ -139,13 +136,10 @@ def run_curvature_fast(cfg: Config, *, store_coordinates: bool = False, coordina
     if coordinates_dtype not in COORDINATE_DTYPES:
         raise ConfigError(f"coordinates_dtype={coordinates_dtype!r}: choose one of {list(COORDINATE_DTYPES)}")
     manifest, meta, reusable = prepare_curvature(cfg)
-    kind = CURVATURE_KIND[cfg.method.name]
+    kind, specs, device, dtype = curvature_layers(cfg, manifest, device)
     store_coordinates = store_coordinates and kind == "woodbury"
     if reusable and (not store_coordinates or coordinates_match(cfg, coordinates_dtype)):
         return {"reused": True, "path": str(cfg.curvature_path)}
-    device = resolve_device(device or cfg.model.device)
-    dtype = math_dtype(device)
-    specs = layer_specs(manifest) if kind not in ("identity", "none") else []
     results, coords = {}, {}
     start = time.perf_counter()
     for spec in tqdm(specs, desc="stage 2: curvature (resident)", unit="layer", disable=not cfg.progress):

@@ -88,7 +88,7 @@ class QueryFeaturizer:
         model, self.tokenizer = load_model(resolve_inputs(cfg).model_path, dtype=cfg.model.dtype,
                                            device=cfg.model.device)
         check_same_model(manifest.meta["model"], model_identity(model), f"index {cfg.index_path}")
-        _check_index_config(cfg, manifest)
+        check_index_config(cfg, manifest)
         self.featurizer = build_featurizer(cfg, model, kind=manifest.kind,
                                            layer_names=[s.name for s in layer_specs(manifest)],
                                            factor_iters=manifest.meta["config"]["factor_iters"])
@@ -189,7 +189,7 @@ def full_scores_file(cfg: Config, shape: tuple[int, int]):
         del scores
 
 
-def _check_index_config(cfg: Config, manifest) -> None:
+def check_index_config(cfg: Config, manifest) -> None:
     """The query must be featurized exactly like the index."""
     stored = manifest.meta["config"]
     wanted = {"f": cfg.f, "seed": cfg.seed}
