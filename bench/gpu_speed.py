@@ -40,7 +40,8 @@ from lorif_ray.math.influence import GradientBlock, LayerCurvature, exact_invers
 from lorif_ray.math.rsvd import eigh_spectrum, gram_apply_from_batches, randomized_spectrum  # noqa: E402
 from lorif_ray.math.scoring import ScoreLayout, StackedQuery, TrainBlock  # noqa: E402
 from lorif_ray.model.layers import select_layers  # noqa: E402
-from lorif_ray.stages.fast_curvature import ResidentGram, layer_coordinates  # noqa: E402
+from lorif_ray.stages.coordinates import coordinates_from_sketch  # noqa: E402
+from lorif_ray.stages.fast_curvature import ResidentGram  # noqa: E402
 from lorif_ray.stages.featurize import Featurizer, LayerSpec, blocks_from_columns  # noqa: E402
 from lorif_ray.stages.query import Scorer, TopK  # noqa: E402
 from lorif_ray.store import load_tensors, save_tensors  # noqa: E402
@@ -307,13 +308,11 @@ def checks(args) -> dict[str, float]:
     for label, dev, dt, mm in (("float64 cpu", "cpu", torch.float64, None),
                                (f"float32 {args.device}", args.device, torch.float32, None),
                                (f"bf16 {args.device}", args.device, torch.float32, torch.bfloat16)):
-        gram = ResidentGram(u.to(dev, dt), v.to(dev, dt), chunk_rows=7, matmul_dtype=mm)
-        gram.keep_sketch = True
+        gram = ResidentGram(u.to(dev, dt), v.to(dev, dt), chunk_rows=7, matmul_dtype=mm, keep_sketch=True)
         spectrum = randomized_spectrum(gram, 24, 6, oversample=3, power_iters=3, seed=0, name="a", dtype=dt, device=dev)
         op = lambda s: (s.vectors.double().cpu() * s.values.double().cpu()) @ s.vectors.double().cpu().T  # noqa: E731
         errors[f"stage 2 {label} V S^2 V^T"] = rel(op(spectrum), op(reference))
-        lc = LayerCurvature("woodbury", 0.4, spectrum.vectors, spectrum.values)
-        got = layer_coordinates(gram, lc)
+        got = coordinates_from_sketch(spectrum.vectors, gram.last_q, gram.last_sketch)
         errors[f"stage 2 {label} g' from sketch"] = rel(got, blocks["a"].dense().to(dev, dt) @ spectrum.vectors)
     # stage 1: featurizer fp32 / autocast vs float64
     model64 = build_model(True, "cpu", torch.float64)

@@ -55,8 +55,9 @@ class QueryConfig:
     # One process (cluster=none): hold the whole index in memory and score layers of equal shape in
     # batched products, instead of streaming shards (Ray query actors always keep their shards resident)
     resident: bool = False
-    # Stage 2 also stores g'_t = V_r^T g_t (r floats per layer per example, float32) so the resident
-    # query skips recomputing them: more disk, less query time (cluster=none for now)
+    # Stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per example, in `dtype`) so resident
+    # queries skip recomputing them: more disk, much less query time; on Ray the query actors then
+    # hold no V_r for scoring, only a share of the layers' V_r to project the queries
     store_coordinates: bool = False
 
 

@@ -1,11 +1,16 @@
 """Query service (stage 3 over shard owners): resident shards, scatter queries, gather top-k.
 
-Each ``QueryWorker`` owns a contiguous, deterministic group of shards and loads their rows and the
-curvature into memory once, on its own device (the GPU Ray gave it, if any). The driver ships each
-batch's query columns to every worker with one ``ray.put``; each worker prepares the query-side
-terms on its device, returns its top-k per query with *global* row indices (and optionally its
-block of the full score matrix), and the driver merges. The driver never loads the curvature or the
-model. The service stays alive across query batches.
+Each ``QueryWorker`` owns a consecutive group of shards and loads their rows, in the stacked layout
+of the batched scorer, once, on its own device (the GPU Ray gave it, if any). The driver ships each
+batch's query columns to every worker with one ``ray.put``; each worker prepares the query-side terms
+on its device and returns its top-k per query with *global* row indices (and optionally its block of
+the full score matrix); the driver merges. The service stays alive across query batches, and the
+driver never loads the model or the curvature.
+
+With stored g'_t (stage 2 with ``query.store_coordinates=true``) the workers hold no V_r for scoring:
+each holds V_r of a share of the layers only, and a query batch takes two scatter-gathers, one that
+projects the queries (g'_q = V_rᵀ g_q, every worker its layers) and one that scores. The whole
+curvature is then never in one process (253 GiB at 70B f=64 r=4096, split over the query actors).
 
 Example (needs a running Ray):
     >>> with QueryService(cfg, num_workers=2) as service:
@@ -28,11 +33,16 @@ from lorif_ray.config import Config
 from lorif_ray.dist.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.errors import LorifError
+from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, score_in_chunks
 from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.curvature import check_method_matches_index, load_curvature
+from lorif_ray.model.tensor_parallel import divide_layers
+from lorif_ray.stages.coordinates import QueryProjector, coordinates_match, curvature_ranks, load_coordinates
+from lorif_ray.stages.curvature import check_method_matches_index, layer_specs, load_curvature
+from lorif_ray.stages.fast_query import ResidentIndex
+from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import math_dtype, require, resolve_inputs
-from lorif_ray.stages.query import Scorer, TopK, full_scores_file, write_query_outputs
-from lorif_ray.store import iter_batches, open_index, read_ids
+from lorif_ray.stages.query import TopK, full_scores_file, write_query_outputs
+from lorif_ray.store import open_index, read_ids
 
 
 class QueryWorker:
@@ -44,7 +54,9 @@ class QueryWorker:
 
     Args:
         cfg: the run config (index, curvature, method, query settings, device).
-        shards: shard indices this worker owns (any order; rows keep their global index).
+        shards: the consecutive shard indices this worker owns (rows keep their global index).
+        projection_layers: with stored g'_t, the layers whose V_r this worker holds to project queries
+            (``project``); None = no stored g'_t: the worker holds every V_r and computes g'_t itself.
 
     Example:
         >>> worker = QueryWorker(cfg, [0, 1])
@@ -52,72 +64,75 @@ class QueryWorker:
         >>> scores.shape, rows.shape            # (nq, 5) each; rows are global row indices
     """
 
-    def __init__(self, cfg: Config, shards: Sequence[int]):
-        self.cfg, self.index_dir, self.shards = cfg, str(cfg.index_path), list(shards)
+    def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] | None = None):
+        self.cfg, self.shards = cfg, list(shards)
         self.device = resolve_device(cfg.model.device)
-        self.dtype, self.batch_rows = math_dtype(self.device), cfg.query.train_batch_rows
-        self.manifest = open_index(self.index_dir)
-        self.curvature = None if self.manifest.kind == "hidden" else \
-            load_curvature(cfg, self.manifest, self.device, self.dtype)
-        self.loads = 0
-        self._load()
-
-    def _load(self) -> None:
-        """Read every column of this worker's shards into memory (once)."""
-        manifest = self.manifest
-        starts, offset = {}, 0
-        for record in sorted(manifest.shards, key=lambda r: r.index):
-            starts[record.index] = offset
-            offset += record.rows
-        rows_of = {r.index: r.rows for r in manifest.shards}
-        parts, ids = [], []
-        for batch_ids, columns in iter_batches(self.index_dir, batch_rows=1 << 16, out_dtype=self.dtype,
-                                               device=self.device, manifest=manifest, shards=self.shards):
-            parts.append({k: v.clone() for k, v in columns.items()})
-            ids.extend(batch_ids)
-        names = list(manifest.columns)
-        self.columns = {k: torch.cat([p[k] for p in parts]) if parts else
-                        torch.zeros(0, manifest.columns[k], dtype=self.dtype, device=self.device) for k in names}
-        self.ids = ids
-        self.global_index = torch.cat([torch.arange(starts[s], starts[s] + rows_of[s]) for s in self.shards]) \
-            if self.shards else torch.zeros(0, dtype=torch.long)
-        self.global_index = self.global_index.to(self.device)
-        self.loads += 1
+        self.dtype = math_dtype(self.device)
+        self.manifest = manifest = open_index(cfg.index_path)
+        self.rows = manifest.row_range(self.shards)
+        self.specs = layer_specs(manifest)
+        self.stored_coordinates = projection_layers is not None
+        self.curvature, self.layout, self.projector, coordinates = None, None, None, None
+        if manifest.kind != "hidden":
+            self.curvature = load_curvature(cfg, manifest, self.device, self.dtype,
+                                            vectors=not self.stored_coordinates)
+            self.layout = ScoreLayout.build(self.specs, manifest.kind, self.curvature)
+        if self.stored_coordinates:
+            coordinates = load_coordinates(cfg, rows=self.rows, device=self.device, dtype=self.dtype)
+            self.projector = QueryProjector(cfg, manifest, projection_layers, self.device) if projection_layers \
+                else None
+        self.index = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
+                                              dtype=self.dtype, coordinates=coordinates, shards=self.shards)
+        self.loads = 1
 
     @property
     def num_rows(self) -> int:
-        return len(self.ids)
+        return len(self.index.ids)
 
     def info(self) -> dict:
-        """What this worker holds: shards, rows, how often it loaded them, and its process id."""
+        """What this worker holds: shards, rows, how often it loaded them, its process id, device, and
+        whether it holds V_r (``vectors``: the layers whose V_r it has)."""
+        vectors = [] if self.curvature is None else [n for n, c in self.curvature.items() if c.vectors is not None]
+        if self.projector is not None:
+            vectors = list(self.projector.vectors)
         return {"shards": self.shards, "rows": self.num_rows, "loads": self.loads, "pid": os.getpid(),
-                "device": str(self.device)}
+                "device": str(self.device), "vectors": vectors}
+
+    def project(self, query_columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """g'_q {layer: (nq, r)} of this worker's projection layers, on the CPU."""
+        if self.projector is None:
+            return {}
+        return {name: c.cpu() for name, c in self.projector(query_columns).items()}
 
     def score(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Top-k of one query batch against this worker's rows.
 
         Args:
             payload: {"columns": query columns {column: (nq, width)} as the featurizer makes them,
-                "k": top-k, "full": also return the (nq, rows) block of scores}.
+                "coordinates": {layer: g'_q (nq, r)} (with stored g'_t), "k": top-k,
+                "full": also return the (nq, rows) block of scores}.
 
         Returns:
             (scores (nq, k'), global row indices (nq, k'), full block (nq, rows) float32 or None), on
             the CPU, with k' = min(k, rows).
         """
         columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in payload["columns"].items()}
-        scorer = Scorer(self.cfg, self.manifest, columns, self.device, self.dtype, self.curvature)
         num_queries = next(iter(columns.values())).shape[0]
+        if self.layout is None:
+            query = RepSimQuery(columns["hidden"])
+        else:
+            query = StackedQuery(self.layout, blocks_from_columns(self.specs, self.manifest.kind, columns),
+                                 self.curvature, normalize=self.cfg.query.normalize,
+                                 keep_vectors=not self.stored_coordinates,
+                                 query_coordinates=payload.get("coordinates"))
         topk = TopK(num_queries, min(payload["k"], self.num_rows), self.device)
         blocks = []
-        for start in range(0, self.num_rows, self.batch_rows):
-            scores = scorer({k: v[start:start + self.batch_rows] for k, v in self.columns.items()})  # (nq, b)
-            topk.update(scores, start)
-            if payload["full"]:
-                blocks.append(scores.float().cpu())
+        score_in_chunks(query, self.index.block, topk, chunk_rows=self.cfg.query.train_batch_rows,
+                        sink=(lambda scores, _: blocks.append(scores.float().cpu())) if payload["full"] else None)
         full = None
         if payload["full"]:
             full = torch.cat(blocks, dim=1) if blocks else torch.zeros(num_queries, 0)
-        return topk.scores.cpu(), self.global_index[topk.index].cpu(), full
+        return topk.scores.cpu(), (topk.index + self.rows[0]).cpu(), full
 
 
 @dataclass
@@ -160,8 +175,10 @@ class QueryService:
         self.manifest = open_index(cfg.index_path)
         check_method_matches_index(cfg.method.name, self.manifest, cfg.index_path)
         self.groups = shard_groups(self.manifest, num_workers)
+        self.projection_layers = projection_shares(cfg, self.manifest, len(self.groups))
         remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(QueryWorker)
-        self.workers = [remote.remote(cfg, group) for group in self.groups]
+        shares = self.projection_layers or [None] * len(self.groups)
+        self.workers = [remote.remote(cfg, group, share) for group, share in zip(self.groups, shares)]
         self._train_ids: list[str] | None = None
         try:  # surface a constructor's error (e.g. a stale curvature file) here, named
             self.stats()
@@ -187,7 +204,13 @@ class QueryService:
 
         full = self.cfg.query.full_scores if full_scores is None else full_scores
         k = min(self.cfg.query.top_k, self.manifest.num_rows)
-        payload = ray.put({"columns": {k: v.cpu() for k, v in query_columns.items()}, "k": k, "full": full})
+        columns = {k: v.cpu() for k, v in query_columns.items()}
+        payload = {"columns": columns, "k": k, "full": full}
+        if self.projection_layers is not None:  # g'_q: every worker projects its layers' share
+            shared = ray.put(columns)
+            payload["coordinates"] = {name: c for part in ray.get([w.project.remote(shared) for w in self.workers])
+                                      for name, c in part.items()}
+        payload = ray.put(payload)
         results = ray.get([w.score.remote(payload) for w in self.workers])
         scores, index = merge_topk([(s, i) for s, i, _ in results], k)
         matrix = None
@@ -196,7 +219,7 @@ class QueryService:
         return QueryResult(scores, index, matrix)
 
     def stats(self) -> list[dict]:
-        """Each worker's ``info()``: shards, rows, load count, pid."""
+        """Each worker's ``info()``: shards, rows, load count, pid, device, layers whose V_r it holds."""
         import ray
 
         return ray.get([w.info.remote() for w in self.workers])
@@ -213,6 +236,16 @@ class QueryService:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def projection_shares(cfg: Config, manifest, num_workers: int) -> list[list[str]] | None:
+    """With stored g'_t matching the curvature: the Woodbury layers each worker projects queries for,
+    balanced by the size of V_r (D·r); None when there are none (workers then hold every V_r)."""
+    if cfg.method.name != "lorif" or not coordinates_match(cfg):
+        return None
+    ranks = curvature_ranks(cfg)
+    dims = {s.name: s.dim for s in layer_specs(manifest)}
+    return divide_layers({name: dims[name] * rank for name, rank in ranks.items()}, num_workers)
 
 
 def write_result(cfg: Config, query_ids: list[str], train_ids: list[str], result: QueryResult) -> dict:

@@ -6,7 +6,6 @@ The jobs call ``run_stage``; with the Ray backend it starts or joins Ray (``clus
 from __future__ import annotations
 
 from lorif_ray.config import Config
-from lorif_ray.errors import ConfigError
 from lorif_ray.stages.attribute import STAGES, run_local_stage
 
 
@@ -16,9 +15,6 @@ def run_stage(name: str, cfg: Config) -> dict:
         raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
     if cfg.cluster.backend == "none":
         return run_local_stage(name, cfg)
-    if cfg.query.store_coordinates:
-        raise ConfigError("query.store_coordinates runs with cluster=none for now: stage 2 on Ray does not "
-                          "write g'_t")
     from lorif_ray.dist.cluster import actor_options, connect
     from lorif_ray.dist.index_pipeline import run_index_distributed
     from lorif_ray.dist.query_service import run_query_distributed

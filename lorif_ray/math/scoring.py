@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorif_ray.math.influence import GradientBlock, LayerCurvature, self_influence, woodbury_weights
+from lorif_ray.math.influence import GradientBlock, LayerCurvature, repsim_scores, self_inner, woodbury_weights
 
 
 @dataclass
@@ -191,15 +191,18 @@ class StackedQuery:
     Args:
         layout: from ``ScoreLayout.build``.
         query: {layer: GradientBlock} of the queries (factors or dense, like the store).
-        curvature: {layer: LayerCurvature}.
+        curvature: {layer: LayerCurvature}; Woodbury layers need V_r unless ``query_coordinates`` has them.
         normalize: divide by sqrt(I(q,q) I(t,t)) (cosine in the curvature metric).
         matmul_dtype: dtype of the big products' inputs (e.g. torch.bfloat16 on a GPU); products are
             cast back to the query's dtype before they are multiplied and summed. None = the query's.
         keep_vectors: keep V_r per layer so that g'_t can be computed for blocks without stored g'.
+        query_coordinates: {layer: g'_q = V_rᵀ g_q (nq, r)} made elsewhere (``QueryProjector``), so
+            that scoring against stored g'_t needs no V_r here.
     """
 
     def __init__(self, layout: ScoreLayout, query: dict[str, GradientBlock], curvature: dict[str, LayerCurvature],
-                 *, normalize: bool = False, matmul_dtype: torch.dtype | None = None, keep_vectors: bool = True):
+                 *, normalize: bool = False, matmul_dtype: torch.dtype | None = None, keep_vectors: bool = True,
+                 query_coordinates: dict[str, torch.Tensor] | None = None):
         self.layout, self.normalize = layout, normalize
         first = next(iter(query.values()))
         self.dtype = (first.u if first.factored else first.g).dtype
@@ -221,27 +224,40 @@ class StackedQuery:
                 parts.append(g @ curv.inverse if curv.kind == "inverse" else g * layout.scale[n])
             self.dense_query = torch.cat(parts, dim=1).to(mm)
         # Curvature term: −(w ⊙ g'_q) against g'_t, every Woodbury layer side by side.
-        self.vectors, weighted, weights = [], [], []
+        self.vectors, coordinates, weights = [], [], []
         for g in layout.coordinate_groups:
-            vectors = torch.stack([curvature[n].vectors for n in g.names])  # (L, D, r)
             w = torch.stack([woodbury_weights(curvature[n].values, curvature[n].damping) for n in g.names])
-            dense_q = torch.stack([query[n].dense() for n in g.names])  # (L, nq, D)
-            weighted.append((torch.bmm(dense_q, vectors) * w[:, None, :]).transpose(0, 1).reshape(self.nq, -1))
+            if query_coordinates is not None:
+                coords = torch.stack([query_coordinates[n].to(device=w.device, dtype=self.dtype) for n in g.names])
+            else:
+                vectors = torch.stack([curvature[n].vectors for n in g.names])  # (L, D, r)
+                coords = torch.bmm(torch.stack([query[n].dense() for n in g.names]), vectors)  # (L, nq, r)
+            if keep_vectors and all(curvature[n].vectors is not None for n in g.names):
+                self.vectors.append(torch.stack([curvature[n].vectors for n in g.names]).to(mm))
+            coordinates.append(coords.transpose(0, 1).reshape(self.nq, -1))
             weights.append(w.reshape(-1))
-            if keep_vectors:
-                self.vectors.append(vectors.to(mm))
-        self.weighted = torch.cat(weighted, dim=1).to(mm) if weighted else None  # (nq, Σr)
-        self.weights = torch.cat(weights) if weights else None  # (Σr,) for self-influence
+        self.weights = torch.cat(weights).to(self.dtype) if weights else None  # (Σr,)
+        query_coords = torch.cat(coordinates, dim=1) if coordinates else None  # (nq, Σr) g'_q
+        self.weighted = None if query_coords is None else (query_coords * self.weights).to(mm)
         self.inverse = {n: curvature[n] for n in layout.dense_dims if curvature[n].kind == "inverse"}
         if normalize:
-            self.query_self = sum(self_influence(b, curvature[n]) for n, b in query.items())
+            self.query_self = self._query_self(query, query_coords)
+
+    def _query_self(self, query: dict[str, GradientBlock], coords: torch.Tensor | None) -> torch.Tensor:
+        """I(q, q) per query (nq,): s_ℓ‖g_q‖² (or g_qᵀ P_ℓ g_q for LoGRA) summed, minus Σ w g'_q²."""
+        out = sum(self_inner(query[n]) * self.layout.scale[n] for n in self.layout.scale)
+        out = out + sum(((query[n].dense() @ c.inverse) * query[n].dense()).sum(dim=1) for n, c in self.inverse.items())
+        if coords is not None:
+            out = out - (coords * coords * self.weights).sum(dim=1)
+        return out
 
     def coordinates(self, block: TrainBlock) -> torch.Tensor:
         """g'_t = V_rᵀ g_t of every Woodbury layer: (nt, Σr) (stored ones if the block has them)."""
         if block.coordinates is not None:
             return block.coordinates
         if len(self.vectors) != len(self.layout.coordinate_groups):
-            raise ValueError("this StackedQuery was built with keep_vectors=False and the block has no g'")
+            raise ValueError("the block has no stored g'_t and this StackedQuery holds no V_r to compute them "
+                             "(keep_vectors=False, or a curvature loaded without vectors)")
         rows = self._coordinate_rows(block)
         parts = [torch.bmm(r.to(v.dtype), v).transpose(0, 1).reshape(r.shape[1], -1)
                  for r, v in zip(rows, self.vectors)]
@@ -328,6 +344,17 @@ class StackedQuery:
             coords = self.coordinates(block).to(self.dtype)
             out -= (coords * coords * self.weights.to(self.dtype)).sum(dim=1)
         return out
+
+
+class RepSimQuery:
+    """RepSim with ``StackedQuery``'s interface: cosine of the queries' hidden states (nq, H) against a
+    block whose ``dense`` holds the training rows' hidden states (nt, H)."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+    def scores(self, block: TrainBlock) -> torch.Tensor:
+        return repsim_scores(self.hidden, block.dense.to(self.hidden.dtype))
 
 
 def score_in_chunks(query: StackedQuery, block: TrainBlock, topk, *, offset: int = 0, chunk_rows: int = 8192,

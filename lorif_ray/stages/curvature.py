@@ -7,7 +7,7 @@ G is never materialized. A curvature file made with the same settings from the s
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -128,14 +128,27 @@ def _check_damping(damping: float, spec: LayerSpec) -> None:
                          "set damping explicitly or leave the layer out (model.layers)")
 
 
-def load_curvature(cfg: Config, manifest: Manifest, device, dtype) -> dict[str, LayerCurvature]:
-    """The saved curvature of every layer, checked against the index and method."""
+def load_curvature(cfg: Config, manifest: Manifest, device, dtype, *, vectors: bool | Iterable[str] = True
+                   ) -> dict[str, LayerCurvature]:
+    """The saved curvature of every layer, checked against the index and method.
+
+    Args:
+        vectors: which layers' V_r to read: all (True), none (False: damping and σ² only, enough to score
+            against stored g'_t), or the named layers. V_r is most of the file (D·r per layer), and
+            tensors not asked for are never read.
+    """
     if not cfg.curvature_path.exists():
         raise ConfigError(f"no curvature at {cfg.curvature_path}; run stage 2 (jobs/curvature.py) first")
-    tensors, meta = load_tensors(cfg.curvature_path, device=device)
+    wanted_vectors = vectors if isinstance(vectors, bool) else set(vectors)
+
+    def wanted(tensor: str) -> bool:
+        layer, field = tensor.rsplit(".", 1)
+        return field != "vectors" or (wanted_vectors if isinstance(wanted_vectors, bool) else layer in wanted_vectors)
+
+    tensors, meta = load_tensors(cfg.curvature_path, device=device, names=wanted)
     saved = meta.get("method_meta", {})
-    wanted = curvature_meta(cfg, manifest)
-    if saved.get("index") != wanted["index"] or saved.get("method") != wanted["method"]:
+    expected = curvature_meta(cfg, manifest)
+    if saved.get("index") != expected["index"] or saved.get("method") != expected["method"]:
         raise IndexMismatchError(f"{cfg.curvature_path} was computed for method={saved.get('method')} from another "
                                  f"index than {cfg.index_path}; re-run stage 2")
     kind = meta["kind"]

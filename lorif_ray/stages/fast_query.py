@@ -19,7 +19,7 @@ from lorif_ray.config import Config
 from lorif_ray.math.scoring import ScoreLayout, StackedQuery, TrainBlock, score_in_chunks
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.curvature import check_method_matches_index, layer_specs, load_curvature
-from lorif_ray.stages.fast_curvature import coordinates_match, load_coordinates
+from lorif_ray.stages.coordinates import coordinates_match, load_coordinates
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import math_dtype
 from lorif_ray.stages.query import TopK, featurize_queries, full_scores_file, write_query_outputs
@@ -38,41 +38,47 @@ class ResidentIndex:
         self.ids, self.block = ids, block
 
     @classmethod
-    def from_index(cls, index_path, manifest, layout: ScoreLayout, *, device, dtype,
+    def from_index(cls, index_path, manifest, layout: ScoreLayout | None, *, device, dtype,
                    coordinates: dict[str, torch.Tensor] | None = None, batch_rows: int = 8192,
-                   max_rows: int | None = None, pin: bool = True) -> "ResidentIndex":
-        """Read the shards (or the first ``max_rows`` rows) into the stacked layout on ``device``."""
-        n = manifest.num_rows if max_rows is None else min(max_rows, manifest.num_rows)
+                   shards: list[int] | None = None, pin: bool = True) -> "ResidentIndex":
+        """Read the shards (all, or a consecutive run ``shards``) into the stacked layout on ``device``.
+
+        ``layout`` None reads a "hidden" store (RepSim) as ``block.dense``; ``coordinates`` are the
+        stored g'_t of exactly these rows.
+        """
+        start, stop = manifest.row_range(shards) if shards is not None else (0, manifest.num_rows)
+        n = stop - start
         device = torch.device(device)
         factors, dense = None, None
-        if layout.kind == "factors":
+        if layout is not None and layout.kind == "factors":
             factors = [(torch.empty(len(g.names), n, g.c, g.d1, dtype=dtype, device=device),
                         torch.empty(len(g.names), n, g.c, g.d2, dtype=dtype, device=device))
                        for g in layout.factor_groups]
         else:
-            dense = torch.empty(n, sum(layout.dense_dims.values()), dtype=dtype, device=device)
+            width = manifest.columns["hidden"] if layout is None else sum(layout.dense_dims.values())
+            dense = torch.empty(n, width, dtype=dtype, device=device)
         ids: list[str] = []
         pinned = pin and device.type == "cuda"
         for batch_ids, columns in iter_batches(index_path, batch_rows=batch_rows, out_dtype=dtype, device="cpu",
-                                               manifest=manifest):
-            start, take = len(ids), min(len(batch_ids), n - len(ids))
-            if take <= 0:
-                break
-            part = layout.train_block({k: v[:take] for k, v in columns.items()})
+                                               manifest=manifest, shards=shards):
+            at, take = len(ids), len(batch_ids)
+            part = TrainBlock(dense=columns["hidden"]) if layout is None else layout.train_block(columns)
             if pinned:  # page-locked staging, so the host→device copies run asynchronously
                 part = TrainBlock(None if part.factors is None else [(u.pin_memory(), v.pin_memory())
                                                                      for u, v in part.factors],
                                   None if part.dense is None else part.dense.pin_memory())
             if factors is not None:
                 for (u, v), (pu, pv) in zip(factors, part.factors):
-                    u[:, start:start + take].copy_(pu, non_blocking=pinned)
-                    v[:, start:start + take].copy_(pv, non_blocking=pinned)
+                    u[:, at:at + take].copy_(pu, non_blocking=pinned)
+                    v[:, at:at + take].copy_(pv, non_blocking=pinned)
             else:
-                dense[start:start + take].copy_(part.dense, non_blocking=pinned)
-            ids.extend(batch_ids[:take])
+                dense[at:at + take].copy_(part.dense, non_blocking=pinned)
+            ids.extend(batch_ids)
         coords = None
         if coordinates is not None:
-            coords = torch.cat([coordinates[name][:n] for name in layout.coordinate_names], dim=1)
+            coords = torch.cat([coordinates[name] for name in layout.coordinate_names], dim=1)
+            if coords.shape[0] != n:
+                raise ValueError(f"{coords.shape[0]} rows of stored g'_t for {n} index rows")
             coords = coords.to(device=device, dtype=dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

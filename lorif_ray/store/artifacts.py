@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,17 +38,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         ...     pq.write_table(table, tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = temporary_path(path)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary name next to `path` (its directory is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """fsync `tmp`, rename it over `path` and fsync the directory: `path` is then whole or untouched."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(Path(path).parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -90,8 +101,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     return digest
 
 
-def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Loads a file written by `save_tensors`.
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 names: Callable[[str], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Loads a file written by `save_tensors` (only the tensors whose name `names` accepts, if given:
+    the others are never read).
 
     Returns:
         (name -> tensor on `device`, meta dict; {} if the file has none).
@@ -106,7 +119,7 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys() if names is None or names(name)}
         meta = json.loads(header.get(META_KEY, "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise CorruptShardError(f"cannot read tensor file {path}: {e}") from e

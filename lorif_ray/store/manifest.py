@@ -58,6 +58,21 @@ class Manifest:
         """Sum of the shard file sizes."""
         return sum(s.bytes for s in self.shards)
 
+    def row_range(self, shards: list[int]) -> tuple[int, int]:
+        """Rows [start, stop) in index order of a contiguous run of shard indices (e.g. a worker's group).
+
+        Raises:
+            ConfigError: the shards are not consecutive or not in this index.
+        """
+        rows = {s.index: s.rows for s in self.shards}
+        if not shards:
+            return 0, 0
+        first = shards[0]
+        if list(shards) != list(range(first, first + len(shards))) or any(i not in rows for i in shards):
+            raise ConfigError(f"shards {shards} are not a consecutive run of this index's {len(rows)} shards")
+        start = sum(n for i, n in rows.items() if i < first)
+        return start, start + sum(rows[i] for i in shards)
+
     def save(self, directory: str | os.PathLike) -> None:
         """Writes `directory/_manifest.json` atomically."""
         write_json(Path(directory) / MANIFEST_NAME, asdict(self))

@@ -9,7 +9,8 @@ import torch
 from lorif_ray.config import QueryConfig
 from lorif_ray.errors import IndexMismatchError
 from lorif_ray.stages.curvature import layer_specs, load_curvature, run_curvature
-from lorif_ray.stages.fast_curvature import coordinates_match, load_coordinates, run_curvature_fast
+from lorif_ray.stages.coordinates import coordinates_match, load_coordinates
+from lorif_ray.stages.fast_curvature import run_curvature_fast
 from lorif_ray.stages.fast_query import ResidentIndex, run_query_fast
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.store import iter_batches, load_tensors, open_index
@@ -102,14 +103,3 @@ def test_config_keys_select_the_resident_paths(baseline):
     expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
     scores = np.load(cfg.output_dir + "/scores.npy")
     assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
-
-
-def test_stored_coordinates_are_refused_on_ray(baseline):
-    from lorif_ray.config import ClusterConfig
-    from lorif_ray.dist.stages import run_stage
-    from lorif_ray.errors import ConfigError
-
-    cfg = baseline["config"]("keys_ray", cluster=ClusterConfig(backend="ray"),
-                             query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
-    with pytest.raises(ConfigError, match="store_coordinates"):
-        run_stage("curvature", cfg)

@@ -1,0 +1,117 @@
+"""Stored g'_t on Ray: stage-2 workers write their rows from the last pass's sketch, and query actors
+score against them holding no V_r for scoring (each projects queries for a share of the layers)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from lorif_ray.config import ClusterConfig, QueryConfig
+from lorif_ray.dist.query_service import QueryService
+from lorif_ray.dist.rsvd import GramWorker, shard_groups
+from lorif_ray.dist.stages import run_stage
+from lorif_ray.math.rsvd import randomized_spectrum
+from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, curvature_ranks, load_coordinates
+from lorif_ray.stages.curvature import layer_specs, load_curvature
+from lorif_ray.stages.featurize import blocks_from_columns
+from lorif_ray.stages.query import featurize_queries, run_query
+from lorif_ray.store import iter_batches, open_index
+from tests.conftest import QUERY_CONFIG
+from tests.dist.conftest import NUM_WORKERS
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
+    """G V_r per Woodbury layer in float64, from the stored rows and the saved curvature."""
+    manifest = open_index(cfg.index_path)
+    curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
+    rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, out_dtype=torch.float64, manifest=manifest)])
+            for k in manifest.columns}
+    blocks = blocks_from_columns(layer_specs(manifest), manifest.kind, rows)
+    return {n: blocks[n].dense() @ curvature[n].vectors for n in blocks}
+
+
+def test_gram_workers_write_their_rows_from_the_sketch_without_another_pass(baseline, tmp_path):
+    cfg = baseline["cfg"]
+    manifest = open_index(cfg.index_path)
+    spec = next(s for s in layer_specs(manifest) if s.dim > 64 + 10)  # a layer on the randomized path
+    workers = [GramWorker(cfg.index_path, group, batch_rows=7) for group in shard_groups(manifest, NUM_WORKERS)]
+    apply = lambda q: sum(w.apply(spec.name, q, keep_sketch=True) for w in workers)  # noqa: E731
+    spectrum = randomized_spectrum(apply, spec.dim, 16, oversample=4, power_iters=2, seed=0, name=spec.name,
+                                   dtype=torch.float64)
+    passes = []
+    for w in workers:  # count the passes over the shards that write_coordinates makes
+        rows = w._rows
+        w._rows = lambda *a, rows=rows: passes.append(1) or rows(*a)
+    writer = CoordinateWriter(tmp_path, manifest.num_rows, "float32")
+    path = writer.begin(spec.name, 16)
+    assert sum(w.write_coordinates(spec.name, spectrum.vectors, path, "float32") for w in workers) == manifest.num_rows
+    writer.commit(spec.name)
+    assert passes == []
+    rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, [k], out_dtype=torch.float64,
+                                                          manifest=manifest)])
+            for k in (f"{spec.name}.u", f"{spec.name}.v")}
+    exact = blocks_from_columns([spec], "factors", rows)[spec.name].dense() @ spectrum.vectors
+    stored = torch.from_numpy(np.load(tmp_path / f"{spec.name}.npy")).double()
+    assert _rel(stored, exact) < 1e-6  # float32 file
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ray_stages_with_stored_coordinates_equal_the_one_process_query(baseline, ray_cluster, normalize):
+    query = QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}, store_coordinates=True)
+    cfg = baseline["config"](f"ray_coords_{normalize}", cluster=ClusterConfig(backend="ray", gram_actors=NUM_WORKERS,
+                                                                                query_actors=NUM_WORKERS),
+                             query=query)
+    report = run_stage("curvature", cfg)
+    ranks = curvature_ranks(cfg)
+    assert report["coordinates"]["bytes_per_example"] == 4 * sum(ranks.values())
+    stored = load_coordinates(cfg, dtype=torch.float64)
+    for name, exact in _exact_coordinates(cfg).items():
+        assert _rel(stored[name], exact) < 1e-6, name
+    # the reference: the streaming one-process query on the same curvature (g'_t recomputed from V_r)
+    ref = replace(baseline["config"](f"ray_coords_{normalize}_ref"), query=replace(query, store_coordinates=False))
+    ref.curvature_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cfg.curvature_path, ref.curvature_path)
+    run_query(ref)
+    run_stage("query", cfg)
+    got, expected = np.load(f"{cfg.output_dir}/scores.npy"), np.load(f"{ref.output_dir}/scores.npy")
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    import pyarrow.parquet as pq
+    assert pq.read_table(f"{cfg.output_dir}/topk.parquet").column("train_id").to_pylist() == \
+        pq.read_table(f"{ref.output_dir}/topk.parquet").column("train_id").to_pylist()
+    assert run_stage("curvature", cfg)["reused"]  # curvature and g'_t both match: nothing recomputed
+
+
+def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
+    cfg = baseline["config"]("ray_coords_share", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True),
+                             cluster=ClusterConfig(backend="ray", gram_actors=NUM_WORKERS))
+    run_stage("curvature", cfg)
+    manifest = open_index(cfg.index_path)
+    _, columns, _ = featurize_queries(cfg, manifest)
+    with QueryService(cfg, num_workers=NUM_WORKERS) as service:
+        shares = [set(s["vectors"]) for s in service.stats()]
+        result = service.query(columns)
+    assert all(shares) and not set.intersection(*shares) and set.union(*shares) == set(curvature_ranks(cfg))
+    expected = np.load(baseline["cfg"].output_dir + "/scores.npy")  # baseline curvature: equal to float error
+    assert np.abs(result.full - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_stale_coordinate_file_is_not_used(baseline, ray_cluster):
+    """Stage 2 run again with other settings and without storing g'_t: the old g'_t belong to another
+    curvature, so the query actors recompute g'_t from V_r instead of scoring with stale numbers."""
+    query = QueryConfig(**QUERY_CONFIG, store_coordinates=True)
+    cfg = baseline["config"]("ray_coords_stale", query=query, cluster=ClusterConfig(backend="ray"))
+    run_stage("curvature", cfg)
+    assert (coordinates_dir(cfg) / "_meta.json").exists()
+    other = replace(cfg, r=8, query=replace(query, store_coordinates=False))
+    run_stage("curvature", other)
+    with QueryService(other, num_workers=NUM_WORKERS) as service:
+        assert service.projection_layers is None
+        assert all(len(s["vectors"]) == len(curvature_ranks(other)) for s in service.stats())
