@@ -25,6 +25,9 @@ from lorif_ray.math.factorize import default_iterations, effective_rank, factori
 from lorif_ray.math.influence import GradientBlock
 from lorif_ray.math.projection import layer_projection
 
+FiniteMasks = list[tuple[str, torch.Tensor]]
+"""[(layer, (n,) bool rows holding NaN/Inf)] for ``check_finite_all``."""
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -74,6 +77,14 @@ class ColumnMaker:
 
     def __call__(self, ids: list[str], captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """{layer: (A (n, T, d1), B (n, T, d2))} → {column: (n, width)}; raises on NaN/Inf naming the examples."""
+        columns, masks = self.unchecked(ids, captured)
+        check_finite_all(masks, ids)  # one host sync
+        return columns
+
+    def unchecked(self, ids: list[str], captured: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[dict[str, torch.Tensor], FiniteMasks]:
+        """Store columns and the NaN/Inf row masks for ``check_finite_all``, without any host sync
+        (a pipeline checks many batches at once)."""
         out = {}
         n = len(ids)
         pairs = {s.name: tuple(t.to(device=self.device, dtype=self.compute_dtype) for t in captured[s.name])
@@ -81,14 +92,13 @@ class ColumnMaker:
         if self.kind == "dense":
             for spec in self.specs:
                 out[f"{spec.name}.g"] = dense_gradients(*pairs[spec.name]).reshape(n, -1)
-            check_finite_all([(s.name, nonfinite_rows(out[f"{s.name}.g"])) for s in self.specs], ids)  # one sync
-            return out
-        check_finite_all([(s.name, nonfinite_rows(t)) for s in self.specs for t in pairs[s.name]], ids)  # one sync
+            return out, [(s.name, nonfinite_rows(out[f"{s.name}.g"])) for s in self.specs]
+        masks = [(s.name, nonfinite_rows(t)) for s in self.specs for t in pairs[s.name]]
         for spec in self.specs:
             u, v = factorize(*pairs[spec.name], self.start_blocks[spec.name], self.iterations)
             out[f"{spec.name}.u"] = u.reshape(n, -1)
             out[f"{spec.name}.v"] = v.reshape(n, -1)
-        return out
+        return out, masks
 
 
 class Featurizer:
@@ -154,9 +164,15 @@ class Featurizer:
 
     def __call__(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Store columns of one batch: {column: (n, width)} on the model's device."""
+        columns, masks = self.unchecked(ids, batch)
+        check_finite_all(masks, ids)
+        return columns
+
+    def unchecked(self, ids: list[str], batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], FiniteMasks]:
+        """Store columns of one batch and their NaN/Inf row masks, with no host sync (see ``ColumnMaker``)."""
         if self.kind == "hidden":
-            return {"hidden": self._hidden({k: v.to(self.device) for k, v in batch.items()})}
-        return self.maker(ids, self.capture(ids, batch))
+            return {"hidden": self._hidden({k: v.to(self.device) for k, v in batch.items()})}, []
+        return self.maker.unchecked(ids, self.capture(ids, batch))
 
     @torch.no_grad()
     def _hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,6 +7,7 @@ shard is recorded in the manifest, so a re-run after a crash skips it and resume
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ from lorif_ray.config import Config
 from lorif_ray.data import TokenizedExample
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import DataError
+from lorif_ray.math.capture import check_finite_all
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import load_model, model_identity
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
@@ -65,14 +67,21 @@ def shard_chunks(examples: list, shard_size: int) -> list[list]:
 
 def featurize_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int, pad_token_id: int,
                     on_batch: Callable[[int], None] | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """One shard's ids and store columns {column: (n, width)} on the CPU (fused capture + factorization)."""
-    ids, parts = [], []
+    """One shard's ids and store columns {column: (n, width)} on the CPU (fused capture + factorization).
+
+    The host waits for the device once per shard, not per batch: the batches' columns stay on the
+    device and their NaN/Inf checks run together at the end (errors name the same layer and examples).
+    """
+    ids, parts, masks = [], [], []
     for batch_ids, batch in token_batches(chunk, batch_size, pad_token_id):
-        parts.append({k: v.detach().cpu() for k, v in featurizer(batch_ids, batch).items()})
+        columns, batch_masks = featurizer.unchecked(batch_ids, batch)
+        parts.append({k: v.detach() for k, v in columns.items()})
+        masks.append(batch_masks)
         ids.extend(batch_ids)
         if on_batch:
             on_batch(len(batch_ids))
-    return ids, {k: torch.cat([p[k] for p in parts]) for k in featurizer.columns}
+    check_finite_all([(name, torch.cat([m[i][1] for m in masks])) for i, (name, _) in enumerate(masks[0])], ids)
+    return ids, {k: torch.cat([p[k] for p in parts]).cpu() for k in featurizer.columns}
 
 
 def capture_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int,
@@ -103,7 +112,11 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 
 
 def run_index(cfg: Config) -> dict:
-    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
+    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict.
+
+    Shard i+1 is computed while shard i is written (Parquet encoding, checksum, fsync) on a background
+    thread; at most one shard waits, and a write error stops the run at the next shard.
+    """
     inputs = resolve_inputs(cfg)
     model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
     train_path, examples = train_examples(cfg, tokenizer)
@@ -112,17 +125,24 @@ def run_index(cfg: Config) -> dict:
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
     announce(cfg, len(examples), featurizer.columns, featurizer.kind)
-    start, computed, skipped = time.perf_counter(), 0, 0
-    with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
-        for shard, chunk in enumerate(shard_chunks(examples, cfg.shard_size)):
-            if writer.is_done(shard):
-                skipped += 1
-                bar.update(len(chunk))
+    chunks = shard_chunks(examples, cfg.shard_size)
+    done = {shard for shard in range(len(chunks)) if writer.is_done(shard)}
+    start, computed = time.perf_counter(), 0
+    with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
+        bar.update(sum(len(chunks[shard]) for shard in done))
+        writing: Future | None = None
+        for shard, chunk in enumerate(chunks):
+            if shard in done:
                 continue
             ids, columns = featurize_chunk(featurizer, chunk, cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
-            writer.write_shard(shard, ids, columns)
+            if writing is not None:
+                writing.result()  # raises a failed write here
+            writing = background.submit(writer.write_shard, shard, ids, columns)
             computed += len(chunk)
-    return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=skipped,
+        if writing is not None:
+            writing.result()
+    return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=len(done),
                         seconds=time.perf_counter() - start)
 
 

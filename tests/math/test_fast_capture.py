@@ -102,3 +102,51 @@ def test_bf16_projection_dtype_is_used_in_the_hooks():
     captured = feat.capture(["a", "b"], padded_batch([8, 6], [1, 2]))
     assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in captured.values())
     assert feat(["a", "b"], padded_batch([8, 6], [1, 2]))[f"{feat.specs[0].name}.u"].dtype == torch.float32
+
+
+@contextmanager
+def _count_host_syncs():
+    """Counts Tensor → Python conversions (the host waiting for the device) while active."""
+    counts = {"n": 0}
+    saved = {a: getattr(torch.Tensor, a) for a in SYNCS}
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            counts["n"] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+    for attr, fn in saved.items():
+        setattr(torch.Tensor, attr, counting(fn))
+    try:
+        yield counts
+    finally:
+        for attr, fn in saved.items():
+            setattr(torch.Tensor, attr, fn)
+
+
+def test_stage_one_syncs_once_per_shard_not_per_batch():
+    """featurize_chunk adds a fixed number of host syncs per shard (the joint NaN check and the copies),
+    whatever its number of batches; only the model's own forward may sync per batch."""
+    from lorif_ray.data import TokenizedExample, collate
+    from lorif_ray.math.capture import per_example_token_loss
+    from lorif_ray.stages.index import featurize_chunk
+
+    model = tiny_gpt2(dtype=torch.float32)
+    feat = _featurizer(model, compute_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 61, (6, 7), generator=gen).tolist()
+    chunk = [TokenizedExample(f"e{i}", row, row) for i, row in enumerate(tokens)]
+    with _count_host_syncs() as plain:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        per_example_token_loss(model, collate(chunk[:2], 0)).sum().backward()
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    syncs = {}
+    for batches in (1, 3):
+        with _count_host_syncs() as counts:
+            ids, columns = featurize_chunk(feat, chunk, batch_size=6 // batches, pad_token_id=0)
+        assert ids == [e.id for e in chunk] and all(v.shape[0] == 6 for v in columns.values())
+        syncs[batches] = counts["n"]
+    assert syncs[3] - syncs[1] == 2 * plain["n"], (syncs, plain)

@@ -33,6 +33,32 @@ def test_lost_shard_is_recomputed_and_nothing_else(tiny_assets, tmp_path):
     assert table.column("example_id").to_pylist() == [f"t{i}" for i in range(48)]
 
 
+def test_a_failed_background_write_stops_stage_one_and_keeps_the_shards_before_it(tiny_assets, tmp_path,
+                                                                                     monkeypatch):
+    """Shards are written on a background thread while the next one is computed: a write that fails
+    (here: the disk is full for shard 1) stops the run with that error, shard 0 stays committed, and the
+    re-run computes only what is missing."""
+    from lorif_ray.store import ShardWriter
+
+    cfg = make_config(tiny_assets, tmp_path, shard_size=16)
+    real_write = ShardWriter.write_shard
+
+    def disk_full_for_shard_one(self, shard, ids, arrays):
+        if shard == 1:
+            raise OSError(28, "No space left on device")
+        return real_write(self, shard, ids, arrays)
+
+    monkeypatch.setattr(ShardWriter, "write_shard", disk_full_for_shard_one)
+    with pytest.raises(OSError, match="No space left"):
+        run_index(cfg)
+    monkeypatch.setattr(ShardWriter, "write_shard", real_write)
+    manifest = json.loads((tmp_path / "index" / "_manifest.json").read_text())
+    assert [s["index"] for s in manifest["shards"]][:1] == [0] and 1 not in [s["index"] for s in manifest["shards"]]
+    again = run_index(cfg)
+    assert again["computed"] == 48 - 16 * len(manifest["shards"])
+    assert pq.read_table(tmp_path / "index").column("example_id").to_pylist() == [f"t{i}" for i in range(48)]
+
+
 def test_sweep_over_r_reuses_the_index(tiny_assets, tmp_path):
     index_dir = str(tmp_path / "shared_index")
     a = run_attribute(make_config(tiny_assets, tmp_path / "r4", r=4, index_dir=index_dir))
