@@ -8,9 +8,10 @@
 Needs only torch, transformers, numpy, pyarrow (no ray, deepspeed, hydra: checked at the end).
 Prints Markdown tables:
 
-1. stage 1: examples/s of featurization (hooks with projections + rank-c factorization + copy of the
-   factors to pinned host memory) next to the plain forward+backward (summed loss, weight gradients)
-   measured in the same run, fp32 and (on a GPU) bf16 autocast with fp32 projections;
+1. stage 1: examples/s of the bare featurizer (hooks with projections + rank-c factorization + copy of
+   the factors to pinned host memory) and of the real stage-1 loop (``write_shards``: one host sync per
+   shard, Parquet shards written on a background thread) next to the plain forward+backward (summed
+   loss, weight gradients) measured in the same run, fp32 and (on a GPU) bf16 autocast;
 2. stage 2: seconds per power-iteration pass GᵀG Q (k = r + 10) from resident factors, per layer shape,
    measured on ``--stage2-rows`` rows and scaled to N and all layers;
 3. query: ``--queries`` queries against N resident rows (N-scaling: N/8 … N, capped by memory),
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lorif_ray.data import TokenizedExample  # noqa: E402
 from lorif_ray.math.capture import per_example_token_loss  # noqa: E402
 from lorif_ray.math.influence import GradientBlock, LayerCurvature, exact_inverse  # noqa: E402
 from lorif_ray.math.rsvd import eigh_spectrum, gram_apply_from_batches, randomized_spectrum  # noqa: E402
@@ -43,8 +45,9 @@ from lorif_ray.model.layers import select_layers  # noqa: E402
 from lorif_ray.stages.coordinates import coordinates_from_sketch  # noqa: E402
 from lorif_ray.stages.fast_curvature import ResidentGram  # noqa: E402
 from lorif_ray.stages.featurize import Featurizer, LayerSpec, blocks_from_columns  # noqa: E402
+from lorif_ray.stages.index import shard_chunks, write_shards  # noqa: E402
 from lorif_ray.stages.query import Scorer, TopK  # noqa: E402
-from lorif_ray.store import load_tensors, save_tensors  # noqa: E402
+from lorif_ray.store import ShardWriter, load_tensors, save_tensors  # noqa: E402
 
 FORBIDDEN = ("ray", "deepspeed", "hydra")
 PAPER_N = 232_585
@@ -90,9 +93,17 @@ def layer_specs(model, f: int, c: int) -> list[LayerSpec]:
 # ---------------------------------------------------------------------------------------------- stage 1
 
 def stage1(args, model) -> list[dict]:
+    """Per variant: plain fwd+bwd, the bare featurizer, and the real stage-1 loop (``write_shards``:
+    per-shard featurization + Parquet writes on a background thread), examples/s side by side."""
     device = args.device
     batch = token_batch(model, args.batch, args.tokens, device)
     ids = [str(i) for i in range(args.batch)]
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (args.shards * args.shard_batches * args.batch, args.tokens),
+                           generator=gen).tolist()
+    examples = [TokenizedExample(f"t{i}", row, row) for i, row in enumerate(tokens)]
+    shard_size = args.shard_batches * args.batch
+    chunks = dict(enumerate(shard_chunks(examples, shard_size)))
     rows = []
     proj = getattr(torch, args.projection_dtype) if args.projection_dtype else None
     variants = [("fp32", None, None)]
@@ -119,10 +130,19 @@ def stage1(args, model) -> list[dict]:
             for k, v in columns.items():  # the write path: device → pinned host, asynchronously
                 pinned[k].copy_(v, non_blocking=True)
 
+        def pipeline():
+            with tempfile.TemporaryDirectory(dir=os.environ.get("GPU_SPEED_TMP")) as directory:
+                writer = ShardWriter(directory, kind="factors", columns=featurizer.columns, dtype=args.store_dtype,
+                                     shard_size=shard_size, meta={})
+                write_shards(featurizer, writer, chunks, args.batch, pad_token_id=0)
+
         t_plain = timed(plain, device, args.repeat)
         t_feat = timed(featurize, device, args.repeat)
-        rows.append({"variant": label, "plain_ex_s": args.batch / t_plain, "stage1_ex_s": args.batch / t_feat,
-                     "ratio": t_plain / t_feat})
+        t_pipe = timed(pipeline, device) if args.shards else None
+        rows.append({"variant": label, "plain_ex_s": args.batch / t_plain, "featurizer_ex_s": args.batch / t_feat,
+                     "featurizer_vs_plain": t_plain / t_feat,
+                     "stage1_ex_s": len(examples) / t_pipe if t_pipe else None,
+                     "stage1_vs_plain": len(examples) / t_pipe * t_plain / args.batch if t_pipe else None})
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -156,18 +176,26 @@ def stage2(args, specs) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- query
 
-def synthetic_query(specs, nq: int, r: int, device, dtype=torch.float32, seed=2):
-    """Random query factors and Woodbury curvature (V random Gaussian: the cost does not depend on it)."""
+def synthetic_query(specs, nq: int, r: int, device, route: str, dtype=torch.float32, seed=2):
+    """Random query factors and Woodbury curvature terms for ``route`` (the cost does not depend on the
+    values): V_r only where the route needs it (recompute), g'_q and h_q made directly otherwise, so
+    no route holds the Σ D·r numbers of V_r that it does not use (87 GB in float32 at f=4 r=4096)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    query, curvature = {}, {}
+    query, curvature, coordinates, terms = {}, {}, {}, {}
     for s in specs:
         rank = min(r, s.dim)
         query[s.name] = GradientBlock(u=torch.randn(nq, s.d1, s.c, device=device, generator=gen, dtype=dtype),
                                       v=torch.randn(nq, s.d2, s.c, device=device, generator=gen, dtype=dtype))
-        vectors = torch.randn(s.dim, rank, device=device, generator=gen, dtype=dtype) / math.sqrt(s.dim)
         values = torch.rand(rank, device=device, generator=gen, dtype=dtype) + 0.5
+        vectors = None
+        if route == "recompute":
+            vectors = torch.randn(s.dim, rank, device=device, generator=gen, dtype=dtype) / math.sqrt(s.dim)
+        else:
+            coordinates[s.name] = torch.randn(nq, rank, device=device, generator=gen, dtype=dtype)
+        if route == "query":
+            terms[s.name] = torch.randn(nq, s.dim, device=device, generator=gen, dtype=dtype)
         curvature[s.name] = LayerCurvature("woodbury", 0.1, vectors, values)
-    return query, curvature
+    return query, curvature, coordinates or None, terms or None
 
 
 def synthetic_block(layout: ScoreLayout, n: int, device, dtype, coordinates: bool, seed=3) -> TrainBlock:
@@ -195,19 +223,22 @@ def query_bench(args, specs) -> tuple[list[dict], dict]:
     device = args.device
     dtype = getattr(torch, args.resident_dtype)
     mm = getattr(torch, args.matmul_dtype) if args.matmul_dtype else None
-    query, curvature = synthetic_query(specs, args.queries, args.r, device)
+    stored = args.route == "stored"
+    query, curvature, coordinates, terms = synthetic_query(specs, args.queries, args.r, device, args.route)
     layout = ScoreLayout.build(specs, "factors", curvature)
-    stacked = StackedQuery(layout, query, curvature, matmul_dtype=mm, keep_vectors=False)
+    stacked = StackedQuery(layout, query, curvature, matmul_dtype=mm, keep_vectors=args.route == "recompute",
+                           query_coordinates=coordinates, query_side=args.route == "query", query_side_terms=terms)
+    del query, curvature, coordinates, terms
     size = torch.finfo(dtype).bits // 8
     factor_bytes = sum(s.c * (s.d1 + s.d2) for s in specs) * size
     coord_bytes = layout.coordinate_width * size
-    per_row = factor_bytes + (coord_bytes if args.coordinates else 0)
+    per_row = factor_bytes + (coord_bytes if stored else 0)
     workspace = 2 * len(max(layout.factor_groups, key=lambda g: len(g.names)).names) * args.queries * args.chunk * 4 * 3
     cap = int((free_bytes(device) * 0.85 - workspace) / per_row)
     sizes = sorted({max(1, min(args.n // d, cap)) for d in (8, 4, 2, 1)})
     rows = []
     for n in sizes:
-        block = synthetic_block(layout, n, device, dtype, args.coordinates)
+        block = synthetic_block(layout, n, device, dtype, stored)
         topk = TopK(args.queries, 10, device)
         parts = {"term1": 0.0, "curvature": 0.0, "topk": 0.0}
 
@@ -219,7 +250,7 @@ def query_bench(args, specs) -> tuple[list[dict], dict]:
                 if record:
                     sync(device)
                 t1 = time.perf_counter()
-                if args.coordinates:
+                if args.route != "none":
                     scores -= stacked.curvature_term(chunk)
                 if record:
                     sync(device)
@@ -372,13 +403,18 @@ def parse(argv=None):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeat", type=int, default=5, help="timed stage-1 batches")
+    p.add_argument("--shards", type=int, default=3, help="stage-1 loop: shards written (0 = skip)")
+    p.add_argument("--shard-batches", type=int, default=8, help="stage-1 loop: batches per shard")
+    p.add_argument("--store-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--small", action="store_true", help="tiny GPT-2 and sizes for a CPU smoke run")
     p.add_argument("--check", action="store_true", help="fast paths vs the float64 CPU reference")
     p.add_argument("--skip", default="", help="comma list of stage1,stage2,query to skip")
     p.add_argument("--resident-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--matmul-dtype", default="bfloat16", choices=["", "float32", "float16", "bfloat16"])
-    p.add_argument("--no-coordinates", dest="coordinates", action="store_false",
-                   help="term 1 only (g'_t not stored; computing it from factors is rD per row per layer)")
+    p.add_argument("--route", default="stored", choices=["stored", "query", "recompute", "none"],
+                   help="query: the curvature term from stored g'_t (r per pair), from the query side "
+                        "(h_q, nq·D per row), from g'_t recomputed from the factors (r·D per row), or none "
+                        "(term 1 only)")
     p.add_argument("--chunk", type=int, default=32768, help="training rows per scoring step")
     p.add_argument("--stage2-rows", type=int, default=16384)
     p.add_argument("--stage2-chunk", type=int, default=4096)
@@ -391,6 +427,7 @@ def parse(argv=None):
     if args.small:
         args.n, args.queries, args.tokens, args.batch = min(args.n, 3000), min(args.queries, 50), min(args.tokens, 32), 4
         args.r, args.repeat, args.stage2_rows, args.chunk = min(args.r, 64), 2, 1024, 1024
+        args.shards, args.shard_batches = min(args.shards, 2), min(args.shard_batches, 2)
     return args
 
 
@@ -421,7 +458,7 @@ def main(argv=None) -> dict:
         largest = rows[-1]
         scale = args.n / largest["n"]
         print(f"## query: {args.queries} queries, resident {args.resident_dtype}, matmul {args.matmul_dtype or 'math'}"
-              f", {'stored g' + chr(39) if args.coordinates else 'term 1 only'}\n\n{table(rows)}\n")
+              f", curvature term route: {args.route}\n\n{table(rows)}\n")
         print(f"bytes/example: factors {storage['factor_bytes_per_example']}, g'_t "
               f"{storage['coordinate_bytes_per_example']} ({storage['coordinate_width']} numbers); "
               f"N={args.n} by linear scaling from N={largest['n']}: {largest['resident_s'] * scale:.3g} s resident, "

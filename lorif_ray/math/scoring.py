@@ -7,9 +7,12 @@ The per-layer score (``influence.py``) summed over layers is rearranged into a f
   s_ℓ is folded into the query's u.
 - dense terms, Σ_ℓ (P_ℓ g_q)ᵀ g_t (LoGRA, GradDot, LoRIF's 1/λ term on dense rows): one GEMM over the
   layers' concatenated columns.
-- LoRIF's curvature term, −Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j}: one GEMM over the concatenated coordinates
-  g'_t = V_rᵀ g_t of every layer, either stored after stage 2 (``train_coordinates``) or computed here
-  from the block (dense rows of layers with equal shape and r stacked, one ``bmm`` per group).
+- LoRIF's curvature term, −Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j}, by the cheapest of three routes:
+  stored g'_t = V_rᵀ g_t (one GEMM over every layer's concatenated coordinates, r per pair);
+  from the query side, ⟨h_q, g_t⟩ with h_q = V_r (w ⊙ g'_q) ∈ R^D prepared once per query batch
+  (nq·D per training row: the route when nq < r, since it needs neither V_r nor g'_t at scoring);
+  or g'_t recomputed from the block (r·D per training row). The last two form the block's dense rows
+  vec(u vᵀ) per group of layers of equal shape and r and use one ``bmm`` per group.
 
 Everything is torch only and device-agnostic; float64 on CPU gives the same scores as
 ``PreparedQuery.scores`` summed over layers to rounding (tests/math/test_fast_scoring.py).
@@ -198,11 +201,18 @@ class StackedQuery:
         keep_vectors: keep V_r per layer so that g'_t can be computed for blocks without stored g'.
         query_coordinates: {layer: g'_q = V_rᵀ g_q (nq, r)} made elsewhere (``QueryProjector``), so
             that scoring against stored g'_t needs no V_r here.
+        query_side: for blocks without stored g'_t, take the curvature term from the query side
+            (h_q = V_r (w ⊙ g'_q), nq·D per training row) instead of recomputing g'_t (r·D per row).
+            None = wherever it is cheaper (nq < r) and V_r is at hand; never with ``normalize``,
+            whose I(t, t) needs g'_t anyway.
+        query_side_terms: {layer: h_q = V_r (w ⊙ g'_q) (nq, D)} made elsewhere: the query-side route
+            with no V_r here (with ``query_coordinates`` for the layers' g'_q).
     """
 
     def __init__(self, layout: ScoreLayout, query: dict[str, GradientBlock], curvature: dict[str, LayerCurvature],
                  *, normalize: bool = False, matmul_dtype: torch.dtype | None = None, keep_vectors: bool = True,
-                 query_coordinates: dict[str, torch.Tensor] | None = None):
+                 query_coordinates: dict[str, torch.Tensor] | None = None, query_side: bool | None = None,
+                 query_side_terms: dict[str, torch.Tensor] | None = None):
         self.layout, self.normalize = layout, normalize
         first = next(iter(query.values()))
         self.dtype = (first.u if first.factored else first.g).dtype
@@ -223,17 +233,24 @@ class StackedQuery:
                 curv, g = curvature[n], query[n].dense()
                 parts.append(g @ curv.inverse if curv.kind == "inverse" else g * layout.scale[n])
             self.dense_query = torch.cat(parts, dim=1).to(mm)
-        # Curvature term: −(w ⊙ g'_q) against g'_t, every Woodbury layer side by side.
-        self.vectors, coordinates, weights = [], [], []
+        # Curvature term: −(w ⊙ g'_q) against g'_t, every Woodbury layer side by side; per group either
+        # V_r (to recompute g'_t) or h_q = V_r (w ⊙ g'_q) (the query side), as the cheaper route needs.
+        self.vectors, self.query_side, coordinates, weights = [], [], [], []
         for g in layout.coordinate_groups:
             w = torch.stack([woodbury_weights(curvature[n].values, curvature[n].damping) for n in g.names])
+            has_vectors = all(curvature[n].vectors is not None for n in g.names)
+            vectors = torch.stack([curvature[n].vectors for n in g.names]) if has_vectors else None  # (L, D, r)
             if query_coordinates is not None:
                 coords = torch.stack([query_coordinates[n].to(device=w.device, dtype=self.dtype) for n in g.names])
             else:
-                vectors = torch.stack([curvature[n].vectors for n in g.names])  # (L, D, r)
                 coords = torch.bmm(torch.stack([query[n].dense() for n in g.names]), vectors)  # (L, nq, r)
-            if keep_vectors and all(curvature[n].vectors is not None for n in g.names):
-                self.vectors.append(torch.stack([curvature[n].vectors for n in g.names]).to(mm))
+            from_query = has_vectors and not normalize and (self.nq < g.rank if query_side is None else query_side)
+            if query_side_terms is not None and not normalize:
+                self.query_side.append(torch.stack([query_side_terms[n] for n in g.names]).to(mm))
+            else:
+                self.query_side.append(torch.bmm(coords * w[:, None, :], vectors.transpose(1, 2)).to(mm)
+                                       if from_query else None)  # (L, nq, D)
+            self.vectors.append(vectors.to(mm) if keep_vectors and has_vectors and not from_query else None)
             coordinates.append(coords.transpose(0, 1).reshape(self.nq, -1))
             weights.append(w.reshape(-1))
         self.weights = torch.cat(weights).to(self.dtype) if weights else None  # (Σr,)
@@ -255,13 +272,16 @@ class StackedQuery:
         """g'_t = V_rᵀ g_t of every Woodbury layer: (nt, Σr) (stored ones if the block has them)."""
         if block.coordinates is not None:
             return block.coordinates
-        if len(self.vectors) != len(self.layout.coordinate_groups):
-            raise ValueError("the block has no stored g'_t and this StackedQuery holds no V_r to compute them "
-                             "(keep_vectors=False, or a curvature loaded without vectors)")
         rows = self._coordinate_rows(block)
-        parts = [torch.bmm(r.to(v.dtype), v).transpose(0, 1).reshape(r.shape[1], -1)
-                 for r, v in zip(rows, self.vectors)]
-        return torch.cat(parts, dim=1)
+        return torch.cat([self._group_coordinates(i, r) for i, r in enumerate(rows)], dim=1)
+
+    def _group_coordinates(self, group: int, rows: torch.Tensor) -> torch.Tensor:
+        """g'_t (nt, L·r) of one CoordinateGroup from its dense rows (L, nt, D)."""
+        vectors = self.vectors[group]
+        if vectors is None:
+            raise ValueError("the block has no stored g'_t and this StackedQuery holds no V_r to compute them "
+                             "(keep_vectors=False, a curvature loaded without vectors, or the query-side route)")
+        return torch.bmm(rows.to(vectors.dtype), vectors).transpose(0, 1).reshape(rows.shape[1], -1)
 
     def _coordinate_rows(self, block: TrainBlock) -> list[torch.Tensor]:
         """Dense rows (L, nt, D) of each CoordinateGroup."""
@@ -302,7 +322,20 @@ class StackedQuery:
         """Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j} (to be subtracted): (nq, nt), or None without Woodbury layers."""
         if self.weighted is None:
             return None
-        return (self.weighted @ self.coordinates(block).to(self.matmul_dtype).T).to(self.dtype)
+        mm = self.matmul_dtype
+        if block.coordinates is not None:
+            return (self.weighted @ block.coordinates.to(mm).T).to(self.dtype)
+        out = torch.zeros(self.nq, len(block), dtype=self.dtype, device=self._device)
+        start = 0
+        for i, (g, rows) in enumerate(zip(self.layout.coordinate_groups, self._coordinate_rows(block))):
+            width = g.rank * len(g.names)
+            if self.query_side[i] is not None:  # Σ_ℓ h_q · g_t: (L, nq, D) × (L, D, nt)
+                out += torch.bmm(self.query_side[i], rows.to(mm).transpose(1, 2)).to(self.dtype).sum(dim=0)
+            else:
+                coords = self._group_coordinates(i, rows).to(mm)
+                out += (self.weighted[:, start:start + width] @ coords.T).to(self.dtype)
+            start += width
+        return out
 
     @property
     def _device(self):

@@ -107,7 +107,8 @@ class ResidentIndex:
 
 
 def run_query_fast(cfg: Config, *, use_coordinates: bool | None = None, resident_dtype: torch.dtype | None = None,
-                   matmul_dtype: torch.dtype | None = None, chunk_rows: int = 16384, device=None) -> dict:
+                   matmul_dtype: torch.dtype | None = None, chunk_rows: int = 16384, device=None,
+                   query_side: bool | None = None) -> dict:
     """Score ``data.queries`` against the resident index; the outputs and report of ``run_query``.
 
     Args:
@@ -116,6 +117,7 @@ def run_query_fast(cfg: Config, *, use_coordinates: bool | None = None, resident
         resident_dtype: dtype of the resident rows (None = the math dtype; bfloat16 halves GPU memory).
         matmul_dtype: dtype of the big products' inputs (None = the math dtype).
         chunk_rows: training rows per scoring step (memory ≈ L·nq·chunk_rows per factor group).
+        query_side: without stored g'_t, the curvature term's route (``StackedQuery``; None = the cheaper).
     """
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
@@ -135,7 +137,7 @@ def run_query_fast(cfg: Config, *, use_coordinates: bool | None = None, resident
     blocks = blocks_from_columns(specs, manifest.kind, {k: v.to(device=device, dtype=dtype)
                                                         for k, v in query_columns.items()})
     stacked = StackedQuery(layout, blocks, curvature, normalize=cfg.query.normalize, matmul_dtype=matmul_dtype,
-                           keep_vectors=not use_coordinates)
+                           keep_vectors=not use_coordinates, query_side=query_side)
     num_queries, num_train = len(query_ids), len(resident.ids)
     topk = TopK(num_queries, min(cfg.query.top_k, num_train), device)
     start = time.perf_counter()

@@ -7,7 +7,7 @@ shard is recorded in the manifest, so a re-run after a crash skips it and resume
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -112,11 +112,7 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 
 
 def run_index(cfg: Config) -> dict:
-    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict.
-
-    Shard i+1 is computed while shard i is written (Parquet encoding, checksum, fsync) on a background
-    thread; at most one shard waits, and a write error stops the run at the next shard.
-    """
+    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
     inputs = resolve_inputs(cfg)
     model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
     train_path, examples = train_examples(cfg, tokenizer)
@@ -127,23 +123,34 @@ def run_index(cfg: Config) -> dict:
     announce(cfg, len(examples), featurizer.columns, featurizer.kind)
     chunks = shard_chunks(examples, cfg.shard_size)
     done = {shard for shard in range(len(chunks)) if writer.is_done(shard)}
-    start, computed = time.perf_counter(), 0
-    with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
+    start = time.perf_counter()
+    with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
         bar.update(sum(len(chunks[shard]) for shard in done))
-        writing: Future | None = None
-        for shard, chunk in enumerate(chunks):
-            if shard in done:
-                continue
-            ids, columns = featurize_chunk(featurizer, chunk, cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
+        computed = write_shards(featurizer, writer, {i: c for i, c in enumerate(chunks) if i not in done},
+                                cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
+    return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=len(done),
+                        seconds=time.perf_counter() - start)
+
+
+def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: dict[int, list[TokenizedExample]],
+                 batch_size: int, pad_token_id: int, on_batch: Callable[[int], None] | None = None) -> int:
+    """Featurize and write shards {index: examples}; returns the rows computed.
+
+    Shard i is written (Parquet encoding, checksum, fsync, manifest record) on a background thread
+    while shard i+1 is computed; at most one shard waits, and a failed write stops the run at the
+    next shard with its error (the shards written before it stay committed).
+    """
+    computed, writing = 0, None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
+        for shard, chunk in chunks.items():
+            ids, columns = featurize_chunk(featurizer, chunk, batch_size, pad_token_id, on_batch)
             if writing is not None:
-                writing.result()  # raises a failed write here
+                writing.result()
             writing = background.submit(writer.write_shard, shard, ids, columns)
             computed += len(chunk)
         if writing is not None:
             writing.result()
-    return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=len(done),
-                        seconds=time.perf_counter() - start)
+    return computed
 
 
 def finish_index(cfg: Config, writer: ShardWriter, num_examples: int, *, computed: int, seconds: float,

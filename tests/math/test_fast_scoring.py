@@ -57,13 +57,31 @@ CASES = [("factors", "lorif", 1), ("factors", "lorif", 3), ("factors", "graddot"
 
 @pytest.mark.parametrize("kind,method,c", CASES)
 @pytest.mark.parametrize("normalize", [False, True])
-def test_stacked_scores_equal_scorer(kind, method, c, normalize):
+@pytest.mark.parametrize("query_side", [None, False, True])
+def test_stacked_scores_equal_scorer(kind, method, c, normalize, query_side):
     specs, train, query, curvature = _setup(kind, method, c=c)
     expected = _reference(specs, kind, train, query, curvature, normalize)
     layout = ScoreLayout.build(specs, kind, curvature)
-    stacked = StackedQuery(layout, blocks_from_columns(specs, kind, query), curvature, normalize=normalize)
+    stacked = StackedQuery(layout, blocks_from_columns(specs, kind, query), curvature, normalize=normalize,
+                           query_side=query_side)
     got = stacked.scores(layout.train_block(train))
     assert (got - expected).norm() / expected.norm() < 1e-10
+
+
+@pytest.mark.parametrize("nq,expected", [(5, True), (7, False), (9, False)])
+def test_the_query_side_route_is_taken_when_fewer_queries_than_r(nq, expected):
+    """nq < r: h_q = V_r (w ⊙ g'_q) replaces V_r (nq·D per training row instead of r·D), V_r is not kept;
+    with normalize the route is never taken (I(t, t) needs g'_t)."""
+    specs, train, query, curvature = _setup("factors", "lorif", c=1, nq=nq, r=7)
+    layout = ScoreLayout.build(specs, "factors", curvature)
+    for normalize in (False, True):
+        stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature, normalize=normalize)
+        used = expected and not normalize
+        assert [h is not None for h in stacked.query_side] == [used] * len(layout.coordinate_groups)
+        assert [v is None for v in stacked.vectors] == [used] * len(layout.coordinate_groups)
+        got = stacked.scores(layout.train_block(train))
+        reference = _reference(specs, "factors", train, query, curvature, normalize)
+        assert (got - reference).norm() / reference.norm() < 1e-10
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -77,8 +95,10 @@ def test_stored_coordinates_give_the_same_scores(normalize):
     got = stacked.scores(layout.train_block(train, coords))
     expected = _reference(specs, "factors", train, query, curvature, normalize)
     assert (got - expected).norm() / expected.norm() < 1e-10
+    without_vectors = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature,
+                                   normalize=normalize, keep_vectors=False, query_side=False)
     with pytest.raises(ValueError, match="keep_vectors"):
-        stacked.scores(layout.train_block(train))
+        without_vectors.scores(layout.train_block(train))
 
 
 def test_chunked_topk_equals_full_topk():
@@ -102,3 +122,18 @@ def test_bf16_matmuls_stay_close():
     fast = StackedQuery(layout, q, curv32, matmul_dtype=torch.bfloat16).scores(
         layout.train_block(train, dtype=torch.bfloat16))
     assert ((fast.double() - exact).norm() / exact.norm()) < 3e-2
+
+
+def test_injected_query_side_terms_need_no_vectors():
+    """h_q = V_r (w ⊙ g'_q) made elsewhere (and g'_q for the self terms): scores with no V_r at hand."""
+    from lorif_ray.math.influence import woodbury_weights
+
+    specs, train, query, curvature = _setup("factors", "lorif", c=2)
+    layout = ScoreLayout.build(specs, "factors", curvature)
+    blocks = blocks_from_columns(specs, "factors", query)
+    coords = {n: blocks[n].dense() @ c.vectors for n, c in curvature.items()}
+    terms = {n: (coords[n] * woodbury_weights(c.values, c.damping)) @ c.vectors.T for n, c in curvature.items()}
+    light = {n: LayerCurvature("woodbury", c.damping, values=c.values) for n, c in curvature.items()}
+    stacked = StackedQuery(layout, blocks, light, query_coordinates=coords, query_side_terms=terms)
+    expected = _reference(specs, "factors", train, query, curvature, False)
+    assert (stacked.scores(layout.train_block(train)) - expected).norm() / expected.norm() < 1e-10
