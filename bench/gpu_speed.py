@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -264,7 +265,9 @@ def query_bench(args, specs) -> tuple[list[dict], dict]:
 
         total = timed(run, device)  # no syncs inside: the real latency
         run(record=True)  # per-part split (syncs between parts)
-        load = load_from_disk(block, device) if n == sizes[-1] else None
+        fits = block.nbytes() < min(args.max_load_gb * 2**30, 0.5 * shutil.disk_usage(
+            os.environ.get("GPU_SPEED_TMP", tempfile.gettempdir())).free)
+        load = load_from_disk(block, device) if n == sizes[-1] and fits else None  # "-": too big for disk/RAM
         rows.append({"n": n, "resident_s": total, **{f"{k}_s": v for k, v in parts.items()},
                      "load_s": load, "pairs_per_s": n * args.queries / total})
         del block
@@ -415,7 +418,9 @@ def parse(argv=None):
                    help="query: the curvature term from stored g'_t (r per pair), from the query side "
                         "(h_q, nq·D per row), from g'_t recomputed from the factors (r·D per row), or none "
                         "(term 1 only)")
-    p.add_argument("--chunk", type=int, default=32768, help="training rows per scoring step")
+    p.add_argument("--chunk", type=int, default=32768, help="training rows per scoring step (the query and "
+                   "recompute routes form (L, chunk, D) dense rows per group: keep it small at f=4)")
+    p.add_argument("--max-load-gb", type=float, default=32, help="skip the disk-load timing above this size")
     p.add_argument("--stage2-rows", type=int, default=16384)
     p.add_argument("--stage2-chunk", type=int, default=4096)
     p.add_argument("--stage2-bf16", action="store_true")
