@@ -7,10 +7,14 @@ on its device and returns its top-k per query with *global* row indices (and opt
 the full score matrix); the driver merges. The service stays alive across query batches, and the
 driver never loads the model or the curvature.
 
-With stored g'_t (stage 2 with ``query.store_coordinates=true``) the workers hold no V_r for scoring:
-each holds V_r of a share of the layers only, and a query batch takes two scatter-gathers, one that
-projects the queries (g'_q = V_rᵀ g_q, every worker its layers) and one that scores. The whole
-curvature is then never in one process (253 GiB at 70B f=64 r=4096, split over the query actors).
+No worker holds all of V_r unless a batch needs it: each holds V_r of a share of the layers
+(balanced by D·r) and a batch takes two scatter-gathers, one in which every worker projects the
+queries for its layers and one in which all score. The projection gives g'_q when stage 2 stored g'_t
+(``query.store_coordinates``; the curvature term then costs r per pair) and also h_q = V_r(w ⊙ g'_q)
+when the batch has fewer queries than r (the query side: nq·D per training row). Only a batch that
+must recompute g'_t (normalized scores, or at least r queries, without stored g'_t) makes the
+workers read every V_r, once; otherwise the whole curvature (253 GiB at 70B f=64 r=4096) is never
+in one process.
 
 Example (needs a running Ray):
     >>> with QueryService(cfg, num_workers=2) as service:
@@ -49,41 +53,42 @@ class QueryWorker:
     """Scores query batches against the resident rows of its shards (a plain class; wrap with ``ray.remote``).
 
     The worker picks its own device (``model.device``; "auto" = the GPU Ray gave it, else the CPU)
-    and the matching scoring dtype, loads its rows and the curvature once, and builds each batch's
-    query-side terms itself, so nothing device-specific crosses the wire.
+    and the matching scoring dtype and loads its rows once. Of the curvature it holds λ and σ² of every
+    layer, and V_r of its share of the layers only (to project queries for the others); all of V_r
+    is read only if a batch must recompute g'_t (no stored g'_t, and normalized scores or at least r
+    queries). ``QueryService`` picks each batch's route and hands the query terms around.
 
     Args:
         cfg: the run config (index, curvature, method, query settings, device).
         shards: the consecutive shard indices this worker owns (rows keep their global index).
-        projection_layers: with stored g'_t, the layers whose V_r this worker holds to project queries
-            (``project``); None = no stored g'_t: the worker holds every V_r and computes g'_t itself.
+        projection_layers: the Woodbury layers whose V_r this worker holds to project queries.
+        stored_coordinates: score against the stored g'_t of its rows.
 
     Example:
         >>> worker = QueryWorker(cfg, [0, 1])
-        >>> scores, rows, full = worker.score({"columns": query_columns, "k": 5, "full": False})
+        >>> scores, rows, full = worker.score({"columns": query_columns, "k": 5, "full": False,
+        ...                                    "route": "recompute"})
         >>> scores.shape, rows.shape            # (nq, 5) each; rows are global row indices
     """
 
-    def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] | None = None):
+    def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] = (),
+                 stored_coordinates: bool = False):
         self.cfg, self.shards = cfg, list(shards)
         self.device = resolve_device(cfg.model.device)
         self.dtype = math_dtype(self.device)
         self.manifest = manifest = open_index(cfg.index_path)
         self.rows = manifest.row_range(self.shards)
         self.specs = layer_specs(manifest)
-        self.stored_coordinates = projection_layers is not None
-        self.curvature, self.layout, self.projector, coordinates = None, None, None, None
+        self.curvature, self.layout, coordinates = None, None, None
         if manifest.kind != "hidden":
-            self.curvature = load_curvature(cfg, manifest, self.device, self.dtype,
-                                            vectors=not self.stored_coordinates)
+            self.curvature = load_curvature(cfg, manifest, self.device, self.dtype, vectors=False)
             self.layout = ScoreLayout.build(self.specs, manifest.kind, self.curvature)
-        if self.stored_coordinates:
+        self.projector = QueryProjector(cfg, manifest, projection_layers, self.device) if projection_layers else None
+        if stored_coordinates:
             coordinates = load_coordinates(cfg, rows=self.rows, device=self.device, dtype=self.dtype)
-            self.projector = QueryProjector(cfg, manifest, projection_layers, self.device) if projection_layers \
-                else None
         self.index = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
                                               dtype=self.dtype, coordinates=coordinates, shards=self.shards)
-        self.loads = 1
+        self.loads, self.all_vectors = 1, False
 
     @property
     def num_rows(self) -> int:
@@ -91,26 +96,31 @@ class QueryWorker:
 
     def info(self) -> dict:
         """What this worker holds: shards, rows, how often it loaded them, its process id, device, and
-        whether it holds V_r (``vectors``: the layers whose V_r it has)."""
-        vectors = [] if self.curvature is None else [n for n, c in self.curvature.items() if c.vectors is not None]
-        if self.projector is not None:
-            vectors = list(self.projector.vectors)
+        the layers whose V_r it has (``vectors``)."""
+        vectors = list(self.projector.vectors) if self.projector is not None else []
+        if self.all_vectors:
+            vectors = [n for n, c in self.curvature.items() if c.vectors is not None]
         return {"shards": self.shards, "rows": self.num_rows, "loads": self.loads, "pid": os.getpid(),
                 "device": str(self.device), "vectors": vectors}
 
-    def project(self, query_columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """g'_q {layer: (nq, r)} of this worker's projection layers, on the CPU."""
+    def project(self, query_columns: dict[str, torch.Tensor], query_side: bool = False) -> dict:
+        """This worker's share of the query terms, on the CPU: {"coordinates": {layer: g'_q (nq, r)}} and,
+        with ``query_side``, {"terms": {layer: h_q (nq, D)}}."""
         if self.projector is None:
-            return {}
-        return {name: c.cpu() for name, c in self.projector(query_columns).items()}
+            return {"coordinates": {}, "terms": {}}
+        coordinates = self.projector(query_columns)
+        terms = self.projector.query_side_terms(coordinates) if query_side else {}
+        return {"coordinates": {n: c.cpu() for n, c in coordinates.items()},
+                "terms": {n: t.cpu() for n, t in terms.items()}}
 
     def score(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Top-k of one query batch against this worker's rows.
 
         Args:
             payload: {"columns": query columns {column: (nq, width)} as the featurizer makes them,
-                "coordinates": {layer: g'_q (nq, r)} (with stored g'_t), "k": top-k,
-                "full": also return the (nq, rows) block of scores}.
+                "route": the curvature term's route, "stored" | "query" | "recompute" (``StackedQuery``),
+                "coordinates": {layer: g'_q} and "terms": {layer: h_q} (routes stored / query),
+                "k": top-k, "full": also return the (nq, rows) block of scores}.
 
         Returns:
             (scores (nq, k'), global row indices (nq, k'), full block (nq, rows) float32 or None), on
@@ -118,13 +128,18 @@ class QueryWorker:
         """
         columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in payload["columns"].items()}
         num_queries = next(iter(columns.values())).shape[0]
+        route = payload.get("route", "recompute")
         if self.layout is None:
             query = RepSimQuery(columns["hidden"])
         else:
+            if route == "recompute" and not self.all_vectors:  # the one route that needs every V_r here
+                self.curvature = load_curvature(self.cfg, self.manifest, self.device, self.dtype)
+                self.all_vectors = True
             query = StackedQuery(self.layout, blocks_from_columns(self.specs, self.manifest.kind, columns),
                                  self.curvature, normalize=self.cfg.query.normalize,
-                                 keep_vectors=not self.stored_coordinates,
-                                 query_coordinates=payload.get("coordinates"))
+                                 keep_vectors=route == "recompute", query_side=route == "query",
+                                 query_coordinates=payload.get("coordinates") if route != "recompute" else None,
+                                 query_side_terms=payload.get("terms") if route == "query" else None)
         topk = TopK(num_queries, min(payload["k"], self.num_rows), self.device)
         blocks = []
         score_in_chunks(query, self.index.block, topk, chunk_rows=self.cfg.query.train_batch_rows,
@@ -175,10 +190,13 @@ class QueryService:
         self.manifest = open_index(cfg.index_path)
         check_method_matches_index(cfg.method.name, self.manifest, cfg.index_path)
         self.groups = shard_groups(self.manifest, num_workers)
-        self.projection_layers = projection_shares(cfg, self.manifest, len(self.groups))
+        self.ranks = curvature_ranks(cfg) if cfg.method.name == "lorif" else {}
+        self.stored_coordinates = bool(self.ranks) and coordinates_match(cfg)
+        dims = {s.name: s.dim for s in layer_specs(self.manifest)}
+        self.projection_layers = divide_layers({n: dims[n] * r for n, r in self.ranks.items()}, len(self.groups))
         remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(QueryWorker)
-        shares = self.projection_layers or [None] * len(self.groups)
-        self.workers = [remote.remote(cfg, group, share) for group, share in zip(self.groups, shares)]
+        self.workers = [remote.remote(cfg, group, share, self.stored_coordinates)
+                        for group, share in zip(self.groups, self.projection_layers)]
         self._train_ids: list[str] | None = None
         try:  # surface a constructor's error (e.g. a stale curvature file) here, named
             self.stats()
@@ -205,11 +223,13 @@ class QueryService:
         full = self.cfg.query.full_scores if full_scores is None else full_scores
         k = min(self.cfg.query.top_k, self.manifest.num_rows)
         columns = {k: v.cpu() for k, v in query_columns.items()}
-        payload = {"columns": columns, "k": k, "full": full}
-        if self.projection_layers is not None:  # g'_q: every worker projects its layers' share
+        route = self.route(next(iter(columns.values())).shape[0])
+        payload = {"columns": columns, "k": k, "full": full, "route": route}
+        if route in ("stored", "query"):  # the query terms: every worker projects its share of the layers
             shared = ray.put(columns)
-            payload["coordinates"] = {name: c for part in ray.get([w.project.remote(shared) for w in self.workers])
-                                      for name, c in part.items()}
+            parts = ray.get([w.project.remote(shared, route == "query") for w in self.workers])
+            for key in ("coordinates", "terms"):
+                payload[key] = {name: t for part in parts for name, t in part[key].items()}
         payload = ray.put(payload)
         results = ray.get([w.score.remote(payload) for w in self.workers])
         scores, index = merge_topk([(s, i) for s, i, _ in results], k)
@@ -217,6 +237,18 @@ class QueryService:
         if full:
             matrix = np.concatenate([block.numpy() for _, _, block in results], axis=1)  # groups are in input order
         return QueryResult(scores, index, matrix)
+
+    def route(self, num_queries: int) -> str:
+        """How a batch of ``num_queries`` gets its curvature term (see ``StackedQuery``): "stored" g'_t,
+        the "query" side (fewer queries than every layer's r, not normalized; no V_r needed beyond the
+        shares), "recompute" g'_t (the workers then read every V_r once), or "none" (no Woodbury layers)."""
+        if not self.ranks:
+            return "none"
+        if self.stored_coordinates:
+            return "stored"
+        if not self.cfg.query.normalize and num_queries < min(self.ranks.values()):
+            return "query"
+        return "recompute"
 
     def stats(self) -> list[dict]:
         """Each worker's ``info()``: shards, rows, load count, pid, device, layers whose V_r it holds."""
@@ -236,16 +268,6 @@ class QueryService:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def projection_shares(cfg: Config, manifest, num_workers: int) -> list[list[str]] | None:
-    """With stored g'_t matching the curvature: the Woodbury layers each worker projects queries for,
-    balanced by the size of V_r (D·r); None when there are none (workers then hold every V_r)."""
-    if cfg.method.name != "lorif" or not coordinates_match(cfg):
-        return None
-    ranks = curvature_ranks(cfg)
-    dims = {s.name: s.dim for s in layer_specs(manifest)}
-    return divide_layers({name: dims[name] * rank for name, rank in ranks.items()}, num_workers)
 
 
 def write_result(cfg: Config, query_ids: list[str], train_ids: list[str], result: QueryResult) -> dict:

@@ -25,6 +25,7 @@ import torch
 
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError
+from lorif_ray.math.influence import woodbury_weights
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.curvature import layer_specs, load_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
@@ -170,6 +171,8 @@ def load_coordinates(cfg: Config, *, rows: tuple[int, int] | None = None, device
 
 def curvature_ranks(cfg: Config) -> dict[str, int]:
     """{layer: r} of the Woodbury layers of the saved curvature (read from the file's header only)."""
+    if not cfg.curvature_path.exists():
+        raise ConfigError(f"no curvature at {cfg.curvature_path}; run stage 2 (jobs/curvature.py) first")
     _, meta = load_tensors(cfg.curvature_path, names=lambda name: False)
     return {name: info["rank"] for name, info in meta.get("layers", {}).items() if info["kind"] == "woodbury"}
 
@@ -195,6 +198,8 @@ class QueryProjector:
         self.kind = manifest.kind
         self.specs = [s for s in layer_specs(manifest) if s.name in names]
         self.vectors = {s.name: curvature[s.name].vectors for s in self.specs}
+        self.weights = {s.name: woodbury_weights(curvature[s.name].values, curvature[s.name].damping)
+                        for s in self.specs}
 
     def __call__(self, query_columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Query store columns {column: (nq, width)} → {layer: g'_q (nq, r)} on this projector's device."""
@@ -203,4 +208,9 @@ class QueryProjector:
                    if k.rsplit(".", 1)[0] in prefixes}
         blocks = blocks_from_columns(self.specs, self.kind, columns)
         return {name: blocks[name].dense() @ vectors for name, vectors in self.vectors.items()}
+
+    def query_side_terms(self, coordinates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{layer: g'_q (nq, r)} (from ``__call__``) → {layer: h_q = V_r (w ⊙ g'_q) (nq, D)}, the
+        curvature term's query side (``StackedQuery(query_side_terms=...)``)."""
+        return {name: (coordinates[name] * self.weights[name]) @ self.vectors[name].T for name in self.vectors}
 

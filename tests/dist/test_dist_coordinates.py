@@ -105,7 +105,7 @@ def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
 
 def test_a_stale_coordinate_file_is_not_used(baseline, ray_cluster):
     """Stage 2 run again with other settings and without storing g'_t: the old g'_t belong to another
-    curvature, so the query actors recompute g'_t from V_r instead of scoring with stale numbers."""
+    curvature, so the service does not score with them."""
     query = QueryConfig(**QUERY_CONFIG, store_coordinates=True)
     cfg = baseline["config"]("ray_coords_stale", query=query, cluster=ClusterConfig(backend="ray"))
     run_stage("curvature", cfg)
@@ -113,5 +113,30 @@ def test_a_stale_coordinate_file_is_not_used(baseline, ray_cluster):
     other = replace(cfg, r=8, query=replace(query, store_coordinates=False))
     run_stage("curvature", other)
     with QueryService(other, num_workers=NUM_WORKERS) as service:
-        assert service.projection_layers is None
-        assert all(len(s["vectors"]) == len(curvature_ranks(other)) for s in service.stats())
+        assert not service.stored_coordinates
+        assert (service.route(7), service.route(8)) == ("query", "recompute")  # r = 8
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(baseline, ray_cluster, normalize):
+    """No stored g'_t: 6 queries < r = 64 take the query side (h_q from each actor's share of V_r, nothing
+    more read); normalized scores need g'_t, so the actors read every V_r once and recompute it. Both
+    equal the one-process scores."""
+    cfg = baseline["config"](f"ray_routes_{normalize}", with_curvature=True,
+                             query=QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}))
+    ref = baseline["config"](f"ray_routes_{normalize}_ref", with_curvature=True, cluster=ClusterConfig(backend="none"),
+                             query=QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}))
+    run_query(ref)
+    manifest = open_index(cfg.index_path)
+    _, columns, _ = featurize_queries(cfg, manifest)
+    with QueryService(cfg, num_workers=NUM_WORKERS) as service:
+        assert service.route(len(next(iter(columns.values())))) == ("recompute" if normalize else "query")
+        result = service.query(columns)
+        held = [set(s["vectors"]) for s in service.stats()]
+    everything = set(curvature_ranks(cfg))
+    if normalize:
+        assert held == [everything] * NUM_WORKERS
+    else:
+        assert all(held) and not set.intersection(*held) and set.union(*held) == everything
+    expected = np.load(f"{ref.output_dir}/scores.npy")
+    assert np.abs(result.full - expected).max() <= 1e-6 * np.abs(expected).max()
