@@ -44,7 +44,7 @@ def actor_options(cluster: ClusterConfig, *, gpu: bool = True, restartable: bool
 
     Args:
         gpu: whether this kind of actor uses a GPU when the cluster has them (gradient and query
-            actors do; the factorization pool and the Gram reducers run on CPUs).
+            actors and the Gram reducers of stage 2 do; the factorization pool runs on CPUs).
         restartable: Ray restarts the actor after a crash and retries its in-flight calls (only
             for actors whose calls can safely run twice, e.g. writing a shard file atomically).
     """

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.rsvd import GramApply
+from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.coordinates import (
     CoordinateWriter,
     coordinates_dir,
@@ -73,7 +74,8 @@ class GramWorker:
         index_dir: the index directory.
         shards: the consecutive shard indices this worker owns.
         batch_rows: rows per streamed batch.
-        device: where this worker computes (results are returned on the CPU).
+        device: where this worker computes ("auto": the GPU Ray gave it, else the CPU), in the dtype
+            of the Q it is sent (float64 from a CPU driver); results are returned on the CPU.
 
     Example:
         >>> worker = GramWorker(cfg.index_path, [0, 1], batch_rows=1024)
@@ -81,7 +83,8 @@ class GramWorker:
     """
 
     def __init__(self, index_dir, shards: Sequence[int], batch_rows: int = 1024, device="cpu"):
-        self.index_dir, self.shards, self.batch_rows, self.device = str(index_dir), list(shards), batch_rows, device
+        self.index_dir, self.shards, self.batch_rows = str(index_dir), list(shards), batch_rows
+        self.device = resolve_device(device)
         self.manifest = open_index(self.index_dir)
         self.rows = self.manifest.row_range(self.shards)
         self.specs = {s.name: s for s in layer_specs(self.manifest)}
@@ -131,12 +134,12 @@ class GramWorker:
 
 
 def start_gram_workers(index_dir, manifest: Manifest, num_workers: int, batch_rows: int,
-                       actor_options: dict | None = None) -> list:
+                       actor_options: dict | None = None, device: str = "cpu") -> list:
     """One ``GramWorker`` actor per shard group."""
     import ray
 
     remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(GramWorker)
-    return [remote.remote(str(index_dir), group, batch_rows) for group in shard_groups(manifest, num_workers)]
+    return [remote.remote(str(index_dir), group, batch_rows, device) for group in shard_groups(manifest, num_workers)]
 
 
 def distributed_gram_apply(workers: Sequence, layer: str, keep_sketch: bool = False) -> GramApply:
@@ -189,8 +192,8 @@ def run_curvature_distributed(cfg: Config, num_workers: int, *, actor_options: d
     writer = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.dtype) if store else None
     results = {}
     start = time.perf_counter()
-    workers = start_gram_workers(cfg.index_path, manifest, num_workers, cfg.query.train_batch_rows, actor_options) \
-        if specs else []
+    workers = start_gram_workers(cfg.index_path, manifest, num_workers, cfg.query.train_batch_rows, actor_options,
+                                 cfg.model.device) if specs else []
     try:
         for spec in tqdm(specs, desc="stage 2: curvature (distributed)", unit="layer", disable=not cfg.progress):
             gram = lambda spec=spec: distributed_gram(workers, spec.name, torch.float64, device)  # noqa: E731

@@ -25,5 +25,5 @@ def run_stage(name: str, cfg: Config) -> dict:
     if name == "index":
         return run_index_distributed(cfg)
     if name == "curvature":
-        return run_curvature_distributed(cfg, cluster.gram_actors, actor_options=actor_options(cluster, gpu=False))
+        return run_curvature_distributed(cfg, cluster.gram_actors, actor_options=actor_options(cluster, gpu=True))
     return run_query_distributed(cfg, cluster.query_actors, actor_options=actor_options(cluster, gpu=True))
