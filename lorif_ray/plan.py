@@ -229,8 +229,9 @@ class Plan:
     row_parallel: dict[str, bool]  # attributed layer -> AutoTP shards its input
     memory: list[Memory]  # per candidate TP size, ascending (only the requested one if tp_size is set)
     stage1_flops_per_example: float
-    score_flops: float  # one query batch (Nq queries x N examples)
-    gprime_flops: float  # of which query-independent (LoRIF's g'_t of all N examples)
+    score_flops: float  # one query batch (Nq queries x N examples), LoRIF's curvature term by its cheaper route
+    curvature_flops: dict[str, float]  # LoRIF's curvature term of that batch by route (without stored g'_t: the
+    # cheaper of "recompute g'_t" and "query side" is in score_flops)
 
     @property
     def bytes_per_example(self) -> int:
@@ -318,7 +319,8 @@ def stage1_flops(cfg: PlanConfig, params: int, specs: list[LayerSpec]) -> float:
 
 
 def score_flops(cfg: PlanConfig, specs: list[LayerSpec], hidden_size: int) -> float:
-    """FLOPs of scoring Nq queries against all N examples (paper §3.3 operation counts)."""
+    """FLOPs of scoring Nq queries against all N examples (paper §3.3 operation counts; LoRIF's
+    curvature term by the cheaper route without stored g'_t, see ``curvature_flops``)."""
     n, nq = cfg.num_examples, cfg.num_queries
     method = cfg.method.name
     if method == "repsim":
@@ -327,16 +329,26 @@ def score_flops(cfg: PlanConfig, specs: list[LayerSpec], hidden_size: int) -> fl
         return sum(2.0 * s.dim * n * nq for s in specs)
     if method == "logra":  # H⁻¹ g_q for each query, then pairwise dot products
         return sum(2.0 * s.dim**2 * nq + 2.0 * s.dim * n * nq for s in specs)
-    # lorif: g' = V_rᵀ g for every example and query, then c²(d1+d2) + r per pair
-    return gprime_flops(cfg, specs) + sum(2.0 * min(cfg.r, s.dim) * s.dim * nq
-                                          + 2.0 * n * nq * (s.c**2 * (s.d1 + s.d2) + min(cfg.r, s.dim)) for s in specs)
+    # lorif: g'_q = V_rᵀ g_q of the queries, c²(d1+d2) per pair for term 1, and the curvature term
+    routes = curvature_flops(cfg, specs)
+    return sum(2.0 * min(cfg.r, s.dim) * s.dim * nq + 2.0 * n * nq * s.c**2 * (s.d1 + s.d2) for s in specs) \
+        + min(routes["recompute g'_t"], routes["query side"])
 
 
-def gprime_flops(cfg: PlanConfig, specs: list[LayerSpec]) -> float:
-    """LoRIF's query-independent part of scoring: g'_t = V_rᵀ g_t for all N examples (2·min(r, D)·D each)."""
+def curvature_flops(cfg: PlanConfig, specs: list[LayerSpec]) -> dict[str, float]:
+    """LoRIF's curvature term of one batch by route (``lorif_ray.math.scoring``): recompute g'_t = V_rᵀ g_t
+    of all N examples (r·D each) then r per pair; the query side, h_q = V_r(w ⊙ g'_q) (r·D per query)
+    then D per pair; stored g'_t, r per pair. Empty for other methods."""
     if cfg.method.name != "lorif":
-        return 0.0
-    return sum(2.0 * min(cfg.r, s.dim) * s.dim * cfg.num_examples for s in specs)
+        return {}
+    n, nq = cfg.num_examples, cfg.num_queries
+    out = {"recompute g'_t": 0.0, "query side": 0.0, "stored g'_t": 0.0}
+    for s in specs:
+        r = min(cfg.r, s.dim)
+        out["recompute g'_t"] += 2.0 * r * s.dim * n + 2.0 * n * nq * r
+        out["query side"] += 2.0 * r * s.dim * nq + 2.0 * n * nq * s.dim
+        out["stored g'_t"] += 2.0 * n * nq * r
+    return out
 
 
 def make_plan(cfg: PlanConfig) -> Plan:
@@ -362,7 +374,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
         memory=[rank_memory(cfg, model, specs, tp) for tp in candidates],
         stage1_flops_per_example=stage1_flops(cfg, params, specs),
         score_flops=score_flops(cfg, specs, config.hidden_size),
-        gprime_flops=gprime_flops(cfg, specs),
+        curvature_flops=curvature_flops(cfg, specs),
     )
 
 
@@ -472,11 +484,14 @@ def format_plan(plan: Plan) -> str:
         f"{H2D_PROVENANCE}) + compute {human_seconds(plan.stage3_compute_seconds)} ({plan.score_flops:.3e} FLOPs "
         "/ achieved FLOP/s; paper §3.3 operation counts); no overlap of read and compute",
     ]
-    if plan.gprime_flops:
-        gprime_bytes = 4 * cfg.num_examples * sum(min(cfg.r, s.dim) for s in plan.specs)
-        lines.append(f"- estimate: of which g'_t = V_rᵀ g_t of all N examples (formed per batch, as in the paper): "
-                     f"{human_seconds(plan.gprime_flops / (plan.achieved_flops_per_s * cfg.num_gpus))}; query-"
-                     f"independent: storing g'_t once (N × Σ min(r, D) × 4 B = {human_bytes(gprime_bytes)}) removes it")
+    if plan.curvature_flops:
+        speed = plan.achieved_flops_per_s * cfg.num_gpus
+        stored = cfg.num_examples * sum(min(cfg.r, s.dim) for s in plan.specs) * size
+        recompute, query_side, from_stored = (human_seconds(flops / speed) for flops in plan.curvature_flops.values())
+        lines.append("- estimate: of which LoRIF's curvature term, by route (the compute above takes the cheaper "
+                     f"of the first two): recompute g'_t = V_rᵀ g_t of all N examples {recompute}; query side "
+                     f"h_q = V_r(w ⊙ g'_q) {query_side} (cheaper when Nq < r); stored g'_t {from_stored} "
+                     f"(query.store_coordinates: N × Σ min(r, D) × {size} B = {human_bytes(stored)} more disk)")
     lines += [
         "- not estimated: stage 2 (curvature) time, disk throughput, Ray scheduling overhead",
     ]

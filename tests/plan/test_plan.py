@@ -63,6 +63,20 @@ def test_repsim_storage_matches_the_paper():
     assert f"{p.index_bytes / MIB:.1f}" == "340.7"
 
 
+@pytest.mark.parametrize("num_queries,cheaper", [(1000, "query side"), (8192, "recompute g'_t")])
+def test_the_query_compute_takes_the_cheaper_curvature_route(num_queries, cheaper):
+    """GPT-2 small f=4 r=4096: the query side (D per pair) beats recomputing g'_t (r·D per example) for
+    fewer queries than r, not for more; stored g'_t (r per pair) is cheapest; the routes' counts are exact."""
+    p = plan(model_conf("gpt2_small"), "lorif", 4, 1, num_examples=GPT2_N, num_queries=num_queries)
+    routes = p.curvature_flops
+    assert min(routes["recompute g'_t"], routes["query side"]) == routes[cheaper]
+    assert routes["stored g'_t"] < routes[cheaper]
+    dims = [s.dim for s in p.specs]
+    assert routes["stored g'_t"] == sum(2.0 * GPT2_N * num_queries * min(4096, d) for d in dims)
+    assert routes["query side"] == sum(2.0 * min(4096, d) * d * num_queries + 2.0 * GPT2_N * num_queries * d
+                                       for d in dims)
+
+
 def test_gpt2_small_parameter_count_is_the_throughput_reference():
     p = plan(model_conf("gpt2_small"), "lorif", 4)
     assert p.params == p.config.ref_params == 124_439_808
