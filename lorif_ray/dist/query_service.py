@@ -37,15 +37,14 @@ from lorif_ray.config import Config
 from lorif_ray.dist.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.errors import LorifError
-from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, score_in_chunks
+from lorif_ray.math.scoring import ScoreLayout, score_in_chunks
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.stages.coordinates import QueryProjector, coordinates_match, curvature_ranks, load_coordinates
 from lorif_ray.stages.curvature import check_method_matches_index, layer_specs, load_curvature
 from lorif_ray.stages.fast_query import ResidentIndex
-from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import math_dtype, require, resolve_inputs
-from lorif_ray.stages.query import TopK, full_scores_file, write_query_outputs
+from lorif_ray.stages.query import TopK, full_scores_file, prepare_query, write_query_outputs
 from lorif_ray.store import open_index, read_ids
 
 
@@ -129,14 +128,10 @@ class QueryWorker:
         columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in payload["columns"].items()}
         num_queries = next(iter(columns.values())).shape[0]
         route = payload.get("route", "recompute")
-        if self.layout is None:
-            query = RepSimQuery(columns["hidden"])
-        else:
-            if route == "recompute" and not self.all_vectors:  # the one route that needs every V_r here
-                self.curvature = load_curvature(self.cfg, self.manifest, self.device, self.dtype)
-                self.all_vectors = True
-            query = StackedQuery(self.layout, blocks_from_columns(self.specs, self.manifest.kind, columns),
-                                 self.curvature, normalize=self.cfg.query.normalize,
+        if route == "recompute" and self.layout is not None and not self.all_vectors:
+            self.curvature = load_curvature(self.cfg, self.manifest, self.device, self.dtype)  # every V_r, once
+            self.all_vectors = True
+        query, _ = prepare_query(self.manifest, columns, self.curvature, normalize=self.cfg.query.normalize,
                                  keep_vectors=route == "recompute", query_side=route == "query",
                                  query_coordinates=payload.get("coordinates") if route != "recompute" else None,
                                  query_side_terms=payload.get("terms") if route == "query" else None)

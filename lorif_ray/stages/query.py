@@ -1,9 +1,9 @@
 """Stage 3: score queries against every indexed training example; write top-k (and full scores).
 
 Query gradients are made by the same featurizer (same layers, projections, seed and factor rank)
-as the index; the query-side curvature terms are computed once; training rows stream shard by
-shard and a running top-k is kept, so memory does not grow with N (``scores.npy`` is written
-through a memory map).
+as the index; the query-side terms are computed once (``prepare_query``: the batched scorer of
+``lorif_ray.math.scoring``); training rows stream shard by shard and a running top-k is kept, so
+memory does not grow with N (``scores.npy`` is written through a memory map).
 
 Outputs in ``output_dir``: ``topk.parquet`` (query_id, rank, train_id, score) and, with
 ``query.full_scores``, ``scores.npy`` (float32, queries × train, input order) + ``scores.json``.
@@ -24,6 +24,7 @@ from lorif_ray.config import Config
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.math.influence import PreparedQuery, repsim_scores, self_influence
+from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.stages.curvature import check_method_matches_index, layer_specs, load_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
@@ -50,7 +51,8 @@ class TopK:
 
 
 class Scorer:
-    """Scores of prepared queries against blocks of stored rows, summed over layers."""
+    """Scores of prepared queries against blocks of stored rows, layer by layer (``PreparedQuery``): the
+    reference that the batched scorer (``prepare_query``) is checked against in float64."""
 
     def __init__(self, cfg: Config, manifest, query_columns: dict[str, torch.Tensor], device, dtype,
                  curvature: dict | None = None):
@@ -111,14 +113,28 @@ def featurize_queries(cfg: Config, manifest) -> tuple[list[str], dict[str, torch
     return QueryFeaturizer(cfg, manifest)(require(resolve_inputs(cfg).queries_path, "data.queries"))
 
 
+def prepare_query(manifest, query_columns: dict[str, torch.Tensor], curvature: dict | None, *, normalize: bool,
+                  **options) -> tuple[StackedQuery | RepSimQuery, ScoreLayout | None]:
+    """The batched scorer of one query batch and the layout its training blocks take (None: RepSim,
+    whose blocks are ``TrainBlock(dense=hidden)``); ``options`` go to ``StackedQuery``."""
+    if manifest.kind == "hidden":
+        return RepSimQuery(query_columns["hidden"]), None
+    specs = layer_specs(manifest)
+    layout = ScoreLayout.build(specs, manifest.kind, curvature)
+    blocks = blocks_from_columns(specs, manifest.kind, query_columns)
+    return StackedQuery(layout, blocks, curvature, normalize=normalize, **options), layout
+
+
 def run_query(cfg: Config) -> dict:
-    """Score ``data.queries`` against the index; returns a report with the output paths."""
+    """Score ``data.queries`` against the index, streaming its shards; returns a report with the output paths."""
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
     query_ids, query_columns, query_seconds = featurize_queries(cfg, manifest)
     device = resolve_device(cfg.model.device)
     dtype = math_dtype(device)
-    scorer = Scorer(cfg, manifest, query_columns, device, dtype)
+    curvature = None if manifest.kind == "hidden" else load_curvature(cfg, manifest, device, dtype)
+    query, layout = prepare_query(manifest, {k: v.to(device=device, dtype=dtype) for k, v in query_columns.items()},
+                                  curvature, normalize=cfg.query.normalize)
     num_queries, num_train = len(query_ids), manifest.num_rows
     topk = TopK(num_queries, min(cfg.query.top_k, num_train), device)
     train_ids: list[str] = []
@@ -127,7 +143,8 @@ def run_query(cfg: Config) -> dict:
             tqdm(total=num_train, unit="ex", desc="stage 3: score", disable=not cfg.progress) as bar:
         for ids, columns in iter_batches(cfg.index_path, batch_rows=cfg.query.train_batch_rows, out_dtype=dtype,
                                          device=device, manifest=manifest):
-            scores = scorer(columns)
+            block = TrainBlock(dense=columns["hidden"]) if layout is None else layout.train_block(columns)
+            scores = query.scores(block)
             topk.update(scores, len(train_ids))
             if full is not None:
                 full[:, len(train_ids):len(train_ids) + len(ids)] = scores.float().cpu().numpy()
