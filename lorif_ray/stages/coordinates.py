@@ -17,6 +17,7 @@ nothing that a query would use.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -103,7 +104,15 @@ class CoordinateWriter:
 
 
 def write_rows(path, start: int, values: torch.Tensor, dtype: str) -> None:
-    """Write rows start … start + len(values) − 1 of a file made by ``CoordinateWriter.begin``."""
+    """Write rows start … start + len(values) − 1 of a file made by ``CoordinateWriter.begin``.
+
+    Raises:
+        ConfigError: the file is not there: this process runs on another node than the one that made
+            it, and ``output_dir`` is not on storage that every node shares.
+    """
+    if not Path(path).exists():
+        raise ConfigError(f"{path} is not visible here ({os.uname().nodename}): stage-2 workers write g'_t into "
+                          "files the driver creates, so output_dir must be on storage shared by every node")
     array = np.lib.format.open_memmap(path, mode="r+")
     array[start:start + values.shape[0]] = _to_numpy(values, dtype)
     array.flush()

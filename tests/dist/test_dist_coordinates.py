@@ -140,3 +140,12 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
         assert all(held) and not set.intersection(*held) and set.union(*held) == everything
     expected = np.load(f"{ref.output_dir}/scores.npy")
     assert np.abs(result.full - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+def test_a_worker_that_cannot_see_the_coordinate_file_says_output_dir_must_be_shared(tmp_path):
+    """On a node without the driver's output_dir (not shared storage) a worker's write fails by name."""
+    from lorif_ray.errors import ConfigError
+    from lorif_ray.stages.coordinates import write_rows
+
+    with pytest.raises(ConfigError, match="shared by every node"):
+        write_rows(tmp_path / "elsewhere" / "layer.npy.tmp-0", 0, torch.zeros(2, 3), "float32")
