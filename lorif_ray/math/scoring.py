@@ -10,7 +10,8 @@ The per-layer score (``influence.py``) summed over layers is rearranged into a f
 - LoRIF's curvature term, −Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j}, by the cheapest of three routes:
   stored g'_t = V_rᵀ g_t (one GEMM over every layer's concatenated coordinates, r per pair);
   from the query side, ⟨h_q, g_t⟩ with h_q = V_r (w ⊙ g'_q) ∈ R^D prepared once per query batch
-  (nq·D per training row: the route when nq < r, since it needs neither V_r nor g'_t at scoring);
+  (nq·D per training row: cheaper than recomputing when nq < r, and needs neither V_r nor g'_t
+  while scoring);
   or g'_t recomputed from the block (r·D per training row). The last two form the block's dense rows
   vec(u vᵀ) per group of layers of equal shape and r and use one ``bmm`` per group.
 
