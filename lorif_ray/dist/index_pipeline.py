@@ -34,8 +34,7 @@ from lorif_ray.config import Config
 from lorif_ray.dist.cluster import actor_options, in_bundle, ready_placement_group, replica_placement_group
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
-from lorif_ray.data import iter_batches as token_batches
-from lorif_ray.math.capture import check_finite_all, nonfinite_rows
+from lorif_ray.math.capture import nonfinite_rows
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (
     announce,
@@ -138,16 +137,25 @@ class GradientWorker:
         """Each rank factorizes its layers of the (identical) captured blocks; rank 0 gathers."""
         from lorif_ray.model.tensor_parallel import gather_columns
 
-        ids, parts = [], []
-        for batch_ids, batch in token_batches(chunk, self.cfg.data.batch_size, self.pad_token_id):
-            captured = self.featurizer.capture(batch_ids, batch)
-            # every layer on every rank (one sync): all ranks raise alike, none waits in the gather
-            check_finite_all([(name, nonfinite_rows(t)) for name, pair in captured.items() for t in pair], batch_ids)
-            parts.append({k: v.cpu() for k, v in self.my_maker(batch_ids, captured).items()})
-            ids.extend(batch_ids)
-        columns = gather_columns({k: torch.cat([p[k] for p in parts]) for k in self.my_maker.columns},
-                                 self.sharded.group)
+        ids, columns = featurize_chunk(_RankShare(self.featurizer, self.my_maker), chunk, self.cfg.data.batch_size,
+                                       self.pad_token_id)
+        columns = gather_columns(columns, self.sharded.group)
         return None if columns is None else ("columns", ids, columns)
+
+
+class _RankShare:
+    """One tensor-parallel rank's part of ``featurize_chunk``: every layer's captured blocks are checked
+    for NaN/Inf on every rank (all ranks raise alike, none waits in the gather), and only this rank's
+    layers are factorized."""
+
+    def __init__(self, featurizer: Featurizer, maker: ColumnMaker):
+        self.featurizer, self.maker = featurizer, maker
+        self.columns = maker.columns
+
+    def unchecked(self, ids: list[str], batch: dict) -> tuple[dict, list]:
+        captured = self.featurizer.capture(ids, batch)
+        masks = [(name, nonfinite_rows(t)) for name, pair in captured.items() for t in pair]
+        return self.maker.unchecked(ids, captured)[0], masks
 
 
 class ShardWorker:

@@ -150,3 +150,28 @@ def test_stage_one_syncs_once_per_shard_not_per_batch():
         assert ids == [e.id for e in chunk] and all(v.shape[0] == 6 for v in columns.values())
         syncs[batches] = counts["n"]
     assert syncs[3] - syncs[1] == 2 * plain["n"], (syncs, plain)
+
+
+def test_a_tensor_parallel_rank_checks_every_layer_but_factorizes_its_own():
+    """A rank's share of featurize_chunk (dist.index_pipeline._RankShare): the columns of its layers
+    equal the whole featurizer's, and its NaN/Inf check covers every layer, also those other ranks
+    factorize (so every rank raises alike and none waits in the gather)."""
+    from lorif_ray.data import TokenizedExample, collate
+    from lorif_ray.dist.index_pipeline import _RankShare
+    from lorif_ray.stages.featurize import ColumnMaker
+    from lorif_ray.stages.index import featurize_chunk
+
+    model = tiny_gpt2()
+    feat = _featurizer(model)
+    mine = feat.specs[: len(feat.specs) // 2]
+    share = _RankShare(feat, ColumnMaker(mine, kind="factors", seed=0, iterations=feat.iterations,
+                                         compute_dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    chunk = [TokenizedExample(f"e{i}", row, row) for i, row in enumerate(torch.randint(1, 61, (5, 6), generator=gen).tolist())]
+    ids, columns = featurize_chunk(share, chunk, batch_size=2, pad_token_id=0)
+    _, everything = featurize_chunk(feat, chunk, batch_size=2, pad_token_id=0)
+    assert set(columns) == {f"{s.name}.{x}" for s in mine for x in "uv"}
+    assert all(torch.equal(columns[k], everything[k]) for k in columns)
+    _, masks = share.unchecked(ids[:2], collate(chunk[:2], 0))  # NaN/Inf rows of A and B, per layer
+    assert sorted({name for name, _ in masks}) == sorted(s.name for s in feat.specs)
+    assert len(masks) == 2 * len(feat.specs)
