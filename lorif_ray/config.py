@@ -21,11 +21,22 @@ METHODS = ("lorif", "logra", "graddot", "repsim")
 class ModelConfig:
     path: Optional[str] = None  # local Hugging Face model dir; None = the embedded default (built on first use)
     layers: Optional[List[str]] = None  # fnmatch patterns on module names; None = every linear in the blocks
+    # (with an adapter: its LoRA A/B layers)
+    adapter: Optional[str] = None  # local PEFT LoRA adapter dir: attached to the model, its A/B layers attributed
     dtype: str = "float32"  # compute dtype of the model
     device: str = "auto"  # auto = cuda if available, else cpu
     # Hugging Face config fields (model_type, hidden_size, ...) of a model known only by its shape:
     # used by the capacity planner and by benchmarks that build random-weight models; None = read path
     arch: Optional[Dict[str, Any]] = None
+
+    @property
+    def layer_patterns(self) -> Optional[List[str]]:
+        """The layers to attribute: ``layers``, else the adapter's LoRA layers, else None (every block linear)."""
+        if self.layers is not None or self.adapter is None:
+            return self.layers
+        from lorif_ray.model.adapters import LORA_PATTERNS
+
+        return LORA_PATTERNS
 
 
 @dataclass
@@ -140,6 +151,8 @@ def validate(cfg: Config) -> None:
         (min(cfg.cluster.gradient_actors, cfg.cluster.writer_actors, cfg.cluster.gram_actors,
              cfg.cluster.query_actors, cfg.cluster.tp_size, cfg.cluster.inflight_per_actor) >= 1,
          "cluster.*_actors, cluster.tp_size and cluster.inflight_per_actor must be >= 1"),
+        (cfg.model.adapter is None or cfg.cluster.tp_size == 1,
+         "model.adapter: LoRA adapters run with cluster.tp_size=1 (tensor-parallel ranks load plain checkpoints)"),
         (cfg.cluster.cpus_per_actor >= 0, f"cluster.cpus_per_actor={cfg.cluster.cpus_per_actor}: must be >= 0"),
         (cfg.query.train_batch_rows >= 1, f"query.train_batch_rows={cfg.query.train_batch_rows}: must be >= 1"),
     ]

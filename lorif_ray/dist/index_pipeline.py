@@ -68,7 +68,8 @@ class GradientWorker:
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, tp_size: int = 1):
         self.cfg, self.model_path, self.rank, self.tp_size = cfg, model_path, rank, tp_size
         if tp_size == 1:
-            model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+            model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
+                                          adapter=cfg.model.adapter)
             self.identity = model_identity(model)
             self.featurizer = build_featurizer(cfg, model)
         else:  # the model is loaded, sharded, in ``setup``

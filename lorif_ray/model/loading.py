@@ -21,8 +21,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"):
+def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto", adapter: str | Path | None = None):
     """Model (eval mode, dropout off) and tokenizer from a local directory; never contacts a hub.
+
+    ``adapter``: a local PEFT LoRA adapter directory attached to the model (``lorif_ray.model.adapters``).
 
     Returns:
         (model, tokenizer). The tokenizer gets a pad token (eos) if it has none.
@@ -37,6 +39,10 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    if adapter is not None:
+        from lorif_ray.model.adapters import attach_lora
+
+        attach_lora(model, adapter)
     return model.to(resolve_device(device)).eval(), load_tokenizer(path)
 
 

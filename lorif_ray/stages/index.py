@@ -31,7 +31,7 @@ def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: l
                      factor_iters: int | None = None) -> Featurizer:
     """The featurizer of this config (``layer_names`` and ``factor_iters`` pin those of an existing index)."""
     if layer_names is None:
-        layers = select_layers(model, cfg.model.layers)
+        layers = select_layers(model, cfg.model.layer_patterns)
     else:
         layers = {name: model.get_submodule(name) for name in layer_names}
     return Featurizer(model, layers, kind=kind or cfg.method.store_kind, f=cfg.f, c=cfg.c, seed=cfg.seed,
@@ -44,7 +44,7 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
     return {
         "config": {"kind": featurizer.kind, "f": cfg.f, "c": cfg.c, "seed": cfg.seed,
                    "factor_iters": featurizer.iterations, "max_length": cfg.data.max_length,
-                   "layers": cfg.model.layers, "model_dtype": cfg.model.dtype},
+                   "layers": cfg.model.layer_patterns, "model_dtype": cfg.model.dtype},
         "model": identity,
         "layers": [asdict(s) for s in featurizer.specs],
         "data": {"sha256": data_sha256, "num_examples": num_examples},
@@ -114,7 +114,8 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 def run_index(cfg: Config) -> dict:
     """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
     inputs = resolve_inputs(cfg)
-    model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device)
+    model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device,
+                                  adapter=cfg.model.adapter)
     train_path, examples = train_examples(cfg, tokenizer)
     featurizer = build_featurizer(cfg, model)
     meta = index_meta(cfg, featurizer, model_identity(model), file_sha256(train_path), len(examples))

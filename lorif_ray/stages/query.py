@@ -88,7 +88,7 @@ class QueryFeaturizer:
 
     def __init__(self, cfg: Config, manifest):
         model, self.tokenizer = load_model(resolve_inputs(cfg).model_path, dtype=cfg.model.dtype,
-                                           device=cfg.model.device)
+                                           device=cfg.model.device, adapter=cfg.model.adapter)
         check_same_model(manifest.meta["model"], model_identity(model), f"index {cfg.index_path}")
         check_index_config(cfg, manifest)
         self.featurizer = build_featurizer(cfg, model, kind=manifest.kind,
