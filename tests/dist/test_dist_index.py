@@ -126,3 +126,27 @@ def test_a_pipeline_the_cluster_cannot_place_fails_with_a_clear_error(tiny_asset
     cfg = _config(tiny_assets, baseline["root"], "too_big", cpus_per_actor=3.0)
     with pytest.raises(ConfigError, match=r"cannot place a model replica.*'CPU': 3\.0"):
         run_index_distributed(cfg)
+
+
+def test_ray_pipeline_with_a_lora_adapter_equals_the_one_process_pipeline(tiny_assets, baseline, ray_cluster,
+                                                                           tmp_path):
+    """model.adapter through gradient actors, Gram actors and query actors (the query gradients on a
+    replica that attaches it too): the one-process index and top-k."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.model.test_adapters import TARGETS, write_adapter
+
+    write_adapter(AutoModelForCausalLM.from_pretrained(tiny_assets["model"]), tmp_path / "adapter", TARGETS["gpt2"])
+    ray_cfg = _config(tiny_assets, baseline["root"], "ray_lora")
+    ray_cfg = replace(ray_cfg, model=replace(ray_cfg.model, adapter=str(tmp_path / "adapter")))
+    one = replace(ray_cfg, output_dir=str(baseline["root"] / "one_lora"), cluster=ClusterConfig(backend="none"))
+    run_attribute(one)
+    run_attribute(ray_cfg, run_stage)
+    _assert_same_index(ray_cfg.index_path, one.index_path)
+    assert all(layer["name"].endswith((".lora_A", ".lora_B")) for layer in open_index(ray_cfg.index_path).meta["layers"])
+    expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
+    actual = pq.read_table(ray_cfg.output_dir + "/topk.parquet").to_pydict()
+    assert actual["train_id"] == expected["train_id"]
+    np.testing.assert_allclose(actual["score"], expected["score"], rtol=1e-5)
