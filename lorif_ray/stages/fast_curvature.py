@@ -17,6 +17,7 @@ is 192k numbers/example, 5.3× the f=4 c=1 factors; the report states it.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -106,15 +107,43 @@ class ResidentGram:
         return torch.cat(parts)
 
 
+CHUNK_BYTES = 512 * 2**20  # dense rows formed at a time per GEMM (chunk_rows · D numbers)
+
+
+def resident_bytes(manifest, dtype: torch.dtype) -> int:
+    """Memory of the largest layer's rows held resident (c(d1+d2) or D numbers per row)."""
+    size = torch.finfo(dtype).bits // 8
+    widths = {}
+    for column, width in manifest.columns.items():
+        layer = column.rsplit(".", 1)[0]
+        widths[layer] = widths.get(layer, 0) + width
+    return manifest.num_rows * max(widths.values(), default=0) * size
+
+
+def fits_resident(cfg: Config, fraction: float = 0.25) -> bool:
+    """Whether stage 2 may hold one layer's rows on the device: at most ``fraction`` of its memory
+    (the GPU's, or this machine's RAM)."""
+    from lorif_ray.model.loading import resolve_device
+    from lorif_ray.stages.inputs import math_dtype
+    from lorif_ray.store import open_index
+
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return resident_bytes(open_index(cfg.index_path), math_dtype(device)) <= fraction * total
+
+
 def run_curvature_fast(cfg: Config, *, store_coordinates: bool = False, coordinates_dtype: str | None = None,
-                       chunk_rows: int = 4096, matmul_dtype: torch.dtype | None = None, device=None) -> dict:
+                       chunk_rows: int | None = None, matmul_dtype: torch.dtype | None = None, device=None) -> dict:
     """Stage 2 with each layer's rows resident on the device; writes the same ``curvature.safetensors`` as
     ``run_curvature`` and, with ``store_coordinates``, g'_t per Woodbury layer (see module docstring).
 
     Args:
         store_coordinates: also write g'_t (``query.store_coordinates``).
         coordinates_dtype: float32 | float16 | bfloat16 for the stored g'_t (None = the index's ``dtype``).
-        chunk_rows: rows formed densely per GEMM.
+        chunk_rows: rows formed densely per GEMM (None = as many as fit ``CHUNK_BYTES``, 64 … 4096).
         matmul_dtype: e.g. torch.bfloat16 for the GEMMs on a GPU (None = the math dtype).
         device: default ``cfg.model.device``.
 
@@ -132,7 +161,8 @@ def run_curvature_fast(cfg: Config, *, store_coordinates: bool = False, coordina
     start = time.perf_counter()
     for spec in tqdm(specs, desc="stage 2: curvature (resident)", unit="layer", disable=not cfg.progress):
         u, v = load_layer_rows(cfg.index_path, manifest, spec, device=device, dtype=dtype)
-        gram = ResidentGram(u, v, chunk_rows=chunk_rows, matmul_dtype=matmul_dtype, keep_sketch=store_coordinates)
+        rows = chunk_rows or max(64, min(4096, CHUNK_BYTES // (spec.dim * u.element_size())))
+        gram = ResidentGram(u, v, chunk_rows=rows, matmul_dtype=matmul_dtype, keep_sketch=store_coordinates)
         curvature = layer_curvature(cfg, kind, spec, gram, lambda gram=gram: gram.gram(), dtype, device)
         results[spec.name] = curvature
         if writer is not None:

@@ -103,3 +103,15 @@ def test_config_keys_select_the_resident_paths(baseline):
     expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
     scores = np.load(cfg.output_dir + "/scores.npy")
     assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_stage_two_holds_a_layer_resident_only_when_it_fits(baseline):
+    """The one-process stage 2 picks the resident path by the largest layer's rows (N · c(d1+d2) numbers
+    in the math dtype) against a fraction of the device's memory."""
+    from lorif_ray.stages.fast_curvature import fits_resident, resident_bytes
+
+    cfg = baseline["cfg"]
+    manifest = open_index(cfg.index_path)
+    widest = max(s.c * (s.d1 + s.d2) for s in layer_specs(manifest))
+    assert resident_bytes(manifest, torch.float64) == manifest.num_rows * widest * 8
+    assert fits_resident(cfg) and not fits_resident(cfg, fraction=1e-12)
