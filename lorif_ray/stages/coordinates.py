@@ -7,8 +7,8 @@ once (``query.store_coordinates``). With g'_t stored, a scorer needs no V_r at a
 ``QueryProjector`` that holds V_r of some layers (on Ray, each query actor projects a share of them).
 
 On disk: ``<output_dir>/curvature_coordinates/<layer>.npy`` (N, r) in index row order, float32, float16
-or bfloat16 (as raw int16 bits), and ``_meta.json`` (dtype, rows, ranks, the SHA-256 of the curvature
-file they belong to). A layer's file is filled in place through a memory map, by one process or by
+or bfloat16 (as raw int16 bits), and ``_meta.json`` (dtype, rows, ranks, the ``curvature_id`` of the curvature
+file they belong to, read from its header). A layer's file is filled in place through a memory map, by one process or by
 stage-2 workers each over its own rows, under a temporary name that is renamed once it is complete;
 ``_meta.json`` is removed when stage 2 starts and written last, so an interrupted stage 2 leaves
 nothing that a query would use.
@@ -28,10 +28,10 @@ from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError
 from lorif_ray.math.influence import woodbury_weights
 from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.curvature import layer_specs, load_curvature
+from lorif_ray.stages.curvature import curvature_header, layer_specs, load_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import math_dtype
-from lorif_ray.store import Manifest, file_sha256, load_tensors, replace_durably, temporary_path, write_json
+from lorif_ray.store import Manifest, replace_durably, temporary_path, write_json
 
 COORDINATES_DIR = "curvature_coordinates"
 COORDINATE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 as raw bits
@@ -95,7 +95,8 @@ class CoordinateWriter:
             raise RuntimeError(f"layers {sorted(self.pending)} were begun but not committed")
         width = sum(self.ranks.values())
         size = np.dtype(COORDINATE_DTYPES[self.dtype]).itemsize
-        info = {"curvature_sha256": file_sha256(curvature_path), "dtype": self.dtype, "rows": self.num_rows,
+        info = {"curvature_id": curvature_header(curvature_path)["curvature_id"], "dtype": self.dtype,
+                "rows": self.num_rows,
                 "layers": {name: {"file": f"{name}.npy", "rank": rank} for name, rank in self.ranks.items()},
                 "bytes_per_example": width * size}
         write_json(self.directory / META_NAME, info)
@@ -141,11 +142,15 @@ def coordinates_match(cfg: Config, dtype: str | None = None) -> bool:
     info = _meta(cfg)
     if info is None or not cfg.curvature_path.exists():
         return False
-    return info.get("curvature_sha256") == file_sha256(cfg.curvature_path) and dtype in (None, info["dtype"])
+    return info.get("curvature_id") == _curvature_id(cfg) and dtype in (None, info["dtype"])
 
 
-def load_coordinates(cfg: Config, *, rows: tuple[int, int] | None = None, device="cpu", dtype=torch.float32,
-                     layers: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def _curvature_id(cfg: Config) -> str | None:
+    return curvature_header(cfg.curvature_path).get("curvature_id")
+
+
+def load_coordinates(cfg: Config, *, rows: tuple[int, int] | None = None, device="cpu", dtype=torch.float32
+                     ) -> dict[str, torch.Tensor]:
     """Stored g'_t {layer: (n, r)} of rows [start, stop) (default: all), read through a memory map.
 
     Raises:
@@ -157,12 +162,12 @@ def load_coordinates(cfg: Config, *, rows: tuple[int, int] | None = None, device
     info = _meta(cfg)
     if info is None:
         raise ConfigError(f"no stored g'_t at {directory}; run stage 2 with query.store_coordinates=true")
-    if info.get("curvature_sha256") != file_sha256(cfg.curvature_path):
+    if info.get("curvature_id") != _curvature_id(cfg):
         raise IndexMismatchError(f"{directory} belongs to another curvature than {cfg.curvature_path}; "
                                  "re-run stage 2 with query.store_coordinates=true")
     start, stop = rows or (0, info["rows"])
     out = {}
-    for name in info["layers"] if layers is None else layers:
+    for name in info["layers"]:
         layer = info["layers"][name]
         path = directory / layer["file"]
         try:
@@ -180,10 +185,8 @@ def load_coordinates(cfg: Config, *, rows: tuple[int, int] | None = None, device
 
 def curvature_ranks(cfg: Config) -> dict[str, int]:
     """{layer: r} of the Woodbury layers of the saved curvature (read from the file's header only)."""
-    if not cfg.curvature_path.exists():
-        raise ConfigError(f"no curvature at {cfg.curvature_path}; run stage 2 (jobs/curvature.py) first")
-    _, meta = load_tensors(cfg.curvature_path, names=lambda name: False)
-    return {name: info["rank"] for name, info in meta.get("layers", {}).items() if info["kind"] == "woodbury"}
+    layers = curvature_header(cfg.curvature_path).get("layers", {})
+    return {name: info["rank"] for name, info in layers.items() if info["kind"] == "woodbury"}
 
 
 class QueryProjector:

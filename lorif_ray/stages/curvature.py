@@ -6,7 +6,10 @@ G is never materialized. A curvature file made with the same settings from the s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -94,7 +97,11 @@ def save_curvature(cfg: Config, meta: dict, kind: str, results: dict[str, LayerC
             value = getattr(curvature, field)
             if value is not None:
                 tensors[f"{name}.{field}"] = value.cpu()
-    save_tensors(cfg.curvature_path, tensors, {"method_meta": meta, "kind": kind, "layers": layers})
+    # curvature_id names what determines this file (index and settings) for what is derived from it
+    # (stored g'_t): matched by reading the header instead of hashing up to D·r numbers per layer
+    curvature_id = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    save_tensors(cfg.curvature_path, tensors, {"method_meta": meta, "kind": kind, "layers": layers,
+                                               "curvature_id": curvature_id})
     return {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers}
 
 
@@ -126,6 +133,14 @@ def _check_damping(damping: float, spec: LayerSpec) -> None:
     if not damping > 0:
         raise LorifError(f"layer {spec.name}: every stored gradient is zero, so the damping rule gives λ = 0; "
                          "set damping explicitly or leave the layer out (model.layers)")
+
+
+def curvature_header(path) -> dict:
+    """The saved curvature's metadata (kind, per-layer damping and rank, ``curvature_id``), read from the
+    file's header only."""
+    if not Path(path).exists():
+        raise ConfigError(f"no curvature at {path}; run stage 2 (jobs/curvature.py) first")
+    return load_tensors(path, names=lambda name: False)[1]
 
 
 def load_curvature(cfg: Config, manifest: Manifest, device, dtype, *, vectors: bool | Iterable[str] = True

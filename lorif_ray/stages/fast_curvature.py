@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
 from lorif_ray.math.influence import dense_from_factors
+from lorif_ray.model.loading import resolve_device
 from lorif_ray.stages.coordinates import (
     CoordinateWriter,
     coordinates_dir,
@@ -34,7 +35,8 @@ from lorif_ray.stages.coordinates import (
 )
 from lorif_ray.stages.curvature import curvature_layers, layer_curvature, prepare_curvature, save_curvature
 from lorif_ray.stages.featurize import LayerSpec
-from lorif_ray.store import iter_batches
+from lorif_ray.stages.inputs import math_dtype
+from lorif_ray.store import iter_batches, open_index
 
 
 def load_layer_rows(index_path, manifest, spec: LayerSpec, *, device, dtype, batch_rows: int = 65536):
@@ -123,10 +125,6 @@ def resident_bytes(manifest, dtype: torch.dtype) -> int:
 def fits_resident(cfg: Config, fraction: float = 0.25) -> bool:
     """Whether stage 2 may hold one layer's rows on the device: at most ``fraction`` of its memory
     (the GPU's, or this machine's RAM)."""
-    from lorif_ray.model.loading import resolve_device
-    from lorif_ray.stages.inputs import math_dtype
-    from lorif_ray.store import open_index
-
     device = resolve_device(cfg.model.device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
