@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from lorif_ray.config import ClusterConfig, Config, DataConfig, QueryConfig
-from lorif_ray.dist.cluster import actor_options
-from lorif_ray.dist.index_pipeline import run_index_distributed
-from lorif_ray.dist.query_service import QueryService
+from lorif_ray.distributed.cluster import actor_options
+from lorif_ray.distributed.index_pipeline import run_index_distributed
+from lorif_ray.distributed.query_service import QueryService
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs

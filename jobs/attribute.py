@@ -14,7 +14,7 @@ By default (cluster=local) the stages run on Ray actors of a local instance this
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.dist.stages import run_stage
+from lorif_ray.distributed.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
 
 register_configs()

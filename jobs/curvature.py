@@ -6,7 +6,7 @@
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.dist.stages import run_stage
+from lorif_ray.distributed.stages import run_stage
 
 register_configs()
 

@@ -15,8 +15,8 @@ import sys
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.dist.cluster import actor_options, connect
-from lorif_ray.dist.query_service import serve
+from lorif_ray.distributed.cluster import actor_options, connect
+from lorif_ray.distributed.query_service import serve
 
 register_configs()
 

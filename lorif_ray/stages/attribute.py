@@ -37,7 +37,7 @@ def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_lo
     """index → curvature → query; prints what each stage did and the top proponents of a few queries.
 
     Args:
-        run_stage: runs one stage by name (``lorif_ray.dist.stages.run_stage`` puts them on Ray);
+        run_stage: runs one stage by name (``lorif_ray.distributed.stages.run_stage`` puts them on Ray);
             by default in this process.
     """
     index = run_stage("index", cfg)

@@ -157,7 +157,7 @@ def test_a_tensor_parallel_rank_checks_every_layer_but_factorizes_its_own():
     equal the whole featurizer's, and its NaN/Inf check covers every layer, also those other ranks
     factorize (so every rank raises alike and none waits in the gather)."""
     from lorif_ray.data import TokenizedExample, collate
-    from lorif_ray.dist.index_pipeline import _RankShare
+    from lorif_ray.distributed.index_pipeline import _RankShare
     from lorif_ray.stages.featurize import ColumnMaker
     from lorif_ray.stages.index import featurize_chunk
 

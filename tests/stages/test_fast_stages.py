@@ -93,7 +93,7 @@ def test_config_keys_select_the_resident_paths(baseline):
     """query.store_coordinates (stage 2 writes g'_t) + query.resident (stage 3 batched, resident) through
     the stage dispatcher the jobs use: the same top-k and scores as the streaming stages."""
     from lorif_ray.config import ClusterConfig
-    from lorif_ray.dist.stages import run_stage
+    from lorif_ray.distributed.stages import run_stage
 
     cfg = baseline["config"]("keys", cluster=ClusterConfig(backend="none"),
                              query=QueryConfig(**QUERY_CONFIG, resident=True, store_coordinates=True))

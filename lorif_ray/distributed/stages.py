@@ -15,10 +15,10 @@ def run_stage(name: str, cfg: Config) -> dict:
         raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
     if cfg.cluster.backend == "none":
         return run_local_stage(name, cfg)
-    from lorif_ray.dist.cluster import actor_options, connect
-    from lorif_ray.dist.index_pipeline import run_index_distributed
-    from lorif_ray.dist.query_service import run_query_distributed
-    from lorif_ray.dist.rsvd import run_curvature_distributed
+    from lorif_ray.distributed.cluster import actor_options, connect
+    from lorif_ray.distributed.index_pipeline import run_index_distributed
+    from lorif_ray.distributed.query_service import run_query_distributed
+    from lorif_ray.distributed.rsvd import run_curvature_distributed
 
     connect(cfg.cluster)
     cluster = cfg.cluster

@@ -11,8 +11,8 @@ import torch
 from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import load_examples
 from lorif_ray.errors import ConfigError
-from lorif_ray.dist.index_pipeline import run_index_distributed
-from lorif_ray.dist.stages import run_stage
+from lorif_ray.distributed.index_pipeline import run_index_distributed
+from lorif_ray.distributed.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.store import Manifest, iter_batches, open_index, read_ids
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE
@@ -120,7 +120,7 @@ def test_a_rerun_recomputes_only_the_missing_shards(tiny_assets, baseline, ray_c
 
 def test_a_pipeline_the_cluster_cannot_place_fails_with_a_clear_error(tiny_assets, baseline, ray_cluster,
                                                                       monkeypatch):
-    import lorif_ray.dist.cluster as cluster
+    import lorif_ray.distributed.cluster as cluster
 
     monkeypatch.setattr(cluster, "PLACEMENT_TIMEOUT_S", 2)
     cfg = _config(tiny_assets, baseline["root"], "too_big", cpus_per_actor=3.0)

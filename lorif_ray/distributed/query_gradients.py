@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.dist.index_pipeline import IndexPipeline
+from lorif_ray.distributed.index_pipeline import IndexPipeline
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer, resolve_device
 from lorif_ray.stages.inputs import math_dtype, resolve_inputs, tokenized

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.dist.cluster import actor_options, in_bundle, ready_placement_group, replica_placement_group
+from lorif_ray.distributed.cluster import actor_options, in_bundle, ready_placement_group, replica_placement_group
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorif_ray.dist.rsvd import (
+from lorif_ray.distributed.rsvd import (
     GramWorker,
     distributed_gram,
     distributed_gram_apply,

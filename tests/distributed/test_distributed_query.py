@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorif_ray.dist.query_service import QueryService, QueryWorker, merge_topk, run_query_distributed
+from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge_topk, run_query_distributed
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.query import featurize_queries
-from lorif_ray.dist.rsvd import shard_groups
+from lorif_ray.distributed.rsvd import shard_groups
 from lorif_ray.store import open_index
 from tests.dist.conftest import NUM_WORKERS
 

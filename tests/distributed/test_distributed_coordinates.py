@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lorif_ray.config import ClusterConfig, QueryConfig
-from lorif_ray.dist.query_service import QueryService
-from lorif_ray.dist.rsvd import GramWorker, shard_groups
-from lorif_ray.dist.stages import run_stage
+from lorif_ray.distributed.query_service import QueryService
+from lorif_ray.distributed.rsvd import GramWorker, shard_groups
+from lorif_ray.distributed.stages import run_stage
 from lorif_ray.math.rsvd import randomized_spectrum
 from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, curvature_ranks, load_coordinates
 from lorif_ray.stages.curvature import layer_specs, load_curvature

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from lorif_ray.config import ClusterConfig, QueryConfig
-from lorif_ray.dist.index_pipeline import run_index_distributed
-from lorif_ray.dist.stages import run_stage
+from lorif_ray.distributed.index_pipeline import run_index_distributed
+from lorif_ray.distributed.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.stages.index import run_index
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE, write_tiny_model_dir
-from tests.dist.test_dist_index import _assert_same_index
+from tests.distributed.test_distributed_index import _assert_same_index
 from tests.stages.helpers import make_config
 
 TP = dict(backend="ray", gradient_actors=1, tp_size=2, writer_actors=1, gram_actors=2, query_actors=2)

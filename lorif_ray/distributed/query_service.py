@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.dist.query_gradients import RemoteQueryFeaturizer
-from lorif_ray.dist.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
+from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
+from lorif_ray.distributed.rsvd import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.errors import LorifError
 from lorif_ray.math.scoring import ScoreLayout, score_in_chunks
 from lorif_ray.model.loading import resolve_device

@@ -7,8 +7,8 @@ classes can be imported and tested without it).
 - ``query_service``: long-lived query actors that keep their shards resident and return top-k.
 """
 
-from lorif_ray.dist.query_service import QueryService, QueryWorker, run_query_distributed, shard_groups
-from lorif_ray.dist.rsvd import (
+from lorif_ray.distributed.query_service import QueryService, QueryWorker, run_query_distributed, shard_groups
+from lorif_ray.distributed.rsvd import (
     GramWorker,
     distributed_gram,
     distributed_gram_apply,
