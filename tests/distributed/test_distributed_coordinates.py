@@ -21,7 +21,7 @@ from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.query import featurize_queries, run_query
 from lorif_ray.store import iter_batches, open_index
 from tests.conftest import QUERY_CONFIG
-from tests.dist.conftest import NUM_WORKERS
+from tests.distributed.conftest import NUM_WORKERS
 
 
 def _rel(a, b) -> float:

@@ -14,7 +14,7 @@ from lorif_ray.errors import LorifError
 from lorif_ray.stages.query import featurize_queries
 from lorif_ray.distributed.rsvd import shard_groups
 from lorif_ray.store import open_index
-from tests.dist.conftest import NUM_WORKERS
+from tests.distributed.conftest import NUM_WORKERS
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from lorif_ray.math.rsvd import gram_from_batches
 from lorif_ray.stages.curvature import layer_specs
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.store import iter_batches, load_tensors, open_index
-from tests.dist.conftest import NUM_WORKERS
+from tests.distributed.conftest import NUM_WORKERS
 
 
 def test_shard_groups_are_contiguous_balanced_and_cover_every_shard(baseline):
