@@ -49,7 +49,8 @@ def load_examples(path: str | Path) -> list[Example]:
         The examples in file order.
 
     Raises:
-        DataError: The file is missing, empty, of an unknown kind or unreadable; it has neither
+        DataError: The file is missing, empty, of an unknown kind or unreadable (e.g. a JSON Lines
+            line that is not UTF-8: the message names the line); it has neither
             schema; a text, prompt or response is not a string; an id is missing or not a scalar;
             or ids repeat.
 
@@ -88,8 +89,15 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     """Returns the rows (one JSON object per non-blank line) and the union of their keys."""
     rows: list[dict[str, Any]] = []
     columns: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}, line {line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "JSON Lines files must be UTF-8"
+                ) from e
             if not line.strip():
                 continue
             try:

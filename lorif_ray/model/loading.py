@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorif_ray.errors import ConfigError, ModelMismatchError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,7 +32,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
     ``adapter``: a local PEFT LoRA adapter directory attached to the model (``lorif_ray.model.adapters``).
 
     Returns:
-        (model, tokenizer). The tokenizer gets a pad token (eos) if it has none.
+        (model, tokenizer). The tokenizer gets a pad token if it has none (see ``load_tokenizer``).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -47,40 +52,82 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a local model directory, with a pad token (eos) if it has none."""
+    """The tokenizer of a local model directory, with a pad token if it has none.
+
+    Batches are padded on the right and padding is masked out of attention and loss, so any token of
+    the vocabulary pads equally well (a causal model's real tokens never see the padding): the first
+    of eos, bos, unk, or else the token of id 0, is used, and which one is logged.
+
+    Raises:
+        ConfigError: the tokenizer has no token at all to pad with (an empty vocabulary).
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        for role in ("eos", "bos", "unk"):
+            token = getattr(tokenizer, f"{role}_token")
+            if token is not None:
+                tokenizer.pad_token = token
+                break
+        else:
+            if len(tokenizer) == 0:
+                raise ConfigError(f"the tokenizer of {path} has no pad, eos, bos or unk token and no vocabulary to "
+                                  "pad with; add a pad_token to its tokenizer_config.json")
+            role, tokenizer.pad_token = "id 0", tokenizer.convert_ids_to_tokens(0)
+        logger.info("the tokenizer of %s has no pad token: padding with its %s token %r (id %d); padding is "
+                    "masked out of attention and loss", path, role, tokenizer.pad_token, tokenizer.pad_token_id)
     return tokenizer
 
 
-def _fingerprint_step(numel: int) -> int:
-    return max(1, numel // 4096)
+def context_length(path: str | Path) -> int | None:
+    """The most positions the model at ``path`` takes (``n_positions``, ``max_position_embeddings``, ...,
+    from its config.json alone; no weights); None if the config names none."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    for section in (config, config.get("text_config") or {}):
+        for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key]
+    return None
+
+
+def check_context_length(path: str | Path, max_length: int) -> None:
+    """Refuse a ``data.max_length`` longer than the model's context before any work starts.
+
+    Raises:
+        ConfigError: ``max_length`` exceeds the model's positions (naming both numbers).
+    """
+    limit = context_length(path)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"data.max_length={max_length} exceeds the context of the model at {path} "
+                          f"({limit} positions in its config.json); set data.max_length <= {limit}")
+
+
+def tensor_sha256(values: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's bytes, row-major, in its dtype (copied to the CPU)."""
+    flat = values.detach().reshape(-1).contiguous().cpu()
+    return hashlib.sha256(flat.view(torch.uint8).numpy() if flat.numel() else b"").hexdigest()
 
 
 def model_identity(model: nn.Module, sample=None) -> dict:
-    """What identifies the weights: class, config hash and a cheap fingerprint of every parameter.
+    """What identifies the weights: class, config hash and the SHA-256 of every parameter's bytes.
 
-    The fingerprint sums a strided sample of ≤ 4096 entries per parameter in float64, so it costs
-    little on a 70B model and still changes when any checkpoint is swapped for another.
+    Every byte counts, so any change of any weight (one entry by 1e-3) changes the identity. On a
+    loaded model hashing costs about a second per 1.4 GB of weights (one core; 10 s for 7B in bf16);
+    ``checkpoint_sampler`` gets the same digests from the files (cached per file), for models that are
+    never whole in one process (tensor parallel).
 
     Args:
         model: the unsharded model (its parameters may be on the meta device when ``sample`` is given).
-        sample: optional ``sample(name, param, step) -> float64 tensor`` giving ``flat[::step]`` of the
-            parameter's values from elsewhere (see ``checkpoint_sampler``); default: the parameter itself.
+        sample: optional ``sample(name, param) -> hex SHA-256`` of the parameter's values as the loaded
+            model holds them, from elsewhere (see ``checkpoint_sampler``); default: the parameter itself.
     """
     config = getattr(model, "config", None)
     config_json = json.dumps(config.to_diff_dict() if config is not None else {}, sort_keys=True, default=str)
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        step = _fingerprint_step(param.numel())
-        if sample is None:
-            values = param.detach().reshape(-1)[::step].to(device="cpu", dtype=torch.float64)
-        else:
-            values = sample(name, param, step)
-        digest.update(f"{name}:{tuple(param.shape)}:{float(values.sum()):.10e}:{float(values.abs().sum()):.10e}".encode())
+        tensor_digest = tensor_sha256(param) if sample is None else sample(name, param)
+        digest.update(f"{name}:{tuple(param.shape)}:{tensor_digest}\n".encode())
     return {
         "class": type(model).__name__,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
@@ -162,43 +209,104 @@ def checkpoint_key(names, keys, base_prefix: str | None) -> str | None:
 
 
 def checkpoint_sampler(path: str | Path, dtype: torch.dtype, base_prefix: str | None = None):
-    """A ``sample`` for ``model_identity`` that reads ``flat[::step]`` of each tensor straight from the files.
+    """A ``sample`` for ``model_identity`` that hashes each tensor straight from the checkpoint files.
 
-    The safetensors files are memory-mapped and only the sampled elements are touched, each cast to
-    ``dtype`` (what the loaded model holds) and then to float64, so the fingerprint equals that of the
-    model loaded in ``dtype``. Tied parameters appear once, under the name the model gives them.
+    Each tensor is read as stored, cast to ``dtype`` (what the loaded model holds) and hashed, so the
+    identity equals that of the model loaded in ``dtype`` (``model_identity(load_model(path))``). The
+    files are read once, several at a time; the digests are cached per (file, size, mtime, dtype) in
+    ``weights_cache_path()``, so later runs (and other ranks on the node) read nothing. Tied
+    parameters appear once, under the name the model gives them.
     """
-    import mmap
-    import struct
-
     files = checkpoint_files(path)
-    opened: dict[Path, tuple] = {}
+    digests: dict[Path, dict[str, tuple[int, str]]] = {}
 
-    def header(file: Path):
-        if file not in opened:
-            with open(file, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                meta = json.loads(f.read(size))
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private, writable: no torch warning
-            opened[file] = (8 + size, meta, mm)
-        return opened[file]
-
-    def sample(name: str, param: torch.Tensor, step: int) -> torch.Tensor:
+    def sample(name: str, param: torch.Tensor) -> str:
         key = checkpoint_key([name], files.keys(), base_prefix)
         if key is None:
             raise ConfigError(f"{name} is not in the checkpoint at {path}")
-        base, meta, mm = header(files[key])
-        info = meta[key]
-        start, end = info["data_offsets"]
-        stored = SAFETENSORS_DTYPES[info["dtype"]]
-        numel = (end - start) // stored.itemsize
+        if not digests:
+            digests.update(_file_digests(sorted(set(files.values())), dtype))
+        numel, digest = digests[files[key]][key]
         if numel != param.numel():
             raise ConfigError(f"{key}: {numel} values in the checkpoint, the model has {tuple(param.shape)}")
-        if numel == 0:
-            return torch.zeros(0, dtype=torch.float64)
-        flat = torch.frombuffer(mm, dtype=stored, offset=base + start, count=numel)
-        values = flat[::step].to(dtype).to(torch.float64)  # copies: the view on the map is dropped
-        del flat
-        return values
+        return digest
 
     return sample
+
+
+def weights_cache_path() -> Path:
+    """The small JSON file of cached checkpoint digests: ``$LORIF_RAY_CACHE_DIR`` or ``~/.cache/lorif-ray``."""
+    root = os.environ.get("LORIF_RAY_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorif-ray"
+    return Path(root) / "weights-sha256.json"
+
+
+def _file_digests(files: list[Path], dtype: torch.dtype) -> dict[Path, dict[str, tuple[int, str]]]:
+    """{file: {tensor: (numel, hex SHA-256 in ``dtype``)}}, from the cache where the file is unchanged.
+
+    Processes on one node take turns (a lock next to the cache), so the ranks of a replica read a new
+    checkpoint once, not once each.
+    """
+    import fcntl
+
+    cache_path = weights_cache_path()
+    keys = {}
+    for file in files:
+        stat = file.stat()
+        keys[file] = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{str(dtype).removeprefix('torch.')}"
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_path.with_name(f".{cache_path.name}.lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+    except OSError as e:  # a read-only home: no cache, every process hashes for itself
+        logger.warning("no weights digest cache at %s (%s): hashing the checkpoint", cache_path, e)
+        lock = None
+    try:
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        todo = [file for file in files if keys[file] not in cache]
+        if todo:
+            logger.info("hashing %d checkpoint files for the model identity (cached in %s)", len(todo), cache_path)
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(todo), os.cpu_count() or 1))) as pool:
+                for file, table in zip(todo, pool.map(lambda f: _hash_file(f, dtype), todo)):
+                    cache[keys[file]] = table
+            if lock is not None:
+                try:
+                    kept = {k: v for k, v in cache.items() if Path(k.split("|")[0]).is_file()}  # drop deleted files
+                    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
+                    tmp.write_text(json.dumps(kept))
+                    os.replace(tmp, cache_path)
+                except OSError as e:
+                    logger.warning("cannot write the weights digest cache %s: %s", cache_path, e)
+    finally:
+        if lock is not None:
+            lock.close()
+    return {file: {name: tuple(entry) for name, entry in cache[keys[file]].items()} for file in files}
+
+
+def _hash_file(file: Path, dtype: torch.dtype) -> dict[str, list]:
+    """{tensor: [numel, hex SHA-256 of its values cast to ``dtype``]} of one safetensors file."""
+    import struct
+
+    out = {}
+    with open(file, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            f.seek(8 + size + start)
+            raw = bytearray(end - start)
+            f.readinto(raw)
+            numel = (end - start) // stored.itemsize
+            if stored == dtype or numel == 0:
+                out[name] = [numel, hashlib.sha256(raw).hexdigest()]
+            else:
+                out[name] = [numel, tensor_sha256(torch.frombuffer(raw, dtype=stored).to(dtype))]
+            del raw
+    return out

@@ -579,8 +579,10 @@ def load_sharded(model_path: str | Path, tp_size: int, *, dtype: str = "bfloat16
     memory-mapped file (page cache, counted in RSS only while the file is open: it is opened per tensor).
 
     Args:
-        identity: also compute ``model_identity`` of the unsharded model from strided samples read
-            from the files (equal to ``model_identity(load_model(model_path, dtype=dtype))``).
+        identity: also compute ``model_identity`` of the unsharded model from the SHA-256 of every
+            tensor read from the files, cast to ``dtype`` (equal to
+            ``model_identity(load_model(model_path, dtype=dtype))``; cached per file, see
+            ``loading.checkpoint_sampler``).
     """
     from safetensors import safe_open
 

@@ -6,6 +6,7 @@ shard is recorded in the manifest, so a re-run after a crash skips it and resume
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -18,14 +19,16 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.data import TokenizedExample
 from lorif_ray.data import iter_batches as token_batches
-from lorif_ray.errors import DataError
+from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.capture import check_finite_all
 from lorif_ray.model.layers import select_layers
-from lorif_ray.model.loading import load_model, model_identity
+from lorif_ray.model.loading import check_context_length, load_model, model_identity
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import require, resolve_inputs, tokenized
-from lorif_ray.store import ShardWriter, file_sha256, write_json
+from lorif_ray.store import Manifest, ShardWriter, file_sha256, finished_index, write_json
 from lorif_ray.store.schema import BYTES_PER_VALUE
+
+logger = logging.getLogger(__name__)
 
 def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: list[str] | None = None,
                      factor_iters: int | None = None) -> Featurizer:
@@ -40,7 +43,8 @@ def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: l
 
 def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256: str, num_examples: int) -> dict:
     """Everything that determines the stored rows (a resumed run must match it exactly); ``identity``
-    is ``model_identity`` of the unsharded model."""
+    is ``model_identity`` of the unsharded model. Checks the projection widths first."""
+    check_projection_widths(featurizer.specs, cfg.f, featurizer.kind)
     return {
         "config": {"kind": featurizer.kind, "f": cfg.f, "c": cfg.c, "seed": cfg.seed,
                    "factor_iters": featurizer.iterations, "max_length": cfg.data.max_length,
@@ -53,11 +57,63 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
 
 def train_examples(cfg: Config, tokenizer) -> tuple[Path, list[TokenizedExample]]:
     """The tokenized training set of a config (errors name the file when it is empty)."""
-    train_path = require(resolve_inputs(cfg).train_path, "data.train")
+    inputs = resolve_inputs(cfg)
+    check_context_length(inputs.model_path, cfg.data.max_length)
+    train_path = require(inputs.train_path, "data.train")
     examples = tokenized(train_path, tokenizer, cfg.data.max_length)
     if not examples:
         raise DataError(f"{train_path} holds no training examples")
     return train_path, examples
+
+
+def check_projection_widths(specs: list[LayerSpec], f: int, kind: str) -> None:
+    """Warn about layers narrower than ``f`` on a side (d = I/f or O/f is then clamped to 1).
+
+    Raises:
+        ConfigError: every layer is narrower than ``f`` on both sides (d1 = d2 = 1 everywhere: one
+            number per layer would be stored).
+    """
+    if kind == "hidden":
+        return
+    narrow = [s for s in specs if s.in_features < f or s.out_features < f]
+    if not narrow:
+        return
+    widths = ", ".join(f"{s.name} ({s.in_features}x{s.out_features})" for s in narrow[:10])
+    more = f" and {len(narrow) - 10} more" if len(narrow) > 10 else ""
+    if all(s.in_features < f and s.out_features < f for s in specs):
+        largest = max(max(s.in_features, s.out_features) for s in specs)
+        raise ConfigError(f"f={f} is larger than both widths (in x out) of every layer: {widths}{more}; every "
+                          f"projection would collapse to d1 = d2 = 1. Use f <= {largest}")
+    logger.warning("f=%d is larger than a width (in x out) of %d of %d layers: %s%s; their projection keeps "
+                   "d = 1 on that side (d1 = in/f, d2 = out/f, at least 1)", f, len(narrow), len(specs), widths, more)
+
+
+def reuse_finished_index(cfg: Config, kind: str, columns: dict[str, int], meta: dict,
+                         num_examples: int) -> dict | None:
+    """The report of an index at ``cfg.index_path`` that is already complete, intact and made with this
+    config; None when work is left. Takes no lock and writes nothing (read-only storage is fine), except
+    a lost ``_report.json`` where it can."""
+    manifest = finished_index(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype,
+                              shard_size=cfg.shard_size, meta=meta, num_rows=num_examples)
+    if manifest is None:
+        return None
+    logger.info("stage 1: the index at %s is complete and intact; nothing to compute", cfg.index_path)
+    report = reused_report(cfg, manifest)
+    if not (cfg.index_path / "_report.json").exists():  # lost after finalize (a crash): restore it if we can
+        try:
+            write_json(cfg.index_path / "_report.json", report)
+        except OSError as e:
+            logger.info("cannot restore %s/_report.json (%s); the index is complete without it", cfg.index_path, e)
+    return report
+
+
+def reused_report(cfg: Config, manifest: Manifest) -> dict:
+    """``finish_index``'s report of a complete index, computed from its manifest (nothing written)."""
+    specs = [LayerSpec(**layer) for layer in manifest.meta["layers"]]
+    report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
+    report.update(examples=manifest.num_rows, computed=0, seconds=0.0, examples_per_second=None,
+                  index_dir=str(cfg.index_path), skipped_shards=len(manifest.shards))
+    return report
 
 
 def shard_chunks(examples: list, shard_size: int) -> list[list]:
@@ -114,11 +170,15 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 def run_index(cfg: Config) -> dict:
     """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
     inputs = resolve_inputs(cfg)
+    check_context_length(inputs.model_path, cfg.data.max_length)  # before loading the model
     model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                   adapter=cfg.model.adapter)
     train_path, examples = train_examples(cfg, tokenizer)
     featurizer = build_featurizer(cfg, model)
     meta = index_meta(cfg, featurizer, model_identity(model), file_sha256(train_path), len(examples))
+    reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, len(examples))
+    if reused is not None:
+        return reused
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
     announce(cfg, len(examples), featurizer.columns, featurizer.kind)

@@ -7,6 +7,7 @@ from lorif_ray.store.artifacts import (
     atomic_path,
     file_sha256,
     load_tensors,
+    preallocated_memmap,
     read_table_meta,
     replace_durably,
     save_tensors,
@@ -16,7 +17,16 @@ from lorif_ray.store.artifacts import (
 )
 from lorif_ray.store.manifest import Manifest, ShardRecord
 from lorif_ray.store.schema import ID_COLUMN, STORAGE_DTYPES, arrow_schema, arrow_to_tensor, tensor_to_arrow
-from lorif_ray.store.shards import ShardWriter, iter_batches, open_index, read_ids, shard_file_name
+from lorif_ray.store.shards import (
+    ShardWriter,
+    finished_index,
+    iter_batches,
+    open_index,
+    read_ids,
+    remove_stale_temporaries,
+    shard_file_name,
+    verify_shards,
+)
 
 __all__ = [
     "ID_COLUMN",
@@ -28,16 +38,20 @@ __all__ = [
     "arrow_to_tensor",
     "atomic_path",
     "file_sha256",
+    "finished_index",
     "iter_batches",
     "load_tensors",
     "open_index",
+    "preallocated_memmap",
     "read_ids",
     "read_table_meta",
+    "remove_stale_temporaries",
     "replace_durably",
     "save_tensors",
     "shard_file_name",
     "temporary_path",
     "tensor_to_arrow",
+    "verify_shards",
     "write_json",
     "write_table",
 ]

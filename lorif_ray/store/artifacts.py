@@ -7,14 +7,18 @@ the key `lorif.meta` (JSON).
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -24,6 +28,7 @@ from safetensors.torch import save_file
 from lorif_ray.errors import CorruptShardError, IndexNotFoundError
 
 META_KEY = "lorif.meta"
+TEMPORARY_INFIX = ".tmp-"  # temporary files are named `.<name>.tmp-<hex>` (see temporary_path)
 
 
 @contextmanager
@@ -48,10 +53,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
-    """A fresh temporary name next to `path` (its directory is created)."""
+    """A fresh temporary name next to `path` (its directory is created), e.g. `.shard-00007.parquet.tmp-<hex>`.
+
+    The leading "." makes dataset readers (pyarrow.dataset, pandas, duckdb globs of `*.parquet`) skip a
+    temporary file that a killed writer left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    return path.with_name(f".{path.name}{TEMPORARY_INFIX}{uuid.uuid4().hex[:12]}")
 
 
 def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -154,3 +163,68 @@ def read_table_meta(path: str | os.PathLike) -> dict:
         return json.loads(metadata.get(META_KEY.encode(), b"{}"))
     except (pa.ArrowException, OSError, ValueError) as e:
         raise CorruptShardError(f"cannot read Parquet metadata of {path}: {e}") from e
+
+
+def preallocated_memmap(path: str | os.PathLike, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new `.npy` file of `shape` and `dtype` at `path`, its blocks allocated on disk, memory-mapped r+.
+
+    `np.lib.format.open_memmap(mode="w+")` makes a sparse file: on a full disk the first write to an
+    unallocated page kills the process with SIGBUS. Here every block is reserved first
+    (`os.posix_fallocate`, or zeros written where the filesystem cannot), so a full disk is an OSError
+    before any work, and writes through the map never fail.
+
+    Args:
+        path: the file to create (replaced if it exists); e.g. a `temporary_path` renamed when whole.
+        dtype: numpy dtype of the values.
+        shape: array shape, e.g. (queries, training examples).
+
+    Returns:
+        The writable map (contents zero).
+
+    Raises:
+        OSError: ENOSPC (or another errno) with the path, the bytes needed and the bytes free; the
+            file is removed.
+
+    Example:
+        >>> scores = preallocated_memmap(out / "scores.npy", np.float32, (nq, n))
+        >>> scores[:, :1024] = block; scores.flush()
+    """
+    path = Path(path)
+    shape = tuple(int(n) for n in shape)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    total = header.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    try:
+        with open(path, "wb") as f:
+            f.write(header.getvalue())
+            f.flush()
+            _allocate(f, total)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        raise OSError(
+            e.errno or errno.EIO,
+            f"cannot allocate {path}: {total} bytes needed ({shape} {np.dtype(dtype).name}), {free} bytes free "
+            f"on that filesystem ({e.strerror or e}); free space or choose another output_dir",
+        ) from e
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _allocate(f, total: int) -> None:
+    """Reserve `total` bytes of the open file `f` on disk (its size becomes `total`)."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, total)
+        return
+    except AttributeError:  # no posix_fallocate (macOS)
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    chunk = bytes(16 << 20)  # the filesystem cannot reserve: write zeros (allocates every block)
+    f.seek(0, os.SEEK_END)
+    position = f.tell()
+    while position < total:
+        position += f.write(chunk[: min(len(chunk), total - position)])
+    f.flush()
+    os.fsync(f.fileno())

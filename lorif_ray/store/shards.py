@@ -1,16 +1,20 @@
 """Parquet shards of an index: write them atomically and resumably, check them, stream them back.
 
 An index directory holds `_manifest.json` and `shard-00000.parquet`, `shard-00001.parquet`, ...; shard i
-holds rows [i * shard_size, (i + 1) * shard_size). Each shard is written to a temporary file and renamed,
-then recorded in the manifest with its row count, size and SHA-256, so a re-run skips finished shards.
+holds rows [i * shard_size, (i + 1) * shard_size). Each shard is written to a temporary file (`.shard-*`,
+which dataset readers skip) and renamed, then recorded in the manifest with its row count, size and
+SHA-256, so a re-run skips finished shards whose bytes still match. Every page carries a CRC-32 that
+every read checks.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,11 +23,13 @@ import pyarrow.parquet as pq
 import torch
 
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError, MissingShardError
-from lorif_ray.store.artifacts import META_KEY, atomic_path, file_sha256
+from lorif_ray.store.artifacts import META_KEY, TEMPORARY_INFIX, atomic_path, file_sha256
 from lorif_ray.store.manifest import MANIFEST_NAME, Manifest, ShardRecord
 from lorif_ray.store.schema import ID_COLUMN, arrow_schema, arrow_to_tensor, tensor_to_arrow
 
 LOCK_NAME = ".manifest.lock"
+REPAIR_HINT = "re-run stage 1 (jobs/index.py) with the same config: it verifies every shard and recomputes this one"
+logger = logging.getLogger(__name__)
 # One row group per shard unless a shard is larger than this (bounds reader memory).
 ROW_GROUP_BYTES = 256 << 20
 # Measured on 24 columns of widths 64/128 in 1024-row shards (tests/store/test_store_overhead.py prints it):
@@ -37,6 +43,9 @@ _PARQUET_OPTIONS = dict(
     data_page_version="1.0",
     use_dictionary=False,
     write_statistics=False,  # min/max of float lists are useless bytes
+    # A CRC-32 per page (4 bytes per ~1 MiB page), checked by every read (_record_batches): a flipped
+    # bit in a shard is a CorruptShardError at the first read, with no extra pass over the file.
+    write_page_checksum=True,
 )
 # Not for float16: DuckDB cannot decode BYTE_STREAM_SPLIT on FIXED_LEN_BYTE_ARRAY (float16 still
 # compresses 10 % without it). bfloat16 (INT32) needs it to drop the zero bytes; DuckDB reads INT32
@@ -58,11 +67,20 @@ def _config_diff(existing: Manifest, wanted: Manifest) -> list[str]:
     """`key: old != new` for each config key that differs; meta is compared key by key."""
     pairs = [(key, getattr(existing, key), getattr(wanted, key)) for key in ("kind", "dtype", "shard_size")]
     pairs.append(("columns", list(existing.columns.items()), list(wanted.columns.items())))  # order matters
-    pairs += [
-        (f"meta.{key}", existing.meta.get(key, "<absent>"), wanted.meta.get(key, "<absent>"))
-        for key in sorted(existing.meta.keys() | wanted.meta.keys())
-    ]
+    pairs += _dict_pairs("meta", existing.meta, wanted.meta)
     return [f"{key}: {str(old)[:80]} != {str(new)[:80]}" for key, old, new in pairs if old != new]
+
+
+def _dict_pairs(prefix: str, old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) per key of two dicts, descending into values that are dicts on both sides."""
+    pairs = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            pairs += _dict_pairs(f"{prefix}.{key}", a, b)
+        else:
+            pairs.append((f"{prefix}.{key}", a, b))
+    return pairs
 
 
 class ShardWriter:
@@ -108,8 +126,11 @@ class ShardWriter:
             [f"{name}.list.element" for name in wanted.columns] if dtype in _BYTE_STREAM_SPLIT_DTYPES else False
         )
         self.directory.mkdir(parents=True, exist_ok=True)
+        # (shard index, sha256, size, mtime_ns) -> whether that file matched its record, as checked here
+        self._verified: dict[tuple, bool] = {}
         with self._locked():
             self.manifest = self._load_or_create(wanted)
+            remove_stale_temporaries(self.directory)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -132,12 +153,21 @@ class ShardWriter:
         return existing
 
     def is_done(self, shard_index: int) -> bool:
-        """Whether shard `shard_index` is recorded and its file is on disk with the recorded size."""
+        """Whether shard `shard_index` is recorded and its file is on disk with the recorded size and SHA-256.
+
+        The first call verifies every recorded shard (all bytes, on several threads); a file that does
+        not match its record is logged and counts as not done, so the caller recomputes it and
+        `write_shard` replaces the record. Files verified (or written) here are not read again while
+        their size and mtime stay the same.
+        """
         record = next((s for s in self.manifest.shards if s.index == shard_index), None)
-        if record is None:
+        key = None if record is None else _file_key(self.directory, record)
+        if key is None:
             return False
-        path = self.directory / record.file
-        return path.is_file() and path.stat().st_size == record.bytes
+        if key not in self._verified:
+            unchecked = [r for r in self.manifest.shards if _file_key(self.directory, r) not in self._verified]
+            self._verified.update(verify_shards(self.directory, unchecked))
+        return self._verified.get(key, False)
 
     def write_shard(
         self, shard_index: int, example_ids: list[str], arrays: dict[str, torch.Tensor]
@@ -175,15 +205,23 @@ class ShardWriter:
         rows = len(example_ids)
         row_group_rows = max(1, min(rows, ROW_GROUP_BYTES // self.manifest.payload_bytes_per_row()))
         path = self.directory / shard_file_name(shard_index)
-        with atomic_path(path) as tmp:
-            pq.write_table(
-                table,
-                tmp,
-                row_group_size=row_group_rows,
-                use_byte_stream_split=self._byte_stream_split,
-                **_PARQUET_OPTIONS,
-            )
-            return ShardRecord(shard_index, path.name, rows, file_sha256(tmp), tmp.stat().st_size)
+        held = None
+        try:
+            with atomic_path(path) as tmp:
+                held = open(tmp, "wb")
+                fcntl.flock(held, fcntl.LOCK_EX)  # held until renamed: remove_stale_temporaries skips it
+                pq.write_table(
+                    table,
+                    tmp,
+                    row_group_size=row_group_rows,
+                    use_byte_stream_split=self._byte_stream_split,
+                    **_PARQUET_OPTIONS,
+                )
+                record = ShardRecord(shard_index, path.name, rows, file_sha256(tmp), tmp.stat().st_size)
+        finally:
+            if held is not None:
+                held.close()
+        return record
 
     def commit(self, record: ShardRecord) -> ShardRecord:
         """Records a shard written by `write_file` (here or in another process) in the manifest.
@@ -201,6 +239,7 @@ class ShardWriter:
             manifest.complete, manifest.num_rows = False, None
             manifest.save(self.directory)
             self.manifest = manifest
+        self._verified[_file_key(self.directory, record)] = True  # its SHA-256 was taken when it was written
         return record
 
     def _validate(self, shard_index: int, example_ids: list[str], arrays: dict[str, torch.Tensor]) -> None:
@@ -261,6 +300,98 @@ class ShardWriter:
         return manifest
 
 
+def _file_key(directory: Path, record: ShardRecord) -> tuple | None:
+    """(index, sha256, size, mtime_ns) of a record and its file as on disk now; None if the file is missing."""
+    try:
+        stat = (directory / record.file).stat()
+    except FileNotFoundError:
+        return None
+    return record.index, record.sha256, stat.st_size, stat.st_mtime_ns
+
+
+def _verify_shard(directory: Path, record: ShardRecord) -> tuple[tuple | None, bool]:
+    """(the record's `_file_key`, whether its file has the recorded size and SHA-256); mismatches are logged."""
+    key = _file_key(directory, record)
+    if key is None:
+        return None, False
+    path = directory / record.file
+    if key[2] != record.bytes:
+        logger.warning("shard %s has %d bytes, the manifest says %d: it will be recomputed", path, key[2], record.bytes)
+        return key, False
+    digest = file_sha256(path)
+    if digest != record.sha256:
+        logger.warning("shard %s has SHA-256 %s, the manifest says %s (corrupt): it will be recomputed",
+                       path, digest, record.sha256)
+        return key, False
+    return key, True
+
+
+def verify_shards(directory: str | os.PathLike, records: list[ShardRecord]) -> dict[tuple, bool]:
+    """{(index, sha256, size, mtime_ns): intact} of the records' files on disk (missing files left out).
+
+    Reads every byte once, several files at a time (hashlib releases the GIL); a file whose size or
+    SHA-256 differs from its record is False (and logged).
+    """
+    directory = Path(directory)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return {key: ok for key, ok in pool.map(lambda r: _verify_shard(directory, r), records) if key is not None}
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Removes the temporary shard files that killed writers left in `directory`; returns them.
+
+    A live writer holds an exclusive lock on its temporary file until it renames it (`write_file`), so
+    only files nobody holds are removed. Also removes temporaries of the older naming
+    (`shard-*.parquet.tmp-*`, which dataset readers do not skip).
+    """
+    removed = []
+    for path in sorted(Path(directory).glob(f"*shard-*.parquet{TEMPORARY_INFIX}*")):
+        try:
+            with open(path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            continue  # being written, or just renamed
+        removed.append(path)
+    if removed:
+        logger.info("removed %d stale temporary shard files in %s: %s", len(removed), directory,
+                    _some([p.name for p in removed]))
+    return removed
+
+
+def finished_index(
+    directory: str | os.PathLike,
+    *,
+    kind: str,
+    columns: dict[str, int],
+    dtype: str,
+    shard_size: int,
+    meta: dict,
+    num_rows: int,
+) -> Manifest | None:
+    """The manifest if `directory` already holds exactly this index, complete and intact; else None.
+
+    Read only: takes no lock and writes nothing, so a finished index on read-only storage can be
+    re-used. Every shard's SHA-256 is checked (as `ShardWriter.is_done` does); None means there is
+    work left (or a config that differs): open a `ShardWriter` to do it or to report the difference.
+    """
+    directory = Path(directory)
+    if not (directory / MANIFEST_NAME).is_file():
+        return None
+    try:
+        existing = Manifest.load(directory)
+        wanted = Manifest(kind=kind, columns=dict(columns), dtype=dtype, shard_size=shard_size,
+                          meta=json.loads(json.dumps(meta)))
+    except (CorruptShardError, ConfigError, IndexMismatchError, TypeError, ValueError):
+        return None
+    expected = -(-num_rows // shard_size)
+    if (_config_diff(existing, wanted) or not existing.complete or existing.num_rows != num_rows
+            or [s.index for s in existing.shards] != list(range(expected))):
+        return None
+    checked = verify_shards(directory, existing.shards)
+    return existing if len(checked) == len(existing.shards) and all(checked.values()) else None
+
+
 def open_index(directory: str | os.PathLike, *, verify: bool = False, expect_complete: bool = True) -> Manifest:
     """Loads an index's manifest and checks its shard files.
 
@@ -287,11 +418,13 @@ def open_index(directory: str | os.PathLike, *, verify: bool = False, expect_com
             raise MissingShardError(f"shard {record.index} of {directory} is missing: {path}")
         size = path.stat().st_size
         if size != record.bytes:
-            raise CorruptShardError(f"shard {path} has {size} bytes; the manifest says {record.bytes}")
+            raise CorruptShardError(f"shard {path} has {size} bytes; the manifest says {record.bytes}: {REPAIR_HINT}")
         if verify:
             digest = file_sha256(path)
             if digest != record.sha256:
-                raise CorruptShardError(f"shard {path} has SHA-256 {digest}; the manifest says {record.sha256}")
+                raise CorruptShardError(
+                    f"shard {path} has SHA-256 {digest}; the manifest says {record.sha256}: {REPAIR_HINT}"
+                )
     return manifest
 
 
@@ -321,21 +454,28 @@ def _schema_diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
 def _record_batches(
     directory: Path, manifest: Manifest, record: ShardRecord, columns: list[str], batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of `example_id` and `columns` of one shard, checked against the manifest."""
+    """Record batches of `example_id` and `columns` of one shard, checked against the manifest.
+
+    Every page's CRC-32 is checked while it is read (shards written since page checksums were added),
+    so corrupt bytes raise CorruptShardError instead of decoding into wrong values.
+    """
     path = directory / record.file
     if not path.is_file():
         raise MissingShardError(f"shard {record.index} of {directory} is missing: {path}")
     try:
-        parquet_file = pq.ParquetFile(path)
+        parquet_file = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
-        raise CorruptShardError(f"cannot read shard {path}: {e}") from e
+        raise CorruptShardError(f"cannot read shard {path} (corrupt): {e}; {REPAIR_HINT}") from e
     with parquet_file:
         diff = _schema_diff(parquet_file.schema_arrow, arrow_schema(manifest.columns, manifest.dtype))
         if diff:
-            raise CorruptShardError(f"shard {path} does not match its manifest: columns {_some(diff)} differ")
+            raise CorruptShardError(
+                f"shard {path} does not match its manifest: columns {_some(diff)} differ; {REPAIR_HINT}"
+            )
         if parquet_file.metadata.num_rows != record.rows:
             raise CorruptShardError(
-                f"shard {path} has {parquet_file.metadata.num_rows} rows; the manifest says {record.rows}"
+                f"shard {path} has {parquet_file.metadata.num_rows} rows; the manifest says {record.rows}; "
+                f"{REPAIR_HINT}"
             )
         batches = parquet_file.iter_batches(batch_size=batch_rows, columns=[ID_COLUMN, *columns])
         while True:
@@ -344,7 +484,7 @@ def _record_batches(
             except StopIteration:
                 return
             except (pa.ArrowException, OSError) as e:
-                raise CorruptShardError(f"cannot read shard {path}: {e}") from e
+                raise CorruptShardError(f"cannot read shard {path} (corrupt): {e}; {REPAIR_HINT}") from e
             yield batch
 
 

@@ -110,8 +110,8 @@ def test_pip_installs_exactly_the_pyproject_dependencies():
 
 def test_cluster_config_runs_the_image():
     cluster = yaml.safe_load((ROOT / "docker/cluster.yaml").read_text())
-    images = [cluster["docker"][k] for k in ("head_image", "worker_image")]
-    assert all(image.split("/")[-1].startswith("lorif-ray:") for image in images), images
+    images = [cluster["docker"][k] for k in ("image", "head_image", "worker_image") if k in cluster["docker"]]
+    assert images and all(image.split("/")[-1].startswith("lorif-ray:") for image in images), images
     assert "--build-arg FLAVOR=gpu" in (ROOT / "docker/cluster.yaml").read_text()
     nodes = cluster["available_node_types"]
     assert cluster["head_node_type"] in nodes and len(nodes) >= 2

@@ -1,0 +1,84 @@
+"""Cases 7, 8 and 12 of issue 12: a max_length beyond the model's context, a tokenizer without pad and
+eos tokens, and an f wider than the layers, each handled before any work starts."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+from lorif_ray.data import collate, tokenize_examples
+from lorif_ray.data.examples import Example
+from lorif_ray.errors import ConfigError
+from lorif_ray.model.loading import load_tokenizer
+from lorif_ray.store import open_index
+from tests.reliability.conftest import config
+
+
+def test_max_length_beyond_the_context_is_refused_naming_both_numbers(tiny_assets, tmp_path):
+    """Case 7: the tiny GPT-2 has n_positions=32; max_length=64 used to be an IndexError in the embedding."""
+    from lorif_ray.config import DataConfig
+    from lorif_ray.stages.index import run_index
+
+    cfg = config(tiny_assets, tmp_path / "out")
+    cfg.data = DataConfig(train=cfg.data.train, queries=cfg.data.queries, max_length=64)
+    with pytest.raises(ConfigError, match=r"data\.max_length=64 exceeds .*\(32 positions"):
+        run_index(cfg)
+    assert not cfg.index_path.exists()
+
+
+def _strip_special_tokens(model_dir, roles):
+    tokenizer = load_tokenizer(model_dir)
+    for role in roles:
+        setattr(tokenizer, f"{role}_token", None)
+    tokenizer.save_pretrained(model_dir)
+
+
+def test_tokenizer_without_pad_and_eos_pads_with_another_token(tiny_assets, tmp_path, caplog):
+    """Case 8: no pad and no eos token (the TypeError in collate); bos pads, it is logged, stage 1 runs."""
+    from lorif_ray.stages.index import run_index
+
+    assets = {**tiny_assets, "model": tmp_path / "model"}
+    shutil.copytree(tiny_assets["model"], assets["model"])
+    _strip_special_tokens(assets["model"], ["pad", "eos"])
+    with caplog.at_level(logging.INFO, logger="lorif_ray.model.loading"):
+        tokenizer = load_tokenizer(assets["model"])
+    assert tokenizer.pad_token == "<bos>" and "padding with its bos token" in caplog.text
+    report = run_index(config(assets, tmp_path / "out"))
+    assert report["computed"] == 48
+
+
+def test_tokenizer_without_any_special_token_pads_with_token_zero(tiny_assets, tmp_path):
+    """Case 8, last resort: no pad, eos, bos or unk token; padding (masked anyway) uses token id 0."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_assets["model"], model_dir)
+    _strip_special_tokens(model_dir, ["pad", "eos", "bos", "unk"])
+    tokenizer = load_tokenizer(model_dir)
+    assert tokenizer.pad_token_id == 0
+    batch = collate(tokenize_examples([Example("a", "the cat sat on a mat"), Example("b", "a dog")], tokenizer, 16),
+                    tokenizer.pad_token_id)
+    assert batch["input_ids"][1, -1] == 0 and batch["attention_mask"][1, -1] == 0
+
+
+def test_f_wider_than_some_layers_warns_naming_them(tiny_assets, tmp_path, caplog):
+    """Case 12: the tiny GPT-2 is 32 wide; with f=64 every layer keeps d = 1 on its 32-wide side: a
+    warning names the layers (the 128-wide side of the MLP still projects to 2)."""
+    from lorif_ray.stages.index import run_index
+
+    cfg = config(tiny_assets, tmp_path / "out", f=64)
+    with caplog.at_level(logging.WARNING, logger="lorif_ray.stages.index"):
+        run_index(cfg)
+    assert "f=64 is larger than a width" in caplog.text and "transformer.h.0.mlp.c_fc (32x128)" in caplog.text
+    specs = {layer["name"]: layer for layer in open_index(cfg.index_path).meta["layers"]}
+    assert specs["transformer.h.0.mlp.c_fc"]["d2"] == 2
+
+
+def test_f_wider_than_every_layer_is_refused(tiny_assets, tmp_path):
+    """Case 12: with f=512 every layer would collapse to d1 = d2 = 1: refused before any shard."""
+    from lorif_ray.stages.index import run_index
+
+    cfg = config(tiny_assets, tmp_path / "out", f=512)
+    with pytest.raises(ConfigError, match=r"f=512 is larger than both widths .* of every layer"):
+        run_index(cfg)
+    assert not cfg.index_path.exists()
