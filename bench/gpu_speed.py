@@ -39,15 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorif_ray.data import TokenizedExample  # noqa: E402
 from lorif_ray.math.capture import per_example_token_loss  # noqa: E402
-from lorif_ray.math.influence import GradientBlock, LayerCurvature, exact_inverse  # noqa: E402
-from lorif_ray.math.rsvd import eigh_spectrum, gram_apply_from_batches, randomized_spectrum  # noqa: E402
+from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbury  # noqa: E402
+from lorif_ray.math.influence import GradientBlock  # noqa: E402
+from lorif_ray.math.rsvd import GramOperator, TensorRows, randomized_spectrum  # noqa: E402
 from lorif_ray.math.scoring import ScoreLayout, StackedQuery, TrainBlock  # noqa: E402
 from lorif_ray.model.layers import select_layers  # noqa: E402
-from lorif_ray.stages.coordinates import coordinates_from_sketch  # noqa: E402
-from lorif_ray.stages.fast_curvature import ResidentGram  # noqa: E402
 from lorif_ray.stages.featurize import Featurizer, LayerSpec, blocks_from_columns  # noqa: E402
 from lorif_ray.stages.index import shard_chunks, write_shards  # noqa: E402
-from lorif_ray.stages.query import Scorer, TopK  # noqa: E402
+from lorif_ray.stages.query import TopK  # noqa: E402
+from lorif_ray.stages.rows import ResidentRows  # noqa: E402
 from lorif_ray.store import ShardWriter, load_tensors, save_tensors  # noqa: E402
 
 FORBIDDEN = ("ray", "deepspeed", "hydra")
@@ -166,7 +166,7 @@ def stage2(args, specs) -> list[dict]:
         u = torch.randn(rows, d1, c, device=device, generator=gen)
         v = torch.randn(rows, d2, c, device=device, generator=gen)
         q = torch.linalg.qr(torch.randn(dim, k, device=device, generator=gen)).Q
-        gram = ResidentGram(u, v, chunk_rows=args.stage2_chunk, matmul_dtype=mm)
+        gram = GramOperator(ResidentRows(u, v, chunk_rows=args.stage2_chunk), matmul_dtype=mm)
         seconds = timed(lambda: gram(q), device)
         per_pass = seconds * args.n / rows * count
         out.append({"shape": f"{d1}x{d2} c={c}", "layers": count, "k": k, "rows": rows, "s_per_pass_measured": seconds,
@@ -195,7 +195,7 @@ def synthetic_query(specs, nq: int, r: int, device, route: str, dtype=torch.floa
             coordinates[s.name] = torch.randn(nq, rank, device=device, generator=gen, dtype=dtype)
         if route == "query":
             terms[s.name] = torch.randn(nq, s.dim, device=device, generator=gen, dtype=dtype)
-        curvature[s.name] = LayerCurvature("woodbury", 0.1, vectors, values)
+        curvature[s.name] = Woodbury(0.1, values, vectors)
     return query, curvature, coordinates or None, terms or None
 
 
@@ -227,8 +227,8 @@ def query_bench(args, specs) -> tuple[list[dict], dict]:
     stored = args.route == "stored"
     query, curvature, coordinates, terms = synthetic_query(specs, args.queries, args.r, device, args.route)
     layout = ScoreLayout.build(specs, "factors", curvature)
-    stacked = StackedQuery(layout, query, curvature, matmul_dtype=mm, keep_vectors=args.route == "recompute",
-                           query_coordinates=coordinates, query_side=args.route == "query", query_side_terms=terms)
+    stacked = StackedQuery(layout, query, curvature, route=args.route, matmul_dtype=mm, query_coordinates=coordinates,
+                           query_side_terms=terms)
     del query, curvature, coordinates, terms
     size = torch.finfo(dtype).bits // 8
     factor_bytes = sum(s.c * (s.d1 + s.d2) for s in specs) * size
@@ -302,7 +302,9 @@ def load_from_disk(block: TrainBlock, device) -> float:
 # ---------------------------------------------------------------------------------------------- checks
 
 def checks(args) -> dict[str, float]:
-    """Max relative error of every fast path against the float64 CPU reference on small inputs."""
+    """Max relative error of every fast path against the float64 CPU oracle (tests/oracles.py) on small inputs."""
+    from tests.oracles import curvature_inverse, oracle_scores
+
     errors: dict[str, float] = {}
     rel = lambda a, b: float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())  # noqa: E731
     gen = torch.Generator().manual_seed(0)
@@ -311,43 +313,42 @@ def checks(args) -> dict[str, float]:
              for s in specs for x, d in (("u", s.d1), ("v", s.d2))}
     query = {k: torch.randn(5, v.shape[1], generator=gen, dtype=torch.float64) for k, v in train.items()}
     blocks = blocks_from_columns(specs, "factors", train)
-    curvature = {}
-    for s in specs:
-        gram = blocks[s.name].dense().T @ blocks[s.name].dense()
-        spec = eigh_spectrum(gram, 9)
-        curvature[s.name] = LayerCurvature("woodbury", 0.4, spec.vectors, spec.values)
+    qblocks = blocks_from_columns(specs, "factors", query)
+    dense = lambda b: {n: x.dense() for n, x in b.items()}  # noqa: E731
+    settings = FitSettings(rank=9, damping=0.4, oversample=24)
+    curvature = {s.name: Woodbury.fit(GramOperator(TensorRows(blocks[s.name].dense())), s.dim, s.name, settings)
+                 for s in specs}
+    inverses = {s.name: curvature_inverse(curvature[s.name], s.dim) for s in specs}
     layout = ScoreLayout.build(specs, "factors", curvature)
     coords = {n: blocks[n].dense() @ curvature[n].vectors for n in layout.coordinate_names}
     for normalize in (False, True):
-        manifest = type("M", (), {"kind": "factors", "meta": {"layers": [vars(s) for s in specs]}})()
-        cfg = type("C", (), {"query": type("Q", (), {"normalize": normalize})()})()
-        ref = Scorer(cfg, manifest, query, "cpu", torch.float64, curvature=curvature)(train)
-        qb = blocks_from_columns(specs, "factors", query)
-        for label, block in (("factors", layout.train_block(train)), ("stored g'", layout.train_block(train, coords))):
-            got = StackedQuery(layout, qb, curvature, normalize=normalize).scores(block)
-            errors[f"query float64 {label}{' normalized' if normalize else ''}"] = rel(got, ref)
+        ref = oracle_scores(dense(qblocks), dense(blocks), inverses, normalize)
+        suffix = " normalized" if normalize else ""
+        for route, block in (("recompute", layout.train_block(train)), ("stored", layout.train_block(train, coords))):
+            got = StackedQuery(layout, qblocks, curvature, route=route, normalize=normalize).scores(block)
+            errors[f"query float64 {route}{suffix}"] = rel(got, ref)
         dev = args.device
         mov = lambda d, dt: {n: GradientBlock(u=b.u.to(dev, dt), v=b.v.to(dev, dt)) for n, b in d.items()}  # noqa: E731
         curv32 = {n: c.to(dev, torch.float32) for n, c in curvature.items()}
         for dt_label, mm, rd in (("float32", None, torch.float32), ("bf16", torch.bfloat16, torch.bfloat16)):
-            got = StackedQuery(layout, mov(qb, torch.float32), curv32, normalize=normalize, matmul_dtype=mm).scores(
+            got = StackedQuery(layout, mov(qblocks, torch.float32), curv32, route="stored", normalize=normalize,
+                               matmul_dtype=mm).scores(
                 layout.train_block({k: v.to(dev) for k, v in train.items()},
                                    {k: v.to(dev) for k, v in coords.items()}, dtype=rd))
-            errors[f"query {dev} {dt_label} stored g'{' normalized' if normalize else ''}"] = rel(got, ref)
-    # stage 2: resident Gram passes and g' from the last sketch vs the streamed float64 path
+            errors[f"query {dev} {dt_label} stored g'{suffix}"] = rel(got, ref)
+    # stage 2: resident Gram passes on the device vs the float64 operator on the CPU
     u, v = blocks["a"].u, blocks["a"].v
-    rows = lambda: (blocks["a"].dense()[i:i + 8] for i in range(0, 41, 8))  # noqa: E731
-    reference = randomized_spectrum(gram_apply_from_batches(rows), 24, 6, oversample=3, power_iters=3, seed=0,
-                                    name="a", dtype=torch.float64)
+    reference = randomized_spectrum(GramOperator(TensorRows(blocks["a"].dense(), batch_rows=8)), 24, 6, oversample=3,
+                                    power_iters=3, seed=0, name="a", dtype=torch.float64)
     for label, dev, dt, mm in (("float64 cpu", "cpu", torch.float64, None),
                                (f"float32 {args.device}", args.device, torch.float32, None),
                                (f"bf16 {args.device}", args.device, torch.float32, torch.bfloat16)):
-        gram = ResidentGram(u.to(dev, dt), v.to(dev, dt), chunk_rows=7, matmul_dtype=mm, keep_sketch=True)
+        gram = GramOperator(ResidentRows(u.to(dev, dt), v.to(dev, dt), chunk_rows=7), matmul_dtype=mm)
         spectrum = randomized_spectrum(gram, 24, 6, oversample=3, power_iters=3, seed=0, name="a", dtype=dt, device=dev)
         op = lambda s: (s.vectors.double().cpu() * s.values.double().cpu()) @ s.vectors.double().cpu().T  # noqa: E731
         errors[f"stage 2 {label} V S^2 V^T"] = rel(op(spectrum), op(reference))
-        got = coordinates_from_sketch(spectrum.vectors, gram.last_q, gram.last_sketch)
-        errors[f"stage 2 {label} g' from sketch"] = rel(got, blocks["a"].dense().to(dev, dt) @ spectrum.vectors)
+        errors[f"stage 2 {label} g'_t"] = rel(gram.project(spectrum.vectors),
+                                              blocks["a"].dense().to(dev, dt) @ spectrum.vectors)
     # stage 1: featurizer fp32 / autocast vs float64
     model64 = build_model(True, "cpu", torch.float64)
     batch = token_batch(model64, 3, 16, "cpu")
@@ -361,26 +362,77 @@ def checks(args) -> dict[str, float]:
         got = feat(ids, {k: t.to(args.device) for k, t in batch.items()})
         worst = 0.0
         for s in feat.specs:
-            dense = lambda cols: torch.einsum("nic,njc->nij", cols[f"{s.name}.u"].double().cpu().reshape(3, s.d1, s.c),  # noqa: E731
-                                              cols[f"{s.name}.v"].double().cpu().reshape(3, s.d2, s.c))
-            worst = max(worst, rel(dense(got), dense(ref)))
+            dense_rows = lambda cols: torch.einsum(  # noqa: E731
+                "nic,njc->nij", cols[f"{s.name}.u"].double().cpu().reshape(3, s.d1, s.c),
+                cols[f"{s.name}.v"].double().cpu().reshape(3, s.d2, s.c))
+            worst = max(worst, rel(dense_rows(got), dense_rows(ref)))
         errors[f"stage 1 {args.device} {label} (u v^T)"] = worst
     # LoGRA / GradDot dense fast path
     dense_specs = [LayerSpec(s.name, 0, 0, s.d1, s.d2, 0) for s in specs]
     dtrain = {f"{s.name}.g": blocks[s.name].dense() for s in specs}
-    dquery = {f"{s.name}.g": blocks_from_columns(specs, "factors", query)[s.name].dense() for s in specs}
-    for method in ("logra", "graddot"):
-        dcurv = {s.name: (LayerCurvature("inverse", 0.5, inverse=exact_inverse(dtrain[f"{s.name}.g"].T
-                                                                                @ dtrain[f"{s.name}.g"], 0.5))
-                          if method == "logra" else LayerCurvature("identity")) for s in specs}
-        manifest = type("M", (), {"kind": "dense", "meta": {"layers": [vars(s) for s in dense_specs]}})()
-        cfg = type("C", (), {"query": type("Q", (), {"normalize": True})()})()
-        ref = Scorer(cfg, manifest, dquery, "cpu", torch.float64, curvature=dcurv)(dtrain)
+    dquery = {f"{s.name}.g": qblocks[s.name].dense() for s in specs}
+    for method, cls in (("logra", ExactInverse), ("graddot", Identity)):
+        dcurv = {s.name: cls.fit(GramOperator(TensorRows(dtrain[f"{s.name}.g"])), s.dim, s.name, FitSettings(damping=0.5))
+                 for s in specs}
+        ref = oracle_scores(dense(qblocks), dense(blocks), {s.name: curvature_inverse(dcurv[s.name], s.dim)
+                                                            for s in specs}, normalize=True)
         dl = ScoreLayout.build(dense_specs, "dense", dcurv)
         got = StackedQuery(dl, blocks_from_columns(dense_specs, "dense", dquery), dcurv, normalize=True).scores(
             dl.train_block(dtrain))
         errors[f"query float64 {method} normalized"] = rel(got, ref)
     return errors
+
+
+def precision_check(args) -> list[dict]:
+    """The precision policy on the device, on a spiked spectrum (σ₁²/λ ≈ 900; tests/stages/spiked.py):
+    float32 / bfloat16 storage × matmul policy (math, bf16, tf32 on float32) × the three routes of the
+    curvature term, against the float64 CPU reference from never-rounded rows (tests/stages/test_precision.py).
+    Each policy refits stage 2 (the curvature records its policy and a query under another is refused)."""
+    import tempfile
+    from dataclasses import replace
+
+    import numpy as np
+
+    from lorif_ray.config import PrecisionConfig
+    from lorif_ray.stages.curvature import run_curvature
+    from lorif_ray.stages.query import LocalScorer, full_scores_file
+    from lorif_ray.store import open_index
+    from tests.stages.spiked import spiked_config, with_output, write_spiked_index
+    from tests.stages.test_precision import reference_scores
+
+    rows = []
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    for storage in ("float32", "bfloat16"):
+        for matmul, tf32 in (("auto", False), ("auto", True), ("bfloat16", False)):
+            root = Path(tempfile.mkdtemp(prefix="lorif-precision-", dir=os.environ.get("GPU_SPEED_TMP")))
+            cfg = spiked_config(root, storage, precision=PrecisionConfig(matmul=matmul))
+            cfg = replace(cfg, model=replace(cfg.model, device=args.device))
+            train, queries = write_spiked_index(cfg)
+            cfg = with_output(cfg, "out", store_coordinates=True)
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                run_curvature(cfg)
+                reference = reference_scores(cfg, train, queries).numpy()
+                manifest = open_index(cfg.index_path)
+                queries32 = {k: v.float() for k, v in queries.items()}
+                for route in ("stored", "query", "recompute"):
+                    run = replace(cfg, query=replace(cfg.query, resident=True))
+                    scorer = LocalScorer(run, manifest, stored=route == "stored")
+                    with full_scores_file(run, (len(next(iter(queries32.values()))), manifest.num_rows)) as path:
+                        scorer.score(queries32, route, 10, path)
+                    full = np.load(Path(run.output_dir) / "scores.npy").astype(np.float64)
+                    rows.append({
+                        "storage": storage, "matmul": matmul, "tf32": tf32, "route": route,
+                        "rel_error": float(np.abs(full - reference).max() / np.abs(reference).max()),
+                        "spearman": float(np.mean([np.corrcoef(rank(full[q]), rank(reference[q]))[0, 1]
+                                                   for q in range(len(full))])),
+                        "top10_overlap": float(np.mean([len(set(np.argsort(-full[q])[:10])
+                                                            & set(np.argsort(-reference[q])[:10])) / 10
+                                                        for q in range(len(full))]))})
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = args.tf32
+                shutil.rmtree(root, ignore_errors=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -411,6 +463,8 @@ def parse(argv=None):
     p.add_argument("--store-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--small", action="store_true", help="tiny GPT-2 and sizes for a CPU smoke run")
     p.add_argument("--check", action="store_true", help="fast paths vs the float64 CPU reference")
+    p.add_argument("--precision", action="store_true", help="the precision policy on a spiked spectrum, every "
+                   "route, bf16/tf32 matmuls on and off, vs the float64 CPU reference")
     p.add_argument("--skip", default="", help="comma list of stage1,stage2,query to skip")
     p.add_argument("--resident-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--matmul-dtype", default="bfloat16", choices=["", "float32", "float16", "bfloat16"])
@@ -472,6 +526,10 @@ def main(argv=None) -> dict:
         results["check"] = checks(args)
         print("## max relative error vs float64 CPU reference\n")
         print(table([{"path": k, "rel_error": v} for k, v in results["check"].items()]) + "\n")
+    if args.precision:
+        results["precision"] = precision_check(args)
+        print("## precision policy on a spiked spectrum (σ₁²/λ ≈ 900) vs float64 CPU reference\n")
+        print(table(results["precision"]) + "\n")
     bad = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in FORBIDDEN)
     results["forbidden_imports"] = bad
     print(f"forbidden imports (ray/deepspeed/hydra): {bad or 'none'}")

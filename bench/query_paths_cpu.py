@@ -1,14 +1,14 @@
-"""Query latency of the three stage-3 paths side by side, and what storing g'_t costs (CPU, Ray-free).
+"""Stage-3 latency of every placement of the rows × every route of the curvature term, side by side,
+and what storing g'_t costs (CPU, Ray-free).
 
     python bench/query_paths_cpu.py --rows 50000
 
 On a synthetic index with the embedded default's layout (LoRIF f=4 c=1; random factors: the cost does
-not depend on the values) and its curvature (r=64, computed by the resident stage 2, which also
-stores g'_t), the embedded queries are scored by: the streaming stage (Parquet batches, default),
-the resident stage (``query.resident=true``) with the curvature term recomputed from g'_t = V_rᵀ g_t
-(r·D per row) and from the query side (h_q = V_r(w ⊙ g'_q), nq·D per row: its default when nq < r),
-and the resident stage with stored g'_t (``query.store_coordinates=true``). Query-gradient time is
-excluded (the same for all).
+not depend on the values) and its curvature (r=64, stage 2 also storing g'_t), the embedded queries are
+scored by the one scorer with the rows streamed from Parquet (default) or resident (``query.resident``),
+on each route: g'_t recomputed (r·D per row), the query side (h_q = V_r(w ⊙ g'_q), nq·D per row: the
+default when nq < r), or stored g'_t (``query.store_coordinates``). Query-gradient time is excluded.
+Threads are pinned (``--threads``): under load torch's default count makes runs many times slower.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 from ray_cpu import synthetic_index
 
+import time
+
 from lorif_ray.config import ClusterConfig, Config, QueryConfig
-from lorif_ray.stages.fast_curvature import run_curvature_fast
-from lorif_ray.stages.fast_query import run_query_fast
+from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.query import run_query
+from lorif_ray.stages.inputs import query_config
+from lorif_ray.stages.query import LocalScorer, featurize_queries
 from lorif_ray.store import open_index
 
 
@@ -43,25 +45,26 @@ def main() -> None:
     run_index(real)
     synthetic = synthetic_index(real.index_path, out / "synthetic", args.rows, shard_size=4096)
     cfg = replace(real, output_dir=str(out / "run"), index_dir=str(synthetic))
-    curvature = run_curvature_fast(cfg, store_coordinates=True)
-    streamed = run_query(cfg)
-    resident = run_query_fast(cfg, use_coordinates=False, query_side=False)
-    query_side = run_query_fast(cfg, use_coordinates=False, query_side=True)
-    stored = run_query_fast(cfg, use_coordinates=True)
-    coords = curvature["coordinates"]
-    payload = open_index(synthetic).payload_bytes_per_row()
-    print(f"{streamed['queries']} queries x {args.rows} rows, LoRIF f=4 c=1 r=64, {args.threads} threads; "
-          f"stage 2 (resident, storing g'_t) {curvature['seconds']:.1f} s\n")
-    print("| stage-3 path | load s | score s | stored per example |")
-    print("|---|---:|---:|---:|")
-    print(f"| streaming Parquet (default) | (in score) | {streamed['score_seconds']:.2f} | {payload / 1024:.2f} KiB factors |")
-    print(f"| resident, g'_t recomputed (r·D per row) | {resident['load_seconds']:.2f} | "
-          f"{resident['score_seconds']:.2f} | {payload / 1024:.2f} KiB factors |")
-    print(f"| resident, query side (nq·D per row; `query.resident` default when nq < r) | "
-          f"{query_side['load_seconds']:.2f} | {query_side['score_seconds']:.2f} | {payload / 1024:.2f} KiB factors |")
-    print(f"| resident + stored g'_t (`query.store_coordinates`) | {stored['load_seconds']:.2f} | "
-          f"{stored['score_seconds']:.2f} | {payload / 1024:.2f} KiB + {coords['bytes_per_example'] / 1024:.2f} KiB g'_t |")
-
+    cfg = replace(cfg, query=replace(query, store_coordinates=True))
+    curvature = run_curvature(cfg)
+    manifest = open_index(synthetic)
+    cfg = query_config(cfg, manifest)
+    _, columns, _ = featurize_queries(cfg, manifest)
+    payload, coords = manifest.payload_bytes_per_row(), curvature["coordinates"]["bytes_per_example"]
+    print(f"{len(next(iter(columns.values())))} queries x {args.rows} rows, LoRIF f=4 c=1 r=64, {args.threads} "
+          f"threads; stage 2 (storing g'_t) {curvature['seconds']:.1f} s; factors {payload / 1024:.2f} KiB/example, "
+          f"stored g'_t +{coords / 1024:.2f} KiB/example\n")
+    print("| rows | load s | recompute g'_t s | query side s | stored g'_t s |")
+    print("|---|---:|---:|---:|---:|")
+    for resident in (False, True):
+        scorer = LocalScorer(replace(cfg, query=replace(cfg.query, resident=resident)), manifest, stored=True)
+        seconds = []
+        for route in ("recompute", "query", "stored"):
+            start = time.perf_counter()
+            scorer.score(columns, route, 10)
+            seconds.append(time.perf_counter() - start)
+        load = f"{scorer.info['load_seconds']:.2f}" if resident else "(in score)"
+        print(f"| {'resident' if resident else 'streamed'} | {load} | " + " | ".join(f"{s:.2f}" for s in seconds) + " |")
 
 if __name__ == "__main__":
     main()

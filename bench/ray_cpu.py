@@ -27,7 +27,7 @@ from lorif_ray.distributed.index_pipeline import run_index_distributed
 from lorif_ray.distributed.query_service import QueryService
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.inputs import resolve_inputs
+from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import featurize_queries
 from lorif_ray.store import ShardWriter, open_index
 
@@ -93,15 +93,16 @@ def main() -> None:
     cfg = Config(output_dir=str(out / "synthetic_query"), index_dir=str(synthetic), progress=False,
                  query=QueryConfig(top_k=10, train_batch_rows=8192), cluster=ClusterConfig())
     run_curvature(cfg)
+    cfg = query_config(cfg, open_index(synthetic))
     _, query_columns, _ = featurize_queries(one, open_index(one.index_path))
     latency = {}
     for actors in (1, 2):
         start = time.perf_counter()
         with QueryService(cfg, actors, actor_options=actor_options(cfg.cluster, gpu=False)) as service:
-            service.query(query_columns)
+            service.score(query_columns, "query", 10)
             first = time.perf_counter() - start
             start = time.perf_counter()
-            service.query(query_columns)
+            service.score(query_columns, "query", 10)
             latency[actors] = time.perf_counter() - start
         nq = next(iter(query_columns.values())).shape[0]
         rows.append(("query", f"{actors} actor(s), first batch (loads shards)", nq * args.rows / first, None))

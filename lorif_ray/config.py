@@ -2,7 +2,7 @@
 
 The keys are the public contract: ``model.path``, ``data.train``, ``data.queries``,
 ``data.max_length``, ``method=lorif|logra|graddot|repsim``, ``f``, ``c``, ``r``, ``damping``,
-``seed``, ``dtype``, ``query.top_k``, ``query.full_scores``, ``output_dir``.
+``seed``, ``dtype`` (storage), ``precision.*``, ``query.top_k``, ``query.full_scores``, ``output_dir``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from typing import Any, Dict, List, Optional
 from lorif_ray.errors import ConfigError
 from lorif_ray.store.schema import STORAGE_DTYPES
 
-METHODS = ("lorif", "logra", "graddot", "repsim")
+# method → (what stage 1 stores per example, the curvature of stage 2): the only place a method name means
+# anything; stages ask the method for these two parts
+METHOD_PARTS = {"lorif": ("factors", "woodbury"), "logra": ("dense", "exact"), "graddot": ("dense", "identity"),
+                "repsim": ("hidden", "none")}
+METHODS = tuple(METHOD_PARTS)
 
 
 @dataclass
@@ -54,7 +58,37 @@ class MethodConfig:
     @property
     def store_kind(self) -> str:
         """What stage 1 stores per example: rank-c factors, dense projected gradients, or hidden states."""
-        return {"lorif": "factors", "logra": "dense", "graddot": "dense", "repsim": "hidden"}[self.name]
+        return METHOD_PARTS[self.name][0]
+
+    @property
+    def curvature(self) -> str:
+        """The curvature of stage 2 (``lorif_ray.math.curvature``): woodbury, exact, identity, or none (RepSim)."""
+        return METHOD_PARTS[self.name][1]
+
+
+COORDINATE_DTYPES = ("float32", "float16", "bfloat16")
+MATH_DTYPES = ("auto", "float64", "float32")
+MATMUL_DTYPES = ("auto", "float64", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PrecisionConfig:
+    """Every dtype that shapes a result (the index's storage dtype is the top-level ``dtype``).
+
+    LoRIF's score is a difference of two terms up to σ₁²/λ times larger than itself, so what feeds the
+    subtracted term stays in float32 or wider by default. Recorded in the curvature file and report.json;
+    a query whose policy differs from its curvature's is refused (``lorif_ray.precision``).
+    """
+
+    # stored g'_t (query.store_coordinates): r numbers per layer per example, float32 unless overridden
+    # knowingly (bf16 g'_t gave relative score errors of 0.1 at σ₁²/λ ≈ 500)
+    coordinates: str = "float32"
+    # curvature fit and scoring arithmetic: auto = float64 on CPU, float32 on accelerators (eigensolves
+    # and the final k×D step of the randomized SVD always run in float64)
+    math: str = "auto"
+    # inputs of the large products (Gram passes, scoring GEMMs): auto = the math dtype; bfloat16/float16
+    # trade accuracy for speed on a GPU, products accumulate in the math dtype
+    matmul: str = "auto"
 
 
 @dataclass
@@ -63,10 +97,10 @@ class QueryConfig:
     full_scores: bool = False  # also write scores.npy (float32, queries × train, input order)
     normalize: bool = False  # cosine-style: I(t,q) / sqrt(I(t,t) I(q,q)), in [-1, 1]
     train_batch_rows: int = 2048  # training rows scored per step
-    # One process (cluster=none): hold the whole index in memory and score layers of equal shape in
-    # batched products, instead of streaming shards (Ray query actors always keep their shards resident)
+    # One process (cluster=none): hold the whole index in memory instead of streaming shards (the same
+    # scorer and numbers; Ray query actors always keep their shards resident)
     resident: bool = False
-    # Stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per example, in `dtype`) so resident
+    # Stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per example, in precision.coordinates) so
     # queries skip recomputing them: more disk, much less query time; on Ray the query actors then
     # hold no V_r for scoring, only a share of the layers' V_r to project the queries
     store_coordinates: bool = False
@@ -80,7 +114,9 @@ class ClusterConfig:
     backend: str = "ray"  # ray = stages run on Ray actors; none = all three stages in this process, no Ray
     address: Optional[str] = None  # None = start a local Ray instance; "auto" = join the running cluster
     num_cpus: Optional[int] = None  # CPUs of a local instance (None = all of this machine)
-    gradient_actors: int = 2  # model replicas streaming stage 1 (each loads the model once)
+    # model replicas streaming stage 1 (each loads the model once); null = as many replicas of tp_size ranks
+    # as the cluster can place beside the factorization pool
+    gradient_actors: Optional[int] = None
     tp_size: int = 1  # tensor-parallel ranks per replica (DeepSpeed AutoTP); one Ray actor per rank
     writer_actors: int = 1  # factorization pool: turns captured gradients into factors, writes shards
     fused: bool = True  # gradient actors factorize in place; false ships the captured (A, B) to the pool
@@ -90,6 +126,9 @@ class ClusterConfig:
     gpus_per_actor: Optional[float] = None  # None = 1 when the cluster has GPUs, else 0
     inflight_per_actor: int = 2  # shards queued per gradient actor (backpressure on the pool)
     max_restarts: int = 2  # Ray restarts of a crashed actor (its in-flight tasks are retried); not for TP ranks
+    # how long to wait for the cluster to place a replica or the pool: on an autoscaling cluster, at least a
+    # node's boot and image pull (a local instance is checked at once instead)
+    placement_timeout_s: float = 120.0
 
 
 @dataclass
@@ -99,6 +138,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     f: int = 4  # projection factor: d1 = I/f, d2 = O/f
     c: int = 1  # factor rank (LoRIF); capped at min(d1, d2), where factors are exact
     r: int = 64  # truncation rank of the curvature (LoRIF); capped at D = d1·d2
@@ -114,6 +154,7 @@ class Config:
     index_dir: Optional[str] = None  # None = <output_dir>/index; share one across runs that differ in r
     embedded_cache: str = ".cache/embedded"
     progress: bool = True
+    overwrite: bool = False  # write into a non-empty output_dir that this tool did not create
 
     def __post_init__(self) -> None:
         validate(self)
@@ -148,12 +189,18 @@ def validate(cfg: Config) -> None:
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: must be >= 1"),
         (cfg.query.top_k >= 1, f"query.top_k={cfg.query.top_k}: must be >= 1"),
         (cfg.cluster.backend in BACKENDS, f"cluster.backend={cfg.cluster.backend!r}: choose one of {BACKENDS}"),
-        (min(cfg.cluster.gradient_actors, cfg.cluster.writer_actors, cfg.cluster.gram_actors,
+        (min(cfg.cluster.gradient_actors or 1, cfg.cluster.writer_actors, cfg.cluster.gram_actors,
              cfg.cluster.query_actors, cfg.cluster.tp_size, cfg.cluster.inflight_per_actor) >= 1,
-         "cluster.*_actors, cluster.tp_size and cluster.inflight_per_actor must be >= 1"),
+         "cluster.*_actors, cluster.tp_size and cluster.inflight_per_actor must be >= 1 (gradient_actors: or null)"),
+        (cfg.cluster.placement_timeout_s > 0, f"cluster.placement_timeout_s={cfg.cluster.placement_timeout_s}: must be > 0"),
         (cfg.model.adapter is None or cfg.cluster.tp_size == 1,
          "model.adapter: LoRA adapters run with cluster.tp_size=1 (tensor-parallel ranks load plain checkpoints)"),
         (cfg.cluster.cpus_per_actor >= 0, f"cluster.cpus_per_actor={cfg.cluster.cpus_per_actor}: must be >= 0"),
+        (cfg.precision.coordinates in COORDINATE_DTYPES,
+         f"precision.coordinates={cfg.precision.coordinates!r}: choose one of {COORDINATE_DTYPES}"),
+        (cfg.precision.math in MATH_DTYPES, f"precision.math={cfg.precision.math!r}: choose one of {MATH_DTYPES}"),
+        (cfg.precision.matmul in MATMUL_DTYPES,
+         f"precision.matmul={cfg.precision.matmul!r}: choose one of {MATMUL_DTYPES}"),
         (cfg.query.train_batch_rows >= 1, f"query.train_batch_rows={cfg.query.train_batch_rows}: must be >= 1"),
     ]
     for ok, message in checks:

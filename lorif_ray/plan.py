@@ -58,6 +58,7 @@ class PlanConfig:
     r: int = 4096
     oversample: int = 10  # p of the randomized SVD: k = min(r + p, D) columns per layer
     dtype: str = "bfloat16"  # storage dtype of the index (the paper stores 16-bit values)
+    coordinates_dtype: str = "float32"  # stored g'_t (precision.coordinates; 16 bits are far off, see README)
     # Tokens per example, every example counted as full (an upper bound); None = min(512, the model's
     # max positions).
     max_length: Optional[int] = None
@@ -81,6 +82,8 @@ class PlanConfig:
             (min(self.f, self.c, self.r) >= 1, f"f={self.f}, c={self.c}, r={self.r}: each must be >= 1"),
             (self.oversample >= 0, f"oversample={self.oversample}: must be >= 0"),
             (self.dtype in STORAGE_DTYPES, f"dtype={self.dtype!r}: choose one of {STORAGE_DTYPES}"),
+            (self.coordinates_dtype in STORAGE_DTYPES,
+             f"coordinates_dtype={self.coordinates_dtype!r}: choose one of {STORAGE_DTYPES}"),
             (self.model.dtype in DTYPES, f"model.dtype={self.model.dtype!r}: choose one of {sorted(DTYPES)}"),
             (self.max_length is None or self.max_length >= 2, f"max_length={self.max_length}: must be >= 2"),
             (min(self.batch_size, self.num_examples, self.num_queries, self.num_gpus) >= 1,
@@ -486,12 +489,14 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.curvature_flops:
         speed = plan.achieved_flops_per_s * cfg.num_gpus
-        stored = cfg.num_examples * sum(min(cfg.r, s.dim) for s in plan.specs) * size
+        coordinate_size = BYTES_PER_VALUE[cfg.coordinates_dtype]
+        stored = cfg.num_examples * sum(min(cfg.r, s.dim) for s in plan.specs) * coordinate_size
         recompute, query_side, from_stored = (human_seconds(flops / speed) for flops in plan.curvature_flops.values())
         lines.append("- estimate: of which LoRIF's curvature term, by route (the compute above takes the cheaper "
                      f"of the first two): recompute g'_t = V_rᵀ g_t of all N examples {recompute}; query side "
                      f"h_q = V_r(w ⊙ g'_q) {query_side} (cheaper when Nq < r); stored g'_t {from_stored} "
-                     f"(query.store_coordinates: N × Σ min(r, D) × {size} B = {human_bytes(stored)} more disk)")
+                     f"(query.store_coordinates: N × Σ min(r, D) × {coordinate_size} B in {cfg.coordinates_dtype} = "
+                     f"{human_bytes(stored)} more disk)")
     lines += [
         "- not estimated: stage 2 (curvature) time, disk throughput, Ray scheduling overhead",
     ]

@@ -111,3 +111,13 @@ def baseline(tiny_assets, tmp_path_factory):
         return other
 
     return {"cfg": cfg, "config": config, "root": root}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A small local Ray cluster for the session: 2 CPUs, like the CI machine."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,27 +1,16 @@
 """Ray layer: moves work and data between processes; all math lives in the Ray-free core.
 
 Only this package imports ray (and only inside functions that start Ray work, so the plain worker
-classes can be imported and tested without it).
+classes can be imported and tested without it). Stages 2 and 3 have one driver each in
+``lorif_ray.stages``; this package gives them backends whose rows live on actors.
 
-- ``rsvd``: distributed Gram products ``Σ_shards G_sᵀ(G_s Q)`` and stage 2 over shard groups.
-- ``query_service``: long-lived query actors that keep their shards resident and return top-k.
+- ``index_pipeline``: stage 1 on gradient replicas (tensor-parallel ranks) and a factorization pool.
+- ``curvature``: ``RayGram``, shard-group actors summing each layer's Gram products for stage 2.
+- ``query_service``: ``RayQuery``, long-lived query actors that keep their shards resident.
+- ``stages``: ``run_stage``, each stage on the backend the config names.
 """
 
-from lorif_ray.distributed.query_service import QueryService, QueryWorker, run_query_distributed, shard_groups
-from lorif_ray.distributed.rsvd import (
-    GramWorker,
-    distributed_gram,
-    distributed_gram_apply,
-    run_curvature_distributed,
-)
+from lorif_ray.distributed.curvature import GramWorker, RayGram, shard_groups
+from lorif_ray.distributed.query_service import QueryService, QueryWorker, RayQuery
 
-__all__ = [
-    "GramWorker",
-    "QueryService",
-    "QueryWorker",
-    "distributed_gram",
-    "distributed_gram_apply",
-    "run_curvature_distributed",
-    "run_query_distributed",
-    "shard_groups",
-]
+__all__ = ["GramWorker", "QueryService", "QueryWorker", "RayGram", "RayQuery", "shard_groups"]

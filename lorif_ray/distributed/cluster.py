@@ -11,10 +11,10 @@ all-reduce every batch), so a replacement replica reuses the same bundles.
 
 from __future__ import annotations
 
+import math
+
 from lorif_ray.config import ClusterConfig
 from lorif_ray.errors import ConfigError
-
-PLACEMENT_TIMEOUT_S = 120  # a placement group that is not ready by then cannot be placed on this cluster
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -54,30 +54,67 @@ def actor_options(cluster: ClusterConfig, *, gpu: bool = True, restartable: bool
     return options
 
 
+def _resources(values: dict) -> str:
+    return f"{values.get('CPU', 0):g} CPUs, {values.get('GPU', 0):g} GPUs"
+
+
+def replica_count(cluster: ClusterConfig, limit: int | None = None) -> int:
+    """How many stage-1 replicas to start: ``cluster.gradient_actors``, or (null) as many replicas of
+    ``tp_size`` ranks as the cluster holds beside the factorization pool (at most ``limit``, e.g. the shards).
+
+    Raises:
+        ConfigError: at once, in one line (asked vs available), when a local instance (fixed size) cannot
+            hold one replica, or the requested replicas.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = cluster.cpus_per_actor * cluster.tp_size, gpus_per_actor(cluster) * cluster.tp_size
+    pool = cluster.writer_actors * cluster.cpus_per_actor
+    fits = math.inf
+    if cpus > 0:
+        fits = math.floor((total.get("CPU", 0) - pool) / cpus + 1e-9)
+    if gpus > 0:
+        fits = min(fits, math.floor(total.get("GPU", 0) / gpus + 1e-9))
+    wanted = cluster.gradient_actors
+    asked = (f"{wanted or 1} replica(s) x {cluster.tp_size} rank(s) x ({cluster.cpus_per_actor:g} CPU, "
+             f"{gpus_per_actor(cluster):g} GPU) + a pool of {cluster.writer_actors} x {cluster.cpus_per_actor:g} CPU")
+    hint = "lower cluster.tp_size, cluster.gradient_actors (null = as many as fit), cluster.cpus_per_actor"
+    fixed = not cluster.address  # a local instance never grows; a joined cluster may still be adding nodes
+    if fixed and (fits < 1 or (wanted is not None and wanted > fits)):
+        raise ConfigError(f"the stage-1 layout does not fit this Ray cluster: it asks {asked}; the cluster has "
+                          f"{_resources(total)}; {hint}")
+    if wanted is None:
+        wanted = int(min(max(fits, 1), 1024))
+    return max(1, min(wanted, limit or wanted))
+
+
 def replica_placement_group(cluster: ClusterConfig, options: dict):
     """A ready placement group of ``cluster.tp_size`` bundles (one per rank, one node) for one model replica."""
-    return ready_placement_group([options] * cluster.tp_size, "STRICT_PACK", "a model replica (its tensor-parallel ranks)")
+    return ready_placement_group([options] * cluster.tp_size, "STRICT_PACK",
+                                 "a model replica (its tensor-parallel ranks)", cluster.placement_timeout_s)
 
 
-def ready_placement_group(options: list[dict], strategy: str, what: str):
+def ready_placement_group(options: list[dict], strategy: str, what: str, timeout_s: float = 120.0):
     """A placement group with one bundle per actor's ``ray.remote`` options, once the cluster placed it.
 
     Raises:
-        ConfigError: the cluster cannot place it within PLACEMENT_TIMEOUT_S (names what was asked
-            and what the cluster has), instead of waiting forever for resources.
+        ConfigError: the cluster cannot place it within ``timeout_s`` (``cluster.placement_timeout_s``; one
+            line: what was asked, what the cluster has and has free), instead of waiting forever.
     """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = [{"CPU": o["num_cpus"], **({"GPU": o["num_gpus"]} if o.get("num_gpus") else {})} for o in options]
     group = placement_group(bundles, strategy=strategy)
-    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
-        raise ConfigError(
-            f"cannot place {what}: {bundles} ({strategy}) within {PLACEMENT_TIMEOUT_S}s; the cluster has "
-            f"{ray.cluster_resources()} and {ray.available_resources()} free (lower cluster.*_actors, "
-            "cluster.cpus_per_actor or cluster.gpus_per_actor)")
+        asked = _resources({"CPU": sum(b["CPU"] for b in bundles), "GPU": sum(b.get("GPU", 0) for b in bundles)})
+        raise ConfigError(f"cannot place {what} ({asked} in {len(bundles)} bundle(s), {strategy}) within "
+                          f"{timeout_s:g} s: the cluster has {_resources(ray.cluster_resources())}, "
+                          f"{_resources(ray.available_resources())} free; lower cluster.*_actors or "
+                          "cluster.cpus_per_actor, or raise cluster.placement_timeout_s while nodes boot")
     return group
 
 

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.distributed.cluster import actor_options, in_bundle, ready_placement_group, replica_placement_group
+from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
+                                          replica_placement_group)
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows
@@ -44,6 +45,7 @@ from lorif_ray.stages.index import (
     featurize_chunk,
     finish_index,
     index_meta,
+    reuse_finished_index,
     shard_chunks,
     train_examples,
 )
@@ -95,7 +97,7 @@ class GradientWorker:
                                               accelerator=accelerator))
         tp.init_distributed()
         # Each rank reads only its slices of the checkpoint; the identity of the unsharded model (as the
-        # query stage sees it) is computed from strided samples read from the files.
+        # query stage sees it) is the digest of every tensor, read from the files (cached per file).
         self.sharded = tp.load_sharded(self.model_path, self.tp_size, dtype=self.cfg.model.dtype,
                                        patterns=self.cfg.model.layers, identity=True)
         self.identity = self.sharded.identity
@@ -210,7 +212,7 @@ class IndexPipeline:
         replaced: how many replicas or pool members were replaced after dying.
     """
 
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, max_replicas: int | None = None):
         import ray
 
         self.cfg, self.model_path = cfg, model_path
@@ -220,7 +222,7 @@ class IndexPipeline:
         self._gradient_remote = ray.remote(GradientWorker)
         self._writer_remote = ray.remote(ShardWorker)
         self.gradient_slots = []
-        for _ in range(cfg.cluster.gradient_actors):
+        for _ in range(replica_count(cfg.cluster, max_replicas)):
             group = replica_placement_group(cfg.cluster, self._gradient_options)
             self.gradient_slots.append(_Slot(self._new_replica(group), group=group))
         ray.get([actor.ready.remote() for slot in self.gradient_slots for actor in slot.actors])  # models loaded
@@ -246,7 +248,8 @@ class IndexPipeline:
         has created the manifest."""
         self.index_dir, self.layout = index_dir, layout
         count = self.cfg.cluster.writer_actors
-        self.writer_group = ready_placement_group([self._writer_options] * count, "PACK", "the factorization pool")
+        self.writer_group = ready_placement_group([self._writer_options] * count, "PACK", "the factorization pool",
+                                                  self.cfg.cluster.placement_timeout_s)
         self.writer_slots = [_Slot([self._new_writer(i)], bundle=i) for i in range(count)]
 
     def _new_writer(self, bundle: int):
@@ -311,10 +314,13 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
     inputs = resolve_inputs(cfg)
     train_path, examples = train_examples(cfg, load_tokenizer(inputs.model_path))
     chunks = shard_chunks(examples, cfg.shard_size)
-    pipeline = IndexPipeline(cfg, str(inputs.model_path))
+    pipeline = IndexPipeline(cfg, str(inputs.model_path), max_replicas=len(chunks))
     try:
         layout = ray.get(pipeline.gradient_actors[0].describe.remote(file_sha256(train_path), len(examples)))
         layout.update(dtype=cfg.dtype, shard_size=cfg.shard_size)
+        reused = reuse_finished_index(cfg, layout["kind"], layout["columns"], layout["meta"], len(examples))
+        if reused is not None:  # complete and intact: no lock, no writes (read-only storage is fine)
+            return reused
         writer = ShardWriter(cfg.index_path, **layout)  # creates the manifest, or checks the existing one
         pipeline.start_writers(str(cfg.index_path), layout)
         announce(cfg, len(examples), layout["columns"], layout["kind"])

@@ -12,9 +12,8 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.distributed.index_pipeline import IndexPipeline
 from lorif_ray.errors import ConfigError, IndexMismatchError
-from lorif_ray.model.loading import check_same_model, load_tokenizer, resolve_device
-from lorif_ray.stages.inputs import math_dtype, resolve_inputs, tokenized
-from lorif_ray.stages.query import check_index_config
+from lorif_ray.model.loading import check_same_model, load_tokenizer
+from lorif_ray.stages.inputs import query_config, resolve_inputs, tokenized
 
 
 class RemoteQueryFeaturizer:
@@ -23,20 +22,22 @@ class RemoteQueryFeaturizer:
     Same interface as ``lorif_ray.stages.query.QueryFeaturizer``; call ``close()`` (or use ``with``)
     to release the replica.
 
+    The replica is built from ``query_config``: every row-shaping setting (f, c, seed, factor_iters,
+    layers, dtypes, max_length) is the index's, as in one process.
+
     Raises:
-        ModelMismatchError / IndexMismatchError: the model or f/c/seed/layers differ from the index's.
+        ModelMismatchError / IndexMismatchError: the model or a row-shaping setting differs from the index's.
     """
 
     def __init__(self, cfg: Config, manifest):
         import ray
 
-        check_index_config(cfg, manifest)
+        cfg = query_config(cfg, manifest)
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]
         one_replica = replace(cfg, cluster=replace(cfg.cluster, gradient_actors=1, fused=True))
         self.pipeline = IndexPipeline(one_replica, str(model_path))
-        self.dtype = math_dtype(resolve_device(cfg.model.device))
         try:
             layout = ray.get(self.pipeline.gradient_actors[0].describe.remote("", 0))
             check_same_model(manifest.meta["model"], layout["meta"]["model"], f"index {cfg.index_path}")
@@ -48,7 +49,7 @@ class RemoteQueryFeaturizer:
             raise
 
     def __call__(self, queries_path: Path) -> tuple[list[str], dict[str, torch.Tensor], float]:
-        """Query ids, query columns {column: (nq, width)} in the math dtype, and seconds."""
+        """Query ids, query columns {column: (nq, width)} (float32, CPU), and seconds."""
         import ray
 
         queries = tokenized(Path(queries_path), self.tokenizer, self.max_length)
@@ -58,7 +59,7 @@ class RemoteQueryFeaturizer:
         _, payload, statuses = self.pipeline.featurize(self.pipeline.gradient_slots[0], 0, queries)
         ray.get(statuses)
         _, ids, columns = ray.get(payload)
-        return ids, {k: v.to(self.dtype) for k, v in columns.items()}, time.perf_counter() - start
+        return ids, {k: v.float().cpu() for k, v in columns.items()}, time.perf_counter() - start
 
     def close(self) -> None:
         self.pipeline.close()

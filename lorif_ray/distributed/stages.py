@@ -1,12 +1,18 @@
 """The three stages on the backend the config names: Ray actors, or this process (``cluster.backend=none``).
 
-The jobs call ``run_stage``; with the Ray backend it starts or joins Ray (``cluster.address``) first.
+The jobs call ``run_stage``; with the Ray backend it starts or joins Ray (``cluster.address``) first. Stages
+2 and 3 run their one driver (``run_curvature``, ``run_query``) with the Ray backends of their rows.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 from lorif_ray.config import Config
 from lorif_ray.stages.attribute import STAGES, run_local_stage
+from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.outputs import claim_output_dir
+from lorif_ray.stages.query import run_query
 
 
 def run_stage(name: str, cfg: Config) -> dict:
@@ -15,15 +21,17 @@ def run_stage(name: str, cfg: Config) -> dict:
         raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
     if cfg.cluster.backend == "none":
         return run_local_stage(name, cfg)
+    claim_output_dir(cfg)
     from lorif_ray.distributed.cluster import actor_options, connect
+    from lorif_ray.distributed.curvature import RayGram
     from lorif_ray.distributed.index_pipeline import run_index_distributed
-    from lorif_ray.distributed.query_service import run_query_distributed
-    from lorif_ray.distributed.rsvd import run_curvature_distributed
+    from lorif_ray.distributed.query_service import RayQuery
 
     connect(cfg.cluster)
     cluster = cfg.cluster
+    options = actor_options(cluster, gpu=True)
     if name == "index":
         return run_index_distributed(cfg)
     if name == "curvature":
-        return run_curvature_distributed(cfg, cluster.gram_actors, actor_options=actor_options(cluster, gpu=True))
-    return run_query_distributed(cfg, cluster.query_actors, actor_options=actor_options(cluster, gpu=True))
+        return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=options))
+    return run_query(cfg, partial(RayQuery, num_workers=cluster.query_actors, actor_options=options))

@@ -6,7 +6,8 @@ Registered with Hydra as ``sweep_schema`` (``conf/sweep.yaml``); the ``eval`` gr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from lorif_ray.config import Config
@@ -118,10 +119,4 @@ def register_sweep_configs() -> None:
 
 def stage_config(cfg: SweepConfig) -> Config:
     """The plain stages' ``Config`` of a sweep config (the ``eval`` part dropped)."""
-    data = asdict(cfg)
-    data.pop("eval")
-    from lorif_ray.config import ClusterConfig, DataConfig, MethodConfig, ModelConfig, QueryConfig
-
-    parts = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "query": QueryConfig,
-             "cluster": ClusterConfig}
-    return Config(**{k: (parts[k](**v) if k in parts else v) for k, v in data.items()})
+    return Config(**{f.name: copy.deepcopy(getattr(cfg, f.name)) for f in fields(Config)})

@@ -1,4 +1,6 @@
-"""Influence scores of one layer: LoRIF (Woodbury, from factors), LoGRA (exact inverse), GradDot, RepSim.
+"""Projected gradients of one layer (factors or dense rows), their inner products, and RepSim.
+
+The curvatures that turn inner products into influence scores are in ``lorif_ray.math.curvature``.
 
 Score convention (every method, every output): I(t, q) = g_qᵀ H⁻¹ g_t with g the gradient of the
 *summed* token loss and H ≈ GᵀG + λI. Up-weighting t by ε changes the query loss by about −ε·I(t, q),
@@ -74,82 +76,6 @@ def self_inner(a: GradientBlock) -> torch.Tensor:
     if a.factored:
         return ((a.u.transpose(1, 2) @ a.u) * (a.v.transpose(1, 2) @ a.v)).sum(dim=(1, 2))
     return (a.g * a.g).sum(dim=1)
-
-
-def woodbury_weights(values: torch.Tensor, damping: float) -> torch.Tensor:
-    """w_j = σ_j² / (λ(λ + σ_j²)), so that (V diag(σ²) Vᵀ + λI)⁻¹ = I/λ − V diag(w) Vᵀ."""
-    return values / (damping * (damping + values))
-
-
-@dataclass
-class LayerCurvature:
-    """What stage 2 keeps for one layer.
-
-    Attributes:
-        kind: "woodbury" (LoRIF), "inverse" (LoGRA) or "identity" (GradDot).
-        damping: λ.
-        vectors: (D, r) V_r (woodbury).
-        values: (r,) σ_j² (woodbury).
-        inverse: (D, D) (GᵀG + λI)⁻¹ (inverse).
-    """
-
-    kind: str
-    damping: float = 0.0
-    vectors: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    inverse: torch.Tensor | None = None
-
-    def to(self, device=None, dtype=None) -> "LayerCurvature":
-        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return LayerCurvature(self.kind, self.damping, move(self.vectors), move(self.values), move(self.inverse))
-
-
-def exact_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """(GᵀG + λI)⁻¹ (D, D), in float64 through the eigendecomposition."""
-    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
-    return (vectors / (values.clamp_min(0) + damping)) @ vectors.T
-
-
-class PreparedQuery:
-    """Query-side terms of one layer, computed once and reused for every training block.
-
-    Example:
-        >>> prepared = PreparedQuery(query_block, curvature)
-        >>> scores = prepared.scores(train_block)  # (nq, nt)
-    """
-
-    def __init__(self, query: GradientBlock, curvature: LayerCurvature):
-        self.query = query
-        self.curvature = curvature
-        if curvature.kind == "woodbury":
-            w = woodbury_weights(curvature.values, curvature.damping)
-            self.weighted = (query.dense() @ curvature.vectors) * w  # (nq, r)
-        elif curvature.kind == "inverse":
-            self.preconditioned = query.dense() @ curvature.inverse  # (nq, D)
-        elif curvature.kind != "identity":
-            raise ValueError(f"unknown curvature kind {curvature.kind!r}")
-
-    def scores(self, train: GradientBlock) -> torch.Tensor:
-        """I(t, q) for this layer: (nq, nt)."""
-        kind = self.curvature.kind
-        if kind == "identity":
-            return inner(self.query, train)
-        if kind == "inverse":
-            return self.preconditioned @ train.dense().T
-        projected = train.dense() @ self.curvature.vectors  # (nt, r)
-        return inner(self.query, train) / self.curvature.damping - self.weighted @ projected.T
-
-
-def self_influence(block: GradientBlock, curvature: LayerCurvature) -> torch.Tensor:
-    """I(t, t) = g_tᵀ H⁻¹ g_t per example (n,), for normalized scores."""
-    if curvature.kind == "identity":
-        return self_inner(block)
-    if curvature.kind == "inverse":
-        g = block.dense()
-        return ((g @ curvature.inverse) * g).sum(dim=1)
-    projected = block.dense() @ curvature.vectors
-    w = woodbury_weights(curvature.values, curvature.damping)
-    return self_inner(block) / curvature.damping - (projected * projected * w).sum(dim=1)
 
 
 def repsim_scores(query_hidden: torch.Tensor, train_hidden: torch.Tensor) -> torch.Tensor:

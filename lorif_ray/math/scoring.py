@@ -1,13 +1,13 @@
-"""Batched scoring: every layer of a block of training rows at once (the fast path of ``PreparedQuery``).
+"""Batched scoring: every layer of a block of training rows at once — the one scorer of stage 3.
 
-The per-layer score (``influence.py``) summed over layers is rearranged into a few large products:
+The per-layer score (``Curvature.score``) summed over layers is rearranged into a few large products:
 
 - term 1 from factors, Σ_ℓ s_ℓ (u_qᵀ u_t)(v_qᵀ v_t) with s_ℓ = 1/λ_ℓ (LoRIF) or 1 (GradDot): layers of
   equal (d1, d2, c) are stacked and done in two ``bmm`` calls per group, (L, nq·c, d) × (L, d, nt·c);
   s_ℓ is folded into the query's u.
 - dense terms, Σ_ℓ (P_ℓ g_q)ᵀ g_t (LoGRA, GradDot, LoRIF's 1/λ term on dense rows): one GEMM over the
   layers' concatenated columns.
-- LoRIF's curvature term, −Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j}, by the cheapest of three routes:
+- LoRIF's curvature term, −Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j}, by one of three routes (``choose_route``):
   stored g'_t = V_rᵀ g_t (one GEMM over every layer's concatenated coordinates, r per pair);
   from the query side, ⟨h_q, g_t⟩ with h_q = V_r (w ⊙ g'_q) ∈ R^D prepared once per query batch
   (nq·D per training row: cheaper than recomputing when nq < r, and needs neither V_r nor g'_t
@@ -15,8 +15,9 @@ The per-layer score (``influence.py``) summed over layers is rearranged into a f
   or g'_t recomputed from the block (r·D per training row). The last two form the block's dense rows
   vec(u vᵀ) per group of layers of equal shape and r and use one ``bmm`` per group.
 
-Everything is torch only and device-agnostic; float64 on CPU gives the same scores as
-``PreparedQuery.scores`` summed over layers to rounding (tests/math/test_fast_scoring.py).
+Everything is torch only and device-agnostic; in float64 it equals the explicit g_qᵀ H⁻¹ g_t of the
+oracles in ``tests/oracles.py`` to rounding (tests/math/test_scoring.py). Where the rows come from
+(Parquet stream, resident, Ray actors) is the caller's business: the numbers do not depend on it.
 
 Example:
     >>> layout = ScoreLayout.build(specs, "factors", curvature)
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorif_ray.math.influence import GradientBlock, LayerCurvature, repsim_scores, self_inner, woodbury_weights
+from lorif_ray.math.curvature import Curvature
+from lorif_ray.math.influence import GradientBlock, repsim_scores, self_inner
 
 
 @dataclass
@@ -86,9 +88,40 @@ class TrainBlock:
         return TrainBlock(None if self.factors is None else [(move(u), move(v)) for u, v in self.factors],
                           move(self.dense), move(self.coordinates))
 
+    def pin(self) -> "TrainBlock":
+        """Page-locked copies, so host→device copies can run asynchronously."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return TrainBlock(None if self.factors is None else [(pin(u), pin(v)) for u, v in self.factors],
+                          pin(self.dense), pin(self.coordinates))
+
     def nbytes(self) -> int:
         tensors = [t for pair in self.factors or [] for t in pair] + [self.dense, self.coordinates]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+ROUTES = ("stored", "query", "recompute", "none")
+
+
+def choose_route(num_queries: int, ranks: list[int], *, stored: bool, normalize: bool) -> str:
+    """How a batch of ``num_queries`` gets LoRIF's curvature term Σ w g'_q g'_t (the one place it is chosen).
+
+    - "stored": g'_t = V_rᵀ g_t were stored by stage 2 (r numbers per pair, no V_r while scoring);
+    - "query": h_q = V_r (w ⊙ g'_q) prepared once, ⟨h_q, g_t⟩ per row: nq·D per training row, cheaper than
+      recomputing g'_t (r·D) when nq < r; never with ``normalize``, whose I(t, t) needs g'_t;
+    - "recompute": g'_t from each block's rows and V_r;
+    - "none": no layer has a low-rank term.
+
+    Args:
+        ranks: r of every layer with a low-rank term.
+        stored: g'_t of every row are stored (in the policy's dtype) for the current curvature.
+    """
+    if not ranks:
+        return "none"
+    if stored:
+        return "stored"
+    if not normalize and num_queries < min(ranks):
+        return "query"
+    return "recompute"
 
 
 @dataclass
@@ -100,8 +133,10 @@ class ScoreLayout:
         names: every layer, in manifest order.
         factor_groups: layers of equal (d1, d2, c) (factor stores).
         dense_dims: {name: D} in the order of the concatenated dense columns (dense stores).
-        coordinate_groups: Woodbury layers of equal (d1, d2, c, r); their g' columns follow this order.
-        scale: {name: s_ℓ} of term 1 (1/λ for Woodbury, 1 for identity).
+        coordinate_groups: layers with a low-rank term and equal (d1, d2, c, r); their g' columns follow
+            this order.
+        scale: {name: s_ℓ} of term 1 (1/λ for Woodbury, 1 for identity); layers without one are
+            preconditioned (dense stores only).
     """
 
     kind: str
@@ -113,8 +148,8 @@ class ScoreLayout:
     scale: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, specs, kind: str, curvature: dict[str, LayerCurvature]) -> "ScoreLayout":
-        """``specs``: objects with name, d1, d2, c (``LayerSpec``); ``curvature``: {name: LayerCurvature}."""
+    def build(cls, specs, kind: str, curvature: dict[str, Curvature]) -> "ScoreLayout":
+        """``specs``: objects with name, d1, d2, c (``LayerSpec``); ``curvature``: {name: Curvature}."""
         if kind not in ("factors", "dense"):
             raise ValueError(f"batched scoring needs a factors or dense store, not {kind!r}")
         layout = cls(kind, [s.name for s in specs], {s.name: (s.d1, s.d2, s.c) for s in specs})
@@ -122,15 +157,14 @@ class ScoreLayout:
         coordinate_groups: dict[tuple, CoordinateGroup] = {}
         for s in specs:
             curv = curvature[s.name]
-            if curv.kind == "woodbury":
-                layout.scale[s.name] = 1.0 / curv.damping
-                key = (s.d1, s.d2, s.c, int(curv.values.numel()))  # ⊆ a FactorGroup: its rows are reused
+            if curv.low_rank is not None:
+                key = (s.d1, s.d2, s.c, curv.rank)  # ⊆ a FactorGroup: its rows are reused
                 group = coordinate_groups.setdefault(key, CoordinateGroup(s.d1 * s.d2, key[3], []))
                 group.names.append(s.name)
-            elif curv.kind == "identity":
-                layout.scale[s.name] = 1.0
-            elif not (curv.kind == "inverse" and kind == "dense"):
-                raise ValueError(f"layer {s.name}: curvature {curv.kind!r} cannot score a {kind} store")
+            if curv.scale is not None:
+                layout.scale[s.name] = curv.scale
+            elif kind != "dense":
+                raise ValueError(f"layer {s.name}: curvature {curv.kind!r} scores dense rows, not a {kind} store")
             if kind == "factors":
                 factor_groups.setdefault((s.d1, s.d2, s.c), FactorGroup(s.d1, s.d2, s.c, [])).names.append(s.name)
             else:
@@ -141,7 +175,7 @@ class ScoreLayout:
 
     @property
     def coordinate_names(self) -> list[str]:
-        """Woodbury layers in the order of the concatenated g' columns."""
+        """Layers with a low-rank term, in the order of the concatenated g' columns."""
         return [n for g in self.coordinate_groups for n in g.names]
 
     @property
@@ -195,30 +229,31 @@ class StackedQuery:
     Args:
         layout: from ``ScoreLayout.build``.
         query: {layer: GradientBlock} of the queries (factors or dense, like the store).
-        curvature: {layer: LayerCurvature}; Woodbury layers need V_r unless ``query_coordinates`` has them.
+        curvature: {layer: Curvature}; low-rank layers need V_r unless the route and the injected terms
+            spare it.
+        route: the curvature term's route (``choose_route``): "stored" (blocks carry g'_t), "query",
+            "recompute" or "none"; None = ``choose_route`` with stored=False.
         normalize: divide by sqrt(I(q,q) I(t,t)) (cosine in the curvature metric).
-        matmul_dtype: dtype of the big products' inputs (e.g. torch.bfloat16 on a GPU); products are
-            cast back to the query's dtype before they are multiplied and summed. None = the query's.
-        keep_vectors: keep V_r per layer so that g'_t can be computed for blocks without stored g'.
-        query_coordinates: {layer: g'_q = V_rᵀ g_q (nq, r)} made elsewhere (``QueryProjector``), so
-            that scoring against stored g'_t needs no V_r here.
-        query_side: for blocks without stored g'_t, take the curvature term from the query side
-            (h_q = V_r (w ⊙ g'_q), nq·D per training row) instead of recomputing g'_t (r·D per row).
-            None = wherever it is cheaper (nq < r) and V_r is at hand; never with ``normalize``,
-            whose I(t, t) needs g'_t anyway.
-        query_side_terms: {layer: h_q = V_r (w ⊙ g'_q) (nq, D)} made elsewhere: the query-side route
-            with no V_r here (with ``query_coordinates`` for the layers' g'_q).
+        matmul_dtype: dtype of the big products' inputs (the policy's ``precision.matmul``, e.g.
+            bfloat16 on a GPU); products are cast back to the query's dtype before they are multiplied
+            and summed. None = the query's.
+        query_coordinates: {layer: g'_q = V_rᵀ g_q (nq, r)} made elsewhere (``QueryProjector``).
+        query_side_terms: {layer: h_q = V_r (w ⊙ g'_q) (nq, D)} made elsewhere (route "query").
     """
 
-    def __init__(self, layout: ScoreLayout, query: dict[str, GradientBlock], curvature: dict[str, LayerCurvature],
-                 *, normalize: bool = False, matmul_dtype: torch.dtype | None = None, keep_vectors: bool = True,
-                 query_coordinates: dict[str, torch.Tensor] | None = None, query_side: bool | None = None,
+    def __init__(self, layout: ScoreLayout, query: dict[str, GradientBlock], curvature: dict[str, Curvature],
+                 *, route: str | None = None, normalize: bool = False, matmul_dtype: torch.dtype | None = None,
+                 query_coordinates: dict[str, torch.Tensor] | None = None,
                  query_side_terms: dict[str, torch.Tensor] | None = None):
         self.layout, self.normalize = layout, normalize
         first = next(iter(query.values()))
         self.dtype = (first.u if first.factored else first.g).dtype
         self.matmul_dtype = matmul_dtype or self.dtype
         self.nq = len(first)
+        self.route = route or choose_route(self.nq, [g.rank for g in layout.coordinate_groups], stored=False,
+                                           normalize=normalize)
+        if self.route not in ROUTES:
+            raise ValueError(f"route {self.route!r}: choose one of {ROUTES}")
         mm = self.matmul_dtype
         self.factor_query = []  # per group: (U_q (L, nq·c, d1) scaled by s_ℓ, V_q (L, nq·c, d2))
         for g in layout.factor_groups:
@@ -227,50 +262,54 @@ class StackedQuery:
             v = torch.stack([query[n].v.transpose(1, 2) for n in g.names])
             self.factor_query.append((u.reshape(len(g.names), -1, g.d1).to(mm),
                                       v.reshape(len(g.names), -1, g.d2).to(mm)))
-        self.dense_query = None  # (nq, ΣD): s_ℓ g_q, or (GᵀG + λI)⁻¹ g_q for LoGRA
+        self.dense_query = None  # (nq, ΣD): s_ℓ g_q, or H⁻¹ g_q for a full-matrix curvature
         if layout.kind == "dense":
-            parts = []
-            for n in layout.dense_dims:
-                curv, g = curvature[n], query[n].dense()
-                parts.append(g @ curv.inverse if curv.kind == "inverse" else g * layout.scale[n])
-            self.dense_query = torch.cat(parts, dim=1).to(mm)
-        # Curvature term: −(w ⊙ g'_q) against g'_t, every Woodbury layer side by side; per group either
-        # V_r (to recompute g'_t) or h_q = V_r (w ⊙ g'_q) (the query side), as the cheaper route needs.
+            self.dense_query = torch.cat([curvature[n].precondition(query[n].dense()) for n in layout.dense_dims],
+                                         dim=1).to(mm)
+        # Curvature term: −(w ⊙ g'_q) against g'_t, every low-rank layer side by side; per group V_r (to
+        # recompute g'_t) or h_q = V_r (w ⊙ g'_q) (the query side), as the route needs.
         self.vectors, self.query_side, coordinates, weights = [], [], [], []
         for g in layout.coordinate_groups:
-            w = torch.stack([woodbury_weights(curvature[n].values, curvature[n].damping) for n in g.names])
-            has_vectors = all(curvature[n].vectors is not None for n in g.names)
-            vectors = torch.stack([curvature[n].vectors for n in g.names]) if has_vectors else None  # (L, D, r)
+            lows = [curvature[n].low_rank for n in g.names]
+            w = torch.stack([low[1] for low in lows]).to(self.dtype)  # (L, r)
+            has_vectors = all(low[0] is not None for low in lows)
+            vectors = torch.stack([low[0] for low in lows]).to(self.dtype) if has_vectors else None  # (L, D, r)
             if query_coordinates is not None:
                 coords = torch.stack([query_coordinates[n].to(device=w.device, dtype=self.dtype) for n in g.names])
-            else:
+            elif vectors is not None:
                 coords = torch.bmm(torch.stack([query[n].dense() for n in g.names]), vectors)  # (L, nq, r)
-            from_query = has_vectors and not normalize and (self.nq < g.rank if query_side is None else query_side)
-            if query_side_terms is not None and not normalize:
-                self.query_side.append(torch.stack([query_side_terms[n] for n in g.names]).to(mm))
             else:
-                self.query_side.append(torch.bmm(coords * w[:, None, :], vectors.transpose(1, 2)).to(mm)
-                                       if from_query else None)  # (L, nq, D)
-            self.vectors.append(vectors.to(mm) if keep_vectors and has_vectors and not from_query else None)
+                raise ValueError(f"layers {g.names}: neither V_r nor g'_q of the queries are at hand")
+            side = None
+            if self.route == "query":
+                if query_side_terms is not None:
+                    side = torch.stack([query_side_terms[n] for n in g.names]).to(mm)
+                elif vectors is not None:
+                    side = torch.bmm(coords * w[:, None, :], vectors.transpose(1, 2)).to(mm)  # (L, nq, D)
+                else:
+                    raise ValueError(f"layers {g.names}: the query-side route needs V_r or h_q")
+            self.query_side.append(side)
+            self.vectors.append(vectors.to(mm) if vectors is not None and side is None else None)
             coordinates.append(coords.transpose(0, 1).reshape(self.nq, -1))
             weights.append(w.reshape(-1))
-        self.weights = torch.cat(weights).to(self.dtype) if weights else None  # (Σr,)
+        self.weights = torch.cat(weights) if weights else None  # (Σr,)
         query_coords = torch.cat(coordinates, dim=1) if coordinates else None  # (nq, Σr) g'_q
         self.weighted = None if query_coords is None else (query_coords * self.weights).to(mm)
-        self.inverse = {n: curvature[n] for n in layout.dense_dims if curvature[n].kind == "inverse"}
+        self.preconditioned = {n: curvature[n] for n in layout.dense_dims if n not in layout.scale}
         if normalize:
             self.query_self = self._query_self(query, query_coords)
 
     def _query_self(self, query: dict[str, GradientBlock], coords: torch.Tensor | None) -> torch.Tensor:
-        """I(q, q) per query (nq,): s_ℓ‖g_q‖² (or g_qᵀ P_ℓ g_q for LoGRA) summed, minus Σ w g'_q²."""
+        """I(q, q) per query (nq,): s_ℓ‖g_q‖² (or g_qᵀ H⁻¹ g_q) summed, minus Σ w g'_q²."""
         out = sum(self_inner(query[n]) * self.layout.scale[n] for n in self.layout.scale)
-        out = out + sum(((query[n].dense() @ c.inverse) * query[n].dense()).sum(dim=1) for n, c in self.inverse.items())
+        out = out + sum((c.precondition(query[n].dense()) * query[n].dense()).sum(dim=1)
+                        for n, c in self.preconditioned.items())
         if coords is not None:
             out = out - (coords * coords * self.weights).sum(dim=1)
         return out
 
     def coordinates(self, block: TrainBlock) -> torch.Tensor:
-        """g'_t = V_rᵀ g_t of every Woodbury layer: (nt, Σr) (stored ones if the block has them)."""
+        """g'_t = V_rᵀ g_t of every low-rank layer: (nt, Σr) (stored ones if the block has them)."""
         if block.coordinates is not None:
             return block.coordinates
         rows = self._coordinate_rows(block)
@@ -280,29 +319,24 @@ class StackedQuery:
         """g'_t (nt, L·r) of one CoordinateGroup from its dense rows (L, nt, D)."""
         vectors = self.vectors[group]
         if vectors is None:
-            raise ValueError("the block has no stored g'_t and this StackedQuery holds no V_r to compute them "
-                             "(keep_vectors=False, a curvature loaded without vectors, or the query-side route)")
+            raise ValueError(f"route {self.route!r}: the block has no stored g'_t and this query holds no V_r to "
+                             "compute them (a curvature loaded without vectors, or the query-side route)")
         return torch.bmm(rows.to(vectors.dtype), vectors).transpose(0, 1).reshape(rows.shape[1], -1)
 
     def _coordinate_rows(self, block: TrainBlock) -> list[torch.Tensor]:
         """Dense rows (L, nt, D) of each CoordinateGroup."""
         layers = self.layout.layer_blocks(block)
+        index = {tuple(fg.names): i for i, fg in enumerate(self.layout.factor_groups)}
         out = []
         for g in self.layout.coordinate_groups:
-            if block.factors is not None and self._whole_factor_group(g):
-                u, v = block.factors[self._group_index[tuple(g.names)]]
-                out.append(_stacked_dense(u, v))
+            if block.factors is not None and tuple(g.names) in index:
+                out.append(_stacked_dense(*block.factors[index[tuple(g.names)]]))
             else:
                 out.append(torch.stack([layers[n].dense() for n in g.names]))
         return out
 
-    def _whole_factor_group(self, g: CoordinateGroup) -> bool:
-        if not hasattr(self, "_group_index"):
-            self._group_index = {tuple(fg.names): i for i, fg in enumerate(self.layout.factor_groups)}
-        return tuple(g.names) in self._group_index
-
     def term_one(self, block: TrainBlock) -> torch.Tensor:
-        """Σ_ℓ s_ℓ g_qᵀ g_t (with P_ℓ for LoGRA): (nq, nt)."""
+        """Σ_ℓ s_ℓ g_qᵀ g_t (with H⁻¹ for full-matrix curvatures): (nq, nt)."""
         nt = len(block)
         out = torch.zeros(self.nq, nt, dtype=self.dtype, device=self._device)
         mm = self.matmul_dtype
@@ -320,11 +354,13 @@ class StackedQuery:
         return out
 
     def curvature_term(self, block: TrainBlock) -> torch.Tensor | None:
-        """Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j} (to be subtracted): (nq, nt), or None without Woodbury layers."""
+        """Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j} (to be subtracted): (nq, nt), or None without low-rank layers."""
         if self.weighted is None:
             return None
         mm = self.matmul_dtype
-        if block.coordinates is not None:
+        if self.route == "stored":
+            if block.coordinates is None:
+                raise ValueError("route 'stored': the block carries no stored g'_t")
             return (self.weighted @ block.coordinates.to(mm).T).to(self.dtype)
         out = torch.zeros(self.nq, len(block), dtype=self.dtype, device=self._device)
         start = 0
@@ -370,13 +406,13 @@ class StackedQuery:
             for name, dim in self.layout.dense_dims.items():
                 g = block.dense[:, start:start + dim].to(self.dtype)
                 start += dim
-                if name in self.inverse:
-                    out += ((g @ self.inverse[name].inverse.to(self.dtype)) * g).sum(dim=1)
+                if name in self.preconditioned:
+                    out += (self.preconditioned[name].precondition(g) * g).sum(dim=1)
                 else:
                     out += (g * g).sum(dim=1) * self.layout.scale[name]
         if self.weights is not None:
             coords = self.coordinates(block).to(self.dtype)
-            out -= (coords * coords * self.weights.to(self.dtype)).sum(dim=1)
+            out -= (coords * coords * self.weights).sum(dim=1)
         return out
 
 
@@ -390,18 +426,3 @@ class RepSimQuery:
     def scores(self, block: TrainBlock) -> torch.Tensor:
         return repsim_scores(self.hidden, block.dense.to(self.hidden.dtype))
 
-
-def score_in_chunks(query: StackedQuery, block: TrainBlock, topk, *, offset: int = 0, chunk_rows: int = 8192,
-                    sink=None) -> None:
-    """Score a (resident) block ``chunk_rows`` rows at a time into a running top-k.
-
-    Args:
-        topk: an object with ``update(scores (nq, n), offset)`` (``lorif_ray.stages.query.TopK``).
-        offset: global row index of the block's first row.
-        sink: optional callable(scores, offset) for full scores (e.g. a memory map writer).
-    """
-    for start in range(0, len(block), chunk_rows):
-        scores = query.scores(block.rows(start, min(start + chunk_rows, len(block))))
-        topk.update(scores, offset + start)
-        if sink is not None:
-            sink(scores, offset + start)

@@ -7,10 +7,9 @@ from typing import Callable
 
 from lorif_ray.config import Config
 from lorif_ray.stages.curvature import run_curvature
-from lorif_ray.stages.fast_curvature import fits_resident, run_curvature_fast
-from lorif_ray.stages.fast_query import run_query_fast
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs
+from lorif_ray.stages.outputs import claim_output_dir
 from lorif_ray.stages.query import run_query
 from lorif_ray.stages.summary import describe_index, describe_proponents
 from lorif_ray.store import write_json
@@ -20,17 +19,12 @@ STAGES = ("index", "curvature", "query")
 
 
 def run_local_stage(name: str, cfg: Config) -> dict:
-    """Stage ``name`` in this process: stage 2 with each layer's rows resident when they fit (or when
-    ``query.store_coordinates`` asks for g'_t), stage 3 streaming unless ``query.resident``."""
+    """Stage ``name`` in this process (stage 2 holds each layer's rows resident when they fit, stage 3
+    streams them unless ``query.resident``)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
-    if name == "index":
-        return run_index(cfg)
-    if name == "curvature":  # each layer's rows held on the device when they fit, else streamed once per pass
-        if cfg.query.store_coordinates or fits_resident(cfg):
-            return run_curvature_fast(cfg, store_coordinates=cfg.query.store_coordinates)
-        return run_curvature(cfg)
-    return run_query_fast(cfg) if cfg.query.resident else run_query(cfg)
+    claim_output_dir(cfg)
+    return {"index": run_index, "curvature": run_curvature, "query": run_query}[name](cfg)
 
 
 def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_local_stage) -> dict:

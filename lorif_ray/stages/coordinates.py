@@ -26,12 +26,13 @@ import torch
 
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError
-from lorif_ray.math.influence import woodbury_weights
 from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.curvature import curvature_header, layer_specs, load_curvature
+from lorif_ray.precision import math_dtype
 from lorif_ray.stages.featurize import blocks_from_columns
-from lorif_ray.stages.inputs import math_dtype
+from lorif_ray.stages.inputs import layer_specs
+from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import Manifest, replace_durably, temporary_path, write_json
+from lorif_ray.store.artifacts import preallocated_memmap
 
 COORDINATES_DIR = "curvature_coordinates"
 COORDINATE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 as raw bits
@@ -40,21 +41,6 @@ META_NAME = "_meta.json"
 
 def coordinates_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / COORDINATES_DIR
-
-
-def coordinates_from_sketch(vectors: torch.Tensor, q: torch.Tensor | None, sketch: torch.Tensor | None
-                            ) -> torch.Tensor | None:
-    """g'_t = V_rᵀ g_t (N, r) from the last subspace-iteration pass's sketch Y = G Q (N, k).
-
-    The randomized SVD returns V_r = Q·R with R = QᵀV_r (k, r), so G V_r = Y R with no extra pass
-    over G. Returns None when there is no sketch or V_r is not in span(Q) (the exact eigh path).
-    """
-    if q is None or sketch is None:
-        return None
-    rotation = q.T.to(vectors.dtype) @ vectors  # (k, r)
-    if not torch.allclose(q.to(vectors.dtype) @ rotation, vectors, rtol=1e-4, atol=1e-5):
-        return None
-    return sketch.to(vectors.dtype) @ rotation
 
 
 class CoordinateWriter:
@@ -80,8 +66,7 @@ class CoordinateWriter:
     def begin(self, layer: str, rank: int) -> str:
         """Create the layer's (N, rank) file under a temporary name; returns that path for ``write_rows``."""
         tmp = temporary_path(self.directory / f"{layer}.npy")
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=COORDINATE_DTYPES[self.dtype],
-                                  shape=(self.num_rows, rank)).flush()
+        preallocated_memmap(tmp, COORDINATE_DTYPES[self.dtype], (self.num_rows, rank)).flush()  # OSError if the disk is full
         self.pending[layer], self.ranks[layer] = tmp, rank
         return str(tmp)
 
@@ -149,44 +134,50 @@ def _curvature_id(cfg: Config) -> str | None:
     return curvature_header(cfg.curvature_path).get("curvature_id")
 
 
-def load_coordinates(cfg: Config, *, rows: tuple[int, int] | None = None, device="cpu", dtype=torch.float32
-                     ) -> dict[str, torch.Tensor]:
-    """Stored g'_t {layer: (n, r)} of rows [start, stop) (default: all), read through a memory map.
+class StoredCoordinates:
+    """Stored g'_t of the current curvature, checked once and memory-mapped once; ``rows`` reads a range.
 
     Raises:
         ConfigError: stage 2 stored none (run it with ``query.store_coordinates=true``).
         IndexMismatchError: they were computed for another curvature file (re-run stage 2).
         CorruptShardError: a layer's file is missing or has the wrong shape.
+
+    Example:
+        >>> stored = StoredCoordinates(cfg)
+        >>> stored.rows(0, 100, dtype=torch.float64)["transformer.h.0.mlp.c_fc"].shape   # (100, r)
     """
-    directory = coordinates_dir(cfg)
-    info = _meta(cfg)
-    if info is None:
-        raise ConfigError(f"no stored g'_t at {directory}; run stage 2 with query.store_coordinates=true")
-    if info.get("curvature_id") != _curvature_id(cfg):
-        raise IndexMismatchError(f"{directory} belongs to another curvature than {cfg.curvature_path}; "
-                                 "re-run stage 2 with query.store_coordinates=true")
-    start, stop = rows or (0, info["rows"])
-    out = {}
-    for name in info["layers"]:
-        layer = info["layers"][name]
-        path = directory / layer["file"]
-        try:
-            array = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as error:
-            raise CorruptShardError(f"cannot read stored g'_t {path}: {error}") from error
-        if array.shape != (info["rows"], layer["rank"]):
-            raise CorruptShardError(f"{path} holds {array.shape}; {META_NAME} says {(info['rows'], layer['rank'])}")
-        tensor = torch.from_numpy(np.array(array[start:stop]))  # a copy: the map is read-only
-        if info["dtype"] == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
-        out[name] = tensor.to(device=device, dtype=dtype)
-    return out
 
+    def __init__(self, cfg: Config):
+        directory = coordinates_dir(cfg)
+        info = _meta(cfg)
+        if info is None:
+            raise ConfigError(f"no stored g'_t at {directory}; run stage 2 with query.store_coordinates=true")
+        if info.get("curvature_id") != _curvature_id(cfg):
+            raise IndexMismatchError(f"{directory} belongs to another curvature than {cfg.curvature_path}; "
+                                     "re-run stage 2 with query.store_coordinates=true")
+        self.dtype, self.num_rows = info["dtype"], info["rows"]
+        self.arrays = {}
+        for name, layer in info["layers"].items():
+            path = directory / layer["file"]
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise CorruptShardError(f"cannot read stored g'_t {path}: {error}") from error
+            if array.shape != (info["rows"], layer["rank"]):
+                raise CorruptShardError(f"{path} holds {array.shape}; {META_NAME} says "
+                                        f"{(info['rows'], layer['rank'])}")
+            self.arrays[name] = array
 
-def curvature_ranks(cfg: Config) -> dict[str, int]:
-    """{layer: r} of the Woodbury layers of the saved curvature (read from the file's header only)."""
-    layers = curvature_header(cfg.curvature_path).get("layers", {})
-    return {name: info["rank"] for name, info in layers.items() if info["kind"] == "woodbury"}
+    def rows(self, start: int = 0, stop: int | None = None, *, device="cpu", dtype=torch.float32
+             ) -> dict[str, torch.Tensor]:
+        """{layer: g'_t (n, r)} of rows [start, stop) (default: to the end)."""
+        out = {}
+        for name, array in self.arrays.items():
+            tensor = torch.from_numpy(np.array(array[start:stop]))  # a copy: the map is read-only
+            if self.dtype == "bfloat16":
+                tensor = tensor.view(torch.bfloat16)
+            out[name] = tensor.to(device=device, dtype=dtype)
+        return out
 
 
 class QueryProjector:
@@ -204,14 +195,13 @@ class QueryProjector:
 
     def __init__(self, cfg: Config, manifest: Manifest, layers: Iterable[str] | None = None, device=None):
         self.device = resolve_device(device or cfg.model.device)
-        self.dtype = math_dtype(self.device)
-        names = set(curvature_ranks(cfg) if layers is None else layers)
+        self.dtype = math_dtype(self.device, cfg.precision.math)
+        names = set(ranks(curvature_header(cfg.curvature_path)) if layers is None else layers)
         curvature = load_curvature(cfg, manifest, self.device, self.dtype, vectors=names)
         self.kind = manifest.kind
         self.specs = [s for s in layer_specs(manifest) if s.name in names]
-        self.vectors = {s.name: curvature[s.name].vectors for s in self.specs}
-        self.weights = {s.name: woodbury_weights(curvature[s.name].values, curvature[s.name].damping)
-                        for s in self.specs}
+        self.vectors = {s.name: curvature[s.name].low_rank[0] for s in self.specs}
+        self.weights = {s.name: curvature[s.name].low_rank[1] for s in self.specs}
 
     def __call__(self, query_columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Query store columns {column: (nq, width)} → {layer: g'_q (nq, r)} on this projector's device."""
@@ -223,6 +213,6 @@ class QueryProjector:
 
     def query_side_terms(self, coordinates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{layer: g'_q (nq, r)} (from ``__call__``) → {layer: h_q = V_r (w ⊙ g'_q) (nq, D)}, the
-        curvature term's query side (``StackedQuery(query_side_terms=...)``)."""
+        curvature term's query side (``StackedQuery(route="query", query_side_terms=...)``)."""
         return {name: (coordinates[name] * self.weights[name]) @ self.vectors[name].T for name in self.vectors}
 

@@ -1,178 +1,136 @@
-"""Stage 2: per-layer curvature from the index — V_r, σ², λ (LoRIF), (GᵀG + λI)⁻¹ (LoGRA), or none.
+"""Stage 2: the curvature of every layer from the index, and optionally the stored g'_t of every row.
 
-Rows of G are rebuilt from the stored factors batch by batch (only that layer's columns are read);
-G is never materialized. A curvature file made with the same settings from the same index is reused.
+One driver, ``run_curvature``, for every placement of the rows: layer by layer it asks a *Gram backend*
+for the layer's Gram operator (GᵀG Q by one pass over the rows, or the D×D GᵀG) and fits the method's
+``Curvature`` (``lorif_ray.math.curvature``) from it. In this process the backend is ``LocalGram``
+(each layer's rows resident on the device when they fit, else streamed from Parquet once per pass); on
+Ray it is ``lorif_ray.distributed.curvature.RayGram``, whose actors each sum the same operator over their
+shard group. Where the rows live changes the speed, never the numbers (tests/stages/test_paths.py).
+
+With ``query.store_coordinates`` every low-rank layer's g'_t = V_rᵀ g_t is written for every row
+(``lorif_ray.stages.coordinates``), in ``precision.coordinates``, by one more pass over the rows.
+A curvature file made with the same settings from the same index is reused.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import time
-from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.errors import ConfigError, IndexMismatchError, LorifError
-from lorif_ray.math.influence import LayerCurvature, exact_inverse
-from lorif_ray.math.rsvd import GramApply, eigh_spectrum, gram_apply_from_batches, gram_from_batches, randomized_spectrum
+from lorif_ray.math.curvature import Curvature, FitSettings, curvature_class
+from lorif_ray.math.rsvd import GramOperator, RowSource
 from lorif_ray.model.loading import resolve_device
-from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
-from lorif_ray.stages.inputs import math_dtype
-from lorif_ray.store import Manifest, iter_batches, load_tensors, open_index, save_tensors
+from lorif_ray.precision import Precision, warn_if_unsafe
+from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, coordinates_match, write_rows
+from lorif_ray.stages.featurize import LayerSpec
+from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
+from lorif_ray.stages.rows import layer_rows
+from lorif_ray.stages.saved_curvature import curvature_header, curvature_meta, save_curvature
+from lorif_ray.store import Manifest, open_index
 
-CURVATURE_KIND = {"lorif": "woodbury", "logra": "inverse", "graddot": "identity", "repsim": "none"}
-NEEDS_STORE = {"lorif": "factors", "logra": "dense", "graddot": "dense", "repsim": "hidden"}
-
-
-def layer_specs(manifest: Manifest) -> list[LayerSpec]:
-    return [LayerSpec(**d) for d in manifest.meta["layers"]]
-
-
-def check_method_matches_index(method: str, manifest: Manifest, index_dir) -> None:
-    if manifest.kind != NEEDS_STORE[method]:
-        raise IndexMismatchError(f"method={method} needs an index of {NEEDS_STORE[method]!r} rows, but {index_dir} "
-                                 f"holds {manifest.kind!r} rows; use another output_dir/index_dir or method")
+log = logging.getLogger(__name__)
 
 
-def curvature_meta(cfg: Config, manifest: Manifest) -> dict:
-    """What determines the curvature: the method's settings and the index it was computed from."""
-    return {
-        "method": cfg.method.name,
-        "config": {"r": cfg.r, "damping": cfg.damping, "damping_scale": cfg.damping_scale,
-                   "oversample": cfg.oversample, "svd_power_iters": cfg.svd_power_iters, "seed": cfg.seed},
-        "index": {"model": manifest.meta["model"], "config": manifest.meta["config"],
-                  "shards": [r.sha256 for r in manifest.shards]},
-    }
+class LayerGram(GramOperator):
+    """A layer's Gram operator over rows in this process (all rows, or a Ray actor's shard group starting
+    at global row ``first_row``), which can also write those rows' g'_t."""
+
+    def __init__(self, rows: RowSource, matmul_dtype: torch.dtype | None = None, first_row: int = 0):
+        super().__init__(rows, matmul_dtype)
+        self.first_row = first_row
+
+    def write_coordinates(self, vectors: torch.Tensor, path: str, dtype: str) -> int:
+        """g'_t = V_rᵀ g_t of these rows into their rows of ``path`` (one pass); returns the row count."""
+        coordinates = self.project(vectors)
+        write_rows(path, self.first_row, coordinates, dtype)
+        return coordinates.shape[0]
+
+
+class LocalGram:
+    """The Gram backend of one process: each layer's rows resident on ``device`` when they fit, else streamed.
+
+    Args:
+        resident: force (True) or forbid (False) resident rows; None = when they fit.
+    """
+
+    def __init__(self, cfg: Config, manifest: Manifest, precision: Precision, device, resident: bool | None = None):
+        self.cfg, self.manifest, self.precision, self.device = cfg, manifest, precision, device
+        self.resident = resident
+
+    def layer(self, spec: LayerSpec) -> LayerGram:
+        rows = layer_rows(self.cfg.index_path, self.manifest, spec, dtype=self.precision.math, device=self.device,
+                          batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
+        return LayerGram(rows, self.precision.matmul)
+
+    def close(self) -> None:
+        pass
+
+
+def fit_settings(cfg: Config, dtype: torch.dtype) -> FitSettings:
+    return FitSettings(rank=cfg.r, damping=cfg.damping, damping_scale=cfg.damping_scale, oversample=cfg.oversample,
+                       power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype)
 
 
 def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
-    """Open and verify the index; the curvature's metadata; whether a saved file already matches it."""
-    manifest = open_index(cfg.index_path, verify=True)
-    check_method_matches_index(cfg.method.name, manifest, cfg.index_path)
+    """Open the index (its files' sizes checked; their contents as they are read); the curvature's
+    metadata; whether a saved curvature (and, if asked, stored g'_t) already matches it."""
+    manifest = open_index(cfg.index_path)
+    check_method_matches_index(cfg, manifest)
     meta = curvature_meta(cfg, manifest)
-    reusable = cfg.curvature_path.exists() and load_tensors(cfg.curvature_path)[1].get("method_meta") == meta
+    reusable = cfg.curvature_path.exists() and curvature_header(cfg.curvature_path).get("method_meta") == meta
+    if reusable and stores_coordinates(cfg):
+        reusable = coordinates_match(cfg, cfg.precision.coordinates)
     return manifest, meta, reusable
 
 
-def curvature_layers(cfg: Config, manifest: Manifest, device=None) -> tuple[str, list[LayerSpec], torch.device,
-                                                                         torch.dtype]:
-    """The method's curvature kind, the layers that need one, and the device and dtype to compute in."""
-    kind = CURVATURE_KIND[cfg.method.name]
-    specs = layer_specs(manifest) if kind not in ("identity", "none") else []
-    device = resolve_device(device or cfg.model.device)
-    return kind, specs, device, math_dtype(device)
+def stores_coordinates(cfg: Config) -> bool:
+    """Whether stage 2 writes g'_t: asked for, and the curvature has a low-rank term."""
+    return cfg.query.store_coordinates and cfg.method.curvature == "woodbury"
 
 
-def run_curvature(cfg: Config) -> dict:
-    """Compute and save the curvature of every layer at ``cfg.curvature_path``; returns a report dict."""
-    manifest, meta, reusable = prepare_curvature(cfg)
-    if reusable:
-        return {"reused": True, "path": str(cfg.curvature_path)}
-    kind, specs, device, dtype = curvature_layers(cfg, manifest)
-    results = {}
-    start = time.perf_counter()
-    for spec in tqdm(specs, desc="stage 2: curvature", unit="layer", disable=not cfg.progress):
-        def rows(spec=spec):
-            columns = [f"{spec.name}.{c}" for c in (("u", "v") if manifest.kind == "factors" else ("g",))]
-            for _, cols in iter_batches(cfg.index_path, columns, batch_rows=cfg.query.train_batch_rows,
-                                        out_dtype=dtype, device=device, manifest=manifest):
-                yield blocks_from_columns([spec], manifest.kind, cols)[spec.name].dense()
-
-        gram = lambda rows=rows, dim=spec.dim: gram_from_batches(rows(), dim, dtype=torch.float64, device=device)  # noqa: E731
-        results[spec.name] = layer_curvature(cfg, kind, spec, gram_apply_from_batches(rows), gram, dtype, device)
-    return save_curvature(cfg, meta, kind, results, time.perf_counter() - start)
-
-
-def save_curvature(cfg: Config, meta: dict, kind: str, results: dict[str, LayerCurvature], seconds: float) -> dict:
-    """Write every layer's curvature with the settings that made it; returns the stage report."""
-    tensors, layers = {}, {}
-    for name, curvature in results.items():
-        layers[name] = {"kind": kind, "damping": curvature.damping,
-                        "rank": 0 if curvature.values is None else int(curvature.values.numel())}
-        for field in ("vectors", "values", "inverse"):
-            value = getattr(curvature, field)
-            if value is not None:
-                tensors[f"{name}.{field}"] = value.cpu()
-    # curvature_id names what determines this file (index and settings) for what is derived from it
-    # (stored g'_t): matched by reading the header instead of hashing up to D·r numbers per layer
-    curvature_id = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-    save_tensors(cfg.curvature_path, tensors, {"method_meta": meta, "kind": kind, "layers": layers,
-                                               "curvature_id": curvature_id})
-    return {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers}
-
-
-def layer_curvature(cfg: Config, kind: str, spec: LayerSpec, gram_apply: GramApply, gram: Callable[[], torch.Tensor],
-                    dtype, device) -> LayerCurvature:
-    """Curvature of one layer, given GᵀG Q (one pass over G per call) and the D×D GᵀG (one pass).
-
-    Both come from streamed rows in one process or from partial sums reduced across workers.
-    """
-    dim = spec.dim
-    if kind == "inverse":
-        gram_matrix = gram()
-        damping = cfg.damping or cfg.damping_scale * float(gram_matrix.trace()) / dim  # 0.1 × mean of all eigenvalues
-        _check_damping(damping, spec)
-        return LayerCurvature(kind, damping, inverse=exact_inverse(gram_matrix, damping).to(dtype))
-    rank = min(cfg.r, dim)
-    if rank + cfg.oversample >= dim:  # the whole spectrum is as cheap as a sketch of it
-        spectrum = eigh_spectrum(gram(), rank, cfg.oversample)
-    else:
-        spectrum = randomized_spectrum(gram_apply, dim, rank, oversample=cfg.oversample,
-                                       power_iters=cfg.svd_power_iters, seed=cfg.seed, name=spec.name,
-                                       dtype=dtype, device=device)
-    damping = cfg.damping or spectrum.damping(cfg.damping_scale)
-    _check_damping(damping, spec)
-    return LayerCurvature(kind, damping, spectrum.vectors.to(dtype), spectrum.values.to(dtype))
-
-
-def _check_damping(damping: float, spec: LayerSpec) -> None:
-    if not damping > 0:
-        raise LorifError(f"layer {spec.name}: every stored gradient is zero, so the damping rule gives λ = 0; "
-                         "set damping explicitly or leave the layer out (model.layers)")
-
-
-def curvature_header(path) -> dict:
-    """The saved curvature's metadata (kind, per-layer damping and rank, ``curvature_id``), read from the
-    file's header only."""
-    if not Path(path).exists():
-        raise ConfigError(f"no curvature at {path}; run stage 2 (jobs/curvature.py) first")
-    return load_tensors(path, names=lambda name: False)[1]
-
-
-def load_curvature(cfg: Config, manifest: Manifest, device, dtype, *, vectors: bool | Iterable[str] = True
-                   ) -> dict[str, LayerCurvature]:
-    """The saved curvature of every layer, checked against the index and method.
+def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
+    """Fit and save the curvature of every layer at ``cfg.curvature_path``; returns the stage report.
 
     Args:
-        vectors: which layers' V_r to read: all (True), none (False: damping and σ² only, enough to score
-            against stored g'_t), or the named layers. V_r is most of the file (D·r per layer), and
-            tensors not asked for are never read.
+        backend_class: ``(cfg, manifest, precision, device) →`` where the rows are: ``layer(spec)`` gives
+            a ``LayerGram``-like operator, ``close()`` releases it; default ``LocalGram`` (this process).
     """
-    if not cfg.curvature_path.exists():
-        raise ConfigError(f"no curvature at {cfg.curvature_path}; run stage 2 (jobs/curvature.py) first")
-    wanted_vectors = vectors if isinstance(vectors, bool) else set(vectors)
-
-    def wanted(tensor: str) -> bool:
-        layer, field = tensor.rsplit(".", 1)
-        return field != "vectors" or (wanted_vectors if isinstance(wanted_vectors, bool) else layer in wanted_vectors)
-
-    tensors, meta = load_tensors(cfg.curvature_path, device=device, names=wanted)
-    saved = meta.get("method_meta", {})
-    expected = curvature_meta(cfg, manifest)
-    if saved.get("index") != expected["index"] or saved.get("method") != expected["method"]:
-        raise IndexMismatchError(f"{cfg.curvature_path} was computed for method={saved.get('method')} from another "
-                                 f"index than {cfg.index_path}; re-run stage 2")
-    kind = meta["kind"]
-    out = {}
-    for spec in layer_specs(manifest):
-        if kind == "identity":
-            out[spec.name] = LayerCurvature("identity")
-            continue
-        info = meta["layers"][spec.name]
-        get = lambda field: tensors.get(f"{spec.name}.{field}")  # noqa: E731
-        out[spec.name] = LayerCurvature(kind, info["damping"], get("vectors"), get("values"), get("inverse")).to(dtype=dtype)
-    return out
+    manifest, meta, reusable = prepare_curvature(cfg)
+    if reusable:
+        log.info("stage 2: reusing %s (same settings, same index)", cfg.curvature_path)
+        return {"reused": True, "path": str(cfg.curvature_path)}
+    warn_if_unsafe(cfg)
+    device = resolve_device(cfg.model.device)
+    precision = Precision.of(cfg, device)
+    kind = cfg.method.curvature
+    specs = layer_specs(manifest) if kind != "none" else []
+    fit = curvature_class(kind).fit if specs else None
+    backend = backend_class(cfg, manifest, precision, device) if specs and curvature_class(kind).reads_rows else None
+    writer = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.precision.coordinates) \
+        if stores_coordinates(cfg) else None
+    settings = fit_settings(cfg, precision.math)
+    results: dict[str, Curvature] = {}
+    start = time.perf_counter()
+    try:
+        for spec in tqdm(specs, desc="stage 2: curvature", unit="layer", disable=not cfg.progress):
+            gram = backend.layer(spec) if backend is not None else None
+            results[spec.name] = curvature = fit(gram, spec.dim, spec.name, settings)
+            if writer is not None:
+                path = writer.begin(spec.name, curvature.rank)
+                gram.write_coordinates(curvature.low_rank[0], path, cfg.precision.coordinates)
+                writer.commit(spec.name)
+            del gram
+    finally:
+        if backend is not None:
+            backend.close()
+    seconds = time.perf_counter() - start
+    layers = save_curvature(cfg.curvature_path, meta, results, {"precision": precision.describe()})
+    report = {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers,
+              "precision": precision.describe()}
+    if writer is not None:
+        report["coordinates"] = writer.finish(cfg.curvature_path)
+    return report

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch
 
 from lorif_ray.config import Config
 from lorif_ray.data import load_examples, tokenize_examples
-from lorif_ray.errors import ConfigError
+from lorif_ray.errors import ConfigError, IndexMismatchError
+from lorif_ray.math.factorize import default_iterations
+from lorif_ray.stages.featurize import LayerSpec
+from lorif_ray.store import Manifest
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,43 @@ def tokenized(path: Path, tokenizer, max_length: int):
     return tokenize_examples(load_examples(path), tokenizer, max_length)
 
 
-def math_dtype(device: torch.device) -> torch.dtype:
-    """Precision of curvature and scoring: float64 on CPU (Woodbury subtracts nearly equal terms),
-    float32 on accelerators."""
-    return torch.float64 if device.type == "cpu" else torch.float32
+def layer_specs(manifest: Manifest) -> list[LayerSpec]:
+    """The attributed layers of an index, in manifest order."""
+    return [LayerSpec(**d) for d in manifest.meta["layers"]]
+
+
+def check_method_matches_index(cfg: Config, manifest: Manifest) -> None:
+    """The method's store kind (factors, dense, hidden) is the index's."""
+    if manifest.kind != cfg.method.store_kind:
+        raise IndexMismatchError(f"method={cfg.method.name} needs an index of {cfg.method.store_kind!r} rows, but "
+                                 f"{cfg.index_path} holds {manifest.kind!r} rows; use another output_dir/index_dir "
+                                 "or method")
+
+
+def row_settings(cfg: Config, kind: str) -> dict:
+    """The config's values of every setting that changes stored rows (None = not set: the index decides)."""
+    settings = {"f": cfg.f, "seed": cfg.seed, "max_length": cfg.data.max_length, "layers": cfg.model.layer_patterns,
+                "model_dtype": cfg.model.dtype, "dtype": cfg.dtype}
+    if kind == "factors":
+        settings.update(c=cfg.c, factor_iters=cfg.factor_iters)
+    return settings
+
+
+def query_config(cfg: Config, manifest: Manifest) -> Config:
+    """The config that featurizes queries exactly like the index: every row-shaping setting from the
+    manifest, on every path (one process and Ray).
+
+    Raises:
+        IndexMismatchError: the config sets one of them to another value than the index has (all such
+            keys are named), or the method needs another store kind.
+    """
+    check_method_matches_index(cfg, manifest)
+    stored = {**manifest.meta["config"], "dtype": manifest.dtype}
+    stored["factor_iters"] = stored.get("factor_iters") or default_iterations(stored["c"])
+    diff = {k: (stored.get(k), v) for k, v in row_settings(cfg, manifest.kind).items()
+            if v is not None and stored.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: index {a} vs config {b}" for k, (a, b) in diff.items())
+        raise IndexMismatchError(f"index {cfg.index_path} was built with other settings ({details}); queries are "
+                                 "featurized like the index: drop these overrides or use another index")
+    return replace(cfg, factor_iters=stored["factor_iters"])

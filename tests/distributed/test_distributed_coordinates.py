@@ -1,24 +1,22 @@
-"""Stored g'_t on Ray: stage-2 workers write their rows from the last pass's sketch, and query actors
-score against them holding no V_r for scoring (each projects queries for a share of the layers)."""
+"""Stored g'_t on Ray: stage-2 workers write their own rows, and query actors score against them holding
+no V_r for scoring (each projects queries for a share of the layers)."""
 
 from __future__ import annotations
-
-import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from lorif_ray.config import ClusterConfig, QueryConfig
+from lorif_ray.distributed.curvature import GramWorker, shard_groups
 from lorif_ray.distributed.query_service import QueryService
-from lorif_ray.distributed.rsvd import GramWorker, shard_groups
 from lorif_ray.distributed.stages import run_stage
 from lorif_ray.math.rsvd import randomized_spectrum
-from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, curvature_ranks, load_coordinates
-from lorif_ray.stages.curvature import layer_specs, load_curvature
+from lorif_ray.stages.coordinates import CoordinateWriter, StoredCoordinates, coordinates_dir, coordinates_match
 from lorif_ray.stages.featurize import blocks_from_columns
+from lorif_ray.stages.inputs import layer_specs, query_config
 from lorif_ray.stages.query import featurize_queries, run_query
+from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import iter_batches, open_index
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
@@ -29,7 +27,7 @@ def _rel(a, b) -> float:
 
 
 def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
-    """G V_r per Woodbury layer in float64, from the stored rows and the saved curvature."""
+    """G V_r per low-rank layer in float64, from the stored rows and the saved curvature."""
     manifest = open_index(cfg.index_path)
     curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
     rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, out_dtype=torch.float64, manifest=manifest)])
@@ -38,23 +36,20 @@ def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
     return {n: blocks[n].dense() @ curvature[n].vectors for n in blocks}
 
 
-def test_gram_workers_write_their_rows_from_the_sketch_without_another_pass(baseline, tmp_path):
+def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
     cfg = baseline["cfg"]
     manifest = open_index(cfg.index_path)
     spec = next(s for s in layer_specs(manifest) if s.dim > 64 + 10)  # a layer on the randomized path
-    workers = [GramWorker(cfg.index_path, group, batch_rows=7) for group in shard_groups(manifest, NUM_WORKERS)]
-    apply = lambda q: sum(w.apply(spec.name, q, keep_sketch=True) for w in workers)  # noqa: E731
+    workers = [GramWorker(cfg, group, resident=False) for group in shard_groups(manifest, NUM_WORKERS)]
+    apply = lambda q: sum(w.apply(spec.name, q) for w in workers)  # noqa: E731
     spectrum = randomized_spectrum(apply, spec.dim, 16, oversample=4, power_iters=2, seed=0, name=spec.name,
                                    dtype=torch.float64)
-    passes = []
-    for w in workers:  # count the passes over the shards that write_coordinates makes
-        rows = w._rows
-        w._rows = lambda *a, rows=rows: passes.append(1) or rows(*a)
+    before = [w.passes() for w in workers]
     writer = CoordinateWriter(tmp_path, manifest.num_rows, "float32")
     path = writer.begin(spec.name, 16)
     assert sum(w.write_coordinates(spec.name, spectrum.vectors, path, "float32") for w in workers) == manifest.num_rows
     writer.commit(spec.name)
-    assert passes == []
+    assert [w.passes() - b for w, b in zip(workers, before)] == [1] * NUM_WORKERS
     rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, [k], out_dtype=torch.float64,
                                                           manifest=manifest)])
             for k in (f"{spec.name}.u", f"{spec.name}.v")}
@@ -63,58 +58,36 @@ def test_gram_workers_write_their_rows_from_the_sketch_without_another_pass(base
     assert _rel(stored, exact) < 1e-6  # float32 file
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_ray_stages_with_stored_coordinates_equal_the_one_process_query(baseline, ray_cluster, normalize):
-    query = QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}, store_coordinates=True)
-    cfg = baseline["config"](f"ray_coords_{normalize}", cluster=ClusterConfig(backend="ray", gram_actors=NUM_WORKERS,
-                                                                                query_actors=NUM_WORKERS),
-                             query=query)
-    report = run_stage("curvature", cfg)
-    ranks = curvature_ranks(cfg)
-    assert report["coordinates"]["bytes_per_example"] == 4 * sum(ranks.values())
-    stored = load_coordinates(cfg, dtype=torch.float64)
-    for name, exact in _exact_coordinates(cfg).items():
-        assert _rel(stored[name], exact) < 1e-6, name
-    # the reference: the streaming one-process query on the same curvature (g'_t recomputed from V_r)
-    ref = replace(baseline["config"](f"ray_coords_{normalize}_ref"), query=replace(query, store_coordinates=False))
-    ref.curvature_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(cfg.curvature_path, ref.curvature_path)
-    run_query(ref)
-    run_stage("query", cfg)
-    got, expected = np.load(f"{cfg.output_dir}/scores.npy"), np.load(f"{ref.output_dir}/scores.npy")
-    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
-    import pyarrow.parquet as pq
-    assert pq.read_table(f"{cfg.output_dir}/topk.parquet").column("train_id").to_pylist() == \
-        pq.read_table(f"{ref.output_dir}/topk.parquet").column("train_id").to_pylist()
-    assert run_stage("curvature", cfg)["reused"]  # curvature and g'_t both match: nothing recomputed
-
-
 def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
     cfg = baseline["config"]("ray_coords_share", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True),
                              cluster=ClusterConfig(backend="ray", gram_actors=NUM_WORKERS))
-    run_stage("curvature", cfg)
+    report = run_stage("curvature", cfg)
+    assert report["coordinates"]["bytes_per_example"] == 4 * sum(ranks(curvature_header(cfg.curvature_path)).values())
+    stored = StoredCoordinates(cfg).rows(dtype=torch.float64)
+    for name, exact in _exact_coordinates(cfg).items():
+        assert _rel(stored[name], exact) < 1e-6, name
     manifest = open_index(cfg.index_path)
     _, columns, _ = featurize_queries(cfg, manifest)
-    with QueryService(cfg, num_workers=NUM_WORKERS) as service:
+    layers = set(ranks(curvature_header(cfg.curvature_path)))
+    with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS, stored=True) as service:
         shares = [set(s["vectors"]) for s in service.stats()]
-        result = service.query(columns)
-    assert all(shares) and not set.intersection(*shares) and set.union(*shares) == set(curvature_ranks(cfg))
-    expected = np.load(baseline["cfg"].output_dir + "/scores.npy")  # baseline curvature: equal to float error
-    assert np.abs(result.full - expected).max() <= 1e-5 * np.abs(expected).max()
+        service.score(columns, "stored", 5)
+        assert [set(s["vectors"]) for s in service.stats()] == shares  # the stored route reads no more V_r
+    assert all(shares) and not set.intersection(*shares) and set.union(*shares) == layers
+    assert run_stage("curvature", cfg)["reused"]  # curvature and g'_t both match: nothing recomputed
 
 
 def test_a_stale_coordinate_file_is_not_used(baseline, ray_cluster):
     """Stage 2 run again with other settings and without storing g'_t: the old g'_t belong to another
-    curvature, so the service does not score with them."""
+    curvature, so the query does not score with them."""
     query = QueryConfig(**QUERY_CONFIG, store_coordinates=True)
     cfg = baseline["config"]("ray_coords_stale", query=query, cluster=ClusterConfig(backend="ray"))
     run_stage("curvature", cfg)
     assert (coordinates_dir(cfg) / "_meta.json").exists()
-    other = replace(cfg, r=8, query=replace(query, store_coordinates=False))
+    other = baseline["config"]("ray_coords_stale", r=8, cluster=ClusterConfig(backend="ray"))
     run_stage("curvature", other)
-    with QueryService(other, num_workers=NUM_WORKERS) as service:
-        assert not service.stored_coordinates
-        assert (service.route(7), service.route(8)) == ("query", "recompute")  # r = 8
+    assert not coordinates_match(other)
+    assert run_stage("query", other)["route"] == "query"  # 6 queries < r = 8, no stored g'_t
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -122,24 +95,26 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
     """No stored g'_t: 6 queries < r = 64 take the query side (h_q from each actor's share of V_r, nothing
     more read); normalized scores need g'_t, so the actors read every V_r once and recompute it. Both
     equal the one-process scores."""
-    cfg = baseline["config"](f"ray_routes_{normalize}", with_curvature=True,
-                             query=QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}))
-    ref = baseline["config"](f"ray_routes_{normalize}_ref", with_curvature=True, cluster=ClusterConfig(backend="none"),
-                             query=QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}))
+    query = QueryConfig(**{**QUERY_CONFIG, "normalize": normalize})
+    cfg = baseline["config"](f"ray_routes_{normalize}", with_curvature=True, query=query)
+    ref = baseline["config"](f"ray_routes_{normalize}_ref", with_curvature=True, query=query)
     run_query(ref)
     manifest = open_index(cfg.index_path)
     _, columns, _ = featurize_queries(cfg, manifest)
-    with QueryService(cfg, num_workers=NUM_WORKERS) as service:
-        assert service.route(len(next(iter(columns.values())))) == ("recompute" if normalize else "query")
-        result = service.query(columns)
+    route = "recompute" if normalize else "query"
+    with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
+        full = np.zeros((6, manifest.num_rows), dtype=np.float32)
+        np.save(f"{cfg.output_dir}-full.npy", full)
+        service.score(columns, route, 5, f"{cfg.output_dir}-full.npy")
         held = [set(s["vectors"]) for s in service.stats()]
-    everything = set(curvature_ranks(cfg))
+    everything = set(ranks(curvature_header(cfg.curvature_path)))
     if normalize:
         assert held == [everything] * NUM_WORKERS
     else:
         assert all(held) and not set.intersection(*held) and set.union(*held) == everything
     expected = np.load(f"{ref.output_dir}/scores.npy")
-    assert np.abs(result.full - expected).max() <= 1e-6 * np.abs(expected).max()
+    got = np.load(f"{cfg.output_dir}-full.npy")
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
 def test_a_worker_that_cannot_see_the_coordinate_file_says_output_dir_must_be_shared(tmp_path):

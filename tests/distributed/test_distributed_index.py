@@ -118,13 +118,16 @@ def test_a_rerun_recomputes_only_the_missing_shards(tiny_assets, baseline, ray_c
     _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
 
 
-def test_a_pipeline_the_cluster_cannot_place_fails_with_a_clear_error(tiny_assets, baseline, ray_cluster,
-                                                                      monkeypatch):
-    import lorif_ray.distributed.cluster as cluster
+def test_a_pipeline_a_joined_cluster_cannot_place_fails_after_the_placement_timeout(tiny_assets, baseline,
+                                                                                    ray_cluster):
+    """A joined cluster may still be booting nodes, so it is waited for (cluster.placement_timeout_s), then
+    refused in one line: what was asked, what the cluster has."""
+    from dataclasses import replace
 
-    monkeypatch.setattr(cluster, "PLACEMENT_TIMEOUT_S", 2)
-    cfg = _config(tiny_assets, baseline["root"], "too_big", cpus_per_actor=3.0)
-    with pytest.raises(ConfigError, match=r"cannot place a model replica.*'CPU': 3\.0"):
+    cfg = _config(tiny_assets, baseline["root"], "too_big", cpus_per_actor=3.0, placement_timeout_s=2.0)
+    cfg = replace(cfg, cluster=replace(cfg.cluster, address="auto"))  # as under `ray job submit` (already connected)
+    with pytest.raises(ConfigError, match=r"cannot place a model replica .*\(3 CPUs, 0 GPUs in 1 bundle.*within 2 s: "
+                                          r"the cluster has 2 CPUs"):
         run_index_distributed(cfg)
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge_topk, run_query_distributed
+from lorif_ray.distributed.curvature import shard_groups
+from lorif_ray.distributed.query_service import QueryService, QueryWorker, RayQuery, merge_topk
 from lorif_ray.errors import LorifError
-from lorif_ray.stages.query import featurize_queries
-from lorif_ray.distributed.rsvd import shard_groups
+from lorif_ray.stages.inputs import query_config
+from lorif_ray.stages.query import featurize_queries, run_query
 from lorif_ray.store import open_index
 from tests.distributed.conftest import NUM_WORKERS
 
@@ -21,25 +23,27 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def test_workers_without_ray_merge_to_the_full_scores(baseline):
+def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseline, tmp_path):
     cfg = baseline["config"]("plain_workers", with_curvature=True)
     manifest = open_index(cfg.index_path)
     _, columns, _ = featurize_queries(cfg, manifest)
-    workers = [QueryWorker(cfg, g) for g in shard_groups(manifest, NUM_WORKERS)]
-    results = [w.score({"columns": columns, "k": 5, "full": True}) for w in workers]
-    full = np.concatenate([b.numpy() for _, _, b in results], axis=1)
+    workers = [QueryWorker(query_config(cfg, manifest), g) for g in shard_groups(manifest, NUM_WORKERS)]
+    np.save(tmp_path / "full.npy", np.zeros((6, manifest.num_rows), dtype=np.float32))
+    results = [w.score({"columns": columns, "k": 5, "route": "recompute", "full_path": str(tmp_path / "full.npy")})
+               for w in workers]
+    full = np.load(tmp_path / "full.npy")
     expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
     assert _relative_error(full, expected) <= 1e-5
-    scores, index = merge_topk([(s, i) for s, i, _ in results], 5)
+    scores, index = merge_topk(results, 5)
     np.testing.assert_array_equal(index.numpy(), np.argsort(-full, axis=1, kind="stable")[:, :5])
     assert [w.loads for w in workers] == [1, 1]
 
 
-def test_run_query_distributed_equals_run_query(baseline, ray_cluster):
+def test_the_ray_backend_equals_run_query(baseline, ray_cluster):
     one = baseline["cfg"]
     dist = baseline["config"]("dist_query", with_curvature=True)
-    report = run_query_distributed(dist, num_workers=NUM_WORKERS)
-    assert report["workers"] == NUM_WORKERS
+    report = run_query(dist, partial(RayQuery, num_workers=NUM_WORKERS))
+    assert report["workers"] == NUM_WORKERS and report["route"] == "query"
     expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
     actual = pq.read_table(dist.output_dir + "/topk.parquet").to_pydict()
     for column in ("query_id", "rank", "train_id"):
@@ -55,19 +59,17 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
     cfg = baseline["config"]("service", with_curvature=True)
     manifest = open_index(cfg.index_path)
     _, columns, _ = featurize_queries(cfg, manifest)
-    expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
-    with QueryService(cfg, num_workers=NUM_WORKERS) as service:
-        first = service.query(columns)
+    with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
+        first = service.score(columns, "query", 5)
         before = service.stats()
-        second = service.query({k: v[3:] for k, v in columns.items()})  # another batch: the last 3 queries
+        second = service.score({k: v[3:] for k, v in columns.items()}, "query", 5)  # another batch
         after = service.stats()
     assert [s["shards"] for s in after] == [[0, 1, 2], [3, 4]]
     assert [s["loads"] for s in after] == [1, 1] and [s["pid"] for s in after] == [s["pid"] for s in before]
     assert sum(s["rows"] for s in after) == manifest.num_rows
-    assert _relative_error(first.full, expected) <= 1e-5
-    assert _relative_error(second.full, expected[3:]) <= 1e-5
-    torch.testing.assert_close(second.index, first.index[3:])
-    assert second.scores.shape == (3, 5)
+    torch.testing.assert_close(second[1], first[1][3:])
+    torch.testing.assert_close(second[0], first[0][3:], rtol=1e-6, atol=0)
+    assert second[0].shape == (3, 5)
 
 
 def test_a_service_without_curvature_fails_at_start_naming_it(baseline, ray_cluster):

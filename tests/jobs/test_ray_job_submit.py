@@ -80,7 +80,7 @@ def _submit(head_node, *entrypoint: str) -> subprocess.CompletedProcess:
 def test_attribute_job_through_ray_job_submit(head_node, tiny_assets, tmp_path):
     out = tmp_path / "submitted"
     result = _submit(head_node, sys.executable, "jobs/attribute.py", "cluster.address=auto",
-                     f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+                     f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}", "data.max_length=32",
                      f"data.queries={tiny_assets['queries']}", "model.device=cpu", "query.full_scores=true",
                      "progress=false", f"output_dir={out}")
     log = result.stdout + result.stderr

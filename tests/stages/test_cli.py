@@ -20,7 +20,7 @@ def test_lorif_with_full_rank_equals_logra_through_the_cli(tiny_assets, tmp_path
     """c ≥ min(d1, d2) makes factors exact and r ≥ rank(G) makes the Woodbury inverse exact.
 
     LoRIF runs through the default Ray backend (a local instance the job starts), LoGRA in-process."""
-    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}", "data.max_length=32",
               f"data.queries={tiny_assets['queries']}", "f=4", "seed=3", "damping=0.01", "query.full_scores=true",
               "progress=false", "model.device=cpu", "cluster.num_cpus=2"]
     _run("jobs/attribute.py", *common, "method=lorif", "c=1000", "r=1000", f"output_dir={tmp_path / 'lorif'}")
@@ -32,7 +32,7 @@ def test_lorif_with_full_rank_equals_logra_through_the_cli(tiny_assets, tmp_path
 
 
 def test_stages_as_separate_jobs_and_a_multirun(tiny_assets, tmp_path):
-    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}", "data.max_length=32",
               f"data.queries={tiny_assets['queries']}", "progress=false", "cluster=none", f"output_dir={tmp_path / 'out'}"]
     assert "index: 48 examples" in _run("jobs/index.py", *common)
     assert "curvature:" in _run("jobs/curvature.py", *common, "r=8")

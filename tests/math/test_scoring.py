@@ -1,19 +1,20 @@
-"""The batched scorer (lorif_ray.math.scoring) against the per-layer Scorer, in float64."""
-
-from types import SimpleNamespace
+"""The batched scorer (lorif_ray.math.scoring) against the explicit float64 oracle (tests/oracles.py)."""
 
 import pytest
 import torch
 
-from lorif_ray.math.influence import GradientBlock, LayerCurvature, exact_inverse
-from lorif_ray.math.rsvd import eigh_spectrum
-from lorif_ray.math.scoring import ScoreLayout, StackedQuery, score_in_chunks
+from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbury, woodbury_weights
+from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.rsvd import GramOperator, TensorRows
+from lorif_ray.math.scoring import ScoreLayout, StackedQuery, choose_route
 from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
-from lorif_ray.stages.query import Scorer, TopK
+from lorif_ray.stages.query import TopK, score_blocks
+from tests.oracles import curvature_inverse, oracle_scores
 
 GEN = torch.Generator().manual_seed(0)
 # two layers of one shape, one of another, one whose D equals the first's with swapped (d1, d2)
 SHAPES = [("a", 6, 4), ("b", 6, 4), ("c", 3, 5), ("d", 4, 6)]
+CURVATURE = {"lorif": Woodbury, "logra": ExactInverse, "graddot": Identity}
 
 
 def _rand(*shape):
@@ -22,6 +23,7 @@ def _rand(*shape):
 
 def _setup(kind, method, c=2, n=37, nq=5, r=7):
     specs = [LayerSpec(name, 0, 0, d1, d2, min(c, d1, d2) if kind == "factors" else 0) for name, d1, d2 in SHAPES]
+
     def columns(rows):
         out = {}
         for s in specs:
@@ -33,22 +35,17 @@ def _setup(kind, method, c=2, n=37, nq=5, r=7):
     train, query = columns(n), columns(nq)
     blocks = blocks_from_columns(specs, kind, train)
     curvature = {}
-    for s in specs:
-        gram = blocks[s.name].dense().T @ blocks[s.name].dense()
-        if method == "lorif":
-            spec = eigh_spectrum(gram, min(r, s.dim))
-            curvature[s.name] = LayerCurvature("woodbury", 0.3 + 0.1 * len(curvature), spec.vectors, spec.values)
-        elif method == "logra":
-            curvature[s.name] = LayerCurvature("inverse", 0.5, inverse=exact_inverse(gram, 0.5))
-        else:
-            curvature[s.name] = LayerCurvature("identity")
+    for i, s in enumerate(specs):
+        settings = FitSettings(rank=min(r, s.dim), damping=0.3 + 0.1 * i, oversample=s.dim)  # exact spectrum
+        curvature[s.name] = CURVATURE[method].fit(GramOperator(TensorRows(blocks[s.name].dense())), s.dim, s.name,
+                                                  settings)
     return specs, train, query, curvature
 
 
-def _reference(specs, kind, train, query, curvature, normalize):
-    manifest = SimpleNamespace(kind=kind, meta={"layers": [vars(s) for s in specs]})
-    cfg = SimpleNamespace(query=SimpleNamespace(normalize=normalize))
-    return Scorer(cfg, manifest, query, "cpu", torch.float64, curvature=curvature)(train)
+def _oracle(specs, kind, train, query, curvature, normalize):
+    dense = lambda cols: {n: b.dense() for n, b in blocks_from_columns(specs, kind, cols).items()}  # noqa: E731
+    inverses = {s.name: curvature_inverse(curvature[s.name], s.dim) for s in specs}
+    return oracle_scores(dense(query), dense(train), inverses, normalize)
 
 
 CASES = [("factors", "lorif", 1), ("factors", "lorif", 3), ("factors", "graddot", 1), ("factors", "graddot", 3),
@@ -57,31 +54,33 @@ CASES = [("factors", "lorif", 1), ("factors", "lorif", 3), ("factors", "graddot"
 
 @pytest.mark.parametrize("kind,method,c", CASES)
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("query_side", [None, False, True])
-def test_stacked_scores_equal_scorer(kind, method, c, normalize, query_side):
+@pytest.mark.parametrize("route", ["query", "recompute"])
+def test_stacked_scores_equal_the_oracle(kind, method, c, normalize, route):
     specs, train, query, curvature = _setup(kind, method, c=c)
-    expected = _reference(specs, kind, train, query, curvature, normalize)
+    expected = _oracle(specs, kind, train, query, curvature, normalize)
     layout = ScoreLayout.build(specs, kind, curvature)
+    route = route if layout.coordinate_groups and not normalize else None
     stacked = StackedQuery(layout, blocks_from_columns(specs, kind, query), curvature, normalize=normalize,
-                           query_side=query_side)
+                           route=route)
     got = stacked.scores(layout.train_block(train))
     assert (got - expected).norm() / expected.norm() < 1e-10
 
 
-@pytest.mark.parametrize("nq,expected", [(5, True), (7, False), (9, False)])
-def test_the_query_side_route_is_taken_when_fewer_queries_than_r(nq, expected):
-    """nq < r: h_q = V_r (w ⊙ g'_q) replaces V_r (nq·D per training row instead of r·D), V_r is not kept;
-    with normalize the route is never taken (I(t, t) needs g'_t)."""
-    specs, train, query, curvature = _setup("factors", "lorif", c=1, nq=nq, r=7)
+@pytest.mark.parametrize("nq,normalize,stored,expected", [
+    (5, False, False, "query"), (7, False, False, "recompute"), (5, True, False, "recompute"),
+    (9, False, True, "stored"), (5, False, None, "none")])
+def test_the_route_is_chosen_in_one_place(nq, normalize, stored, expected):
+    """Query side when nq < r (and not normalized: I(t, t) needs g'_t), stored g'_t when present."""
+    ranks = [] if stored is None else [7, 9]
+    assert choose_route(nq, ranks, stored=bool(stored), normalize=normalize) == expected
+
+
+def test_the_query_side_route_holds_no_v_r():
+    specs, train, query, curvature = _setup("factors", "lorif", c=1, nq=5, r=7)
     layout = ScoreLayout.build(specs, "factors", curvature)
-    for normalize in (False, True):
-        stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature, normalize=normalize)
-        used = expected and not normalize
-        assert [h is not None for h in stacked.query_side] == [used] * len(layout.coordinate_groups)
-        assert [v is None for v in stacked.vectors] == [used] * len(layout.coordinate_groups)
-        got = stacked.scores(layout.train_block(train))
-        reference = _reference(specs, "factors", train, query, curvature, normalize)
-        assert (got - reference).norm() / reference.norm() < 1e-10
+    stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature)
+    assert stacked.route == "query"
+    assert all(h is not None for h in stacked.query_side) and all(v is None for v in stacked.vectors)
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -91,14 +90,12 @@ def test_stored_coordinates_give_the_same_scores(normalize):
     blocks = blocks_from_columns(specs, "factors", train)
     coords = {n: blocks[n].dense() @ curvature[n].vectors for n in layout.coordinate_names}  # g'_t = V_rᵀ g_t
     stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature, normalize=normalize,
-                           keep_vectors=False)
+                           route="stored")
     got = stacked.scores(layout.train_block(train, coords))
-    expected = _reference(specs, "factors", train, query, curvature, normalize)
+    expected = _oracle(specs, "factors", train, query, curvature, normalize)
     assert (got - expected).norm() / expected.norm() < 1e-10
-    without_vectors = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature,
-                                   normalize=normalize, keep_vectors=False, query_side=False)
-    with pytest.raises(ValueError, match="keep_vectors"):
-        without_vectors.scores(layout.train_block(train))
+    with pytest.raises(ValueError, match="no stored g'_t"):
+        stacked.scores(layout.train_block(train))
 
 
 def test_chunked_topk_equals_full_topk():
@@ -108,7 +105,8 @@ def test_chunked_topk_equals_full_topk():
     block = layout.train_block(train)
     full = stacked.scores(block)
     topk = TopK(full.shape[0], 6, "cpu")
-    score_in_chunks(stacked, block, topk, chunk_rows=7)
+    score_blocks(stacked, ((s, [""] * (min(s + 7, 50) - s), block.rows(s, min(s + 7, 50))) for s in range(0, 50, 7)),
+                 topk)
     best = torch.topk(full, 6, dim=1)
     assert torch.equal(topk.index, best.indices) and torch.allclose(topk.scores, best.values, rtol=1e-12)
 
@@ -126,14 +124,12 @@ def test_bf16_matmuls_stay_close():
 
 def test_injected_query_side_terms_need_no_vectors():
     """h_q = V_r (w ⊙ g'_q) made elsewhere (and g'_q for the self terms): scores with no V_r at hand."""
-    from lorif_ray.math.influence import woodbury_weights
-
     specs, train, query, curvature = _setup("factors", "lorif", c=2)
     layout = ScoreLayout.build(specs, "factors", curvature)
     blocks = blocks_from_columns(specs, "factors", query)
     coords = {n: blocks[n].dense() @ c.vectors for n, c in curvature.items()}
     terms = {n: (coords[n] * woodbury_weights(c.values, c.damping)) @ c.vectors.T for n, c in curvature.items()}
-    light = {n: LayerCurvature("woodbury", c.damping, values=c.values) for n, c in curvature.items()}
-    stacked = StackedQuery(layout, blocks, light, query_coordinates=coords, query_side_terms=terms)
-    expected = _reference(specs, "factors", train, query, curvature, False)
+    light = {n: Woodbury(c.damping, c.values) for n, c in curvature.items()}
+    stacked = StackedQuery(layout, blocks, light, route="query", query_coordinates=coords, query_side_terms=terms)
+    expected = _oracle(specs, "factors", train, query, curvature, False)
     assert (stacked.scores(layout.train_block(train)) - expected).norm() / expected.norm() < 1e-10

@@ -1,0 +1,110 @@
+"""Stage 2 on Ray: Gram workers' partial sums add up to the one-process operator, and the one driver with
+the Ray backend writes the one-process curvature; streamed workers read each shard once per pass."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from lorif_ray.distributed.curvature import GramWorker, RayGram, RemoteLayerGram, shard_groups
+from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.inputs import layer_specs
+from lorif_ray.stages.rows import ParquetRows
+from lorif_ray.store import load_tensors, open_index
+from tests.distributed.conftest import NUM_WORKERS
+
+
+def test_shard_groups_are_contiguous_balanced_and_cover_every_shard(baseline):
+    manifest = open_index(baseline["cfg"].index_path)
+    assert shard_groups(manifest, 2) == [[0, 1, 2], [3, 4]]
+    assert shard_groups(manifest, 9) == [[0], [1], [2], [3], [4]]
+
+
+def test_gram_workers_partial_sums_add_up_without_ray(baseline):
+    cfg = baseline["cfg"]
+    manifest = open_index(cfg.index_path)
+    spec = layer_specs(manifest)[0]
+    q = torch.randn(spec.dim, 5, dtype=torch.float64)
+    for resident in (False, True):
+        workers = [GramWorker(cfg, g, resident=resident) for g in shard_groups(manifest, NUM_WORKERS)]
+        whole = GramWorker(cfg, [r.index for r in manifest.shards], resident=resident)
+        torch.testing.assert_close(sum(w.apply(spec.name, q) for w in workers), whole.apply(spec.name, q))
+        torch.testing.assert_close(sum(w.gram(spec.name) for w in workers), whole.gram(spec.name))
+
+
+def test_streamed_workers_read_each_shard_once_per_pass(baseline):
+    """A worker whose rows are streamed re-reads its shards once per Gram product and never more
+    (the files it opens are counted); resident rows are read once per layer."""
+    cfg = baseline["cfg"]
+    manifest = open_index(cfg.index_path)
+    spec = layer_specs(manifest)[1]
+    opened = []
+    import lorif_ray.store.shards as shards
+
+    real = shards._record_batches
+
+    def counting(directory, manifest, record, columns, batch_rows):
+        opened.append(record.index)
+        return real(directory, manifest, record, columns, batch_rows)
+
+    shards._record_batches = counting
+    try:
+        worker = GramWorker(cfg, [0, 1, 2], resident=False)
+        q = torch.randn(spec.dim, 4, dtype=torch.float64)
+        for _ in range(3):
+            worker.apply(spec.name, q)
+        assert isinstance(worker.current[1].rows, ParquetRows) and worker.passes() == 3
+        assert sorted(opened) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        opened.clear()
+        resident = GramWorker(cfg, [0, 1, 2], resident=True)
+        for _ in range(3):
+            resident.apply(spec.name, q)
+        assert sorted(opened) == [0, 1, 2]
+    finally:
+        shards._record_batches = real
+
+
+def test_distributed_gram_equals_one_process(baseline, ray_cluster):
+    cfg = baseline["cfg"]
+    manifest = open_index(cfg.index_path)
+    spec = layer_specs(manifest)[1]
+    whole = GramWorker(cfg, [r.index for r in manifest.shards])
+    backend = RayGram(cfg, manifest, None, "cpu", num_workers=NUM_WORKERS)
+    try:
+        remote = backend.layer(spec)
+        assert isinstance(remote, RemoteLayerGram)
+        torch.testing.assert_close(remote.gram(), whole.gram(spec.name), rtol=1e-10, atol=1e-12)
+        q = torch.randn(spec.dim, 4, dtype=torch.float64)
+        torch.testing.assert_close(remote(q), whole.apply(spec.name, q), rtol=1e-10, atol=1e-10)
+    finally:
+        backend.close()
+
+
+def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster):
+    one = baseline["cfg"]
+    dist = baseline["config"]("dist_curvature")
+    report = run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))
+    assert not report["reused"]
+    expected, expected_meta = load_tensors(one.curvature_path)
+    actual, actual_meta = load_tensors(dist.curvature_path)
+    assert {k: v for k, v in actual_meta.items() if k != "layers"} == \
+        {k: v for k, v in expected_meta.items() if k != "layers"}
+    for layer, want in expected_meta["layers"].items():
+        got = actual_meta["layers"][layer]
+        assert (got["kind"], got["rank"]) == (want["kind"], want["rank"])
+        assert abs(got["damping"] - want["damping"]) <= 1e-6 * want["damping"]
+    assert set(actual) == set(expected)
+    for layer in expected_meta["layers"]:
+        values, want_values = actual[f"{layer}.values"], expected[f"{layer}.values"]
+        assert (values - want_values).norm() <= 1e-6 * want_values.norm(), layer
+        # r = 64 exceeds rank(G) ≤ N = 48, so the trailing vectors span G's null space in an arbitrary
+        # basis (their Woodbury weights are ~0): compare V diag(σ²) Vᵀ, which fixes the top subspace.
+        vectors, want_vectors = actual[f"{layer}.vectors"], expected[f"{layer}.vectors"]
+        operator, want_operator = (vectors * values) @ vectors.T, (want_vectors * want_values) @ want_vectors.T
+        assert (operator - want_operator).norm() <= 1e-6 * want_operator.norm(), layer
+        # where the spectrum is well separated the vectors themselves agree (up to sign)
+        top = 8
+        signs = torch.sign((vectors[:, :top] * want_vectors[:, :top]).sum(dim=0))
+        assert (vectors[:, :top] * signs - want_vectors[:, :top]).norm() <= 1e-6 * top ** 0.5, layer
+    assert run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))["reused"]

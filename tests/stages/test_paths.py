@@ -1,0 +1,139 @@
+"""Where the rows live changes the speed, never the numbers: stage 2 with rows streamed or resident
+writes the same curvature, stage 3 streaming or resident gives the same scores, on every route."""
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lorif_ray.config import ClusterConfig, QueryConfig
+from lorif_ray.errors import IndexMismatchError
+from lorif_ray.precision import Precision
+from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_match
+from lorif_ray.stages.curvature import LocalGram, run_curvature
+from lorif_ray.stages.featurize import blocks_from_columns
+from lorif_ray.stages.inputs import layer_specs
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows
+from lorif_ray.stages.saved_curvature import load_curvature
+from lorif_ray.store import iter_batches, load_tensors, open_index
+from tests.conftest import QUERY_CONFIG
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _same_curvature(path, ref_path, tolerance):
+    expected, _ = load_tensors(ref_path)
+    got, _ = load_tensors(path)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        if name.endswith(".vectors"):  # V diag(σ²) Vᵀ (vectors of zero eigenvalues are arbitrary)
+            values = expected[name.replace("vectors", "values")]
+            assert _rel((got[name] * values) @ got[name].T, (tensor * values) @ tensor.T) < tolerance, name
+        else:
+            assert _rel(got[name], tensor) < tolerance, name
+
+
+def _resident_gram(resident):
+    return lambda cfg, manifest, precision, device: LocalGram(cfg, manifest, precision, device, resident=resident)
+
+
+def test_stage_two_streamed_and_resident_write_the_same_curvature_and_coordinates(baseline):
+    ref = baseline["cfg"]  # the baseline ran with the default choice: resident, since the rows fit
+    streamed = baseline["config"]("curv_streamed", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
+    report = run_curvature(streamed, _resident_gram(False))
+    _same_curvature(streamed.curvature_path, ref.curvature_path, 1e-10)
+    resident = baseline["config"]("curv_resident", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
+    run_curvature(resident, _resident_gram(True))
+    _same_curvature(resident.curvature_path, ref.curvature_path, 1e-10)
+    manifest = open_index(streamed.index_path)
+    rows = {k: torch.cat([c[k] for _, c in iter_batches(streamed.index_path, out_dtype=torch.float64,
+                                                        manifest=manifest)]) for k in manifest.columns}
+    blocks = blocks_from_columns(layer_specs(manifest), manifest.kind, rows)
+    width = 0
+    for cfg in (streamed, resident):  # each against its own V_r (eigenvector signs are arbitrary)
+        curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
+        stored = StoredCoordinates(cfg).rows(dtype=torch.float64)
+        for name, block in blocks.items():
+            exact = block.dense() @ curvature[name].vectors
+            assert stored[name].shape == exact.shape and _rel(stored[name], exact) < 1e-6  # float32 files
+            width += exact.shape[1] if cfg is streamed else 0
+    assert report["coordinates"]["bytes_per_example"] == width * 4  # precision.coordinates = float32
+    assert run_curvature(streamed)["reused"]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_stage_three_streamed_and_resident_give_the_same_scores(baseline, stored, normalize):
+    name = f"paths_{stored}_{normalize}"
+    query = QueryConfig(**{**QUERY_CONFIG, "normalize": normalize}, store_coordinates=stored)
+    ref = baseline["config"](name + "_ref", with_curvature=True, query=replace(query, store_coordinates=False))
+    expected = run_query(ref)
+    cfg = baseline["config"](name, query=query)
+    run_curvature(cfg)
+    scores = {}
+    for resident in (False, True):
+        run = replace(cfg, query=replace(query, resident=resident))
+        report = run_query(run)
+        assert report["route"] == ("stored" if stored else "recompute" if normalize else "query")
+        scores[resident] = np.load(f"{cfg.output_dir}/scores.npy")
+        assert pq.read_table(f"{cfg.output_dir}/topk.parquet").column("train_id").to_pylist() == \
+            pq.read_table(f"{ref.output_dir}/topk.parquet").column("train_id").to_pylist()
+    reference = np.load(f"{ref.output_dir}/scores.npy")
+    assert expected["route"] == ("recompute" if normalize else "query")
+    for got in scores.values():
+        assert np.abs(got - reference).max() <= (1e-5 if stored else 1e-10) * np.abs(reference).max()
+    assert np.array_equal(scores[False], scores[True]) or \
+        np.abs(scores[False] - scores[True]).max() <= 1e-12 * np.abs(reference).max()
+    meta = pq.read_schema(f"{cfg.output_dir}/topk.parquet").metadata
+    assert b"route" in next(iter(meta.values()))
+
+
+def test_config_keys_select_the_paths_through_the_stage_dispatcher(baseline):
+    from lorif_ray.distributed.stages import run_stage
+
+    cfg = baseline["config"]("keys", cluster=ClusterConfig(backend="none"),
+                             query=QueryConfig(**QUERY_CONFIG, resident=True, store_coordinates=True))
+    assert "coordinates" in run_stage("curvature", cfg)
+    report = run_stage("query", cfg)
+    assert report["route"] == "stored" and report["resident_bytes"] > 0
+    expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
+    assert np.abs(np.load(cfg.output_dir + "/scores.npy") - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_stale_coordinates_are_not_used(baseline):
+    cfg = baseline["config"]("stale", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
+    run_curvature(cfg)
+    assert coordinates_match(cfg)
+    other = baseline["config"]("stale", r=8)  # another curvature in the same output dir, no g'_t
+    run_curvature(other)
+    assert not coordinates_match(other)
+    with pytest.raises(IndexMismatchError):
+        StoredCoordinates(other)
+    assert run_query(other)["route"] == "query"  # 6 queries < r = 8
+
+
+def test_stage_two_holds_a_layer_resident_only_when_it_fits(baseline):
+    """N · c(d1+d2) numbers in the math dtype against a fraction of the device's memory."""
+    cfg = baseline["cfg"]
+    manifest = open_index(cfg.index_path)
+    spec = max(layer_specs(manifest), key=lambda s: s.c * (s.d1 + s.d2))
+    assert isinstance(layer_rows(cfg.index_path, manifest, spec, dtype=torch.float64), ResidentRows)
+    assert isinstance(layer_rows(cfg.index_path, manifest, spec, dtype=torch.float64, fraction=1e-12), ParquetRows)
+    assert Precision.of(cfg, torch.device("cpu")).math == torch.float64
+
+
+def test_a_query_with_other_curvature_settings_is_refused_by_name(baseline):
+    """r and damping of the query config must be those of the saved curvature (issue: r=32 on an r=16 file
+    scored with r=16 and stamped r=32); the precision policy too."""
+    from lorif_ray.config import PrecisionConfig
+
+    for overrides, keys in (({"r": 32, "damping": 5.0}, "config.damping, config.r"),
+                            ({"precision": PrecisionConfig(matmul="float32")}, "precision.matmul")):
+        cfg = baseline["config"]("refused", with_curvature=True, **overrides)
+        with pytest.raises(IndexMismatchError, match=keys):
+            run_query(cfg)
