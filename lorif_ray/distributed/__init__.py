@@ -6,11 +6,11 @@ classes can be imported and tested without it). Stages 2 and 3 have one driver e
 
 - ``index_pipeline``: stage 1 on gradient replicas (tensor-parallel ranks) and a factorization pool.
 - ``curvature``: ``RayGram``, shard-group actors summing each layer's Gram products for stage 2.
-- ``query_service``: ``RayQuery``, long-lived query actors that keep their shards resident.
+- ``query_service``: ``ray_query``, long-lived query actors that keep their shards resident.
 - ``stages``: ``run_stage``, each stage on the backend the config names.
 """
 
 from lorif_ray.distributed.curvature import GramWorker, RayGram, shard_groups
-from lorif_ray.distributed.query_service import QueryService, QueryWorker, RayQuery
+from lorif_ray.distributed.query_service import QueryService, QueryWorker, ray_query
 
-__all__ = ["GramWorker", "QueryService", "QueryWorker", "RayGram", "RayQuery", "shard_groups"]
+__all__ = ["GramWorker", "QueryService", "QueryWorker", "RayGram", "ray_query", "shard_groups"]

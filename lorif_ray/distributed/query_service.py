@@ -1,6 +1,6 @@
 """Stage 3 on Ray: query actors keep their shards resident, the driver scatters queries and merges top-k.
 
-``RayQuery`` is the query backend of ``lorif_ray.stages.query.run_query`` on a cluster: the queries are
+``ray_query`` is the query backend of ``lorif_ray.stages.query.run_query`` on a cluster: the queries are
 featurized on a gradient replica (``RemoteQueryFeaturizer``; the driver never loads the model) and
 scored by a ``QueryService`` — one ``QueryWorker`` per contiguous group of shards, whose rows it reads
 once onto its own device (the GPU Ray gave it, if any) in the stacked layout of the one batched scorer.
@@ -40,7 +40,8 @@ from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
 from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import ScoreFile, TopK, answer, open_query, prepare_query, score_blocks
+from lorif_ray.stages.query import (QueryBackend, ScoreFile, TopK, answer, open_query, prepare_query,
+                                    score_blocks)
 from lorif_ray.stages.rows import ResidentIndex
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import open_index, read_ids
@@ -206,24 +207,15 @@ class QueryService:
         self.close()
 
 
-class RayQuery:
+def ray_query(cfg: Config, manifest, stored: bool, *, num_workers: int, actor_options: dict | None = None
+              ) -> QueryBackend:
     """The query backend of ``run_query`` on Ray: a gradient replica featurizes, a ``QueryService`` scores."""
-
-    def __init__(self, cfg: Config, manifest, stored: bool, *, num_workers: int, actor_options: dict | None = None):
-        self.featurize = RemoteQueryFeaturizer(cfg, manifest)
-        try:
-            self.service = QueryService(cfg, num_workers, stored=stored, actor_options=actor_options)
-        except BaseException:
-            self.featurize.close()
-            raise
-        self.info = self.service.info
-
-    def score(self, *args, **kwargs):
-        return self.service.score(*args, **kwargs)
-
-    def close(self) -> None:
-        self.featurize.close()
-        self.service.close()
+    featurize = RemoteQueryFeaturizer(cfg, manifest)
+    try:
+        return QueryBackend(featurize, QueryService(cfg, num_workers, stored=stored, actor_options=actor_options))
+    except BaseException:
+        featurize.close()
+        raise
 
 
 def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_options: dict | None = None
@@ -238,7 +230,7 @@ def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_op
         {"batch", "queries", "error"}.
     """
     cfg, manifest, header, stored = open_query(cfg)
-    backend = RayQuery(cfg, manifest, stored, num_workers=num_workers, actor_options=actor_options)
+    backend = ray_query(cfg, manifest, stored, num_workers=num_workers, actor_options=actor_options)
     train_ids = read_ids(cfg.index_path, manifest)
     try:
         for batch, line in enumerate(q.strip() for q in query_files):
@@ -254,6 +246,6 @@ def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_op
             yield {"batch": batch, "queries": line, "topk_path": report["topk_path"],
                    "queries_count": report["queries"], "route": report["route"],
                    "seconds": time.perf_counter() - start,
-                   "shard_loads": sum(s["loads"] for s in backend.service.stats())}
+                   "shard_loads": sum(s["loads"] for s in backend.scorer.stats())}
     finally:
         backend.close()

@@ -25,7 +25,7 @@ def run_stage(name: str, cfg: Config) -> dict:
     from lorif_ray.distributed.cluster import actor_options, connect
     from lorif_ray.distributed.curvature import RayGram
     from lorif_ray.distributed.index_pipeline import run_index_distributed
-    from lorif_ray.distributed.query_service import RayQuery
+    from lorif_ray.distributed.query_service import ray_query
 
     connect(cfg.cluster)
     cluster = cfg.cluster
@@ -34,4 +34,4 @@ def run_stage(name: str, cfg: Config) -> dict:
         return run_index_distributed(cfg)
     if name == "curvature":
         return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=options))
-    return run_query(cfg, partial(RayQuery, num_workers=cluster.query_actors, actor_options=options))
+    return run_query(cfg, partial(ray_query, num_workers=cluster.query_actors, actor_options=options))

@@ -5,9 +5,9 @@ to the index's (``query_config``), checks that the saved curvature is the one th
 hands the queries to a *query backend*: it featurizes them exactly like the index, the driver chooses
 the curvature term's route once (``choose_route``: stored g'_t, query side, or recompute, recorded in
 the report), and the backend scores every training row with the one batched scorer
-(``lorif_ray.math.scoring.StackedQuery``) into a running top-k. ``LocalQuery`` keeps the model and the
+(``lorif_ray.math.scoring.StackedQuery``) into a running top-k. ``local_query`` keeps the model and the
 rows in this process (streamed shard by shard, or resident with ``query.resident``); on Ray,
-``lorif_ray.distributed.query_service.RayQuery`` does the same across query actors.
+``lorif_ray.distributed.query_service.ray_query`` does the same across query actors.
 
 Outputs in ``output_dir``: ``topk.parquet`` (query_id, rank, train_id, score; its metadata holds the
 config used, the route and the precision) and, with ``query.full_scores``, ``scores.npy`` (float32,
@@ -191,20 +191,24 @@ class LocalScorer:
         pass
 
 
-class LocalQuery:
-    """The query backend of one process: the model for query gradients and a ``LocalScorer``."""
+class QueryBackend:
+    """What ``run_query`` drives: a featurizer (query file → ids, columns, seconds) and a scorer
+    (``score(columns, route, k, full_path)``, ``info``); closing it releases both."""
 
-    def __init__(self, cfg: Config, manifest, stored: bool):
-        self.featurize = QueryFeaturizer(cfg, manifest)
-        self.scorer = LocalScorer(cfg, manifest, stored)
-        self.info = self.scorer.info
+    def __init__(self, featurize, scorer):
+        self.featurize, self.scorer, self.info = featurize, scorer, scorer.info
 
-    def score(self, *args, **kwargs):
+    def score(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scorer.score(*args, **kwargs)
 
     def close(self) -> None:
         self.featurize.close()
         self.scorer.close()
+
+
+def local_query(cfg: Config, manifest, stored: bool) -> QueryBackend:
+    """The query backend of one process: the model for query gradients and a ``LocalScorer``."""
+    return QueryBackend(QueryFeaturizer(cfg, manifest), LocalScorer(cfg, manifest, stored))
 
 
 def open_query(cfg: Config) -> tuple[Config, object, dict, bool]:
@@ -221,15 +225,14 @@ def open_query(cfg: Config) -> tuple[Config, object, dict, bool]:
     return cfg, manifest, header, stored
 
 
-def run_query(cfg: Config, backend_class=LocalQuery) -> dict:
+def run_query(cfg: Config, make_backend=local_query) -> dict:
     """Score ``data.queries`` against the index; returns a report with the output paths.
 
     Args:
-        backend_class: ``(cfg, manifest, stored) → backend`` with ``featurize(path)``, ``score(columns,
-            route, k, full_path)``, ``info`` and ``close()``; default ``LocalQuery`` (this process).
+        make_backend: ``(cfg, manifest, stored) →`` a ``QueryBackend``; default ``local_query`` (this process).
     """
     cfg, manifest, header, stored = open_query(cfg)
-    backend = backend_class(cfg, manifest, stored)
+    backend = make_backend(cfg, manifest, stored)
     try:
         return answer(cfg, manifest, header, stored, backend, require(resolve_inputs(cfg).queries_path, "data.queries"))
     finally:

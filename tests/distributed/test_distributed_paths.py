@@ -14,7 +14,7 @@ import torch
 from lorif_ray.config import QueryConfig
 from lorif_ray.distributed.curvature import RayGram
 from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
-from lorif_ray.distributed.query_service import QueryService, RayQuery
+from lorif_ray.distributed.query_service import QueryService, ray_query
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
@@ -39,7 +39,7 @@ def test_streaming_resident_and_ray_give_the_same_scores(tiny_assets, tmp_path, 
         scores, routes = {}, {}
         for name, run, backend in (("streamed", cfg, None),
                                    ("resident", replace(cfg, query=replace(cfg.query, resident=True)), None),
-                                   ("ray", cfg, partial(RayQuery, num_workers=NUM_WORKERS))):
+                                   ("ray", cfg, partial(ray_query, num_workers=NUM_WORKERS))):
             report = run_query(run) if backend is None else run_query(run, backend)
             routes[name] = report["route"]
             scores[name] = np.load(f"{cfg.output_dir}/scores.npy")

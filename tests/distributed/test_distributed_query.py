@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorif_ray.distributed.curvature import shard_groups
-from lorif_ray.distributed.query_service import QueryService, QueryWorker, RayQuery, merge_topk
+from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge_topk, ray_query
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import featurize_queries, run_query
@@ -42,7 +42,7 @@ def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseli
 def test_the_ray_backend_equals_run_query(baseline, ray_cluster):
     one = baseline["cfg"]
     dist = baseline["config"]("dist_query", with_curvature=True)
-    report = run_query(dist, partial(RayQuery, num_workers=NUM_WORKERS))
+    report = run_query(dist, partial(ray_query, num_workers=NUM_WORKERS))
     assert report["workers"] == NUM_WORKERS and report["route"] == "query"
     expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
     actual = pq.read_table(dist.output_dir + "/topk.parquet").to_pydict()
