@@ -165,7 +165,7 @@ class Config:
 
     @property
     def curvature_path(self) -> Path:
-        return Path(self.output_dir) / "curvature.safetensors"
+        return Path(self.output_dir) / "curvature"  # one file per layer + _curvature.json
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -106,8 +106,7 @@ def baseline(tiny_assets, tmp_path_factory):
         other = make_config(tiny_assets, root / name, shard_size=SHARD_SIZE, index_dir=str(cfg.index_path),
                             **overrides)
         if with_curvature:
-            other.curvature_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(cfg.curvature_path, other.curvature_path)
+            shutil.copytree(cfg.curvature_path, other.curvature_path, dirs_exist_ok=True)
         return other
 
     return {"cfg": cfg, "config": config, "root": root}

@@ -2,9 +2,9 @@
 
 ``RayGram`` is the Gram backend of ``lorif_ray.stages.curvature.run_curvature`` on a cluster: one
 ``GramWorker`` actor per contiguous group of shards holds a ``LayerGram`` over its rows of the current
-layer (resident in its memory when they fit, else streamed from Parquet once per pass) and returns its
-partial ``Σ_s G_sᵀ (G_s Q)``; the driver adds the partials in group order, which only reorders the sums
-of the one-process operator. With stored g'_t every worker writes its own rows' g'_t into the shared
+group of layers (resident in its memory when they fit, else streamed from Parquet: each shard read once
+per pass for all of them) and returns its partial ``Σ_s G_sᵀ (G_s Q)`` per layer; the driver adds the
+partials in shard-group order, which only reorders the sums of the one-process pass. With stored g'_t every worker writes its own rows' g'_t into the shared
 file (on several nodes ``output_dir`` must be shared storage).
 
 Example (needs a running Ray, e.g. ``ray.init(num_cpus=2)``):
@@ -51,17 +51,17 @@ def shard_groups(manifest: Manifest, num_workers: int) -> list[list[int]]:
 
 
 class GramWorker:
-    """The Gram operator of one layer over one group of shards (a plain class; wrap with ``ray.remote``).
+    """The Gram pass of a group of layers over one group of shards (a plain class; wrap with ``ray.remote``).
 
     Args:
         cfg: the run config (index path, precision policy, batch rows, device: "auto" = the GPU Ray gave
             it, else the CPU).
         shards: the consecutive shard indices this worker owns.
-        resident: hold the layer's rows in memory (None = when they fit, see ``layer_rows``).
+        resident: hold the layers' rows in memory (None = when they fit, see ``layer_rows``).
 
     Example:
         >>> worker = GramWorker(cfg, [0, 1])
-        >>> z = worker.apply("transformer.h.0.mlp.c_fc", q)   # (D, k) = Σ_{s∈{0,1}} G_sᵀ (G_s q)
+        >>> worker.run(["h.0.mlp.c_fc", "h.0.mlp.c_proj"], {"h.0.mlp.c_fc": q})   # Σ_{s∈{0,1}} G_sᵀ G_s q, one read
     """
 
     def __init__(self, cfg: Config, shards: Sequence[int], resident: bool | None = None):
@@ -71,56 +71,50 @@ class GramWorker:
         self.manifest = open_index(cfg.index_path)
         self.first_row = self.manifest.row_range(self.shards)[0]
         self.specs = {s.name: s for s in layer_specs(self.manifest)}
-        self.current: tuple[str, LayerGram] | None = None
+        self.current: tuple[tuple[str, ...], LayerGram] | None = None
 
-    def _gram(self, layer: str) -> LayerGram:
-        if self.current is None or self.current[0] != layer:
-            self.current = None  # free the previous layer's rows first
-            rows = layer_rows(self.cfg.index_path, self.manifest, self.specs[layer], dtype=self.precision.math,
-                              device=self.device, shards=self.shards, batch_rows=self.cfg.query.train_batch_rows,
-                              resident=self.resident)
-            self.current = (layer, LayerGram(rows, self.precision.matmul, self.first_row))
+    def _gram(self, layers: Sequence[str]) -> LayerGram:
+        key = tuple(layers)
+        if self.current is None or self.current[0] != key:
+            self.current = None  # free the previous group's rows first
+            rows = layer_rows(self.cfg.index_path, self.manifest, [self.specs[n] for n in key],
+                              dtype=self.precision.math, device=self.device, shards=self.shards,
+                              batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
+            self.current = (key, LayerGram(rows, self.precision.matmul, self.first_row))
         return self.current[1]
 
-    def apply(self, layer: str, q: torch.Tensor) -> torch.Tensor:
-        """Σ_s G_sᵀ (G_s q): (D, k) in q's dtype, on the CPU."""
-        return self._gram(layer)(q).cpu()
+    def run(self, layers: Sequence[str], applies: dict | None = None, grams: dict | None = None) -> dict:
+        """{layer: Σ_s G_sᵀ (G_s Q)} and {layer: Σ_s G_sᵀ G_s} of this group's rows, by one pass, on the CPU."""
+        return {n: t.cpu() for n, t in self._gram(layers)(applies, grams).items()}
 
-    def gram(self, layer: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Σ_s G_sᵀ G_s: (D, D), on the CPU."""
-        return self._gram(layer).gram(dtype).cpu()
-
-    def write_coordinates(self, layer: str, vectors: torch.Tensor, path: str, dtype: str) -> int:
-        """g'_t = V_rᵀ g_t of this group's rows into their rows of ``path``; returns the row count."""
-        return self._gram(layer).write_coordinates(vectors.to(self.precision.math), path, dtype)
+    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str) -> int:
+        """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns the row count."""
+        vectors = {n: v.to(self.precision.math) for n, v in vectors.items()}
+        return self._gram(layers).write_coordinates(vectors, paths, dtype)
 
     def passes(self) -> int:
-        """Passes over the current layer's rows so far (reads of its shards when streamed)."""
+        """Passes over the current group's rows so far (reads of its shards when streamed)."""
         return 0 if self.current is None else self.current[1].rows.passes
 
 
 class RemoteLayerGram:
-    """One layer's Gram operator summed over the workers (what ``Curvature.fit`` calls)."""
+    """A group of layers' Gram pass summed over the workers (what ``fit_layers`` calls)."""
 
-    def __init__(self, workers: Sequence, layer: str, device):
-        self.workers, self.layer, self.device = workers, layer, device
+    def __init__(self, workers: Sequence, layers: list[str], device):
+        self.workers, self.layers, self.device = workers, layers, device
 
-    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+    def __call__(self, applies: dict | None = None, grams: dict | None = None) -> dict:
         import ray
 
-        q_ref = ray.put(q.cpu())
-        return _sum(ray.get([w.apply.remote(self.layer, q_ref) for w in self.workers])).to(self.device, q.dtype)
+        applies_ref = ray.put({n: q.cpu() for n, q in (applies or {}).items()})
+        parts = ray.get([w.run.remote(self.layers, applies_ref, grams or {}) for w in self.workers])
+        return {name: _sum([part[name] for part in parts]).to(self.device) for name in parts[0]}
 
-    def gram(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def write_coordinates(self, vectors: dict, paths: dict, dtype: str) -> int:
         import ray
 
-        return _sum(ray.get([w.gram.remote(self.layer, dtype) for w in self.workers])).to(self.device)
-
-    def write_coordinates(self, vectors: torch.Tensor, path: str, dtype: str) -> int:
-        import ray
-
-        vectors_ref = ray.put(vectors.cpu())
-        return sum(ray.get([w.write_coordinates.remote(self.layer, vectors_ref, path, dtype) for w in self.workers]))
+        vectors_ref = ray.put({n: v.cpu() for n, v in vectors.items()})
+        return sum(ray.get([w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype) for w in self.workers]))
 
 
 class RayGram:
@@ -134,8 +128,8 @@ class RayGram:
         self.workers = [remote.remote(cfg, group) for group in shard_groups(manifest, num_workers)]
         self.device = device
 
-    def layer(self, spec) -> RemoteLayerGram:
-        return RemoteLayerGram(self.workers, spec.name, self.device)
+    def layers(self, specs) -> RemoteLayerGram:
+        return RemoteLayerGram(self.workers, [s.name for s in specs], self.device)
 
     def close(self) -> None:
         import ray

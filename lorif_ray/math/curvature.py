@@ -20,13 +20,13 @@ outputs, tests); nothing outside this module branches on the curvature's kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Generator
 
 import torch
 
 from lorif_ray.errors import LorifError
 from lorif_ray.math.influence import GradientBlock, inner, self_inner
-from lorif_ray.math.rsvd import GramOperatorLike, eigh_spectrum, randomized_spectrum
+from lorif_ray.math.rsvd import GramOperatorLike, Request, eigh_spectrum, randomized_steps, run_steps
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class FitSettings:
         damping: λ, or None for ``damping_scale`` × the mean of the top r + p eigenvalues (Woodbury) or of
             all eigenvalues (ExactInverse).
         dtype: dtype of the fitted tensors (the precision policy's math dtype).
+        device: where the fit keeps its D×k iterate between passes.
     """
 
     rank: int = 64
@@ -47,6 +48,7 @@ class FitSettings:
     power_iters: int = 3
     seed: int = 0
     dtype: torch.dtype = torch.float64
+    device: torch.device | str = "cpu"  # where the driver keeps Q (D, k) between passes
 
 
 def woodbury_weights(values: torch.Tensor, damping: float) -> torch.Tensor:
@@ -74,9 +76,15 @@ class Curvature:
 
     # -- fitting and storage ---------------------------------------------------------------------
     @classmethod
+    def steps(cls, dim: int, name: str, settings: FitSettings) -> Generator[Request, torch.Tensor, "Curvature"]:
+        """Fitting as a generator of requests to the rows (``lorif_ray.math.rsvd.Request``), so that one
+        pass over the rows serves every layer being fitted; returns the curvature of layer ``name``."""
+        raise NotImplementedError
+
+    @classmethod
     def fit(cls, gram: GramOperatorLike, dim: int, name: str, settings: FitSettings) -> "Curvature":
         """The curvature of layer ``name`` (D = ``dim``) from its Gram operator."""
-        raise NotImplementedError
+        return run_steps(cls.steps(dim, name, settings), gram)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What is saved: {field: tensor} (prefixed with the layer name by the saver)."""
@@ -153,8 +161,9 @@ class Identity(Curvature):
     damping = 0.0
 
     @classmethod
-    def fit(cls, gram, dim, name, settings) -> "Identity":
+    def steps(cls, dim, name, settings):
         return cls()
+        yield  # a generator that asks nothing of the rows
 
     @classmethod
     def from_saved(cls, tensors, info) -> "Identity":
@@ -170,8 +179,8 @@ class ExactInverse(Curvature):
     kind: ClassVar[str] = "exact"
 
     @classmethod
-    def fit(cls, gram, dim, name, settings) -> "ExactInverse":
-        matrix = gram.gram().to(torch.float64)
+    def steps(cls, dim, name, settings):
+        matrix = (yield ("gram", torch.float64)).to(torch.float64)
         damping = settings.damping or settings.damping_scale * float(matrix.trace()) / dim  # scale × mean eigenvalue
         _check_damping(damping, name)
         values, vectors = torch.linalg.eigh(matrix)
@@ -211,14 +220,14 @@ class Woodbury(Curvature):
     kind: ClassVar[str] = "woodbury"
 
     @classmethod
-    def fit(cls, gram, dim, name, settings) -> "Woodbury":
+    def steps(cls, dim, name, settings):
         rank = min(settings.rank, dim)
         if rank + settings.oversample >= dim:  # the whole spectrum is as cheap as a sketch of it
-            spectrum = eigh_spectrum(gram.gram(), rank, settings.oversample)
+            spectrum = eigh_spectrum((yield ("gram", torch.float64)), rank, settings.oversample)
         else:
-            spectrum = randomized_spectrum(gram, dim, rank, oversample=settings.oversample,
-                                           power_iters=settings.power_iters, seed=settings.seed, name=name,
-                                           dtype=settings.dtype, device=gram.device)
+            spectrum = yield from randomized_steps(dim, rank, oversample=settings.oversample,
+                                                   power_iters=settings.power_iters, seed=settings.seed, name=name,
+                                                   dtype=settings.dtype, device=settings.device)
         damping = settings.damping or spectrum.damping(settings.damping_scale)
         _check_damping(damping, name)
         return cls(damping, spectrum.values.to(settings.dtype), spectrum.vectors.to(settings.dtype))
@@ -245,6 +254,29 @@ class Woodbury(Curvature):
     @property
     def low_rank(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         return self.vectors, woodbury_weights(self.values, self.damping)
+
+
+def fit_layers(steps: dict[str, Generator], gram) -> dict[str, Curvature]:
+    """Run the fitting generators of several layers (``Curvature.steps``) in lockstep: every round, one call
+    ``gram(applies={layer: Q}, grams={layer: dtype})`` — one pass over the rows — answers all their
+    requests. ``gram`` may be None when no generator asks for anything (Identity)."""
+    results, requests = {}, {}
+
+    def advance(name: str, value=None, first: bool = False) -> None:
+        try:
+            requests[name] = next(steps[name]) if first else steps[name].send(value)
+        except StopIteration as done:
+            results[name] = done.value
+            requests.pop(name, None)
+
+    for name in steps:
+        advance(name, first=True)
+    while requests:
+        out = gram(applies={n: a for n, (k, a) in requests.items() if k == "apply"},
+                   grams={n: a for n, (k, a) in requests.items() if k == "gram"})
+        for name in list(requests):
+            advance(name, out[name])
+    return {name: results[name] for name in steps}
 
 
 CURVATURES: dict[str, type[Curvature]] = {c.kind: c for c in (Woodbury, ExactInverse, Identity)}

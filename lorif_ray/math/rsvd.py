@@ -1,8 +1,9 @@
 """Randomized truncated SVD of G (N×D) from streamed rows, never materializing G.
 
-Everything needs only sums over rows, ``GᵀG Q = Σ_batches G_bᵀ (G_b Q)`` (D×k): one ``GramOperator``
-does that loop over any *row source* (rows streamed from Parquet, resident on a device, or a Ray
-worker's shard group, whose partial sums the driver adds), so the same code runs everywhere.
+Everything needs only sums over rows, ``GᵀG Q = Σ_batches G_bᵀ (G_b Q)`` (D×k): one ``GramPass``
+does that loop, for several layers at once, over any *row source* (rows streamed from Parquet, resident
+on a device, or a Ray worker's shard group, whose partial sums the driver adds), so the same code runs
+everywhere and a streamed index is read once per pass for all the layers being fitted.
 
 ``randomized_spectrum`` is randomized subspace iteration (Halko et al. 2011, Alg. 4.4) with
 k = r + p columns: q passes Q ← orth(GᵀG Q), then one last pass Z = GᵀG Q. The last pass already holds
@@ -15,7 +16,7 @@ k ≥ D the D×D Gram matrix is formed and decomposed exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Generator, Iterator, Protocol
 
 import torch
 
@@ -23,15 +24,17 @@ from lorif_ray.math.projection import gaussian
 
 
 class RowSource(Protocol):
-    """Dense rows vec(G̃) of one layer, batch by batch: a fresh iterator of (b, D) tensors per call."""
+    """Dense rows vec(G̃) of one or more layers, batch by batch: a fresh iterator per call, each batch
+    {layer: (b, D_layer)} over the same b examples, in the source's dtype, on ``device``."""
 
     device: torch.device
+    names: list[str]
 
-    def batches(self, dtype: torch.dtype) -> Iterator[torch.Tensor]: ...
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]: ...
 
 
 class GramOperatorLike(Protocol):
-    """What a curvature's ``fit`` needs: Q (D, k) ↦ GᵀG Q (one pass), the D×D GᵀG (one pass), a device."""
+    """What fitting one layer needs: Q (D, k) ↦ GᵀG Q (one pass), the D×D GᵀG (one pass), a device."""
 
     device: torch.device
 
@@ -41,30 +44,75 @@ class GramOperatorLike(Protocol):
 
 
 class TensorRows:
-    """A row source over rows already in memory (e.g. tests, or a resident dense layer).
+    """A row source over rows already in memory (tests, or a resident dense layer).
 
     Args:
-        rows: (N, D), or a callable returning an iterable of (b, D) tensors.
-        batch_rows: rows per batch when ``rows`` is a tensor.
+        rows: (N, D) of one layer, or {layer: (N, D_layer)}.
+        batch_rows: rows per batch.
     """
 
-    def __init__(self, rows: torch.Tensor | Callable[[], Iterable[torch.Tensor]], batch_rows: int = 4096):
-        self.rows, self.batch_rows = rows, batch_rows
-        self.device = rows.device if isinstance(rows, torch.Tensor) else torch.device("cpu")
+    def __init__(self, rows: torch.Tensor | dict[str, torch.Tensor], batch_rows: int = 4096):
+        self.rows = rows if isinstance(rows, dict) else {"": rows}
+        self.names, self.batch_rows = list(self.rows), batch_rows
+        self.device = next(iter(self.rows.values())).device
 
-    def batches(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        parts = self.rows.split(self.batch_rows) if isinstance(self.rows, torch.Tensor) else self.rows()
-        for part in parts:
-            yield part.to(dtype)
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        total = next(iter(self.rows.values())).shape[0]
+        for start in range(0, total, self.batch_rows):
+            yield {n: r[start:start + self.batch_rows] for n, r in self.rows.items()}
+
+
+class GramPass:
+    """One pass over the rows of several layers gives each its GᵀG Q, GᵀG or G V: the only loop over rows.
+
+    Args:
+        rows: the layers' ``RowSource``.
+        matmul_dtype: dtype of the GEMMs' inputs for GᵀG Q (e.g. bfloat16 on a GPU; None = Q's dtype);
+            results accumulate in Q's dtype.
+
+    Example:
+        >>> gram = GramPass(TensorRows({"a": ga, "b": gb}))
+        >>> out = gram(applies={"a": qa}, grams={"b": torch.float64})   # one pass: GaᵀGa qa and GbᵀGb
+    """
+
+    def __init__(self, rows: RowSource, matmul_dtype: torch.dtype | None = None):
+        self.rows, self.matmul_dtype = rows, matmul_dtype
+        self.device = rows.device
+
+    def __call__(self, applies: dict[str, torch.Tensor] | None = None,
+                 grams: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+        """{layer: GᵀG Q (D, k)} for ``applies`` {layer: Q} and {layer: GᵀG (D, D)} for ``grams``
+        {layer: dtype}, by one pass."""
+        applies, grams = applies or {}, grams or {}
+        queries = {n: q.to(device=self.device, dtype=self.matmul_dtype or q.dtype) for n, q in applies.items()}
+        out = {n: torch.zeros(q.shape, dtype=q.dtype, device=self.device) for n, q in applies.items()}
+        out.update({n: None for n in grams})
+        for batch in self.rows.batches():
+            for name, q in queries.items():
+                rows = batch[name].to(q.dtype)
+                out[name] += (rows.T @ (rows @ q)).to(out[name].dtype)
+            for name, dtype in grams.items():
+                rows = batch[name].to(dtype)
+                part = rows.T @ rows
+                out[name] = part if out[name] is None else out[name].add_(part)
+        missing = [n for n in grams if out[n] is None]
+        if missing:
+            raise ValueError(f"the row source yielded no rows for {missing}")
+        return out
+
+    def project(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{layer: G V (N, r)} in V's dtype, by one pass."""
+        vectors = {n: v.to(self.device) for n, v in vectors.items()}
+        parts: dict[str, list] = {n: [] for n in vectors}
+        for batch in self.rows.batches():
+            for name, v in vectors.items():
+                parts[name].append(batch[name].to(v.dtype) @ v)
+        return {n: torch.cat(p) for n, p in parts.items()}
 
 
 class GramOperator:
-    """GᵀG Q, GᵀG and G V by one pass each over a row source.
-
-    Args:
-        rows: the layer's ``RowSource``.
-        matmul_dtype: dtype of the two GEMMs' inputs per batch (e.g. bfloat16 on a GPU; None = Q's
-            dtype); results accumulate in Q's dtype.
+    """One layer of a ``GramPass``: Q ↦ GᵀG Q, GᵀG and G V, one pass each (what ``randomized_spectrum``
+    and ``Curvature.fit`` call for a single layer).
 
     Example:
         >>> op = GramOperator(TensorRows(g))
@@ -72,32 +120,36 @@ class GramOperator:
         True
     """
 
-    def __init__(self, rows: RowSource, matmul_dtype: torch.dtype | None = None):
-        self.rows, self.matmul_dtype = rows, matmul_dtype
-        self.device = rows.device
+    def __init__(self, rows: RowSource | GramPass, name: str | None = None, matmul_dtype: torch.dtype | None = None):
+        self.gram_pass = rows if isinstance(rows, GramPass) else GramPass(rows, matmul_dtype)
+        self.name = self.gram_pass.rows.names[0] if name is None else name
+        self.device = self.gram_pass.device
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        mm = self.matmul_dtype or q.dtype
-        qm = q.to(device=self.device, dtype=mm)
-        out = torch.zeros(q.shape, dtype=q.dtype, device=self.device)
-        for rows in self.rows.batches(mm):
-            out += (rows.T @ (rows @ qm)).to(q.dtype)
-        return out
+        return self.gram_pass(applies={self.name: q})[self.name]
 
     def gram(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """GᵀG (D, D)."""
-        out = None
-        for rows in self.rows.batches(dtype):
-            part = rows.T @ rows
-            out = part if out is None else out.add_(part)
-        if out is None:
-            raise ValueError("the row source yielded no rows")
-        return out
+        return self.gram_pass(grams={self.name: dtype})[self.name]
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """G V (N, r) in V's dtype."""
-        vectors = vectors.to(self.device)
-        return torch.cat([rows @ vectors for rows in self.rows.batches(vectors.dtype)])
+        return self.gram_pass.project({self.name: vectors})[self.name]
+
+
+Request = tuple
+"""What a fitting step asks of the rows: ("apply", Q (D, k)) for GᵀG Q, or ("gram", dtype) for GᵀG."""
+
+
+def run_steps(steps: Generator[Request, torch.Tensor, object], gram: GramOperatorLike):
+    """Drive a fitting generator (``randomized_steps``, ``Curvature.steps``) against one layer's operator."""
+    try:
+        request = next(steps)
+        while True:
+            kind, argument = request
+            request = steps.send(gram(argument) if kind == "apply" else gram.gram(argument))
+    except StopIteration as done:
+        return done.value
 
 
 @dataclass
@@ -163,6 +215,21 @@ def spectrum_from_last_pass(q: torch.Tensor, z: torch.Tensor, rank: int) -> Spec
     return _top(values, vectors, rank)
 
 
+def randomized_steps(dim: int, rank: int, *, oversample: int = 10, power_iters: int = 3, seed: int = 0,
+                     name: str = "", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                     ) -> Generator[Request, torch.Tensor, Spectrum]:
+    """Randomized subspace iteration as a generator: yields ("apply", Q) ``power_iters + 1`` times (one pass
+    over G each), receives GᵀG Q, returns the ``Spectrum`` — so the passes of many layers can share one read
+    of the rows. Arguments as ``randomized_spectrum``."""
+    k = min(rank + oversample, dim)
+    q = _orthonormal(gaussian(seed, (dim, k), name, "rsvd").to(device=device, dtype=dtype))
+    for _ in range(power_iters):
+        q = _orthonormal((yield ("apply", q)).to(device=device, dtype=dtype))
+    spectrum = spectrum_from_last_pass(q, (yield ("apply", q)).to(device), rank)
+    spectrum.vectors = spectrum.vectors.to(device=device, dtype=dtype)
+    return spectrum
+
+
 def randomized_spectrum(
     gram_apply: Callable[[torch.Tensor], torch.Tensor],
     dim: int,
@@ -189,10 +256,11 @@ def randomized_spectrum(
     Returns:
         The top r eigenpairs and the next k − r eigenvalues; vectors in ``dtype``.
     """
-    k = min(rank + oversample, dim)
-    q = _orthonormal(gaussian(seed, (dim, k), name, "rsvd").to(device=device, dtype=dtype))
-    for _ in range(power_iters):
-        q = _orthonormal(gram_apply(q))
-    spectrum = spectrum_from_last_pass(q, gram_apply(q), rank)
-    spectrum.vectors = spectrum.vectors.to(dtype)
-    return spectrum
+    steps = randomized_steps(dim, rank, oversample=oversample, power_iters=power_iters, seed=seed, name=name,
+                             dtype=dtype, device=device)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(gram_apply(request[1]))
+    except StopIteration as done:
+        return done.value

@@ -30,7 +30,7 @@ from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import math_dtype
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
+from lorif_ray.stages.saved_curvature import curvature_exists, curvature_header, load_curvature, ranks
 from lorif_ray.store import Manifest, replace_durably, temporary_path, write_json
 from lorif_ray.store.artifacts import preallocated_memmap
 
@@ -125,7 +125,7 @@ def _meta(cfg: Config) -> dict | None:
 def coordinates_match(cfg: Config, dtype: str | None = None) -> bool:
     """Stored g'_t exist (in ``dtype``, if given) and belong to the current curvature file."""
     info = _meta(cfg)
-    if info is None or not cfg.curvature_path.exists():
+    if info is None or not curvature_exists(cfg.curvature_path):
         return False
     return info.get("curvature_id") == _curvature_id(cfg) and dtype in (None, info["dtype"])
 

@@ -1,15 +1,19 @@
 """Stage 2: the curvature of every layer from the index, and optionally the stored g'_t of every row.
 
-One driver, ``run_curvature``, for every placement of the rows: layer by layer it asks a *Gram backend*
-for the layer's Gram operator (GᵀG Q by one pass over the rows, or the D×D GᵀG) and fits the method's
-``Curvature`` (``lorif_ray.math.curvature``) from it. In this process the backend is ``LocalGram``
-(each layer's rows resident on the device when they fit, else streamed from Parquet once per pass); on
-Ray it is ``lorif_ray.distributed.curvature.RayGram``, whose actors each sum the same operator over their
-shard group. Where the rows live changes the speed, never the numbers (tests/stages/test_paths.py).
+One driver, ``run_curvature``, for every placement of the rows. Layers are fitted in groups: the fitting
+of each layer (a ``Curvature.steps`` generator, ``lorif_ray.math.curvature``) asks for GᵀG Q or GᵀG,
+and one pass over the rows (``GramPass``) answers every layer of the group, so a streamed index is read
+once per pass, not once per layer per pass. A *Gram backend* gives each group's pass: in this process
+``LocalGram`` (the group's rows resident on the device when they fit, else streamed from Parquet); on Ray
+``lorif_ray.distributed.curvature.RayGram``, whose actors each run the same pass over their shard group
+and return partial sums. Where the rows live changes the speed, never the numbers
+(tests/stages/test_paths.py). Each layer's curvature is written as soon as its group is solved
+(``CurvatureWriter``), so the driver holds one group's D×k iterates at a time, never the whole curvature.
 
 With ``query.store_coordinates`` every low-rank layer's g'_t = V_rᵀ g_t is written for every row
-(``lorif_ray.stages.coordinates``), in ``precision.coordinates``, by one more pass over the rows.
-A curvature file made with the same settings from the same index is reused.
+(``lorif_ray.stages.coordinates``), in ``precision.coordinates``, by one more pass per group. A curvature
+made with the same settings from the same index is reused; one interrupted part-way keeps its finished
+layers.
 """
 
 from __future__ import annotations
@@ -21,37 +25,40 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.math.curvature import Curvature, FitSettings, curvature_class
-from lorif_ray.math.rsvd import GramOperator, RowSource
+from lorif_ray.math.curvature import FitSettings, curvature_class, fit_layers
+from lorif_ray.math.rsvd import GramPass, RowSource
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, coordinates_match, write_rows
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.stages.saved_curvature import curvature_header, curvature_meta, save_curvature
+from lorif_ray.stages.saved_curvature import CurvatureWriter, curvature_exists, curvature_header, curvature_meta
 from lorif_ray.store import Manifest, open_index
 
 log = logging.getLogger(__name__)
 
+GROUP_BYTES = 1 << 30  # the driver's iterates of one group of layers (Q and GᵀG Q, D×k each, or D×D)
 
-class LayerGram(GramOperator):
-    """A layer's Gram operator over rows in this process (all rows, or a Ray actor's shard group starting
+
+class LayerGram(GramPass):
+    """The Gram pass over some layers' rows in this process (all rows, or a Ray actor's shard group starting
     at global row ``first_row``), which can also write those rows' g'_t."""
 
     def __init__(self, rows: RowSource, matmul_dtype: torch.dtype | None = None, first_row: int = 0):
         super().__init__(rows, matmul_dtype)
         self.first_row = first_row
 
-    def write_coordinates(self, vectors: torch.Tensor, path: str, dtype: str) -> int:
-        """g'_t = V_rᵀ g_t of these rows into their rows of ``path`` (one pass); returns the row count."""
+    def write_coordinates(self, vectors: dict[str, torch.Tensor], paths: dict[str, str], dtype: str) -> int:
+        """g'_t = V_rᵀ g_t of these rows into their rows of each layer's file (one pass); returns the rows."""
         coordinates = self.project(vectors)
-        write_rows(path, self.first_row, coordinates, dtype)
-        return coordinates.shape[0]
+        for name, values in coordinates.items():
+            write_rows(paths[name], self.first_row, values, dtype)
+        return next(iter(coordinates.values())).shape[0] if coordinates else 0
 
 
 class LocalGram:
-    """The Gram backend of one process: each layer's rows resident on ``device`` when they fit, else streamed.
+    """The Gram backend of one process: a group's rows resident on ``device`` when they fit, else streamed.
 
     Args:
         resident: force (True) or forbid (False) resident rows; None = when they fit.
@@ -61,8 +68,8 @@ class LocalGram:
         self.cfg, self.manifest, self.precision, self.device = cfg, manifest, precision, device
         self.resident = resident
 
-    def layer(self, spec: LayerSpec) -> LayerGram:
-        rows = layer_rows(self.cfg.index_path, self.manifest, spec, dtype=self.precision.math, device=self.device,
+    def layers(self, specs: list[LayerSpec]) -> LayerGram:
+        rows = layer_rows(self.cfg.index_path, self.manifest, specs, dtype=self.precision.math, device=self.device,
                           batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
         return LayerGram(rows, self.precision.matmul)
 
@@ -70,9 +77,25 @@ class LocalGram:
         pass
 
 
-def fit_settings(cfg: Config, dtype: torch.dtype) -> FitSettings:
+def fit_settings(cfg: Config, dtype: torch.dtype, device) -> FitSettings:
     return FitSettings(rank=cfg.r, damping=cfg.damping, damping_scale=cfg.damping_scale, oversample=cfg.oversample,
-                       power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype)
+                       power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype, device=device)
+
+
+def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None) -> list[list[LayerSpec]]:
+    """Consecutive layers fitted together: their iterates (2·D·k numbers, or D·D for a full spectrum, in
+    float64) within ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
+    budget = GROUP_BYTES if budget is None else budget
+    groups, current, used = [], [], 0
+    for spec in specs:
+        k = min(cfg.r + cfg.oversample, spec.dim)
+        size = 8 * (spec.dim * spec.dim if k >= spec.dim else 2 * spec.dim * k)
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(spec)
+        used += size
+    return groups + ([current] if current else [])
 
 
 def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
@@ -81,7 +104,7 @@ def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg, manifest)
     meta = curvature_meta(cfg, manifest)
-    reusable = cfg.curvature_path.exists() and curvature_header(cfg.curvature_path).get("method_meta") == meta
+    reusable = curvature_exists(cfg.curvature_path) and curvature_header(cfg.curvature_path).get("method_meta") == meta
     if reusable and stores_coordinates(cfg):
         reusable = coordinates_match(cfg, cfg.precision.coordinates)
     return manifest, meta, reusable
@@ -96,8 +119,9 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     """Fit and save the curvature of every layer at ``cfg.curvature_path``; returns the stage report.
 
     Args:
-        backend_class: ``(cfg, manifest, precision, device) →`` where the rows are: ``layer(spec)`` gives
-            a ``LayerGram``-like operator, ``close()`` releases it; default ``LocalGram`` (this process).
+        backend_class: ``(cfg, manifest, precision, device) →`` where the rows are: ``layers(specs)`` gives
+            a ``LayerGram``-like pass over those layers' rows, ``close()`` releases it; default
+            ``LocalGram`` (this process).
     """
     manifest, meta, reusable = prepare_curvature(cfg)
     if reusable:
@@ -108,29 +132,40 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     precision = Precision.of(cfg, device)
     kind = cfg.method.curvature
     specs = layer_specs(manifest) if kind != "none" else []
-    fit = curvature_class(kind).fit if specs else None
-    backend = backend_class(cfg, manifest, precision, device) if specs and curvature_class(kind).reads_rows else None
-    writer = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.precision.coordinates) \
-        if stores_coordinates(cfg) else None
-    settings = fit_settings(cfg, precision.math)
-    results: dict[str, Curvature] = {}
+    store = stores_coordinates(cfg)
+    writer = CurvatureWriter(cfg.curvature_path, meta)
+    coordinates = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.precision.coordinates) if store else None
+    todo = [s for s in specs if store or not writer.done(s.name)]  # g'_t files carry no id: refit them all
+    if len(todo) < len(specs):
+        log.info("stage 2: %d of %d layers were finished by an earlier run; fitting the others",
+                 len(specs) - len(todo), len(specs))
+    settings = fit_settings(cfg, precision.math, device)
+    reads_rows = bool(todo) and curvature_class(kind).reads_rows
+    backend = backend_class(cfg, manifest, precision, device) if reads_rows else None
     start = time.perf_counter()
     try:
-        for spec in tqdm(specs, desc="stage 2: curvature", unit="layer", disable=not cfg.progress):
-            gram = backend.layer(spec) if backend is not None else None
-            results[spec.name] = curvature = fit(gram, spec.dim, spec.name, settings)
-            if writer is not None:
-                path = writer.begin(spec.name, curvature.rank)
-                gram.write_coordinates(curvature.low_rank[0], path, cfg.precision.coordinates)
-                writer.commit(spec.name)
-            del gram
+        with tqdm(total=len(todo), desc="stage 2: curvature", unit="layer", disable=not cfg.progress) as bar:
+            for group in layer_groups(todo, cfg):
+                gram = backend.layers(group) if backend is not None else None
+                steps = {s.name: curvature_class(kind).steps(s.dim, s.name, settings) for s in group}
+                fitted = fit_layers(steps, gram)
+                for name, curvature in fitted.items():
+                    writer.write(name, curvature)
+                if coordinates is not None:
+                    paths = {name: coordinates.begin(name, c.rank) for name, c in fitted.items()}
+                    gram.write_coordinates({name: c.low_rank[0] for name, c in fitted.items()}, paths,
+                                           cfg.precision.coordinates)
+                    for name in fitted:
+                        coordinates.commit(name)
+                del gram, fitted
+                bar.update(len(group))
     finally:
         if backend is not None:
             backend.close()
     seconds = time.perf_counter() - start
-    layers = save_curvature(cfg.curvature_path, meta, results, {"precision": precision.describe()})
+    layers = writer.finish({"precision": precision.describe()})
     report = {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers,
-              "precision": precision.describe()}
-    if writer is not None:
-        report["coordinates"] = writer.finish(cfg.curvature_path)
+              "fitted_layers": len(todo), "precision": precision.describe()}
+    if coordinates is not None:
+        report["coordinates"] = coordinates.finish(cfg.curvature_path)
     return report

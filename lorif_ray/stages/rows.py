@@ -3,10 +3,10 @@
 Stages 2 and 3 are one piece of code each; what differs between a laptop, a GPU and a Ray actor is only
 where their rows live, and that is decided here:
 
-- stage 2 reads one layer's rows as a ``RowSource`` (``lorif_ray.math.rsvd``): ``ParquetRows`` streams
-  that layer's columns once per pass, ``ResidentRows`` reads them once and forms dense rows vec(u vᵀ)
-  chunk by chunk (the Khatri–Rao product; G is never materialized); ``layer_rows`` picks the resident
-  one when the rows fit a fraction of the device's memory;
+- stage 2 reads a group of layers' rows as a ``RowSource`` (``lorif_ray.math.rsvd``): ``ParquetRows``
+  streams their columns, each shard once per pass for all of them; ``ResidentRows`` reads them once and
+  forms dense rows vec(u vᵀ) chunk by chunk (the Khatri–Rao product; G is never materialized);
+  ``layer_rows`` picks the resident one when the rows fit a fraction of the device's memory;
 - stage 3 scores ``TrainBlock``s (``lorif_ray.math.scoring``): ``streamed_blocks`` decodes them shard by
   shard, ``ResidentIndex`` holds every row of a run of shards in the stacked layout.
 
@@ -35,59 +35,70 @@ def layer_columns(manifest: Manifest, layer: str) -> list[str]:
 
 
 class ParquetRows:
-    """One layer's dense rows, streamed from the shards on every pass (only that layer's columns).
+    """Some layers' dense rows, streamed from the shards on every pass: one read of each shard per pass for
+    all of them (only their columns are decoded).
 
     Args:
         index_path, manifest: the index.
-        spec: the layer.
+        specs: the layers.
+        dtype: of the delivered rows (the policy's math dtype).
         shards: the run of shards to read (None = all).
         batch_rows: rows per decoded batch.
         device: where the rows are delivered.
     """
 
-    def __init__(self, index_path, manifest: Manifest, spec: LayerSpec, *, shards: list[int] | None = None,
-                 batch_rows: int = 2048, device="cpu"):
-        self.index_path, self.manifest, self.spec, self.shards = index_path, manifest, spec, shards
-        self.batch_rows, self.device = batch_rows, torch.device(device)
+    def __init__(self, index_path, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype,
+                 shards: list[int] | None = None, batch_rows: int = 2048, device="cpu"):
+        self.index_path, self.manifest, self.specs, self.shards = index_path, manifest, list(specs), shards
+        self.names = [s.name for s in self.specs]
+        self.dtype, self.batch_rows, self.device = dtype, batch_rows, torch.device(device)
         self.passes = 0  # how often the shards were read (tests count them)
 
-    def batches(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    def columns(self) -> list[str]:
+        return [c for s in self.specs for c in layer_columns(self.manifest, s.name)]
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         self.passes += 1
-        columns = layer_columns(self.manifest, self.spec.name)
-        for _, cols in iter_batches(self.index_path, columns, batch_rows=self.batch_rows, out_dtype=dtype,
+        for _, cols in iter_batches(self.index_path, self.columns(), batch_rows=self.batch_rows, out_dtype=self.dtype,
                                     device=self.device, manifest=self.manifest, shards=self.shards):
-            yield blocks_from_columns([self.spec], self.manifest.kind, cols)[self.spec.name].dense()
+            yield {n: b.dense() for n, b in blocks_from_columns(self.specs, self.manifest.kind, cols).items()}
 
 
 class ResidentRows:
-    """One layer's rows held on a device: factors u (N, d1, c), v (N, d2, c), or dense g (N, D) in ``u``
-    with ``v`` None; dense rows are formed ``chunk_rows`` at a time."""
+    """Some layers' rows held on a device: {layer: (u (N, d1, c), v (N, d2, c))} of factors, or
+    {layer: (g (N, D), None)} of dense rows; dense rows are formed ``chunk_rows`` at a time."""
 
-    def __init__(self, u: torch.Tensor, v: torch.Tensor | None, chunk_rows: int | None = None):
-        self.u, self.v, self.device = u, v, u.device
-        dim = u.shape[1] * v.shape[1] if v is not None else u.shape[1]
-        self.chunk_rows = chunk_rows or max(64, min(4096, CHUNK_BYTES // (dim * u.element_size())))
+    def __init__(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]], chunk_rows: int | None = None):
+        self.rows, self.names = rows, list(rows)
+        first = next(iter(rows.values()))[0]
+        self.device, self.num_rows = first.device, first.shape[0]
+        dims = [u.shape[1] * v.shape[1] if v is not None else u.shape[1] for u, v in rows.values()]
+        self.chunk_rows = chunk_rows or max(64, min(4096, CHUNK_BYTES // (sum(dims) * first.element_size())))
         self.passes = 0
 
     @classmethod
-    def read(cls, rows: ParquetRows, dtype: torch.dtype, chunk_rows: int | None = None) -> "ResidentRows":
-        """Read a layer's rows once (through ``rows``' shards and device) and keep them."""
-        names = layer_columns(rows.manifest, rows.spec.name)
-        parts = [cols for _, cols in iter_batches(rows.index_path, names, batch_rows=65536, out_dtype=dtype,
-                                                  device=rows.device, manifest=rows.manifest, shards=rows.shards)]
+    def read(cls, source: ParquetRows, chunk_rows: int | None = None) -> "ResidentRows":
+        """Read the layers' rows once (through ``source``'s shards, dtype and device) and keep them."""
+        names = source.columns()
+        parts = [cols for _, cols in iter_batches(source.index_path, names, batch_rows=65536, out_dtype=source.dtype,
+                                                  device=source.device, manifest=source.manifest,
+                                                  shards=source.shards)]
         full = {n: torch.cat([p[n] for p in parts]) for n in names}
-        spec = rows.spec
-        if rows.manifest.kind != "factors":
-            return cls(full[names[0]], None, chunk_rows)
-        n = full[names[0]].shape[0]
-        return cls(full[names[0]].reshape(n, spec.d1, spec.c), full[names[1]].reshape(n, spec.d2, spec.c), chunk_rows)
+        rows = {}
+        for spec in source.specs:
+            if source.manifest.kind != "factors":
+                rows[spec.name] = (full[f"{spec.name}.g"], None)
+            else:
+                u, v = full[f"{spec.name}.u"], full[f"{spec.name}.v"]
+                rows[spec.name] = (u.reshape(u.shape[0], spec.d1, spec.c), v.reshape(v.shape[0], spec.d2, spec.c))
+        return cls(rows, chunk_rows)
 
-    def batches(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         self.passes += 1
-        for start in range(0, self.u.shape[0], self.chunk_rows):
-            stop = min(start + self.chunk_rows, self.u.shape[0])
-            rows = self.u[start:stop] if self.v is None else dense_from_factors(self.u[start:stop], self.v[start:stop])
-            yield rows.to(dtype)
+        for start in range(0, self.num_rows, self.chunk_rows):
+            stop = min(start + self.chunk_rows, self.num_rows)
+            yield {n: u[start:stop] if v is None else dense_from_factors(u[start:stop], v[start:stop])
+                   for n, (u, v) in self.rows.items()}
 
 
 def device_memory(device) -> int:
@@ -98,17 +109,23 @@ def device_memory(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def layer_rows(index_path, manifest: Manifest, spec: LayerSpec, *, dtype: torch.dtype, device="cpu",
+def rows_bytes(manifest: Manifest, specs: list[LayerSpec], dtype: torch.dtype, shards: list[int] | None = None) -> int:
+    """Memory of these layers' rows held resident: N · Σ c(d1+d2) (factors) or N · Σ D (dense) numbers."""
+    start, stop = manifest.row_range(shards) if shards is not None else (0, manifest.num_rows)
+    width = sum(s.c * (s.d1 + s.d2) if manifest.kind == "factors" else s.dim for s in specs)
+    return (stop - start) * width * torch.finfo(dtype).bits // 8
+
+
+def layer_rows(index_path, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype, device="cpu",
                shards: list[int] | None = None, batch_rows: int = 2048, resident: bool | None = None,
                fraction: float = RESIDENT_FRACTION):
-    """The row source of one layer: resident when asked, or (``resident`` None) when its rows (N · c(d1+d2)
-    or N · D numbers in ``dtype``) fit ``fraction`` of the device's memory; else streamed."""
-    streamed = ParquetRows(index_path, manifest, spec, shards=shards, batch_rows=batch_rows, device=device)
+    """The row source of some layers: resident when asked, or (``resident`` None) when their rows fit
+    ``fraction`` of the device's memory (``rows_bytes``); else streamed once per pass."""
+    streamed = ParquetRows(index_path, manifest, specs, dtype=dtype, shards=shards, batch_rows=batch_rows,
+                           device=device)
     if resident is None:
-        start, stop = manifest.row_range(shards) if shards is not None else (0, manifest.num_rows)
-        width = spec.c * (spec.d1 + spec.d2) if manifest.kind == "factors" else spec.dim
-        resident = (stop - start) * width * torch.finfo(dtype).bits // 8 <= fraction * device_memory(device)
-    return ResidentRows.read(streamed, dtype) if resident else streamed
+        resident = rows_bytes(manifest, specs, dtype, shards) <= fraction * device_memory(device)
+    return ResidentRows.read(streamed) if resident else streamed
 
 
 def streamed_blocks(index_path, manifest: Manifest, layout: ScoreLayout | None, *, dtype: torch.dtype, device,

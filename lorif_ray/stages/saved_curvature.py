@@ -1,10 +1,14 @@
-"""The curvature file (``<output_dir>/curvature.safetensors``): what made it, saving, loading, checking.
+"""The saved curvature (``<output_dir>/curvature/``): what made it, saving, loading, checking.
 
-Every layer's ``Curvature`` (``lorif_ray.math.curvature``) is saved as ``<layer>.<field>`` tensors; the
-header holds the per-layer info (kind, λ, r), the ``method_meta`` that determines the file (the method's
-curvature and its fit settings, the precision policy, the index) and its digest ``curvature_id``, which
-stored g'_t are tied to. A query is scored only by a curvature whose ``method_meta`` equals what its own
-config asks for: any differing key (r, damping, precision, the index …) is named and refused.
+Every layer's ``Curvature`` (``lorif_ray.math.curvature``) is its own file ``<layer>.safetensors``, written
+as soon as the layer is solved, so no process ever holds the curvature of every layer (V_r is D·r numbers
+per layer: 253 GiB at 70B f=64 r=4096). ``_curvature.json`` is written last and removed when stage 2
+starts: it holds the per-layer info (kind, λ, r), the ``method_meta`` that determines the curvature (the
+method's curvature and its fit settings, the precision policy, the index) and its digest
+``curvature_id``, which every layer file and the stored g'_t carry. A query is scored only by a curvature
+whose ``method_meta`` equals what its own config asks for: any differing key is named and refused. A
+stage 2 that stopped part-way keeps its finished layer files, and a re-run with the same settings fits
+only the others.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ from typing import Iterable
 
 import torch
 
+import torch
+
 from lorif_ray.config import Config
-from lorif_ray.errors import ConfigError, IndexMismatchError
+from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError
 from lorif_ray.math.curvature import Curvature, curvature_class
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.store import Manifest, load_tensors, save_tensors
+from lorif_ray.store import Manifest, load_tensors, save_tensors, write_json
+
+HEADER_NAME = "_curvature.json"
 
 # the config keys that change each curvature (its fit settings); RepSim ("none") has no curvature
 FIT_KEYS = {"woodbury": ("r", "damping", "damping_scale", "oversample", "svd_power_iters", "seed"),
@@ -53,25 +61,68 @@ def meta_diff(saved: dict, expected: dict) -> list[str]:
     return out
 
 
-def save_curvature(path, meta: dict, curvatures: dict[str, Curvature], extra: dict | None = None) -> dict:
-    """Write every layer's curvature with what made it; returns the per-layer info."""
-    tensors, layers = {}, {}
-    for name, curvature in curvatures.items():
-        layers[name] = curvature.info()
-        tensors.update({f"{name}.{field}": t for field, t in curvature.tensors().items() if t is not None})
-    # curvature_id names what determines this file for what is derived from it (stored g'_t): matched by
-    # reading the header instead of hashing up to D·r numbers per layer
-    curvature_id = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-    save_tensors(path, tensors, {"method_meta": meta, "kind": meta["curvature"], "layers": layers,
-                                 "curvature_id": curvature_id, **(extra or {})})
-    return layers
+def curvature_id(meta: dict) -> str:
+    """The digest of what determines a curvature."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+class CurvatureWriter:
+    """Writes a curvature layer by layer into ``directory`` (removing a previous header first).
+
+    Example:
+        >>> writer = CurvatureWriter(cfg.curvature_path, meta)
+        >>> if not writer.done("transformer.h.0.mlp.c_fc"):
+        ...     writer.write("transformer.h.0.mlp.c_fc", curvature)
+        >>> writer.finish({"precision": ...})        # after every layer
+    """
+
+    def __init__(self, directory, meta: dict):
+        self.directory, self.meta, self.id = Path(directory), meta, curvature_id(meta)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / HEADER_NAME).unlink(missing_ok=True)
+        self.layers: dict[str, dict] = {}
+
+    def done(self, name: str) -> bool:
+        """Whether a previous run already wrote this layer for the same curvature (it is then adopted)."""
+        path = self.directory / f"{name}.safetensors"
+        if not path.exists():
+            return False
+        try:
+            meta = load_tensors(path, names=lambda tensor: False)[1]
+        except (CorruptShardError, OSError):
+            return False
+        if meta.get("curvature_id") != self.id:
+            return False
+        self.layers[name] = meta["info"]
+        return True
+
+    def write(self, name: str, curvature: Curvature) -> None:
+        """The layer's file, atomically, tied to this curvature."""
+        self.layers[name] = curvature.info()
+        tensors = {field: t for field, t in curvature.tensors().items() if t is not None}
+        save_tensors(self.directory / f"{name}.safetensors", tensors,
+                     {"curvature_id": self.id, "info": self.layers[name]})
+
+    def finish(self, extra: dict | None = None) -> dict[str, dict]:
+        """Write the header (last): the curvature is complete. Returns the per-layer info."""
+        write_json(self.directory / HEADER_NAME, {"method_meta": self.meta, "kind": self.meta["curvature"],
+                                                  "layers": self.layers, "curvature_id": self.id, **(extra or {})})
+        return self.layers
 
 
 def curvature_header(path) -> dict:
-    """The saved curvature's header (kind, per-layer info, ``method_meta``, ``curvature_id``), read alone."""
-    if not Path(path).exists():
+    """The saved curvature's header (kind, per-layer info, ``method_meta``, ``curvature_id``)."""
+    header = Path(path) / HEADER_NAME
+    if not header.exists():
         raise ConfigError(f"no curvature at {path}; run stage 2 (jobs/curvature.py) first")
-    return load_tensors(path, names=lambda name: False)[1]
+    try:
+        return json.loads(header.read_text())
+    except ValueError as error:
+        raise CorruptShardError(f"unreadable {header}: {error}") from error
+
+
+def curvature_exists(path) -> bool:
+    return (Path(path) / HEADER_NAME).exists()
 
 
 def check_curvature(cfg: Config, manifest: Manifest, header: dict | None = None) -> dict:
@@ -102,24 +153,33 @@ def load_curvature(cfg: Config, manifest: Manifest, device, dtype, *, vectors: b
 
     Args:
         vectors: which layers' V_r to read: all (True), none (False: λ and σ² only, enough to score
-            against stored g'_t), or the named layers. V_r is most of the file (D·r per layer), and
+            against stored g'_t), or the named layers. V_r is most of the curvature (D·r per layer), and
             tensors not asked for are never read.
     """
     header = check_curvature(cfg, manifest)
     if header["kind"] == "none":
         return {}
     wanted_vectors = vectors if isinstance(vectors, bool) else set(vectors)
-
-    def wanted(tensor: str) -> bool:
-        layer, field = tensor.rsplit(".", 1)
-        return field != "vectors" or (wanted_vectors if isinstance(wanted_vectors, bool) else layer in wanted_vectors)
-
-    tensors, meta = load_tensors(cfg.curvature_path, device=device, names=wanted)
     kind = curvature_class(header["kind"])
     out = {}
     for spec in layer_specs(manifest):
-        info = meta["layers"].get(spec.name, {"kind": kind.kind, "damping": 0.0, "rank": 0})
-        prefix = f"{spec.name}."
-        fields = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-        out[spec.name] = kind.from_saved(fields, info).to(dtype=dtype)
+        info = header["layers"].get(spec.name, {"kind": kind.kind, "damping": 0.0, "rank": 0})
+        with_vectors = wanted_vectors if isinstance(wanted_vectors, bool) else spec.name in wanted_vectors
+        tensors = {}
+        path = Path(cfg.curvature_path) / f"{spec.name}.safetensors"
+        if path.exists():
+            tensors, meta = load_tensors(path, device=device, names=lambda field: with_vectors or field != "vectors")
+            if meta.get("curvature_id") != header["curvature_id"]:
+                raise IndexMismatchError(f"{path} belongs to another curvature than {cfg.curvature_path}; re-run stage 2")
+        out[spec.name] = kind.from_saved(tensors, info).to(dtype=dtype)
     return out
+
+
+def read_curvature(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor of a saved curvature as {"<layer>.<field>": tensor}, and its header (tools and tests)."""
+    header, tensors = curvature_header(path), {}
+    for name in header["layers"]:
+        layer_file = Path(path) / f"{name}.safetensors"
+        if layer_file.exists():
+            tensors.update({f"{name}.{field}": t for field, t in load_tensors(layer_file)[0].items()})
+    return tensors, header

@@ -37,17 +37,19 @@ def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
 
 
 def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
+    """Each worker writes g'_t of its rows with one more pass over them."""
     cfg = baseline["cfg"]
     manifest = open_index(cfg.index_path)
     spec = next(s for s in layer_specs(manifest) if s.dim > 64 + 10)  # a layer on the randomized path
     workers = [GramWorker(cfg, group, resident=False) for group in shard_groups(manifest, NUM_WORKERS)]
-    apply = lambda q: sum(w.apply(spec.name, q) for w in workers)  # noqa: E731
+    apply = lambda q: sum(w.run([spec.name], {spec.name: q})[spec.name] for w in workers)  # noqa: E731
     spectrum = randomized_spectrum(apply, spec.dim, 16, oversample=4, power_iters=2, seed=0, name=spec.name,
                                    dtype=torch.float64)
     before = [w.passes() for w in workers]
     writer = CoordinateWriter(tmp_path, manifest.num_rows, "float32")
     path = writer.begin(spec.name, 16)
-    assert sum(w.write_coordinates(spec.name, spectrum.vectors, path, "float32") for w in workers) == manifest.num_rows
+    assert sum(w.write_coordinates([spec.name], {spec.name: spectrum.vectors}, {spec.name: path}, "float32")
+               for w in workers) == manifest.num_rows
     writer.commit(spec.name)
     assert [w.passes() - b for w, b in zip(workers, before)] == [1] * NUM_WORKERS
     rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, [k], out_dtype=torch.float64,

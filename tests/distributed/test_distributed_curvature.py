@@ -1,5 +1,5 @@
-"""Stage 2 on Ray: Gram workers' partial sums add up to the one-process operator, and the one driver with
-the Ray backend writes the one-process curvature; streamed workers read each shard once per pass."""
+"""Stage 2 on Ray: Gram workers' partial sums add up to the one-process pass, and the one driver with the Ray
+backend writes the one-process curvature; streamed workers read each shard once per pass for all layers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from lorif_ray.distributed.curvature import GramWorker, RayGram, RemoteLayerGram
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import ParquetRows
-from lorif_ray.store import load_tensors, open_index
+from lorif_ray.stages.saved_curvature import read_curvature
+from lorif_ray.store import open_index
 from tests.distributed.conftest import NUM_WORKERS
 
 
@@ -25,20 +26,25 @@ def test_gram_workers_partial_sums_add_up_without_ray(baseline):
     cfg = baseline["cfg"]
     manifest = open_index(cfg.index_path)
     spec = layer_specs(manifest)[0]
+    other = layer_specs(manifest)[2]
     q = torch.randn(spec.dim, 5, dtype=torch.float64)
+    layers = [spec.name, other.name]
     for resident in (False, True):
         workers = [GramWorker(cfg, g, resident=resident) for g in shard_groups(manifest, NUM_WORKERS)]
         whole = GramWorker(cfg, [r.index for r in manifest.shards], resident=resident)
-        torch.testing.assert_close(sum(w.apply(spec.name, q) for w in workers), whole.apply(spec.name, q))
-        torch.testing.assert_close(sum(w.gram(spec.name) for w in workers), whole.gram(spec.name))
+        parts = [w.run(layers, {spec.name: q}, {other.name: torch.float64}) for w in workers]
+        expected = whole.run(layers, {spec.name: q}, {other.name: torch.float64})
+        for name in layers:
+            torch.testing.assert_close(sum(p[name] for p in parts), expected[name])
 
 
-def test_streamed_workers_read_each_shard_once_per_pass(baseline):
-    """A worker whose rows are streamed re-reads its shards once per Gram product and never more
-    (the files it opens are counted); resident rows are read once per layer."""
+def test_streamed_workers_read_each_shard_once_per_pass_for_all_layers(baseline):
+    """A worker whose rows are streamed reads each of its shards once per pass, whatever the number of layers
+    it fits (the files it opens are counted); resident rows are read once."""
     cfg = baseline["cfg"]
     manifest = open_index(cfg.index_path)
-    spec = layer_specs(manifest)[1]
+    specs = layer_specs(manifest)
+    layers = [s.name for s in specs]
     opened = []
     import lorif_ray.store.shards as shards
 
@@ -51,15 +57,15 @@ def test_streamed_workers_read_each_shard_once_per_pass(baseline):
     shards._record_batches = counting
     try:
         worker = GramWorker(cfg, [0, 1, 2], resident=False)
-        q = torch.randn(spec.dim, 4, dtype=torch.float64)
+        queries = {s.name: torch.randn(s.dim, 4, dtype=torch.float64) for s in specs}
         for _ in range(3):
-            worker.apply(spec.name, q)
-        assert isinstance(worker.current[1].rows, ParquetRows) and worker.passes() == 3
+            worker.run(layers, queries)
+        assert isinstance(worker.current[1].rows, ParquetRows) and worker.passes() == 3 and len(layers) == 8
         assert sorted(opened) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
         opened.clear()
         resident = GramWorker(cfg, [0, 1, 2], resident=True)
         for _ in range(3):
-            resident.apply(spec.name, q)
+            resident.run(layers, queries)
         assert sorted(opened) == [0, 1, 2]
     finally:
         shards._record_batches = real
@@ -72,11 +78,14 @@ def test_distributed_gram_equals_one_process(baseline, ray_cluster):
     whole = GramWorker(cfg, [r.index for r in manifest.shards])
     backend = RayGram(cfg, manifest, None, "cpu", num_workers=NUM_WORKERS)
     try:
-        remote = backend.layer(spec)
+        remote = backend.layers([spec])
         assert isinstance(remote, RemoteLayerGram)
-        torch.testing.assert_close(remote.gram(), whole.gram(spec.name), rtol=1e-10, atol=1e-12)
         q = torch.randn(spec.dim, 4, dtype=torch.float64)
-        torch.testing.assert_close(remote(q), whole.apply(spec.name, q), rtol=1e-10, atol=1e-10)
+        got = remote({spec.name: q})[spec.name]
+        torch.testing.assert_close(got, whole.run([spec.name], {spec.name: q})[spec.name], rtol=1e-10, atol=1e-10)
+        gram = remote(grams={spec.name: torch.float64})[spec.name]
+        torch.testing.assert_close(gram, whole.run([spec.name], grams={spec.name: torch.float64})[spec.name],
+                                   rtol=1e-10, atol=1e-12)
     finally:
         backend.close()
 
@@ -86,10 +95,10 @@ def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster)
     dist = baseline["config"]("dist_curvature")
     report = run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))
     assert not report["reused"]
-    expected, expected_meta = load_tensors(one.curvature_path)
-    actual, actual_meta = load_tensors(dist.curvature_path)
+    expected, expected_meta = read_curvature(one.curvature_path)
+    actual, actual_meta = read_curvature(dist.curvature_path)
     assert {k: v for k, v in actual_meta.items() if k != "layers"} == \
-        {k: v for k, v in expected_meta.items() if k != "layers"}
+        {k: v for k, v in expected_meta.items() if k != "layers"}  # same settings, policy, index: same id
     for layer, want in expected_meta["layers"].items():
         got = actual_meta["layers"][layer]
         assert (got["kind"], got["rank"]) == (want["kind"], want["rank"])

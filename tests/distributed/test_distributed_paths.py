@@ -51,7 +51,7 @@ def test_streaming_resident_and_ray_give_the_same_scores(tiny_assets, tmp_path, 
 
 def test_ray_stage_two_equals_one_process_on_a_dense_index(tiny_assets, tmp_path, ray_cluster):
     """LoGRA's exact inverse from Gram workers (D×D partial sums) equals the one-process one."""
-    from lorif_ray.store import load_tensors
+    from lorif_ray.stages.saved_curvature import read_curvature
 
     index_dir = str(tmp_path / "index")
     one = make_config(tiny_assets, tmp_path / "one", method="logra", shard_size=10, index_dir=index_dir)
@@ -59,8 +59,8 @@ def test_ray_stage_two_equals_one_process_on_a_dense_index(tiny_assets, tmp_path
     run_curvature(one)
     ray = make_config(tiny_assets, tmp_path / "ray", method="logra", shard_size=10, index_dir=index_dir)
     run_curvature(ray, partial(RayGram, num_workers=NUM_WORKERS))
-    expected, _ = load_tensors(one.curvature_path)
-    got, _ = load_tensors(ray.curvature_path)
+    expected, _ = read_curvature(one.curvature_path)
+    got, _ = read_curvature(ray.curvature_path)
     for name, tensor in expected.items():
         assert (got[name] - tensor).norm() <= 1e-9 * tensor.norm(), name
 

@@ -17,8 +17,8 @@ from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import run_query
 from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows
-from lorif_ray.stages.saved_curvature import load_curvature
-from lorif_ray.store import iter_batches, load_tensors, open_index
+from lorif_ray.stages.saved_curvature import load_curvature, read_curvature
+from lorif_ray.store import iter_batches, open_index
 from tests.conftest import QUERY_CONFIG
 
 
@@ -27,8 +27,8 @@ def _rel(a, b):
 
 
 def _same_curvature(path, ref_path, tolerance):
-    expected, _ = load_tensors(ref_path)
-    got, _ = load_tensors(path)
+    expected, _ = read_curvature(ref_path)
+    got, _ = read_curvature(path)
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         if name.endswith(".vectors"):  # V diag(σ²) Vᵀ (vectors of zero eigenvalues are arbitrary)
@@ -118,22 +118,50 @@ def test_stale_coordinates_are_not_used(baseline):
 
 
 def test_stage_two_holds_a_layer_resident_only_when_it_fits(baseline):
-    """N · c(d1+d2) numbers in the math dtype against a fraction of the device's memory."""
+    """N · Σ c(d1+d2) numbers in the math dtype against a fraction of the device's memory."""
     cfg = baseline["cfg"]
     manifest = open_index(cfg.index_path)
-    spec = max(layer_specs(manifest), key=lambda s: s.c * (s.d1 + s.d2))
-    assert isinstance(layer_rows(cfg.index_path, manifest, spec, dtype=torch.float64), ResidentRows)
-    assert isinstance(layer_rows(cfg.index_path, manifest, spec, dtype=torch.float64, fraction=1e-12), ParquetRows)
+    specs = layer_specs(manifest)
+    assert isinstance(layer_rows(cfg.index_path, manifest, specs, dtype=torch.float64), ResidentRows)
+    assert isinstance(layer_rows(cfg.index_path, manifest, specs, dtype=torch.float64, fraction=1e-12), ParquetRows)
     assert Precision.of(cfg, torch.device("cpu")).math == torch.float64
 
 
-def test_a_query_with_other_curvature_settings_is_refused_by_name(baseline):
-    """r and damping of the query config must be those of the saved curvature (issue: r=32 on an r=16 file
-    scored with r=16 and stamped r=32); the precision policy too."""
-    from lorif_ray.config import PrecisionConfig
+def test_layers_fitted_in_groups_or_resumed_give_the_same_curvature(baseline, monkeypatch):
+    """One layer per group (a tiny budget) writes the curvature of all layers in one group; a stage 2 that
+    stopped part-way (header and three layer files lost) fits only the missing layers on re-run."""
+    import lorif_ray.stages.curvature as stage
 
-    for overrides, keys in (({"r": 32, "damping": 5.0}, "config.damping, config.r"),
-                            ({"precision": PrecisionConfig(matmul="float32")}, "precision.matmul")):
-        cfg = baseline["config"]("refused", with_curvature=True, **overrides)
-        with pytest.raises(IndexMismatchError, match=keys):
-            run_query(cfg)
+    ref = baseline["cfg"]
+    cfg = baseline["config"]("groups")
+    monkeypatch.setattr(stage, "GROUP_BYTES", 1)
+    assert all(len(g) == 1 for g in stage.layer_groups(layer_specs(open_index(cfg.index_path)), cfg))
+    assert run_curvature(cfg)["fitted_layers"] == 8
+    _same_curvature(cfg.curvature_path, ref.curvature_path, 1e-10)
+    (cfg.curvature_path / "_curvature.json").unlink()
+    for path in sorted(cfg.curvature_path.glob("*.safetensors"))[:3]:
+        path.unlink()
+    report = run_curvature(cfg)
+    assert report["fitted_layers"] == 3 and len(report["layers"]) == 8
+    _same_curvature(cfg.curvature_path, ref.curvature_path, 1e-10)
+
+
+def test_a_streamed_stage_two_reads_each_shard_once_per_pass(baseline):
+    """Rows streamed (not resident): every pass reads each shard once for all 8 layers of the group."""
+    import lorif_ray.store.shards as shards
+
+    cfg = baseline["config"]("streamed_passes")
+    opened = []
+    real = shards._record_batches
+
+    def counting(directory, manifest, record, columns, batch_rows):
+        opened.append(record.index)
+        return real(directory, manifest, record, columns, batch_rows)
+
+    shards._record_batches = counting
+    try:
+        run_curvature(cfg, _resident_gram(False))
+    finally:
+        shards._record_batches = real
+    # 5 shards; passes: 3 power iterations + the last (one of which also forms D×D GᵀG for the small layers)
+    assert len(opened) == 5 * (cfg.svd_power_iters + 1)
