@@ -160,7 +160,7 @@ class ShardWriter:
         `write_shard` replaces the record. Files verified (or written) here are not read again while
         their size and mtime stay the same.
         """
-        record = next((s for s in self.manifest.shards if s.index == shard_index), None)
+        record = self.manifest.record(shard_index)
         key = None if record is None else _file_key(self.directory, record)
         if key is None:
             return False
@@ -232,13 +232,12 @@ class ShardWriter:
         path = self.directory / record.file
         if not path.is_file() or path.stat().st_size != record.bytes:
             raise MissingShardError(f"shard {record.index}: {path} is not on disk with {record.bytes} bytes")
-        with self._locked():
-            manifest = self._load_or_create(self.manifest)
-            others = [s for s in manifest.shards if s.index != record.index]
-            manifest.shards = sorted(others + [record], key=lambda s: s.index)
-            manifest.complete, manifest.num_rows = False, None
-            manifest.save(self.directory)
-            self.manifest = manifest
+        with self._locked():  # one appended line per shard, not the whole manifest rewritten
+            if self.manifest.complete:  # a re-run replaces a record of a finished index: no longer finished
+                self.manifest.complete, self.manifest.num_rows = False, None
+                self.manifest.save(self.directory)
+            Manifest.append_record(self.directory, record)
+            self.manifest.add(record)
         self._verified[_file_key(self.directory, record)] = True  # its SHA-256 was taken when it was written
         return record
 

@@ -52,10 +52,12 @@ def test_a_failed_background_write_stops_stage_one_and_keeps_the_shards_before_i
     with pytest.raises(OSError, match="No space left"):
         run_index(cfg)
     monkeypatch.setattr(ShardWriter, "write_shard", real_write)
-    manifest = json.loads((tmp_path / "index" / "_manifest.json").read_text())
-    assert [s["index"] for s in manifest["shards"]][:1] == [0] and 1 not in [s["index"] for s in manifest["shards"]]
+    from lorif_ray.store.manifest import Manifest
+
+    committed = [s.index for s in Manifest.load(tmp_path / "index").shards]  # the manifest and its shard log
+    assert committed[:1] == [0] and 1 not in committed
     again = run_index(cfg)
-    assert again["computed"] == 48 - 16 * len(manifest["shards"])
+    assert again["computed"] == 48 - 16 * len(committed)
     assert pq.read_table(tmp_path / "index").column("example_id").to_pylist() == [f"t{i}" for i in range(48)]
 
 
