@@ -166,7 +166,7 @@ def stage2(args, specs) -> list[dict]:
         u = torch.randn(rows, d1, c, device=device, generator=gen)
         v = torch.randn(rows, d2, c, device=device, generator=gen)
         q = torch.linalg.qr(torch.randn(dim, k, device=device, generator=gen)).Q
-        gram = GramOperator(ResidentRows(u, v, chunk_rows=args.stage2_chunk), matmul_dtype=mm)
+        gram = GramOperator(ResidentRows({"layer": (u, v)}, chunk_rows=args.stage2_chunk), matmul_dtype=mm)
         seconds = timed(lambda: gram(q), device)
         per_pass = seconds * args.n / rows * count
         out.append({"shape": f"{d1}x{d2} c={c}", "layers": count, "k": k, "rows": rows, "s_per_pass_measured": seconds,
@@ -343,7 +343,7 @@ def checks(args) -> dict[str, float]:
     for label, dev, dt, mm in (("float64 cpu", "cpu", torch.float64, None),
                                (f"float32 {args.device}", args.device, torch.float32, None),
                                (f"bf16 {args.device}", args.device, torch.float32, torch.bfloat16)):
-        gram = GramOperator(ResidentRows(u.to(dev, dt), v.to(dev, dt), chunk_rows=7), matmul_dtype=mm)
+        gram = GramOperator(ResidentRows({"a": (u.to(dev, dt), v.to(dev, dt))}, chunk_rows=7), matmul_dtype=mm)
         spectrum = randomized_spectrum(gram, 24, 6, oversample=3, power_iters=3, seed=0, name="a", dtype=dt, device=dev)
         op = lambda s: (s.vectors.double().cpu() * s.values.double().cpu()) @ s.vectors.double().cpu().T  # noqa: E731
         errors[f"stage 2 {label} V S^2 V^T"] = rel(op(spectrum), op(reference))
