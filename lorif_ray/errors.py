@@ -39,3 +39,7 @@ class ModelMismatchError(IndexMismatchError):
 
 class NonFiniteGradientError(LorifError, FloatingPointError):
     """NaN or Inf in a per-example gradient."""
+
+
+class ClusterLostError(LorifError, RuntimeError):
+    """Ray lost the driver's own node (its raylet died) mid-stage; finished work is kept for a re-run."""

@@ -12,9 +12,12 @@ all-reduce every batch), so a replacement replica reuses the same bundles.
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from lorif_ray.config import ClusterConfig
-from lorif_ray.errors import ConfigError
+from lorif_ray.errors import ClusterLostError, ConfigError
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -123,3 +126,44 @@ def in_bundle(group, index: int) -> dict:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
+
+
+@contextmanager
+def node_watch(stage: str, interval_s: float = 2.0) -> Iterator[None]:
+    """Turn the death of this driver's own Ray node (its raylet) during ``stage`` into one line.
+
+    Without it the driver waits in ``ray.get`` until Ray's own timeouts end it with log noise. A thread asks
+    the cluster's control store every ``interval_s`` whether the driver's node is alive; once it is marked
+    dead (about 15 s after the raylet died) the main thread is interrupted and ``ClusterLostError`` says
+    what happened and that a re-run resumes (committed shards and finished curvature layers are kept).
+    Other nodes' deaths are not this: their actors are replaced and their work redone.
+    """
+    import _thread
+
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    stop, died = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            try:
+                alive = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+            except Exception:  # the control store is busy or restarting: ask again
+                continue
+            if alive.get(node_id) is False:
+                died.set()
+                _thread.interrupt_main()
+                return
+
+    thread = threading.Thread(target=watch, name="lorif-node-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if died.is_set():
+            raise ClusterLostError(f"Ray lost this driver's node (its raylet died) during stage {stage}; the work "
+                                   "already committed is kept: re-run the same command to resume") from None
+        raise
+    finally:
+        stop.set()

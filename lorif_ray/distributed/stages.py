@@ -22,7 +22,7 @@ def run_stage(name: str, cfg: Config) -> dict:
     if cfg.cluster.backend == "none":
         return run_local_stage(name, cfg)
     claim_output_dir(cfg)
-    from lorif_ray.distributed.cluster import actor_options, connect
+    from lorif_ray.distributed.cluster import actor_options, connect, node_watch
     from lorif_ray.distributed.curvature import RayGram
     from lorif_ray.distributed.index_pipeline import run_index_distributed
     from lorif_ray.distributed.query_service import ray_query
@@ -30,8 +30,9 @@ def run_stage(name: str, cfg: Config) -> dict:
     connect(cfg.cluster)
     cluster = cfg.cluster
     options = actor_options(cluster, gpu=True)
-    if name == "index":
-        return run_index_distributed(cfg)
-    if name == "curvature":
-        return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=options))
-    return run_query(cfg, partial(ray_query, num_workers=cluster.query_actors, actor_options=options))
+    with node_watch(name):
+        if name == "index":
+            return run_index_distributed(cfg)
+        if name == "curvature":
+            return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=options))
+        return run_query(cfg, partial(ray_query, num_workers=cluster.query_actors, actor_options=options))

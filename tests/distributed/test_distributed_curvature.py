@@ -14,6 +14,7 @@ from lorif_ray.stages.rows import ParquetRows
 from lorif_ray.stages.saved_curvature import read_curvature
 from lorif_ray.store import open_index
 from tests.distributed.conftest import NUM_WORKERS
+from tests.stages.helpers import counting_shard_reads
 
 
 def test_shard_groups_are_contiguous_balanced_and_cover_every_shard(baseline):
@@ -45,17 +46,7 @@ def test_streamed_workers_read_each_shard_once_per_pass_for_all_layers(baseline)
     manifest = open_index(cfg.index_path)
     specs = layer_specs(manifest)
     layers = [s.name for s in specs]
-    opened = []
-    import lorif_ray.store.shards as shards
-
-    real = shards._record_batches
-
-    def counting(directory, manifest, record, columns, batch_rows):
-        opened.append(record.index)
-        return real(directory, manifest, record, columns, batch_rows)
-
-    shards._record_batches = counting
-    try:
+    with counting_shard_reads() as opened:
         worker = GramWorker(cfg, [0, 1, 2], resident=False)
         queries = {s.name: torch.randn(s.dim, 4, dtype=torch.float64) for s in specs}
         for _ in range(3):
@@ -67,8 +58,6 @@ def test_streamed_workers_read_each_shard_once_per_pass_for_all_layers(baseline)
         for _ in range(3):
             resident.run(layers, queries)
         assert sorted(opened) == [0, 1, 2]
-    finally:
-        shards._record_batches = real
 
 
 def test_distributed_gram_equals_one_process(baseline, ray_cluster):

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 from lorif_ray.config import Config, DataConfig, MethodConfig, ModelConfig, QueryConfig
 
 
@@ -7,3 +9,22 @@ def make_config(assets, output_dir, method="lorif", **overrides) -> Config:
                   data=DataConfig(train=str(assets["train"]), queries=str(assets["queries"]), max_length=32),
                   method=MethodConfig(name=method), query=query, output_dir=str(output_dir), progress=False,
                   **overrides)
+
+
+@contextmanager
+def counting_shard_reads():
+    """The indices of the shard files opened for reading inside the block, in order (every reader of the store
+    goes through ``lorif_ray.store.shards._record_batches``)."""
+    import lorif_ray.store.shards as shards
+
+    opened, real = [], shards._record_batches
+
+    def counting(directory, manifest, record, columns, batch_rows):
+        opened.append(record.index)
+        return real(directory, manifest, record, columns, batch_rows)
+
+    shards._record_batches = counting
+    try:
+        yield opened
+    finally:
+        shards._record_batches = real

@@ -20,6 +20,7 @@ from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows
 from lorif_ray.stages.saved_curvature import load_curvature, read_curvature
 from lorif_ray.store import iter_batches, open_index
 from tests.conftest import QUERY_CONFIG
+from tests.stages.helpers import counting_shard_reads
 
 
 def _rel(a, b):
@@ -148,20 +149,8 @@ def test_layers_fitted_in_groups_or_resumed_give_the_same_curvature(baseline, mo
 
 def test_a_streamed_stage_two_reads_each_shard_once_per_pass(baseline):
     """Rows streamed (not resident): every pass reads each shard once for all 8 layers of the group."""
-    import lorif_ray.store.shards as shards
-
     cfg = baseline["config"]("streamed_passes")
-    opened = []
-    real = shards._record_batches
-
-    def counting(directory, manifest, record, columns, batch_rows):
-        opened.append(record.index)
-        return real(directory, manifest, record, columns, batch_rows)
-
-    shards._record_batches = counting
-    try:
+    with counting_shard_reads() as opened:
         run_curvature(cfg, _resident_gram(False))
-    finally:
-        shards._record_batches = real
     # 5 shards; passes: 3 power iterations + the last (one of which also forms D×D GᵀG for the small layers)
     assert len(opened) == 5 * (cfg.svd_power_iters + 1)
