@@ -3,18 +3,21 @@
     python jobs/curvature.py model.path=/models/my-gpt2 r=256 output_dir=out
 """
 
+import logging
+
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
 from lorif_ray.distributed.stages import run_stage
 
 register_configs()
+log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
     report = run_stage("curvature", from_hydra(cfg))
-    print(f"curvature: {report['path']}" + (" (reused)" if report["reused"] else f" in {report['seconds']:.1f}s"))
+    log.info("curvature: %s%s", report["path"], " (reused)" if report["reused"] else f" in {report['seconds']:.1f}s")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     ray job submit --working-dir . -- python jobs/index.py cluster=gpu_nodes ...   # on a running cluster
 """
 
+import logging
+
 import hydra
 
 from lorif_ray.config import from_hydra, register_configs
@@ -12,11 +14,12 @@ from lorif_ray.distributed.stages import run_stage
 from lorif_ray.stages.summary import describe_index
 
 register_configs()
+log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    print(describe_index(run_stage("index", from_hydra(cfg))))
+    log.info("%s", describe_index(run_stage("index", from_hydra(cfg))))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None  # .parquet/.jsonl with `text`, or `prompt` + `response`; optional `id`
+    # .jsonl, .parquet, .arrow or a `datasets` save_to_disk folder, with `text`, `prompt` + `response`, or chat
+    # `messages`; optional `id`
+    train: Optional[str] = None
     queries: Optional[str] = None  # same format; an optional `source_id` column is checked against the top-k
     max_length: int = 128
     batch_size: int = 8  # examples per forward+backward
@@ -104,8 +106,14 @@ class QueryConfig:
     # queries skip recomputing them: more disk, much less query time; on Ray the query actors then
     # hold no V_r for scoring, only a share of the layers' V_r to project the queries
     store_coordinates: bool = False
+    # what a query's gradient is taken of (training examples: always the summed loss): loss (summed over the
+    # target tokens), logprob (summed log-probability of the target tokens; its gradient is minus the loss's and
+    # it is scored with that sign flipped, so > 0 still means proponent), mean_loss (loss / target tokens);
+    # "custom:<name>" records a function passed to the Python API
+    measurement: str = "loss"
 
 
+MEASUREMENT_NAMES = ("loss", "logprob", "mean_loss")
 BACKENDS = ("ray", "none")
 
 
@@ -201,6 +209,8 @@ def validate(cfg: Config) -> None:
         (cfg.precision.math in MATH_DTYPES, f"precision.math={cfg.precision.math!r}: choose one of {MATH_DTYPES}"),
         (cfg.precision.matmul in MATMUL_DTYPES,
          f"precision.matmul={cfg.precision.matmul!r}: choose one of {MATMUL_DTYPES}"),
+        (cfg.query.measurement in MEASUREMENT_NAMES or cfg.query.measurement.startswith("custom:"),
+         f"query.measurement={cfg.query.measurement!r}: choose one of {MEASUREMENT_NAMES}"),
         (cfg.query.train_batch_rows >= 1, f"query.train_batch_rows={cfg.query.train_batch_rows}: must be >= 1"),
     ]
     for ok, message in checks:

@@ -44,7 +44,9 @@ def tokenize_examples(
 
     With a prompt, the prompt and the rest of the text are tokenized separately (special tokens such
     as a BOS only on the prompt, so they come first) and concatenated, so the prompt/response
-    boundary falls exactly between tokens. Sequences longer than `max_length` keep their start.
+    boundary falls exactly between tokens. Chat examples (`messages`) are rendered with the
+    tokenizer's chat template turn by turn (``chat_segments``), each piece tokenized on its own, with
+    loss on the assistant turns only. Sequences longer than `max_length` keep their start.
 
     Args:
         examples: Examples to tokenize.
@@ -56,7 +58,7 @@ def tokenize_examples(
 
     Raises:
         ConfigError: max_length < 2.
-        DataError: An example's text is empty.
+        DataError: An example's text is empty, or chat examples meet a tokenizer without a chat template.
         NoLossTokensError: Some examples have no predicted position (i >= 1) with a label, e.g. a
             prompt of max_length tokens or more, or a one-token text; the message lists their ids.
     """
@@ -71,17 +73,21 @@ def tokenize_examples(
     if not examples:
         return []
 
+    chats = {i: _chat_tokens(tokenizer, e) for i, e in enumerate(examples) if e.messages is not None}
+    plain = [i for i in range(len(examples)) if i not in chats]
     # The head is the prompt, or the whole text; only heads get special tokens.
-    heads = [e.text if e.prompt is None else e.prompt for e in examples]
-    head_ids = tokenizer(heads, add_special_tokens=True)["input_ids"]
-    prompt_rows = [i for i, e in enumerate(examples) if e.prompt is not None]
+    heads = [examples[i].text if examples[i].prompt is None else examples[i].prompt for i in plain]
+    head_ids = dict(zip(plain, tokenizer(heads, add_special_tokens=True)["input_ids"] if heads else []))
+    prompt_rows = [i for i in plain if examples[i].prompt is not None]
     responses = [examples[i].text[len(examples[i].prompt) :] for i in prompt_rows]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
     tail_ids = dict(zip(prompt_rows, response_ids))
 
     tokenized = []
     for i, example in enumerate(examples):
-        if example.prompt is None:
+        if i in chats:
+            input_ids, labels = chats[i]
+        elif example.prompt is None:
             input_ids, labels = list(head_ids[i]), list(head_ids[i])
         else:
             input_ids = list(head_ids[i]) + list(tail_ids[i])
@@ -95,6 +101,50 @@ def tokenize_examples(
             f"too long, an empty response or a one-token text): {_format_ids(no_loss)}"
         )
     return tokenized
+
+
+def chat_segments(tokenizer, example: Example) -> list[tuple[str, bool]]:
+    """A chat example rendered with the tokenizer's chat template, cut into (text, carries loss) pieces.
+
+    Each turn's text is what rendering one more turn appends; an assistant turn's own header (what
+    ``add_generation_prompt=True`` appends) carries no loss, its content and end marker do.
+
+    Raises:
+        DataError: the tokenizer has no chat template, or the template does not render the conversation
+            turn by turn (a longer conversation must extend the rendering of a shorter one).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"example {example.id!r} has 'messages', but the tokenizer has no chat template: set "
+                        "tokenizer.chat_template (and save it with the model), or give 'prompt' + 'response' or "
+                        "'text' instead")
+    messages = [{"role": role, "content": content} for role, content in example.messages]
+    segments, previous = [], ""
+    for turn in range(len(messages)):
+        pieces = []
+        if messages[turn]["role"] == "assistant":
+            pieces.append((tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+                           if turn else "", False))
+        rendered = tokenizer.apply_chat_template(messages[:turn + 1], tokenize=False)
+        pieces.append((rendered, messages[turn]["role"] == "assistant"))
+        for text, loss in pieces:
+            if not text.startswith(previous):
+                raise DataError(f"example {example.id!r}: the chat template does not render turn {turn} as a "
+                                "continuation of the turns before it, so the assistant tokens cannot be masked")
+            if len(text) > len(previous):
+                segments.append((text[len(previous):], loss))
+            previous = text
+    return segments
+
+
+def _chat_tokens(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a chat example: each segment tokenized on its own (the template writes its
+    special tokens as text), labels on the assistant segments only."""
+    input_ids, labels = [], []
+    for text, loss in chat_segments(tokenizer, example):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if loss else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
 
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:

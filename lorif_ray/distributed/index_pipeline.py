@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
+from lorif_ray.data import data_sha256
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows
@@ -50,7 +51,7 @@ from lorif_ray.stages.index import (
     train_examples,
 )
 from lorif_ray.stages.inputs import resolve_inputs
-from lorif_ray.store import ShardRecord, ShardWriter, file_sha256
+from lorif_ray.store import ShardRecord, ShardWriter
 
 
 class GradientWorker:
@@ -119,19 +120,24 @@ class GradientWorker:
         return {"kind": f.kind, "columns": f.columns,
                 "meta": index_meta(self.cfg, f, self.identity, data_sha256, num_examples)}
 
-    def featurize(self, shard: int, chunk: list, fused: bool) -> tuple[dict, tuple | None]:
+    def featurize(self, shard: int, chunk: list, fused: bool, measurement: str = "loss") -> tuple[dict, tuple | None]:
         """One shard → (status, payload); payload is ("columns", ids, {column: (n, width)}) or, not
         fused, ("captured", [(batch ids, {layer: (A, B)})]) for the pool to factorize; None on
-        tensor-parallel ranks other than 0."""
+        tensor-parallel ranks other than 0. ``measurement`` (``query.measurement``, for queries; training
+        shards keep "loss") applies to this call only, so a restarted actor needs no state."""
         start = time.perf_counter()
         batch_size, kind = self.cfg.data.batch_size, self.featurizer.kind
-        if fused or kind == "hidden":
-            if self.tp_size == 1 or kind == "hidden":
-                payload = ("columns", *featurize_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+        previous, self.featurizer.measurement = self.featurizer.measurement, measurement
+        try:
+            if fused or kind == "hidden":
+                if self.tp_size == 1 or kind == "hidden":
+                    payload = ("columns", *featurize_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+                else:
+                    payload = self._featurize_tensor_parallel(chunk)
             else:
-                payload = self._featurize_tensor_parallel(chunk)
-        else:
-            payload = ("captured", capture_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+                payload = ("captured", capture_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+        finally:
+            self.featurizer.measurement = previous
         status = {"shard": shard, "rows": len(chunk), "rank": self.rank, "pid": os.getpid(),
                   "seconds": time.perf_counter() - start}
         return status, payload if self.rank == 0 else None
@@ -316,7 +322,7 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
     chunks = shard_chunks(examples, cfg.shard_size)
     pipeline = IndexPipeline(cfg, str(inputs.model_path), max_replicas=len(chunks))
     try:
-        layout = ray.get(pipeline.gradient_actors[0].describe.remote(file_sha256(train_path), len(examples)))
+        layout = ray.get(pipeline.gradient_actors[0].describe.remote(data_sha256(train_path), len(examples)))
         layout.update(dtype=cfg.dtype, shard_size=cfg.shard_size)
         reused = reuse_finished_index(cfg, layout["kind"], layout["columns"], layout["meta"], len(examples))
         if reused is not None:  # complete and intact: no lock, no writes (read-only storage is fine)

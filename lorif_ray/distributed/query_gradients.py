@@ -23,7 +23,8 @@ class RemoteQueryFeaturizer:
     to release the replica.
 
     The replica is built from ``query_config``: every row-shaping setting (f, c, seed, factor_iters,
-    layers, dtypes, max_length) is the index's, as in one process.
+    layers, dtypes, max_length) is the index's, as in one process; the replica takes each query's gradient
+    of ``query.measurement`` (training shards: the summed loss).
 
     Raises:
         ModelMismatchError / IndexMismatchError: the model or a row-shaping setting differs from the index's.
@@ -33,6 +34,10 @@ class RemoteQueryFeaturizer:
         import ray
 
         cfg = query_config(cfg, manifest)
+        if cfg.query.measurement.startswith("custom:"):
+            raise ConfigError(f"query.measurement={cfg.query.measurement}: a measurement function runs in one "
+                              "process (cluster=none); on Ray choose one of loss, logprob, mean_loss")
+        self.measurement = cfg.query.measurement  # what the replica takes each query's gradient of
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]
@@ -56,7 +61,10 @@ class RemoteQueryFeaturizer:
         if not queries:
             raise ConfigError(f"{queries_path} holds no queries")
         start = time.perf_counter()
-        _, payload, statuses = self.pipeline.featurize(self.pipeline.gradient_slots[0], 0, queries)
+        # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
+        calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement)
+                 for rank in self.pipeline.gradient_slots[0].actors]
+        payload, statuses = calls[0][1], [status for status, _ in calls]
         ray.get(statuses)
         _, ids, columns = ray.get(payload)
         return ids, {k: v.float().cpu() for k, v in columns.items()}, time.perf_counter() - start

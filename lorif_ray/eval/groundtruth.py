@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -24,6 +25,8 @@ from lorif_ray.eval.config import EvalConfig
 from lorif_ray.eval.recipe import example_losses, train
 from lorif_ray.eval.setups import facts_corpus, make_tokenizer, shakespeare_corpus
 from lorif_ray.store import atomic_path, write_json
+
+log = logging.getLogger(__name__)
 
 RUNS: Counter = Counter()  # what this process actually computed (not loaded): "retrain", "setup"
 
@@ -147,8 +150,8 @@ def ground_truth(ev: EvalConfig, setup: Setup | None = None, progress: bool = Tr
                 write_json(path, {"subset": np.flatnonzero(member).tolist(), "seed": seed, "losses": values,
                                   "seconds": time.perf_counter() - start, "recipe": setup.digest})
                 if progress:
-                    print(f"retrain subset {m + 1}/{len(subsets)} seed {seed}: {time.perf_counter() - start:.1f}s",
-                          flush=True)
+                    log.info("retrain subset %d/%d seed %d: %.1fs", m + 1, len(subsets), seed,
+                             time.perf_counter() - start)
             record = json.loads(path.read_text())
             losses[s, m] = record["losses"]
             seconds.append(record["seconds"])

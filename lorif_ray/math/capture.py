@@ -6,7 +6,8 @@ hook keeps A_i = X_i P_in (T×d1) and a hook on the output tensor keeps B_i = δ
 the projected gradient is G̃_i = A_iᵀ B_i (d1×d2).
 
 δY is the gradient of each example's *summed* token loss (never a batch mean), so examples in one
-batch do not scale each other. Right padding never contributes: a padded position has no loss and,
+batch do not scale each other; queries may be featurized with another per-example measurement
+(``MEASUREMENTS``: the log-probability of the target tokens, the mean loss, or a user function). Right padding never contributes: a padded position has no loss and,
 under causal attention, feeds no other position, so its δY is exactly zero.
 
 While the capture is active every parameter is frozen, so backward computes activation gradients
@@ -14,6 +15,8 @@ only (no weight gradients are ever allocated); hooked outputs are made to requir
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,16 +130,79 @@ def per_example_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], ids
             input_ids (Hugging Face convention) and -100 marks tokens without loss.
         ids: example ids, used only to name examples without loss tokens.
     """
+    return per_example_measurement(model, batch, ids, "loss")
+
+
+def token_losses(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy of every predicted position, 0 where the label is -100: (B, T-1)."""
+    logits = outputs.logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in full precision, whatever the model's dtype
+    labels = batch["labels"][:, 1:].to(logits.device)
+    return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
+
+
+def summed_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_t −log p(y_t) over the example's loss tokens: (B,). What training examples are always featurized with."""
+    return token_losses(outputs, batch).sum(dim=1)
+
+
+def summed_logprob(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_t log p(y_t) over the target (loss) tokens: (B,) = −summed_loss."""
+    return -token_losses(outputs, batch).sum(dim=1)
+
+
+def mean_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """summed_loss / the number of target tokens: (B,)."""
+    counts = (batch["labels"][:, 1:] != -100).sum(dim=1).to(outputs.logits.device)
+    return token_losses(outputs, batch).sum(dim=1) / counts
+
+
+Measurement = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]
+"""``(model outputs, batch) → (B,)`` per-example scalar whose gradient a query is featurized with."""
+
+# name → (function, sign). The featurizer backpropagates sign · m, so that a positive score always means a
+# proponent: up-weighting t by ε changes the query's m by about −sign·ε·score, i.e. lowers a loss or
+# raises a log-probability. logprob's gradient is minus the loss gradient and its sign is −1, so its
+# scores equal the summed loss's.
+MEASUREMENTS: dict[str, tuple[Measurement, float]] = {
+    "loss": (summed_loss, 1.0), "logprob": (summed_logprob, -1.0), "mean_loss": (mean_loss, 1.0)}
+
+
+def measurement_function(measurement: str | Measurement) -> tuple[Measurement, float]:
+    """(function, sign) of a measurement name in ``MEASUREMENTS``, or (a user function, +1): a user function is
+    something to *lower* (like a loss); positive scores mean training on t lowers it."""
+    if callable(measurement):
+        return measurement, 1.0
+    if measurement not in MEASUREMENTS:
+        raise ValueError(f"measurement={measurement!r}: choose one of {tuple(MEASUREMENTS)} or pass a function")
+    return MEASUREMENTS[measurement]
+
+
+def per_example_measurement(model: nn.Module, batch: dict[str, torch.Tensor], ids: list[str] | None = None,
+                            measurement: str | Measurement = "loss") -> torch.Tensor:
+    """sign · m of each example, (B,), for a measurement name or function (``measurement_function``).
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T); -100 marks tokens without loss.
+        ids: example ids, used only to name examples without loss tokens.
+
+    Raises:
+        NoLossTokensError: an example has no target token (all labels -100).
+        ValueError: a user function returned another shape than (B,).
+    """
+    function, sign = measurement_function(measurement)
     labels = batch["labels"][:, 1:]
     counts = (labels != -100).sum(dim=1)
     if bool((counts == 0).any()):
         bad = [ids[i] if ids else str(i) for i in torch.nonzero(counts == 0).flatten().tolist()]
         raise NoLossTokensError(f"examples without loss tokens (all labels -100): {bad[:10]}")
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # the loss in full precision, whatever the model's dtype
-    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T-1)
-    return token_loss.sum(dim=1)
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    values = function(outputs, batch)
+    if values.shape != (batch["input_ids"].shape[0],):
+        raise ValueError(f"measurement {getattr(function, '__name__', function)!r} returned shape "
+                         f"{tuple(values.shape)}; expected one scalar per example ({batch['input_ids'].shape[0]},)")
+    return sign * values if sign != 1.0 else values
 
 
 def dense_gradients(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""The three stages in one process, with a printed summary."""
+"""The three stages in one process, with a logged summary."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
 from lorif_ray.config import Config
+from lorif_ray.data import load_examples
+from lorif_ray.errors import ConfigError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs
@@ -14,6 +17,7 @@ from lorif_ray.stages.query import run_query
 from lorif_ray.stages.summary import describe_index, describe_proponents
 from lorif_ray.store import write_json
 
+log = logging.getLogger(__name__)
 
 STAGES = ("index", "curvature", "query")
 
@@ -27,22 +31,43 @@ def run_local_stage(name: str, cfg: Config) -> dict:
     return {"index": run_index, "curvature": run_curvature, "query": run_query}[name](cfg)
 
 
+def check_data(cfg: Config) -> None:
+    """Load (and so schema-check) the training and query data before stage 1, so a bad query file fails
+    before any model work instead of after indexing and curvature.
+
+    Raises:
+        DataError: naming the file and the offending row.
+        ConfigError: ``query.measurement`` names a function (only the Python API can pass one).
+    """
+    if cfg.query.measurement.startswith("custom:"):
+        raise ConfigError(f"query.measurement={cfg.query.measurement}: a function is passed through the Python API "
+                          "(lorif_ray.Attributor.query); choose one of loss, logprob, mean_loss")
+    inputs = resolve_inputs(cfg)
+    for path in (inputs.train_path, inputs.queries_path):
+        if path is not None:
+            load_examples(path)
+
+
 def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_local_stage) -> dict:
-    """index → curvature → query; prints what each stage did and the top proponents of a few queries.
+    """index → curvature → query; logs what each stage did and the top proponents of a few queries
+    (logger ``lorif_ray.stages.attribute``, level INFO).
 
     Args:
         run_stage: runs one stage by name (``lorif_ray.distributed.stages.run_stage`` puts them on Ray);
             by default in this process.
     """
+    check_data(cfg)
     index = run_stage("index", cfg)
-    print(describe_index(index))
+    log.info("%s", describe_index(index))
     curvature = run_stage("curvature", cfg)
-    print("curvature: " + ("reused" if curvature["reused"] else f"{curvature['seconds']:.1f}s") + f" -> {curvature['path']}")
+    log.info("curvature: %s -> %s", "reused" if curvature["reused"] else f"{curvature['seconds']:.1f}s",
+             curvature["path"])
     query = run_stage("query", cfg)
-    print(f"query: {query['queries']} queries x {query['train']} training examples scored in "
-          f"{query['score_seconds']:.2f}s (+{query['query_gradient_seconds']:.2f}s query gradients) -> {query['topk_path']}")
+    log.info("query: %d queries x %d training examples scored in %.2fs (+%.2fs query gradients) -> %s",
+             query["queries"], query["train"], query["score_seconds"], query["query_gradient_seconds"],
+             query["topk_path"])
     inputs = resolve_inputs(cfg)
-    print(describe_proponents(Path(query["topk_path"]), inputs.train_path, inputs.queries_path))
+    log.info("%s", describe_proponents(Path(query["topk_path"]), inputs.train_path, inputs.queries_path))
     report = {"index": index, "curvature": curvature, "query": query}
     write_json(Path(cfg.output_dir) / "report.json", report)
     return report

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorif_ray.math.capture import (ProjectedGradientCapture, check_finite_all, dense_gradients, linear_dims,
-                                   nonfinite_rows, per_example_token_loss)
+from lorif_ray.math.capture import (Measurement, ProjectedGradientCapture, check_finite_all, dense_gradients,
+                                   linear_dims, measurement_function, nonfinite_rows, per_example_measurement)
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize, initial_block
 from lorif_ray.math.influence import GradientBlock
 from lorif_ray.math.projection import layer_projection
@@ -121,14 +121,20 @@ class Featurizer:
             torch.bfloat16 on a GPU); projections and factorization stay in their own dtypes.
         projection_dtype: dtype of P_in, P_out and the hooks' projections (None = compute_dtype); A and B
             are cast to compute_dtype before the factorization.
+        measurement: what each example's gradient is taken of: "loss" (the summed token loss; always for
+            training examples), "logprob", "mean_loss" or a function ``(model outputs, batch) → (B,)``
+            (``lorif_ray.math.capture.MEASUREMENTS``); set it for queries only.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, kind: str, f: int, c: int, seed: int,
                  factor_iters: int | None = None, compute_dtype: torch.dtype = torch.float32,
                  dims: dict[str, tuple[int, int]] | None = None,
                  capture_factory: Callable[..., ProjectedGradientCapture] = ProjectedGradientCapture,
-                 autocast_dtype: torch.dtype | None = None, projection_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, projection_dtype: torch.dtype | None = None,
+                 measurement: str | Measurement = "loss"):
         self.model, self.layers, self.kind = model, layers, kind
+        self.measurement = measurement
+        measurement_function(measurement)  # an unknown name fails here
         self.autocast_dtype = autocast_dtype
         self.seed, self.compute_dtype, self.capture_factory = seed, compute_dtype, capture_factory
         self.device = next(model.parameters()).device
@@ -158,7 +164,7 @@ class Featurizer:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.capture_factory(self.model, self.layers, self.projections) as capture:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = per_example_token_loss(self.model, batch, ids).sum()
+                loss = per_example_measurement(self.model, batch, ids, self.measurement).sum()
             loss.backward()  # outside autocast, as torch recommends; the hooks project in their own dtype
             return capture.pop()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.data import TokenizedExample
+from lorif_ray.data import TokenizedExample, data_sha256
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.capture import check_finite_all
@@ -25,10 +26,28 @@ from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import check_context_length, load_model, model_identity
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import require, resolve_inputs, tokenized
-from lorif_ray.store import Manifest, ShardWriter, file_sha256, finished_index, write_json
+from lorif_ray.store import Manifest, ShardWriter, finished_index, write_json
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' own progress bars and warnings (not ours) for the duration of a stage step;
+    the previous verbosity and bar setting come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
 
 def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: list[str] | None = None,
                      factor_iters: int | None = None) -> Featurizer:
@@ -160,22 +179,22 @@ def columns_of_captured(maker: ColumnMaker, captured: list) -> tuple[list[str], 
 
 
 def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str) -> None:
-    """Print the index size before stage 1 starts."""
-    if cfg.progress:
-        payload = sum(columns.values()) * BYTES_PER_VALUE[cfg.dtype]
-        print(f"stage 1: {num_examples} examples x {payload / 1024:.2f} KiB ({kind}, {cfg.dtype}) "
-              f"= {num_examples * payload / 2**20:.1f} MiB to store in {cfg.index_path}")
+    """Log the index size before stage 1 starts."""
+    payload = sum(columns.values()) * BYTES_PER_VALUE[cfg.dtype]
+    logger.info("stage 1: %d examples x %.2f KiB (%s, %s) = %.1f MiB to store in %s", num_examples, payload / 1024,
+                kind, cfg.dtype, num_examples * payload / 2**20, cfg.index_path)
 
 
 def run_index(cfg: Config) -> dict:
     """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
     inputs = resolve_inputs(cfg)
     check_context_length(inputs.model_path, cfg.data.max_length)  # before loading the model
-    model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device,
-                                  adapter=cfg.model.adapter)
+    with quiet_transformers():
+        model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device,
+                                      adapter=cfg.model.adapter)
     train_path, examples = train_examples(cfg, tokenizer)
     featurizer = build_featurizer(cfg, model)
-    meta = index_meta(cfg, featurizer, model_identity(model), file_sha256(train_path), len(examples))
+    meta = index_meta(cfg, featurizer, model_identity(model), data_sha256(train_path), len(examples))
     reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, len(examples))
     if reused is not None:
         return reused

@@ -34,7 +34,7 @@ from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, Train
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_dir, coordinates_match
-from lorif_ray.stages.index import build_featurizer
+from lorif_ray.stages.index import build_featurizer, quiet_transformers
 from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_inputs, tokenized
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
@@ -102,19 +102,30 @@ def prepare_query(manifest, query_columns: dict[str, torch.Tensor], curvature: d
 
 
 class QueryFeaturizer:
-    """Loads the model once and featurizes query files exactly like the index (``query_config``).
+    """Loads the model once and featurizes query files exactly like the index (``query_config``), taking each
+    query's gradient of ``query.measurement`` (training rows: always the summed loss).
+
+    Args:
+        measurement: a function ``(model outputs, batch) → (B,)`` to use instead of ``query.measurement``
+            (which then reads ``custom:<name>``, set by ``lorif_ray.api``).
 
     Raises:
         ModelMismatchError / IndexMismatchError: the model or a row-shaping setting differs from the index's.
+        ConfigError: ``query.measurement`` names a function but none is given.
     """
 
-    def __init__(self, cfg: Config, manifest):
+    def __init__(self, cfg: Config, manifest, measurement=None):
         cfg = query_config(cfg, manifest)
-        model, self.tokenizer = load_model(resolve_inputs(cfg).model_path, dtype=cfg.model.dtype,
-                                           device=cfg.model.device, adapter=cfg.model.adapter)
+        if measurement is None and cfg.query.measurement.startswith("custom:"):
+            raise ConfigError(f"query.measurement={cfg.query.measurement}: pass the function (Python API) or "
+                              "choose one of loss, logprob, mean_loss")
+        with quiet_transformers():
+            model, self.tokenizer = load_model(resolve_inputs(cfg).model_path, dtype=cfg.model.dtype,
+                                               device=cfg.model.device, adapter=cfg.model.adapter)
         check_same_model(manifest.meta["model"], model_identity(model), f"index {cfg.index_path}")
         self.featurizer = build_featurizer(cfg, model, kind=manifest.kind,
                                            layer_names=[s.name for s in layer_specs(manifest)])
+        self.featurizer.measurement = measurement or cfg.query.measurement
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
 
     def __call__(self, queries_path: Path) -> tuple[list[str], dict[str, torch.Tensor], float]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lorif_ray.data import load_examples
+from lorif_ray.data import load_examples, read_rows
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 
@@ -29,12 +29,27 @@ def describe_index(report: dict) -> str:
 
 
 def expected_sources(path: Path) -> dict[str, str]:
-    """{query id: source id} from a queries file with ``id`` and ``source_id`` columns ({} otherwise)."""
-    if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {str(r["id"]): str(r["source_id"]) for r in rows if "id" in r and r.get("source_id") is not None}
+    """{query id: source id} from queries with ``id`` and ``source_id`` columns ({} otherwise); any input kind."""
+    rows, _ = read_rows(path)
+    return {str(r["id"]): str(r["source_id"]) for r in rows
+            if r.get("id") is not None and r.get("source_id") is not None}
+
+
+def with_texts(topk: pa.Table, train_path: Path, queries_path: Path) -> pa.Table:
+    """``topk.parquet``'s table (query_id, rank, train_id, score) with the query's and the proponent's text:
+    query_id, query_text, rank, train_id, train_text, score. A prompt + response query reads
+    ``prompt`` + ``response`` as one text; a chat one "role: content" lines."""
+    train = {e.id: e.text for e in load_examples(train_path)}
+    queries = {e.id: e.text for e in load_examples(queries_path)}
+    rows = topk.to_pydict()
+    return pa.table({
+        "query_id": pa.array(rows["query_id"], pa.string()),
+        "query_text": pa.array([queries[q] for q in rows["query_id"]], pa.string()),
+        "rank": topk.column("rank"),
+        "train_id": pa.array(rows["train_id"], pa.string()),
+        "train_text": pa.array([train[t] for t in rows["train_id"]], pa.string()),
+        "score": topk.column("score"),
+    })
 
 
 def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, int]:
@@ -45,11 +60,13 @@ def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, 
 
 
 def describe_proponents(topk_path: Path, train_path: Path, queries_path: Path, *, show: int = 3, k: int = 5) -> str:
-    """The top-k proponents, with their text, of the first ``show`` queries (and the known-source hit rate)."""
+    """The top-k proponents, with their text, of the first ``show`` queries (and the known-source hit rate);
+    k is capped at the ranks ``topk.parquet`` holds (``query.top_k``)."""
     text = {e.id: e.text for e in load_examples(train_path)}
     queries = {e.id: e for e in load_examples(queries_path)}
     sources = expected_sources(queries_path)
     rows = pq.read_table(topk_path).to_pylist()
+    k = min(k, max((r["rank"] for r in rows), default=k))
     lines = []
     for query_id in list(queries)[:show]:
         q = queries[query_id]
@@ -59,7 +76,7 @@ def describe_proponents(topk_path: Path, train_path: Path, queries_path: Path, *
             mark = "  <- known source" if sources.get(query_id) == r["train_id"] else ""
             lines.append(f"  {r['rank']}. {r['score']:+.4g}  [{r['train_id']}] {text[r['train_id']]}{mark}")
     if sources:
-        for top in (1, k):
+        for top in sorted({1, k}):
             hit, total = source_hits(topk_path, sources, top)
             lines.append(f"known source in the top-{top}: {hit}/{total} queries ({100 * hit / total:.0f}%)")
     return "\n".join(lines)

@@ -72,3 +72,59 @@ def test_non_finite_gradients_are_named():
     g[1, 0, 0] = float("nan")
     with pytest.raises(NonFiniteGradientError, match=r"layer h.0.mlp .*\['y'\]"):
         check_finite(g, "h.0.mlp", ["x", "y", "z"])
+
+
+def _margin(outputs, batch):
+    """A user measurement: −Σ (target logit − the largest other logit) over target tokens, (B,)."""
+    logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]
+    target = logits.gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    others = logits.scatter(2, labels.clamp(min=0).unsqueeze(2), float("-inf")).max(dim=2).values
+    return -((target - others) * (labels != -100)).sum(dim=1)
+
+
+@pytest.mark.parametrize("measurement", ["loss", "logprob", "mean_loss", _margin])
+def test_featurizer_captures_the_gradient_of_the_query_measurement(measurement):
+    """The featurizer's per-example gradient of sign·m equals autograd's, in float64: m = the summed loss, the
+    summed log-probability of the target tokens (sign −1: its scores equal the loss's), the mean loss, or a
+    user function (sign +1)."""
+    from lorif_ray.math.capture import measurement_function, summed_logprob
+    from lorif_ray.stages.featurize import Featurizer
+    from tests.conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    layers = select_layers(model)
+    featurizer = Featurizer(model, layers, kind="dense", f=4, c=1, seed=5, compute_dtype=torch.float64,
+                            measurement=measurement)
+    lengths, prompts = [9, 5, 12], [0, 2, 6]
+    batch = padded_batch(lengths, prompts)
+    columns = featurizer(["a", "b", "c"], batch)
+    function, sign = measurement_function(measurement)
+    for i, n in enumerate(lengths):
+        example = {k: v[i:i + 1, :n] for k, v in batch.items()}
+        model.zero_grad()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        outputs = model(input_ids=example["input_ids"], attention_mask=example["attention_mask"])
+        (sign * function(outputs, example)).sum().backward()
+        for name, module in layers.items():
+            grad = module.weight.grad  # Conv1D: I×O
+            expected = featurizer.projections[name].p_in.T @ grad @ featurizer.projections[name].p_out
+            got = columns[f"{name}.g"][i].reshape(expected.shape)
+            assert (got - expected).norm() <= 1e-10 * expected.norm(), (name, i)
+    if measurement == "logprob":  # sign convention: logprob's query gradient is the loss's
+        assert summed_logprob(model(input_ids=batch["input_ids"]), batch).shape == (3,)
+        loss = Featurizer(model, layers, kind="dense", f=4, c=1, seed=5, compute_dtype=torch.float64)(["a", "b", "c"], batch)
+        assert all(torch.allclose(loss[k], columns[k], rtol=0, atol=1e-12) for k in loss)
+
+
+def test_measurement_errors():
+    from lorif_ray.stages.featurize import Featurizer
+    from tests.conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="measurement='margin'"):
+        Featurizer(model, select_layers(model), kind="dense", f=4, c=1, seed=0, measurement="margin")
+    featurizer = Featurizer(model, select_layers(model), kind="dense", f=4, c=1, seed=0, compute_dtype=torch.float64,
+                            measurement=lambda outputs, batch: outputs.logits.sum(dim=2))
+    with pytest.raises(ValueError, match=r"returned shape \(2, 6\); expected one scalar per example \(2,\)"):
+        featurizer(["a", "b"], padded_batch([6, 4], [0, 1]))

@@ -50,3 +50,30 @@ def test_invalid_values_fail_at_start_up(tiny_assets, tmp_path):
         result = subprocess.run([sys.executable, "jobs/attribute.py", bad, f"model.path={tiny_assets['model']}",
                                  f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and message in result.stdout + result.stderr, (bad, result.stderr[-500:])
+
+
+def test_query_measurement_on_ray_and_in_one_process_and_the_job_log(tiny_assets, tmp_path):
+    """query.measurement=mean_loss reaches the Ray gradient replica (the same scores as in one process: each
+    query's loss scores over its target-token count), is recorded in topk.parquet, and the job's log file
+    holds the stage summaries (logging, not print)."""
+    from lorif_ray.store import read_table_meta
+
+    common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}", "data.max_length=32",
+              f"data.queries={tiny_assets['queries']}", "r=8", "query.full_scores=true", "progress=false",
+              "model.device=cpu", "cluster.num_cpus=2"]
+    out = _run("jobs/attribute.py", *common, "query.measurement=mean_loss", f"output_dir={tmp_path / 'ray'}")
+    _run("jobs/attribute.py", *common, "cluster=none", "query.measurement=mean_loss", f"output_dir={tmp_path / 'one'}")
+    one = np.load(tmp_path / "one" / "scores.npy")
+    _run("jobs/query.py", *common, "cluster=none", f"output_dir={tmp_path / 'one'}")  # the loss, same index
+    loss = np.load(tmp_path / "one" / "scores.npy")
+    ray = np.load(tmp_path / "ray" / "scores.npy")
+    assert read_table_meta(tmp_path / "ray" / "topk.parquet")["config"]["query"]["measurement"] == "mean_loss"
+    assert read_table_meta(tmp_path / "one" / "topk.parquet")["config"]["query"]["measurement"] == "loss"
+    assert ray.shape == one.shape == loss.shape == (6, 48)
+    assert np.abs(ray - one).max() <= 1e-5 * np.abs(one).max()
+    counts = (loss * one).sum(1) / (one * one).sum(1)  # each query's target-token count (a row-wise fit)
+    assert np.allclose(counts, np.round(counts), rtol=1e-4) and counts.max() > 1
+    assert np.linalg.norm(loss - counts[:, None] * one) <= 1e-5 * np.linalg.norm(loss)
+    log = (tmp_path / "ray" / "attribute.log").read_text()
+    assert "index: 48 examples" in log and "query: 6 queries x 48 training examples" in log
+    assert "index: 48 examples" in out
