@@ -412,6 +412,22 @@ def layer_groups(plan: Plan) -> list[tuple[str, int, LayerSpec]]:
     return [tuple(g) for g in groups.values()]
 
 
+SUMMARY_HEADER = ("| model | params | layers | bytes/example | index (N = 10⁶) | curvature (float32) | GPU memory per "
+                  "rank, TP = 1 / 2 / 4 / 8 | smallest TP on 80 GiB | stage 1 estimate | one query batch (1,000 × N) |")
+
+
+def summary_row(plan: Plan, label: str) -> str:
+    """One row of the README's condensed table (``SUMMARY_HEADER``), generated from the plan so the two
+    cannot drift apart (tests/plan checks the README against it)."""
+    cfg = plan.config
+    memory = " / ".join(f"{m.total / GIB:.1f}" for m in plan.memory if m.tp in (1, 2, 4, 8)) + " GiB"
+    curvature = sum(plan.curvature_bytes(s) for s in plan.specs)
+    return (f"| {label} | {plan.params / 1e9:.2f} B | {len(plan.specs)} | {human_bytes(plan.bytes_per_example)} | "
+            f"{human_bytes(plan.index_bytes)} | {human_bytes(curvature)} | {memory} | {plan.tp_size or 'none'} | "
+            f"{human_seconds(plan.stage1_gpu_seconds / cfg.num_gpus)} on {cfg.num_gpus} GPUs | "
+            f"{human_seconds(plan.stage3_read_seconds + plan.stage3_compute_seconds)} on {cfg.num_gpus} GPUs |")
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as Markdown: a table with one row per layer shape, a memory table per TP size, and one
     bullet per figure saying whether it is exact or an estimate, and from what."""
