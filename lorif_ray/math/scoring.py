@@ -83,11 +83,6 @@ class TrainBlock:
             None if self.dense is None else self.dense[start:stop],
             None if self.coordinates is None else self.coordinates[start:stop])
 
-    def to(self, device=None, dtype=None) -> "TrainBlock":
-        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return TrainBlock(None if self.factors is None else [(move(u), move(v)) for u, v in self.factors],
-                          move(self.dense), move(self.coordinates))
-
     def pin(self) -> "TrainBlock":
         """Page-locked copies, so host→device copies can run asynchronously."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
