@@ -395,7 +395,7 @@ def precision_check(args) -> list[dict]:
 
     from lorif_ray.config import PrecisionConfig
     from lorif_ray.stages.curvature import run_curvature
-    from lorif_ray.stages.query import LocalScorer, full_scores_file
+    from lorif_ray.stages.query import LocalScorer, output_files
     from lorif_ray.store import open_index
     from tests.stages.spiked import spiked_config, with_output, write_spiked_index
     from tests.stages.test_precision import reference_scores
@@ -418,8 +418,8 @@ def precision_check(args) -> list[dict]:
                 for route in ("stored", "query", "recompute"):
                     run = replace(cfg, query=replace(cfg.query, resident=True))
                     scorer = LocalScorer(run, manifest, stored=route == "stored")
-                    with full_scores_file(run, (len(next(iter(queries32.values()))), manifest.num_rows)) as path:
-                        scorer.score(queries32, route, 10, path)
+                    with output_files(run, manifest, len(next(iter(queries32.values())))) as files:
+                        scorer.score(queries32, route, 10, files)
                     full = np.load(Path(run.output_dir) / "scores.npy").astype(np.float64)
                     rows.append({
                         "storage": storage, "matmul": matmul, "tf32": tf32, "route": route,

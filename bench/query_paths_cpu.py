@@ -49,7 +49,7 @@ def main() -> None:
     curvature = run_curvature(cfg)
     manifest = open_index(synthetic)
     cfg = query_config(cfg, manifest)
-    _, columns, _ = featurize_queries(cfg, manifest)
+    columns = featurize_queries(cfg, manifest).columns
     payload, coords = manifest.payload_bytes_per_row(), curvature["coordinates"]["bytes_per_example"]
     print(f"{len(next(iter(columns.values())))} queries x {args.rows} rows, LoRIF f=4 c=1 r=64, {args.threads} "
           f"threads; stage 2 (storing g'_t) {curvature['seconds']:.1f} s; factors {payload / 1024:.2f} KiB/example, "

@@ -94,7 +94,7 @@ def main() -> None:
                  query=QueryConfig(top_k=10, train_batch_rows=8192), cluster=ClusterConfig())
     run_curvature(cfg)
     cfg = query_config(cfg, open_index(synthetic))
-    _, query_columns, _ = featurize_queries(one, open_index(one.index_path))
+    query_columns = featurize_queries(one, open_index(one.index_path)).columns
     latency = {}
     for actors in (1, 2):
         start = time.perf_counter()

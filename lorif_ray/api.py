@@ -120,13 +120,17 @@ class Attributor:
         """Stage 2: the curvature of the method (LoRIF: rank-r SVD of the stored gradients); returns its report."""
         return self._run("curvature")
 
-    def query(self, queries: Data, *, measurement: str | Callable | None = None, top_k: int | None = None) -> "Results":
+    def query(self, queries: Data, *, measurement: str | Callable | None = None, top_k: int | None = None,
+              self_influence: bool = False, per_layer: bool = False, per_token: bool = False) -> "Results":
         """Stage 3: score every query against every indexed training example.
 
         Args:
             queries: the queries (see ``Data``); ``prompt`` + ``response`` rows attribute the response.
             measurement: overrides the constructor's for this call.
             top_k: overrides the constructor's for this call.
+            self_influence: also I(t, t) of every training example (``Results.self_influence``).
+            per_layer: also each layer's share of every score (``Results.layer_scores``).
+            per_token: also each target token of a query on its own (``Results.token_topk``).
 
         Returns:
             ``Results``: the top-k proponents with their texts, the full score matrix, the metadata.
@@ -140,7 +144,8 @@ class Attributor:
         if callable(measure) and self.cfg.cluster.backend != "none":
             raise ConfigError("a measurement function runs with cluster=None (one process); on Ray use a name: "
                               f"{tuple(MEASUREMENTS)}")
-        query = replace(self.cfg.query, measurement=name, top_k=top_k or self.cfg.query.top_k, full_scores=True)
+        query = replace(self.cfg.query, measurement=name, top_k=top_k or self.cfg.query.top_k, full_scores=True,
+                        self_influence=self_influence, per_layer=per_layer, per_token=per_token)
         self.cfg = replace(self.cfg, query=query,
                            data=replace(self.cfg.data, queries=str(self._data_path(queries, "queries"))))
         inputs = resolve_inputs(self.cfg)
@@ -206,8 +211,15 @@ class Results:
 
     Attributes:
         topk: Arrow table, one row per (query, rank): query_id, query_text, rank, train_id, train_text, score.
-        scores: (queries, training examples) float32 memory map of ``scores.npy`` (input order; > 0: proponent).
+        scores: (query rows, training examples) float32 memory map of ``scores.npy`` (input order; > 0:
+            proponent); with ``per_token`` the token rows (``<query id>@<position>``) follow the queries.
         query_ids, train_ids: the ids of the rows and columns of ``scores``.
+        token_topk: with ``per_token``, the top-k of each target token: query_id, position, token, rank,
+            train_id, train_text, score; else None.
+        layer_scores, layers: with ``per_layer``, (layers, query rows, training examples) float32 memory map
+            whose sum over layers is ``scores``, and the layer names; else None, [].
+        self_influence: with ``self_influence``, Arrow table train_id, train_text, self_influence (I(t, t));
+            else None.
         meta: what made the results (``topk.parquet``'s metadata: config incl. ``query.measurement``, route,
             precision, the score's meaning).
     """
@@ -223,6 +235,16 @@ class Results:
             self.scores = np.load(output_dir / "scores.npy", mmap_mode="r")  # (nq, N)
             ids = json.loads((output_dir / "scores.json").read_text())
             self.query_ids, self.train_ids = ids["query_ids"], ids["train_ids"]
+        train, queries = Path(train_path), Path(queries_path)
+        self.token_topk = self.self_influence = self.layer_scores = None
+        self.layers: list[str] = []
+        if (output_dir / "topk_per_token.parquet").exists():
+            self.token_topk = with_texts(pq.read_table(output_dir / "topk_per_token.parquet"), train, queries)
+        if (output_dir / "self_influence.parquet").exists():
+            self.self_influence = with_texts(pq.read_table(output_dir / "self_influence.parquet"), train, queries)
+        if (output_dir / "layer_scores.npy").exists():
+            self.layer_scores = np.load(output_dir / "layer_scores.npy", mmap_mode="r")
+            self.layers = json.loads((output_dir / "layer_scores.json").read_text())["layers"]
 
     @property
     def measurement(self) -> str:

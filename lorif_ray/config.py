@@ -111,6 +111,13 @@ class QueryConfig:
     # it is scored with that sign flipped, so > 0 still means proponent), mean_loss (loss / target tokens);
     # "custom:<name>" records a function passed to the Python API
     measurement: str = "loss"
+    # Outputs next to topk.parquet (README "Score convention"): self_influence.parquet (I(t, t) of every
+    # training example), layer_scores.npy (float32, layers × queries × train: each layer's share of the score,
+    # summing to it; not with normalize), and per-token attribution: each target token of a query scored on
+    # its own as well (topk_per_token.parquet; the token scores of a query sum to its score; loss or logprob)
+    self_influence: bool = False
+    per_layer: bool = False
+    per_token: bool = False
 
 
 MEASUREMENT_NAMES = ("loss", "logprob", "mean_loss")
@@ -212,6 +219,12 @@ def validate(cfg: Config) -> None:
         (cfg.query.measurement in MEASUREMENT_NAMES or cfg.query.measurement.startswith("custom:"),
          f"query.measurement={cfg.query.measurement!r}: choose one of {MEASUREMENT_NAMES}"),
         (cfg.query.train_batch_rows >= 1, f"query.train_batch_rows={cfg.query.train_batch_rows}: must be >= 1"),
+        (not (cfg.query.per_layer and cfg.query.normalize),
+         "query.per_layer: layer scores are not normalized (I(t,t) and I(q,q) are sums over layers); "
+         "drop query.normalize"),
+        (not cfg.query.per_token or cfg.query.measurement in ("loss", "logprob"),
+         f"query.per_token: the token scores of a query sum to its score for a sum over tokens (loss, logprob), "
+         f"not for query.measurement={cfg.query.measurement!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -13,7 +13,8 @@ from lorif_ray.config import Config
 from lorif_ray.distributed.index_pipeline import IndexPipeline
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer
-from lorif_ray.stages.inputs import query_config, resolve_inputs, tokenized
+from lorif_ray.stages.inputs import query_config, resolve_inputs
+from lorif_ray.stages.query import QueryRows, query_examples
 
 
 class RemoteQueryFeaturizer:
@@ -41,6 +42,7 @@ class RemoteQueryFeaturizer:
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]
+        self.per_token = cfg.query.per_token
         one_replica = replace(cfg, cluster=replace(cfg.cluster, gradient_actors=1, fused=True))
         self.pipeline = IndexPipeline(one_replica, str(model_path))
         try:
@@ -53,13 +55,11 @@ class RemoteQueryFeaturizer:
             self.close()
             raise
 
-    def __call__(self, queries_path: Path) -> tuple[list[str], dict[str, torch.Tensor], float]:
-        """Query ids, query columns {column: (nq, width)} (float32, CPU), and seconds."""
+    def __call__(self, queries_path: Path) -> QueryRows:
+        """The featurized queries of a file (``query.per_token``: and their tokens)."""
         import ray
 
-        queries = tokenized(Path(queries_path), self.tokenizer, self.max_length)
-        if not queries:
-            raise ConfigError(f"{queries_path} holds no queries")
+        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
         # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
         calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement)
@@ -67,7 +67,8 @@ class RemoteQueryFeaturizer:
         payload, statuses = calls[0][1], [status for status, _ in calls]
         ray.get(statuses)
         _, ids, columns = ray.get(payload)
-        return ids, {k: v.float().cpu() for k, v in columns.items()}, time.perf_counter() - start
+        return QueryRows(ids[:len(ids) - len(tokens)], {k: v.float().cpu() for k, v in columns.items()},
+                         time.perf_counter() - start, tokens)
 
     def close(self) -> None:
         self.pipeline.close()

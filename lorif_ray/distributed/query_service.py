@@ -40,7 +40,7 @@ from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
 from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import (QueryBackend, ScoreFile, TopK, answer, open_query, prepare_query,
+from lorif_ray.stages.query import (OutputFiles, QueryBackend, TopK, answer, open_query, prepare_query,
                                     score_blocks)
 from lorif_ray.stages.rows import ResidentIndex
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
@@ -110,7 +110,7 @@ class QueryWorker:
         Args:
             payload: {"columns": query columns {column: (nq, width)}, "route": ``choose_route``'s choice,
                 "coordinates": {layer: g'_q} and "terms": {layer: h_q} (routes "stored" / "query"),
-                "k": top-k, "full_path": the shared ``scores.npy`` to write this worker's columns into, or None}.
+                "k": top-k, "files": the shared ``OutputFiles`` to write this worker's columns of, or None}.
 
         Returns:
             (scores (nq, k'), global row indices (nq, k')) on the CPU, with k' = min(k, rows).
@@ -125,10 +125,7 @@ class QueryWorker:
                                  query_coordinates=payload.get("coordinates") if route != "recompute" else None,
                                  query_side_terms=payload.get("terms") if route == "query" else None)
         topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.index.ids)), self.device)
-        sink = ScoreFile(payload["full_path"]) if payload.get("full_path") else None
-        score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, sink)
-        if sink is not None:
-            sink.close()
+        score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, payload.get("files"))
         return topk.scores.cpu(), topk.index.cpu()
 
 
@@ -171,14 +168,14 @@ class QueryService:
             self.close()
             raise LorifError(f"a query actor failed to start: {error}") from error
 
-    def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, full_path=None
+    def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores (nq, k), global row indices (nq, k)) of one query batch against every shard; the
-        workers write their columns of the full scores into ``full_path`` (a file every node sees)."""
+        workers write their columns of the asked-for ``files`` (files every node sees)."""
         import ray
 
         columns = {c: v.cpu() for c, v in query_columns.items()}
-        payload = {"columns": columns, "k": k, "route": route, "full_path": str(full_path) if full_path else None}
+        payload = {"columns": columns, "k": k, "route": route, "files": files}
         if route in ("stored", "query"):  # the query terms: every worker projects its share of the layers
             shared = ray.put(columns)
             parts = ray.get([w.project.remote(shared, route == "query") for w in self.workers])

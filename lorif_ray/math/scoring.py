@@ -43,6 +43,7 @@ class FactorGroup:
     d2: int
     c: int
     names: list[str]
+    preconditioned: bool = False  # term 1 is H⁻¹ g_q (curvatures without a scale) against the rows vec(u vᵀ)
 
 
 @dataclass
@@ -97,24 +98,25 @@ class TrainBlock:
 ROUTES = ("stored", "query", "recompute", "none")
 
 
-def choose_route(num_queries: int, ranks: list[int], *, stored: bool, normalize: bool) -> str:
+def choose_route(num_queries: int, ranks: list[int], *, stored: bool, train_self: bool) -> str:
     """How a batch of ``num_queries`` gets LoRIF's curvature term Σ w g'_q g'_t (the one place it is chosen).
 
     - "stored": g'_t = V_rᵀ g_t were stored by stage 2 (r numbers per pair, no V_r while scoring);
     - "query": h_q = V_r (w ⊙ g'_q) prepared once, ⟨h_q, g_t⟩ per row: nq·D per training row, cheaper than
-      recomputing g'_t (r·D) when nq < r; never with ``normalize``, whose I(t, t) needs g'_t;
+      recomputing g'_t (r·D) when nq < r; never when I(t, t) is needed, since it needs g'_t;
     - "recompute": g'_t from each block's rows and V_r;
     - "none": no layer has a low-rank term.
 
     Args:
         ranks: r of every layer with a low-rank term.
         stored: g'_t of every row are stored (in the policy's dtype) for the current curvature.
+        train_self: I(t, t) of the training rows is needed (``query.normalize``, ``query.self_influence``).
     """
     if not ranks:
         return "none"
     if stored:
         return "stored"
-    if not normalize and num_queries < min(ranks):
+    if not train_self and num_queries < min(ranks):
         return "query"
     return "recompute"
 
@@ -131,7 +133,7 @@ class ScoreLayout:
         coordinate_groups: layers with a low-rank term and equal (d1, d2, c, r); their g' columns follow
             this order.
         scale: {name: s_ℓ} of term 1 (1/λ for Woodbury, 1 for identity); layers without one are
-            preconditioned (dense stores only).
+            preconditioned (on factor stores against the rows vec(u vᵀ), in groups of their own).
     """
 
     kind: str
@@ -158,10 +160,9 @@ class ScoreLayout:
                 group.names.append(s.name)
             if curv.scale is not None:
                 layout.scale[s.name] = curv.scale
-            elif kind != "dense":
-                raise ValueError(f"layer {s.name}: curvature {curv.kind!r} scores dense rows, not a {kind} store")
             if kind == "factors":
-                factor_groups.setdefault((s.d1, s.d2, s.c), FactorGroup(s.d1, s.d2, s.c, [])).names.append(s.name)
+                key = (s.d1, s.d2, s.c, curv.scale is None)
+                factor_groups.setdefault(key, FactorGroup(s.d1, s.d2, s.c, [], key[3])).names.append(s.name)
             else:
                 layout.dense_dims[s.name] = s.d1 * s.d2
         layout.factor_groups = list(factor_groups.values())
@@ -241,17 +242,22 @@ class StackedQuery:
                  query_coordinates: dict[str, torch.Tensor] | None = None,
                  query_side_terms: dict[str, torch.Tensor] | None = None):
         self.layout, self.normalize = layout, normalize
+        self.layer_index = {name: i for i, name in enumerate(layout.names)}
         first = next(iter(query.values()))
         self.dtype = (first.u if first.factored else first.g).dtype
         self.matmul_dtype = matmul_dtype or self.dtype
         self.nq = len(first)
         self.route = route or choose_route(self.nq, [g.rank for g in layout.coordinate_groups], stored=False,
-                                           normalize=normalize)
+                                           train_self=normalize)
         if self.route not in ROUTES:
             raise ValueError(f"route {self.route!r}: choose one of {ROUTES}")
         mm = self.matmul_dtype
         self.factor_query = []  # per group: (U_q (L, nq·c, d1) scaled by s_ℓ, V_q (L, nq·c, d2))
         for g in layout.factor_groups:
+            if g.preconditioned:  # (L, nq, D) H⁻¹ g_q
+                self.factor_query.append(torch.stack([curvature[n].precondition(query[n].dense())
+                                                      for n in g.names]).to(mm))
+                continue
             scale = torch.tensor([layout.scale[n] for n in g.names], dtype=self.dtype, device=first.u.device)
             u = torch.stack([query[n].u.transpose(1, 2) for n in g.names]) * scale[:, None, None, None]
             v = torch.stack([query[n].v.transpose(1, 2) for n in g.names])
@@ -290,7 +296,7 @@ class StackedQuery:
         self.weights = torch.cat(weights) if weights else None  # (Σr,)
         query_coords = torch.cat(coordinates, dim=1) if coordinates else None  # (nq, Σr) g'_q
         self.weighted = None if query_coords is None else (query_coords * self.weights).to(mm)
-        self.preconditioned = {n: curvature[n] for n in layout.dense_dims if n not in layout.scale}
+        self.preconditioned = {n: curvature[n] for n in layout.names if n not in layout.scale}
         if normalize:
             self.query_self = self._query_self(query, query_coords)
 
@@ -330,42 +336,75 @@ class StackedQuery:
                 out.append(torch.stack([layers[n].dense() for n in g.names]))
         return out
 
-    def term_one(self, block: TrainBlock) -> torch.Tensor:
-        """Σ_ℓ s_ℓ g_qᵀ g_t (with H⁻¹ for full-matrix curvatures): (nq, nt)."""
+    def _zeros(self, nt: int, per_layer: bool) -> torch.Tensor:
+        """(nq, nt), or (L, nq, nt) with one slice per layer of ``layout.names``."""
+        shape = (len(self.layout.names), self.nq, nt) if per_layer else (self.nq, nt)
+        return torch.zeros(shape, dtype=self.dtype, device=self._device)
+
+    def _add(self, out: torch.Tensor, names: list[str], parts: torch.Tensor) -> None:
+        """Add the per-layer parts (L, nq, nt) of ``names`` to ``out``: into their slices, or summed."""
+        if out.dim() == 3:
+            out[[self.layer_index[n] for n in names]] += parts
+        else:
+            out += parts.sum(dim=0)
+
+    def _column_products(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                         widths: list[tuple[str, int]]) -> None:
+        """``out`` += left (nq, W) @ right (nt, W)ᵀ, whose columns are the layers' (name, width) side by side:
+        one GEMM, or one per layer when ``out`` is per layer."""
+        if out.dim() == 2:
+            out += (left @ right.T).to(self.dtype)
+            return
+        start = 0
+        for name, width in widths:
+            columns = slice(start, start + width)
+            out[self.layer_index[name]] += (left[:, columns] @ right[:, columns].T).to(self.dtype)
+            start += width
+
+    def term_one(self, block: TrainBlock, per_layer: bool = False) -> torch.Tensor:
+        """Σ_ℓ s_ℓ g_qᵀ g_t (with H⁻¹ for full-matrix curvatures): (nq, nt), or (L, nq, nt) ``per_layer``."""
         nt = len(block)
-        out = torch.zeros(self.nq, nt, dtype=self.dtype, device=self._device)
+        out = self._zeros(nt, per_layer)
         mm = self.matmul_dtype
         if block.factors is not None:
-            for g, (uq, vq), (ut, vt) in zip(self.layout.factor_groups, self.factor_query, block.factors):
+            for g, terms, (ut, vt) in zip(self.layout.factor_groups, self.factor_query, block.factors):
                 length = len(g.names)
+                if g.preconditioned:  # ⟨H⁻¹ g_q, vec(Σ_k u_k v_kᵀ)⟩: (L, nq, D) × (L, D, nt)
+                    rows = _stacked_dense(ut.to(mm), vt.to(mm))
+                    self._add(out, g.names, torch.bmm(terms, rows.transpose(1, 2)).to(self.dtype))
+                    continue
+                uq, vq = terms
                 uu = torch.bmm(uq, ut.reshape(length, nt * g.c, g.d1).to(mm).transpose(1, 2)).to(self.dtype)
                 vv = torch.bmm(vq, vt.reshape(length, nt * g.c, g.d2).to(mm).transpose(1, 2)).to(self.dtype)
                 prod = uu.mul_(vv)  # (L, nq·c, nt·c)
                 if g.c > 1:
                     prod = prod.reshape(length, self.nq, g.c, nt, g.c).sum(dim=(2, 4))
-                out += prod.reshape(length, self.nq, nt).sum(dim=0)
+                self._add(out, g.names, prod.reshape(length, self.nq, nt))
         if block.dense is not None:
-            out += (self.dense_query @ block.dense.to(mm).T).to(self.dtype)
+            self._column_products(out, self.dense_query, block.dense.to(mm), list(self.layout.dense_dims.items()))
         return out
 
-    def curvature_term(self, block: TrainBlock) -> torch.Tensor | None:
-        """Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j} (to be subtracted): (nq, nt), or None without low-rank layers."""
+    def curvature_term(self, block: TrainBlock, per_layer: bool = False) -> torch.Tensor | None:
+        """Σ_ℓ Σ_j w_j g'_{q,j} g'_{t,j} (to be subtracted): (nq, nt), or (L, nq, nt) ``per_layer``; None without
+        low-rank layers."""
         if self.weighted is None:
             return None
         mm = self.matmul_dtype
+        out = self._zeros(len(block), per_layer)
+        widths = [(n, g.rank) for g in self.layout.coordinate_groups for n in g.names]
         if self.route == "stored":
             if block.coordinates is None:
                 raise ValueError("route 'stored': the block carries no stored g'_t")
-            return (self.weighted @ block.coordinates.to(mm).T).to(self.dtype)
-        out = torch.zeros(self.nq, len(block), dtype=self.dtype, device=self._device)
+            self._column_products(out, self.weighted, block.coordinates.to(mm), widths)
+            return out
         start = 0
         for i, (g, rows) in enumerate(zip(self.layout.coordinate_groups, self._coordinate_rows(block))):
             width = g.rank * len(g.names)
             if self.query_side[i] is not None:  # Σ_ℓ h_q · g_t: (L, nq, D) × (L, D, nt)
-                out += torch.bmm(self.query_side[i], rows.to(mm).transpose(1, 2)).to(self.dtype).sum(dim=0)
+                self._add(out, g.names, torch.bmm(self.query_side[i], rows.to(mm).transpose(1, 2)).to(self.dtype))
             else:
                 coords = self._group_coordinates(i, rows).to(mm)
-                out += (self.weighted[:, start:start + width] @ coords.T).to(self.dtype)
+                self._column_products(out, self.weighted[:, start:start + width], coords, [(n, g.rank) for n in g.names])
             start += width
         return out
 
@@ -374,10 +413,13 @@ class StackedQuery:
         ref = self.factor_query[0][0] if self.factor_query else self.dense_query
         return ref.device
 
-    def scores(self, block: TrainBlock) -> torch.Tensor:
-        """I(t, q) summed over layers (normalized if asked): (nq, nt)."""
-        scores = self.term_one(block)
-        curvature = self.curvature_term(block)
+    def scores(self, block: TrainBlock, per_layer: bool = False) -> torch.Tensor:
+        """I(t, q) summed over layers (normalized if asked): (nq, nt); or each layer's I_ℓ(t, q) (L, nq, nt) in
+        ``layout.names`` order (``per_layer``; not with ``normalize``), whose sum over layers is the former."""
+        if per_layer and self.normalize:
+            raise ValueError("per-layer scores are not normalized: I(t,t) and I(q,q) are sums over layers")
+        scores = self.term_one(block, per_layer)
+        curvature = self.curvature_term(block, per_layer)
         if curvature is not None:
             scores -= curvature
         if self.normalize:
@@ -391,6 +433,12 @@ class StackedQuery:
         out = torch.zeros(nt, dtype=self.dtype, device=self._device)
         if block.factors is not None:
             for g, (u, v) in zip(self.layout.factor_groups, block.factors):
+                if g.preconditioned:
+                    for i, name in enumerate(g.names):
+                        layer = GradientBlock(u=u[i].transpose(1, 2).to(self.dtype),
+                                              v=v[i].transpose(1, 2).to(self.dtype))
+                        out += self.preconditioned[name].self_influence(layer)
+                    continue
                 scale = torch.tensor([self.layout.scale[n] for n in g.names], dtype=self.dtype, device=out.device)
                 u, v = u.to(self.dtype), v.to(self.dtype)
                 uu = u @ u.transpose(2, 3)  # (L, n, c, c)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
+from lorif_ray.data import IGNORE_INDEX, TokenizedExample
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
@@ -40,7 +42,7 @@ from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
 from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
 from lorif_ray.store import atomic_path, open_index, read_ids, write_json, write_table
-from lorif_ray.store.artifacts import preallocated_memmap
+from lorif_ray.store.artifacts import preallocated_memmap, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +64,56 @@ class TopK:
         self.scores, self.index = best.values, torch.gather(merged_index, 1, best.indices)
 
 
-class ScoreFile:
-    """Writes column blocks of the (nq, N) float32 score matrix made by ``full_scores_file``; any process
-    that sees the file may write its own rows' columns."""
+@dataclass(frozen=True)
+class OutputFiles:
+    """Preallocated ``.npy`` files (``output_files``) that whoever scores a training row writes its part of:
+    ``scores`` (nq, N) float32, ``layer_scores`` (L, nq, N) float32 in ``layout.names`` order, ``self_influence``
+    (N,) float64; None = not asked for. Any process that sees the files may write its own rows."""
 
-    def __init__(self, path):
-        self.array = np.load(path, mmap_mode="r+")
+    scores: str | None = None
+    layer_scores: str | None = None
+    self_influence: str | None = None
 
-    def __call__(self, scores: torch.Tensor, offset: int) -> None:
-        self.array[:, offset:offset + scores.shape[1]] = scores.float().cpu().numpy()
+
+class BlockOutputs:
+    """Scores one block of training rows and writes its columns of the ``OutputFiles``."""
+
+    def __init__(self, files: OutputFiles | None):
+        self.arrays = {name: np.load(path, mmap_mode="r+")
+                       for name, path in asdict(files or OutputFiles()).items() if path is not None}
+
+    def __call__(self, query: StackedQuery | RepSimQuery, block: TrainBlock, offset: int) -> torch.Tensor:
+        """The block's scores (nq, nt); its parts of the files at columns offset … offset + nt − 1."""
+        if "layer_scores" in self.arrays:
+            layers = query.scores(block, per_layer=True)
+            self.arrays["layer_scores"][:, :, offset:offset + len(block)] = layers.float().cpu().numpy()
+            scores = layers.sum(dim=0)
+        else:
+            scores = query.scores(block)
+        if "scores" in self.arrays:
+            self.arrays["scores"][:, offset:offset + len(block)] = scores.float().cpu().numpy()
+        if "self_influence" in self.arrays:
+            self_influence = query.train_self_influence(block).double().cpu().numpy()
+            self.arrays["self_influence"][offset:offset + len(block)] = self_influence
+        return scores
 
     def close(self) -> None:
-        self.array.flush()
-        del self.array
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays = {}
 
 
 def score_blocks(query: StackedQuery | RepSimQuery, blocks: Iterable[tuple[int, list[str], TrainBlock]], topk: TopK,
-                 sink: ScoreFile | None = None, on_block=None) -> None:
-    """Score (global offset, ids, block) triples into ``topk`` (and the full-score ``sink``)."""
-    for offset, ids, block in blocks:
-        scores = query.scores(block)
-        topk.update(scores, offset)
-        if sink is not None:
-            sink(scores, offset)
-        if on_block is not None:
-            on_block(len(ids))
+                 files: OutputFiles | None = None, on_block=None) -> None:
+    """Score (global offset, ids, block) triples into ``topk`` (and the asked-for ``files``)."""
+    outputs = BlockOutputs(files)
+    try:
+        for offset, ids, block in blocks:
+            topk.update(outputs(query, block, offset), offset)
+            if on_block is not None:
+                on_block(len(ids))
+    finally:
+        outputs.close()
 
 
 def prepare_query(manifest, query_columns: dict[str, torch.Tensor], curvature: dict | None, *, route: str,
@@ -99,6 +126,49 @@ def prepare_query(manifest, query_columns: dict[str, torch.Tensor], curvature: d
     layout = ScoreLayout.build(specs, manifest.kind, curvature)
     blocks = blocks_from_columns(specs, manifest.kind, query_columns)
     return StackedQuery(layout, blocks, curvature, route=route, normalize=normalize, **options), layout
+
+
+@dataclass
+class QueryRows:
+    """Featurized queries: the rows of ``columns`` {column: (n, width)} (float32, CPU) are the queries ``ids``
+    and then, with ``query.per_token``, one row per target token, ``tokens[i]`` = (query id, position, token
+    text); ``seconds`` of featurizing."""
+
+    ids: list[str]
+    columns: dict[str, torch.Tensor]
+    seconds: float
+    tokens: list[tuple[str, int, str]] = field(default_factory=list)
+
+    @property
+    def row_ids(self) -> list[str]:
+        """Every row's id: the query's, or ``<query id>@<position>`` for a token row."""
+        return self.ids + [f"{query}@{position}" for query, position, _ in self.tokens]
+
+
+def query_examples(path: Path, tokenizer, max_length: int, per_token: bool
+                   ) -> tuple[list[TokenizedExample], list[tuple[str, int, str]]]:
+    """The tokenized queries of a file and, with ``per_token``, after them one copy of each query per target
+    token whose labels keep that token only (its loss alone), with (query id, position, token text) each.
+
+    Raises:
+        ConfigError: the file holds no queries.
+    """
+    queries = tokenized(Path(path), tokenizer, max_length)
+    if not queries:
+        raise ConfigError(f"{path} holds no queries")
+    if not per_token:
+        return queries, []
+    rows, tokens = [], []
+    for query in queries:
+        for position in range(1, len(query.labels)):  # position 0 is never predicted
+            label = query.labels[position]
+            if label == IGNORE_INDEX:
+                continue
+            labels = [IGNORE_INDEX] * len(query.labels)
+            labels[position] = label
+            rows.append(TokenizedExample(f"{query.id}@{position}", query.input_ids, labels))
+            tokens.append((query.id, position, tokenizer.decode([label])))
+    return queries + rows, tokens
 
 
 class QueryFeaturizer:
@@ -127,24 +197,24 @@ class QueryFeaturizer:
                                            layer_names=[s.name for s in layer_specs(manifest)])
         self.featurizer.measurement = measurement or cfg.query.measurement
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
+        self.per_token = cfg.query.per_token
 
-    def __call__(self, queries_path: Path) -> tuple[list[str], dict[str, torch.Tensor], float]:
-        """Query ids, query columns {column: (nq, width)} (float32, CPU), and seconds."""
-        queries = tokenized(Path(queries_path), self.tokenizer, self.max_length)
-        if not queries:
-            raise ConfigError(f"{queries_path} holds no queries")
+    def __call__(self, queries_path: Path) -> QueryRows:
+        """The featurized queries of a file (``query.per_token``: and their tokens)."""
+        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
         parts = [self.featurizer(ids, batch)
                  for ids, batch in token_batches(queries, self.batch_size, self.tokenizer.pad_token_id)]
         columns = {k: torch.cat([p[k] for p in parts]).float().cpu() for k in parts[0]}
-        return [q.id for q in queries], columns, time.perf_counter() - start
+        return QueryRows([q.id for q in queries[:len(queries) - len(tokens)]], columns, time.perf_counter() - start,
+                         tokens)
 
     def close(self) -> None:
         pass
 
 
-def featurize_queries(cfg: Config, manifest) -> tuple[list[str], dict[str, torch.Tensor], float]:
-    """Query ids, query columns and seconds of ``data.queries``, in this process."""
+def featurize_queries(cfg: Config, manifest) -> QueryRows:
+    """The featurized ``data.queries``, in this process."""
     return QueryFeaturizer(cfg, manifest)(require(resolve_inputs(cfg).queries_path, "data.queries"))
 
 
@@ -177,9 +247,9 @@ class LocalScorer:
             return None
         return lambda start, stop: self.coordinates.rows(start, stop, dtype=self.precision.math)
 
-    def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, full_path=None
+    def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores (nq, k), global row indices (nq, k)) of one query batch; full scores into ``full_path``."""
+        """Top-k (scores (nq, k), global row indices (nq, k)) of one query batch; the asked-for ``files`` written."""
         columns = {c: v.to(device=self.device, dtype=self.precision.math) for c, v in query_columns.items()}
         query, _ = prepare_query(self.manifest, columns, self.curvature, route=route,
                                  normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul)
@@ -191,11 +261,8 @@ class LocalScorer:
             blocks = streamed_blocks(self.cfg.index_path, self.manifest, self.layout, dtype=self.precision.math,
                                      device=self.device, batch_rows=self.cfg.query.train_batch_rows,
                                      coordinates=self._stored_rows() if route == "stored" else None)
-        sink = ScoreFile(full_path) if full_path is not None else None
         with tqdm(total=num_train, unit="ex", desc="stage 3: score", disable=not self.cfg.progress) as bar:
-            score_blocks(query, blocks, topk, sink, bar.update)
-        if sink is not None:
-            sink.close()
+            score_blocks(query, blocks, topk, files, bar.update)
         return topk.scores, topk.index
 
     def close(self) -> None:
@@ -204,7 +271,7 @@ class LocalScorer:
 
 class QueryBackend:
     """What ``run_query`` drives: a featurizer (query file → ids, columns, seconds) and a scorer
-    (``score(columns, route, k, full_path)``, ``info``); closing it releases both."""
+    (``score(columns, route, k, files)``, ``info``); closing it releases both."""
 
     def __init__(self, featurize, scorer):
         self.featurize, self.scorer, self.info = featurize, scorer, scorer.info
@@ -253,32 +320,59 @@ def run_query(cfg: Config, make_backend=local_query) -> dict:
 def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_path: Path,
            train_ids: list[str] | None = None) -> dict:
     """One query file through ``backend``: featurize, choose the route, score, write the outputs."""
-    query_ids, columns, query_seconds = backend.featurize(queries_path)
-    route = choose_route(len(query_ids), list(ranks(header).values()), stored=stored,
-                         normalize=cfg.query.normalize)
+    check_outputs(cfg, manifest)
+    queries = backend.featurize(queries_path)
+    row_ids = queries.row_ids
+    route = choose_route(len(row_ids), list(ranks(header).values()), stored=stored,
+                         train_self=cfg.query.normalize or cfg.query.self_influence)
     start = time.perf_counter()
-    with full_scores_file(cfg, (len(query_ids), manifest.num_rows)) as full_path:
-        scores, index = backend.score(columns, route, min(cfg.query.top_k, manifest.num_rows), full_path)
-    train_ids = train_ids if train_ids is not None else read_ids(cfg.index_path, manifest)
-    precision = Precision.of(cfg, resolve_device(cfg.model.device)).describe()
-    report = write_query_outputs(cfg, header, query_ids, train_ids, scores, index, route=route, precision=precision)
-    return {**report, **backend.info, "route": route, "precision": precision, "query_gradient_seconds": query_seconds,
+    layers = [layer["name"] for layer in manifest.meta["layers"]]
+    with output_files(cfg, manifest, len(row_ids)) as files:
+        scores, index = backend.score(queries.columns, route, min(cfg.query.top_k, manifest.num_rows), files)
+        train_ids = train_ids if train_ids is not None else read_ids(cfg.index_path, manifest)
+        precision = Precision.of(cfg, resolve_device(cfg.model.device)).describe()
+        facts = {"route": route, "precision": precision}
+        report = write_query_outputs(cfg, header, queries, train_ids, scores, index, layers, files, **facts)
+    return {**report, **backend.info, **facts, "query_gradient_seconds": queries.seconds,
             "score_seconds": time.perf_counter() - start}
 
 
-def write_query_outputs(cfg: Config, header: dict, query_ids: list[str], train_ids: list[str], scores: torch.Tensor,
-                        index: torch.Tensor, **facts) -> dict:
-    """``topk.parquet`` from (nq, k) scores and row indices, and ``scores.json`` next to ``scores.npy``;
-    both record the config used and ``facts`` (route, precision)."""
+def check_outputs(cfg: Config, manifest) -> None:
+    """Refuse, before any work, outputs that a RepSim index cannot give (it has no gradients)."""
+    asked = [key for key in ("self_influence", "per_layer", "per_token") if getattr(cfg.query, key)]
+    if manifest.kind == "hidden" and asked:
+        raise ConfigError(f"query.{asked[0]}: a RepSim index holds hidden states, not gradients")
+
+
+def write_query_outputs(cfg: Config, header: dict, queries: QueryRows, train_ids: list[str], scores: torch.Tensor,
+                        index: torch.Tensor, layers: list[str], files: OutputFiles, **facts) -> dict:
+    """``topk.parquet`` from the queries' rows of (n, k) scores and row indices (``topk_per_token.parquet`` from
+    the token rows), ``self_influence.parquet``, and JSON sidecars of the ``.npy`` outputs; each records the
+    config used and ``facts`` (route, precision)."""
     output_dir = Path(cfg.output_dir)
     meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
     meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "score": meaning, **facts}
-    write_table(output_dir / "topk.parquet", topk_table(query_ids, train_ids, scores, index), meta)
-    if cfg.query.full_scores:
-        write_json(output_dir / "scores.json", {**meta, "query_ids": query_ids, "train_ids": train_ids})
-    return {"topk_path": str(output_dir / "topk.parquet"),
-            "scores_path": str(output_dir / "scores.npy") if cfg.query.full_scores else None,
-            "queries": len(query_ids), "train": len(train_ids)}
+    nq = len(queries.ids)
+    write_table(output_dir / "topk.parquet", topk_table(queries.ids, train_ids, scores[:nq], index[:nq]), meta)
+    report = {"topk_path": str(output_dir / "topk.parquet"), "scores_path": None, "queries": nq,
+              "train": len(train_ids)}
+    if queries.tokens:
+        table = token_topk_table(queries.tokens, train_ids, scores[nq:], index[nq:])
+        write_table(output_dir / "topk_per_token.parquet", table, meta)
+        report.update(topk_per_token_path=str(output_dir / "topk_per_token.parquet"), tokens=len(queries.tokens))
+    if files.scores is not None:
+        write_json(output_dir / "scores.json", {**meta, "query_ids": queries.row_ids, "train_ids": train_ids})
+        report["scores_path"] = str(output_dir / "scores.npy")
+    if files.layer_scores is not None:
+        write_json(output_dir / "layer_scores.json",
+                   {**meta, "layers": layers, "query_ids": queries.row_ids, "train_ids": train_ids})
+        report["layer_scores_path"] = str(output_dir / "layer_scores.npy")
+    if files.self_influence is not None:
+        values = np.load(files.self_influence, mmap_mode="r")
+        table = pa.table({"train_id": pa.array(train_ids, pa.string()), "self_influence": pa.array(values)})
+        write_table(output_dir / "self_influence.parquet", table, {**meta, "score": SELF_INFLUENCE_MEANING})
+        report["self_influence_path"] = str(output_dir / "self_influence.parquet")
+    return report
 
 
 SCORE_MEANING = {  # by curvature
@@ -290,6 +384,8 @@ SCORE_MEANING = {  # by curvature
     "none": "cosine of last-layer last-token hidden states in [-1, 1]; similarity, not influence",
 }
 NORMALIZED_MEANING = "I(t,q) / sqrt(I(t,t) I(q,q)) in [-1, 1]; > 0: proponent"
+SELF_INFLUENCE_MEANING = ("I(t,t) = g_t^T H^-1 g_t, the example's influence on its own loss; large: the model fits t "
+                          "unlike the rest (outlier, mislabel or memorized)")
 
 
 def topk_table(query_ids: list[str], train_ids: list[str], scores: torch.Tensor, index: torch.Tensor) -> pa.Table:
@@ -304,17 +400,40 @@ def topk_table(query_ids: list[str], train_ids: list[str], scores: torch.Tensor,
     })
 
 
-@contextmanager
-def full_scores_file(cfg: Config, shape: tuple[int, int]):
-    """The path of a float32 (nq, N) .npy that replaces ``<output_dir>/scores.npy`` only on success (None
-    unless ``query.full_scores``); its bytes are allocated up front, so a full disk fails here."""
-    if not cfg.query.full_scores:
-        yield None
-        return
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(cfg.output_dir) / "scores.npy") as tmp:
-        scores = preallocated_memmap(tmp, np.float32, shape)
-        scores.flush()
-        del scores
-        yield tmp
+def token_topk_table(tokens: list[tuple[str, int, str]], train_ids: list[str], scores: torch.Tensor,
+                     index: torch.Tensor) -> pa.Table:
+    """``topk_table`` of the token rows, with each row's query id, token position and token text."""
+    k = scores.shape[1]
+    table = topk_table([f"{query}@{position}" for query, position, _ in tokens], train_ids, scores, index)
+    repeat = lambda values, kind: pa.array(np.repeat(np.array(values, dtype=object), k).tolist(), kind)  # noqa: E731
+    return pa.table({"query_id": repeat([t[0] for t in tokens], pa.string()),
+                     "position": repeat([t[1] for t in tokens], pa.int32()),
+                     "token": repeat([t[2] for t in tokens], pa.string()),
+                     **{name: table[name] for name in ("rank", "train_id", "score")}})
 
+
+@contextmanager
+def output_files(cfg: Config, manifest, num_rows: int):
+    """The ``OutputFiles`` of a batch of ``num_rows`` query rows: each asked-for ``.npy`` preallocated (a full disk fails here, before
+    any work) under a temporary name that replaces ``<output_dir>/<name>.npy`` only on success; the
+    self-influence values live in a temporary file that ``write_query_outputs`` turns into Parquet."""
+    num_train, num_layers = manifest.num_rows, len(manifest.meta["layers"])
+    shapes = {"scores": ((num_rows, num_train), np.float32, cfg.query.full_scores),
+              "layer_scores": ((num_layers, num_rows, num_train), np.float32, cfg.query.per_layer),
+              "self_influence": ((num_train,), np.float64, cfg.query.self_influence)}
+    paths = {}
+    with ExitStack() as stack:
+        for name, (shape, dtype, asked) in shapes.items():
+            if not asked:
+                continue
+            path = Path(cfg.output_dir) / f"{name}.npy"
+            if name == "self_influence":  # in self_influence.parquet by the end: the values' file always goes
+                tmp = temporary_path(path)
+                stack.callback(tmp.unlink, missing_ok=True)
+            else:
+                tmp = stack.enter_context(atomic_path(path))
+            array = preallocated_memmap(tmp, dtype, shape)
+            array.flush()
+            del array
+            paths[name] = str(tmp)
+        yield OutputFiles(**paths)

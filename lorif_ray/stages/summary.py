@@ -35,21 +35,18 @@ def expected_sources(path: Path) -> dict[str, str]:
             if r.get("id") is not None and r.get("source_id") is not None}
 
 
-def with_texts(topk: pa.Table, train_path: Path, queries_path: Path) -> pa.Table:
-    """``topk.parquet``'s table (query_id, rank, train_id, score) with the query's and the proponent's text:
-    query_id, query_text, rank, train_id, train_text, score. A prompt + response query reads
-    ``prompt`` + ``response`` as one text; a chat one "role: content" lines."""
-    train = {e.id: e.text for e in load_examples(train_path)}
-    queries = {e.id: e.text for e in load_examples(queries_path)}
-    rows = topk.to_pydict()
-    return pa.table({
-        "query_id": pa.array(rows["query_id"], pa.string()),
-        "query_text": pa.array([queries[q] for q in rows["query_id"]], pa.string()),
-        "rank": topk.column("rank"),
-        "train_id": pa.array(rows["train_id"], pa.string()),
-        "train_text": pa.array([train[t] for t in rows["train_id"]], pa.string()),
-        "score": topk.column("score"),
-    })
+def with_texts(table: pa.Table, train_path: Path, queries_path: Path) -> pa.Table:
+    """A results table (``topk.parquet``: query_id, rank, train_id, score; or the per-token and self-influence
+    tables) with ``query_text`` after ``query_id`` and ``train_text`` after ``train_id``, where it has them. A
+    prompt + response query reads ``prompt`` + ``response`` as one text; a chat one "role: content" lines."""
+    for column, path in (("query_id", queries_path), ("train_id", train_path)):
+        if column not in table.column_names:
+            continue
+        texts = {e.id: e.text for e in load_examples(path)}
+        at = table.column_names.index(column) + 1
+        table = table.add_column(at, column.replace("_id", "_text"),
+                                 pa.array([texts[i] for i in table.column(column).to_pylist()], pa.string()))
+    return table
 
 
 def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, int]:

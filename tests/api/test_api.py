@@ -96,6 +96,13 @@ def test_in_memory_model_lists_and_measurements(tiny_assets, tmp_path):
     assert np.allclose(custom.scores, builtin.scores, rtol=1e-6, atol=0)
     counts = np.array([2, 1])  # target tokens of "sat on" and "ran"
     assert np.allclose(np.asarray(builtin.scores) * counts[:, None], loss.scores, rtol=1e-4, atol=1e-6)
+    more = attributor.query(queries, self_influence=True, per_layer=True, per_token=True)
+    assert more.token_topk.column("token").to_pylist()[::3] == ["sat", "on", "ran"]  # a word tokenizer
+    assert more.token_topk.column("query_text").to_pylist()[0] == "the cat sat on"
+    assert more.self_influence.column_names == ["train_id", "train_text", "self_influence"]
+    assert more.self_influence.column("train_text").to_pylist() == train
+    assert more.layer_scores.shape == (len(more.layers), 2 + 3, 48)
+    assert more.query_ids == ["x", "y", "x@3", "x@4", "y@3"]
 
 
 def test_errors_and_pandas(tiny_assets, tmp_path):

@@ -69,7 +69,7 @@ def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
     for name, exact in _exact_coordinates(cfg).items():
         assert _rel(stored[name], exact) < 1e-6, name
     manifest = open_index(cfg.index_path)
-    _, columns, _ = featurize_queries(cfg, manifest)
+    columns = featurize_queries(cfg, manifest).columns
     layers = set(ranks(curvature_header(cfg.curvature_path)))
     with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS, stored=True) as service:
         shares = [set(s["vectors"]) for s in service.stats()]
@@ -102,7 +102,7 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
     ref = baseline["config"](f"ray_routes_{normalize}_ref", with_curvature=True, query=query)
     run_query(ref)
     manifest = open_index(cfg.index_path)
-    _, columns, _ = featurize_queries(cfg, manifest)
+    columns = featurize_queries(cfg, manifest).columns
     route = "recompute" if normalize else "query"
     with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
         full = np.zeros((6, manifest.num_rows), dtype=np.float32)

@@ -18,7 +18,7 @@ from lorif_ray.distributed.query_service import QueryService, ray_query
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
-from lorif_ray.stages.query import featurize_queries, full_scores_file, run_query
+from lorif_ray.stages.query import featurize_queries, output_files, run_query
 from lorif_ray.store import open_index
 from tests.distributed.conftest import NUM_WORKERS
 from tests.stages.helpers import make_config
@@ -73,9 +73,11 @@ def test_queries_follow_the_index_manifest_on_ray(tiny_assets, tmp_path, ray_clu
     cfg = replace(built, factor_iters=None)
     manifest = open_index(cfg.index_path)
     assert query_config(cfg, manifest).factor_iters == 3
-    ids, local, _ = featurize_queries(cfg, manifest)
+    rows = featurize_queries(cfg, manifest)
+    ids, local = rows.ids, rows.columns
     with RemoteQueryFeaturizer(cfg, manifest) as featurize:
-        remote_ids, remote, _ = featurize(resolve_inputs(cfg).queries_path)
+        remote_rows = featurize(resolve_inputs(cfg).queries_path)
+    remote_ids, remote = remote_rows.ids, remote_rows.columns
     assert ids == remote_ids and set(local) == set(remote)
     for column, values in local.items():
         torch.testing.assert_close(remote[column], values, rtol=1e-5, atol=1e-6)
@@ -98,8 +100,8 @@ def test_the_ray_service_ranks_like_the_float64_reference_on_a_spiked_spectrum(t
     manifest = open_index(cfg.index_path)
     for route in ("recompute", "query", "stored"):
         with QueryService(cfg, num_workers=NUM_WORKERS, stored=route == "stored") as service, \
-                full_scores_file(cfg, (12, manifest.num_rows)) as path:
-            service.score(queries, route, 10, path)
+                output_files(cfg, manifest, 12) as files:
+            service.score(queries, route, 10, files)
         got = np.load(f"{cfg.output_dir}/scores.npy")
         expected = local[f"streamed/{route}"]
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), route

@@ -10,12 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lorif_ray.config import QueryConfig
 from lorif_ray.distributed.curvature import shard_groups
 from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge_topk, ray_query
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import featurize_queries, run_query
 from lorif_ray.store import open_index
+from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
 
 
@@ -26,7 +28,7 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseline, tmp_path):
     cfg = baseline["config"]("plain_workers", with_curvature=True)
     manifest = open_index(cfg.index_path)
-    _, columns, _ = featurize_queries(cfg, manifest)
+    columns = featurize_queries(cfg, manifest).columns
     workers = [QueryWorker(query_config(cfg, manifest), g) for g in shard_groups(manifest, NUM_WORKERS)]
     np.save(tmp_path / "full.npy", np.zeros((6, manifest.num_rows), dtype=np.float32))
     results = [w.score({"columns": columns, "k": 5, "route": "recompute", "full_path": str(tmp_path / "full.npy")})
@@ -55,10 +57,29 @@ def test_the_ray_backend_equals_run_query(baseline, ray_cluster):
     assert (saved["query_ids"], saved["train_ids"]) == (expected_saved["query_ids"], expected_saved["train_ids"])
 
 
+def test_the_ray_backend_writes_the_extra_outputs_of_run_query(baseline, ray_cluster):
+    """Self-influence, per-layer scores and per-token rows: the query actors write their columns of each, equal to
+    one process."""
+    query = QueryConfig(**QUERY_CONFIG, self_influence=True, per_layer=True, per_token=True)
+    one = baseline["config"]("outputs_one", with_curvature=True, query=query)
+    dist = baseline["config"]("outputs_ray", with_curvature=True, query=query)
+    run_query(one)
+    report = run_query(dist, partial(ray_query, num_workers=NUM_WORKERS))
+    assert report["route"] == "recompute" and report["tokens"] > report["queries"]
+    for name in ("layer_scores.npy", "scores.npy"):
+        actual, expected = np.load(f"{dist.output_dir}/{name}"), np.load(f"{one.output_dir}/{name}")
+        assert actual.shape == expected.shape and _relative_error(actual, expected) <= 1e-5, name
+    for name, column in (("self_influence.parquet", "self_influence"), ("topk_per_token.parquet", "score")):
+        actual, expected = (pq.read_table(f"{d}/{name}").to_pydict() for d in (dist.output_dir, one.output_dir))
+        assert actual.keys() == expected.keys()
+        np.testing.assert_allclose(actual.pop(column), expected.pop(column), rtol=1e-5)
+        assert actual == expected, name
+
+
 def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluster):
     cfg = baseline["config"]("service", with_curvature=True)
     manifest = open_index(cfg.index_path)
-    _, columns, _ = featurize_queries(cfg, manifest)
+    columns = featurize_queries(cfg, manifest).columns
     with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
         first = service.score(columns, "query", 5)
         before = service.stats()

@@ -66,13 +66,34 @@ def test_stacked_scores_equal_the_oracle(kind, method, c, normalize, route):
     assert (got - expected).norm() / expected.norm() < 1e-10
 
 
-@pytest.mark.parametrize("nq,normalize,stored,expected", [
+@pytest.mark.parametrize("nq,train_self,stored,expected", [
     (5, False, False, "query"), (7, False, False, "recompute"), (5, True, False, "recompute"),
     (9, False, True, "stored"), (5, False, None, "none")])
-def test_the_route_is_chosen_in_one_place(nq, normalize, stored, expected):
-    """Query side when nq < r (and not normalized: I(t, t) needs g'_t), stored g'_t when present."""
+def test_the_route_is_chosen_in_one_place(nq, train_self, stored, expected):
+    """Query side when nq < r (and I(t, t) is not needed: it needs g'_t), stored g'_t when present."""
     ranks = [] if stored is None else [7, 9]
-    assert choose_route(nq, ranks, stored=bool(stored), normalize=normalize) == expected
+    assert choose_route(nq, ranks, stored=bool(stored), train_self=train_self) == expected
+
+
+@pytest.mark.parametrize("kind,method,c", CASES)
+@pytest.mark.parametrize("route", ["query", "recompute", "stored"])
+def test_per_layer_scores_are_each_layers_own_and_sum_to_the_total(kind, method, c, route):
+    """scores(per_layer=True)[ℓ] equals the layer scored on its own (``Curvature.prepare/score``), on every
+    route, and the slices sum to the fused total."""
+    specs, train, query, curvature = _setup(kind, method, c=c)
+    layout = ScoreLayout.build(specs, kind, curvature)
+    route = route if layout.coordinate_groups else "none"
+    train_blocks, query_blocks = blocks_from_columns(specs, kind, train), blocks_from_columns(specs, kind, query)
+    coordinates = {s.name: train_blocks[s.name].dense() @ curvature[s.name].low_rank[0]
+                   for s in specs if curvature[s.name].low_rank is not None} if route == "stored" else None
+    block = layout.train_block(train, coordinates)
+    stacked = StackedQuery(layout, query_blocks, curvature, route=route)
+    per_layer = stacked.scores(block, per_layer=True)
+    assert per_layer.shape == (len(specs), 5, 37)
+    for i, s in enumerate(specs):
+        alone = curvature[s.name].score(curvature[s.name].prepare(query_blocks[s.name]), train_blocks[s.name])
+        assert torch.allclose(per_layer[i], alone, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(per_layer.sum(dim=0), stacked.scores(block), rtol=1e-10, atol=1e-10)
 
 
 def test_the_query_side_route_holds_no_v_r():

@@ -14,7 +14,7 @@ from lorif_ray.math.influence import dense_from_factors
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import LocalScorer, full_scores_file
+from lorif_ray.stages.query import LocalScorer, output_files
 from lorif_ray.stages.saved_curvature import curvature_header
 from lorif_ray.store import open_index
 from tests.oracles import oracle_scores, woodbury_inverse
@@ -46,8 +46,8 @@ def path_scores(cfg, queries: dict) -> dict[str, np.ndarray]:
         for route in ("recompute", "query", "stored"):
             run = replace(cfg, query=replace(cfg.query, resident=resident))
             scorer = LocalScorer(run, manifest, stored=route == "stored")
-            with full_scores_file(run, (12, manifest.num_rows)) as path:
-                scorer.score(queries, route, 10, path)
+            with output_files(run, manifest, 12) as files:
+                scorer.score(queries, route, 10, files)
             out[f"{'resident' if resident else 'streamed'}/{route}"] = np.load(f"{run.output_dir}/scores.npy")
     return out
 
