@@ -26,6 +26,8 @@ def curvature_inverse(curvature, dim: int) -> torch.Tensor:
         return curvature.inverse.double()
     if getattr(curvature, "vectors", None) is not None:
         return woodbury_inverse(curvature.vectors, curvature.values, curvature.damping)
+    if getattr(curvature, "basis_a", None) is not None:
+        return eigenbasis_inverse(curvature.basis_a, curvature.basis_s, curvature.eigenvalues, curvature.damping)
     return torch.eye(dim, dtype=torch.float64)
 
 
@@ -48,3 +50,23 @@ def spiked_rows(n: int, dim: int, *, spikes: int = 4, spike_scale: float = 30.0,
     directions = torch.linalg.qr(torch.randn(dim, spikes, generator=gen, dtype=torch.float64)).Q
     weights = torch.randn(n, spikes, generator=gen, dtype=torch.float64) * spike_scale / torch.arange(1, spikes + 1)
     return weights @ directions.T + torch.randn(n, dim, generator=gen, dtype=torch.float64)
+
+
+def kronecker_inverse(activations: torch.Tensor, gradients: torch.Tensor, tokens: int, damping: float) -> torch.Tensor:
+    """((Ã ⊗ S̃)/N_tok + λI)⁻¹ with ``torch.kron``: (D, D), in the row-major vec(G̃) ordering (G̃ is d1×d2, so
+    vec(x δᵀ) = kron(x, δ) and the activation factor comes first)."""
+    return damped_inverse(torch.kron(activations.double(), gradients.double()) / tokens, damping)
+
+
+def eigenbasis_inverse(basis_a: torch.Tensor, basis_s: torch.Tensor, eigenvalues: torch.Tensor,
+                       damping: float) -> torch.Tensor:
+    """((Q_A ⊗ Q_S) diag(vec Λ) (Q_A ⊗ Q_S)ᵀ + λI)⁻¹ formed explicitly: (D, D)."""
+    basis = torch.kron(basis_a.double(), basis_s.double())
+    return damped_inverse((basis * eigenvalues.double().reshape(-1)) @ basis.T, damping)
+
+
+def ekfac_eigenvalues(rows: torch.Tensor, basis_a: torch.Tensor, basis_s: torch.Tensor) -> torch.Tensor:
+    """diag((Q_A ⊗ Q_S)ᵀ GᵀG (Q_A ⊗ Q_S)) from dense rows (n, D), as (d1, d2): EK-FAC's Λ* by its definition."""
+    basis = torch.kron(basis_a.double(), basis_s.double())
+    gram = rows.double().T @ rows.double()
+    return (basis.T @ gram @ basis).diagonal().reshape(basis_a.shape[0], basis_s.shape[0])

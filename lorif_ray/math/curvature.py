@@ -1,8 +1,9 @@
 """Curvatures of one layer: what stands for H⁻¹ in I(t, q) = g_qᵀ H⁻¹ g_t, one class each.
 
 Every curvature is fitted from the layer's Gram operator (``lorif_ray.math.rsvd.GramOperator``: GᵀG Q by
-one pass over the rows, or the D×D GᵀG), saved as tensors plus a small info dict, and scores in two
-terms that the batched scorer (``lorif_ray.math.scoring``) stacks across layers:
+one pass over the rows, the D×D GᵀG, or EK-FAC's eigenvalues) and, for K-FAC and EK-FAC, the layer's token
+statistics (``lorif_ray.math.kronecker.KroneckerStats``), saved as tensors plus a small info dict, and
+scores in two terms that the batched scorer (``lorif_ray.math.scoring``) stacks across layers:
 
 - term 1, ``scale · g_qᵀ g_t`` (through the factors when both sides have them), or ``precondition(g_q)ᵀ g_t``
   on dense rows when the curvature is a full matrix;
@@ -15,6 +16,9 @@ outputs, tests); nothing outside this module branches on the curvature's kind.
   w_j = σ_j² / (λ(λ + σ_j²)).
 - ``ExactInverse`` (LoGRA): (GᵀG + λI)⁻¹, D×D, from an eigendecomposition in float64.
 - ``Identity`` (GradDot): H = I.
+- ``KFAC``, ``EKFAC``: H = (Q_A ⊗ Q_S) diag(Λ) (Q_A ⊗ Q_S)ᵀ + λI from the eigenbases of the projected
+  statistics Ã, S̃ (``lorif_ray.math.kronecker``, which states the vec ordering and K-FAC's normalization);
+  term 1 preconditions the query, M_q = Q_A [(Q_Aᵀ G̃_q Q_S) ⊘ (Λ + λ)] Q_Sᵀ, against dense or factor rows.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 
 from lorif_ray.errors import LorifError
 from lorif_ray.math.influence import GradientBlock, inner, self_inner
-from lorif_ray.math.rsvd import GramOperatorLike, Request, eigh_spectrum, randomized_steps, run_steps
+from lorif_ray.math.kronecker import KroneckerStats, eigenbasis, kfac_eigenvalues, rotate, unrotate
+from lorif_ray.math.rsvd import ROW_REQUESTS, GramOperatorLike, Request, eigh_spectrum, randomized_steps, run_steps
 
 
 @dataclass(frozen=True)
@@ -36,14 +41,15 @@ class FitSettings:
     Attributes:
         rank: r, kept eigenpairs (Woodbury); capped at D.
         damping: λ, or None for ``damping_scale`` × the mean of the top r + p eigenvalues (Woodbury) or of
-            all eigenvalues (ExactInverse).
+            all eigenvalues (ExactInverse, KFAC, EKFAC).
+        damping_scale: that scale, or None for the curvature's own ``default_damping_scale``.
         dtype: dtype of the fitted tensors (the precision policy's math dtype).
         device: where the fit keeps its D×k iterate between passes.
     """
 
     rank: int = 64
     damping: float | None = None
-    damping_scale: float = 0.1
+    damping_scale: float | None = None
     oversample: int = 10
     power_iters: int = 3
     seed: int = 0
@@ -72,7 +78,14 @@ class Curvature:
 
     kind: ClassVar[str]
     reads_rows: ClassVar[bool] = True  # whether ``fit`` needs the Gram operator at all
+    needs_stats: ClassVar[bool] = False  # whether ``steps`` asks for the layer's KroneckerStats ("stats")
+    default_damping_scale: ClassVar[float] = 0.1  # λ = scale × mean eigenvalue (paper App. A.2)
     damping: float  # λ
+
+    @classmethod
+    def damping_scale_for(cls, settings: "FitSettings") -> float:
+        """The scale of the relative damping rule: the settings' or this curvature's default."""
+        return cls.default_damping_scale if settings.damping_scale is None else settings.damping_scale
 
     # -- fitting and storage ---------------------------------------------------------------------
     @classmethod
@@ -82,9 +95,10 @@ class Curvature:
         raise NotImplementedError
 
     @classmethod
-    def fit(cls, gram: GramOperatorLike, dim: int, name: str, settings: FitSettings) -> "Curvature":
-        """The curvature of layer ``name`` (D = ``dim``) from its Gram operator."""
-        return run_steps(cls.steps(dim, name, settings), gram)
+    def fit(cls, gram: GramOperatorLike | None, dim: int, name: str, settings: FitSettings,
+            stats: KroneckerStats | None = None) -> "Curvature":
+        """The curvature of layer ``name`` (D = ``dim``) from its Gram operator (and statistics, K-FAC/EK-FAC)."""
+        return run_steps(cls.steps(dim, name, settings), gram, stats)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What is saved: {field: tensor} (prefixed with the layer name by the saver)."""
@@ -181,7 +195,7 @@ class ExactInverse(Curvature):
     @classmethod
     def steps(cls, dim, name, settings):
         matrix = (yield ("gram", torch.float64)).to(torch.float64)
-        damping = settings.damping or settings.damping_scale * float(matrix.trace()) / dim  # scale × mean eigenvalue
+        damping = settings.damping or cls.damping_scale_for(settings) * float(matrix.trace()) / dim  # × mean eigenvalue
         _check_damping(damping, name)
         values, vectors = torch.linalg.eigh(matrix)
         inverse = (vectors / (values.clamp_min(0) + damping)) @ vectors.T
@@ -228,7 +242,7 @@ class Woodbury(Curvature):
             spectrum = yield from randomized_steps(dim, rank, oversample=settings.oversample,
                                                    power_iters=settings.power_iters, seed=settings.seed, name=name,
                                                    dtype=settings.dtype, device=settings.device)
-        damping = settings.damping or spectrum.damping(settings.damping_scale)
+        damping = settings.damping or spectrum.damping(cls.damping_scale_for(settings))
         _check_damping(damping, name)
         return cls(damping, spectrum.values.to(settings.dtype), spectrum.vectors.to(settings.dtype))
 
@@ -256,10 +270,114 @@ class Woodbury(Curvature):
         return self.vectors, woodbury_weights(self.values, self.damping)
 
 
-def fit_layers(steps: dict[str, Generator], gram) -> dict[str, Curvature]:
+@dataclass
+class Kronecker(Curvature):
+    """H = (Q_A ⊗ Q_S) diag(vec Λ) (Q_A ⊗ Q_S)ᵀ + λI in the projected space (base of KFAC and EKFAC).
+
+    Vec ordering and normalization: ``lorif_ray.math.kronecker``. Term 1 preconditions the query,
+    M_q = Q_A [(Q_Aᵀ G̃_q Q_S) ⊘ (Λ + λ)] Q_Sᵀ, and scores ⟨M_q, G̃_t⟩ against dense rows or against factors
+    (Σ_k u_kᵀ M_q v_k, through the rows vec(Σ_k u_k v_kᵀ)); I(t, t) = ‖(Q_Aᵀ G̃_t Q_S) ⊘ √(Λ + λ)‖².
+
+    Attributes:
+        damping: λ.
+        basis_a: Q_A (d1, d1), eigenvectors of Ã = Σ_tokens x̃x̃ᵀ.
+        basis_s: Q_S (d2, d2), eigenvectors of S̃ = Σ_tokens δ̃δ̃ᵀ.
+        eigenvalues: Λ (d1, d2), the diagonal of H − λI in that basis (row-major like vec(G̃)).
+    """
+
+    damping: float
+    basis_a: torch.Tensor
+    basis_s: torch.Tensor
+    eigenvalues: torch.Tensor
+    needs_stats: ClassVar[bool] = True
+    # Placeholder until the damping study of issue 14 chooses it (its evidence: ~1e-4…1e-2 × mean Λ for
+    # EK-FAC, far below the paper's 0.1); kept equal to the other curvatures' until then.
+    default_damping_scale: ClassVar[float] = 0.1
+
+    @classmethod
+    def steps(cls, dim, name, settings):
+        stats = yield ("stats", name)
+        if stats.d1 * stats.d2 != dim:
+            raise ValueError(f"layer {name}: K-FAC statistics of (d1, d2) = {(stats.d1, stats.d2)} for D = {dim}")
+        if stats.tokens <= 0:
+            raise LorifError(f"layer {name}: its K-FAC statistics count no token; stage 1 accumulated none")
+        basis_a, basis_s, eigenvalues = yield from cls._eigenvalues(stats, settings)
+        damping = settings.damping or cls.damping_scale_for(settings) * float(eigenvalues.mean())
+        _check_damping(damping, name)
+        out = lambda t: t.to(device=settings.device, dtype=settings.dtype)  # noqa: E731
+        return cls(damping, out(basis_a), out(basis_s), out(eigenvalues))
+
+    @classmethod
+    def _eigenvalues(cls, stats: KroneckerStats, settings: FitSettings):
+        """Generator: (Q_A, Q_S, Λ) in float64."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"basis_a": self.basis_a, "basis_s": self.basis_s, "eigenvalues": self.eigenvalues}
+
+    @classmethod
+    def from_saved(cls, tensors, info) -> "Kronecker":
+        return cls(info["damping"], tensors["basis_a"], tensors["basis_s"], tensors["eigenvalues"])
+
+    def to(self, device=None, dtype=None) -> "Kronecker":
+        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return type(self)(self.damping, move(self.basis_a), move(self.basis_s), move(self.eigenvalues))
+
+    @property
+    def scale(self) -> None:
+        return None
+
+    def _bases(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.basis_a.to(dtype), self.basis_s.to(dtype)
+
+    def precondition(self, g: torch.Tensor) -> torch.Tensor:
+        """Dense rows (n, D) → vec(M) (n, D), M = Q_A [(Q_Aᵀ G̃ Q_S) ⊘ (Λ + λ)] Q_Sᵀ."""
+        basis_a, basis_s = self._bases(g.dtype)
+        rotated = rotate(g, basis_a, basis_s) / (self.eigenvalues.to(g.dtype) + self.damping)
+        return unrotate(rotated, basis_a, basis_s)
+
+    def self_influence(self, block: GradientBlock) -> torch.Tensor:
+        """‖(Q_Aᵀ G̃_t Q_S) ⊘ √(Λ + λ)‖² per example (n,), from factors (rotated per component) or dense rows."""
+        dtype = (block.u if block.factored else block.g).dtype
+        rotated = rotate(block, *self._bases(dtype))
+        return (rotated.square() / (self.eigenvalues.to(dtype) + self.damping)).sum(dim=(1, 2))
+
+
+class KFAC(Kronecker):
+    """K-FAC: Λ = Λ_A Λ_Sᵀ / N_tok, from the statistics alone (no pass over the rows)."""
+
+    kind: ClassVar[str] = "kfac"
+    reads_rows: ClassVar[bool] = False
+
+    @classmethod
+    def _eigenvalues(cls, stats, settings):
+        return kfac_eigenvalues(stats)
+        yield  # a generator that asks nothing of the rows
+
+
+class EKFAC(Kronecker):
+    """EK-FAC: K-FAC's eigenbasis with Λ* = Σ_n (Q_Aᵀ G̃_n Q_S)², by one pass over the stored rows (exact
+    diagonal of GᵀG in the basis when the rows are; from factors, exact when c ≥ the rank of each G̃_n)."""
+
+    kind: ClassVar[str] = "ekfac"
+
+    @classmethod
+    def _eigenvalues(cls, stats, settings):
+        _, basis_a = eigenbasis(stats.activations)
+        _, basis_s = eigenbasis(stats.gradients)
+        bases = (basis_a.to(device=settings.device, dtype=settings.dtype),
+                 basis_s.to(device=settings.device, dtype=settings.dtype))
+        eigenvalues = (yield ("eigen", bases)).to(torch.float64)
+        return bases[0].to(torch.float64), bases[1].to(torch.float64), eigenvalues
+
+
+def fit_layers(steps: dict[str, Generator], gram, stats: dict[str, KroneckerStats] | None = None
+               ) -> dict[str, Curvature]:
     """Run the fitting generators of several layers (``Curvature.steps``) in lockstep: every round, one call
-    ``gram(applies={layer: Q}, grams={layer: dtype})`` — one pass over the rows — answers all their
-    requests. ``gram`` may be None when no generator asks for anything (Identity)."""
+    ``gram(applies={layer: Q}, grams={layer: dtype})`` — one pass over the rows — answers all their requests
+    (with ``eigens={layer: (Q_A, Q_S)}`` added only when some layer asks for EK-FAC's eigenvalues).
+    A ("stats", layer) request is answered from ``stats`` {layer: KroneckerStats} without a pass. ``gram`` may
+    be None when no generator asks anything of the rows (Identity, KFAC)."""
     results, requests = {}, {}
 
     def advance(name: str, value=None, first: bool = False) -> None:
@@ -268,18 +386,27 @@ def fit_layers(steps: dict[str, Generator], gram) -> dict[str, Curvature]:
         except StopIteration as done:
             results[name] = done.value
             requests.pop(name, None)
+            return
+        if requests[name][0] == "stats":
+            if stats is None or name not in stats:
+                raise ValueError(f"layer {name}: this curvature needs the layer's K-FAC statistics (stage 1's)")
+            advance(name, stats[name])
 
     for name in steps:
         advance(name, first=True)
     while requests:
-        out = gram(applies={n: a for n, (k, a) in requests.items() if k == "apply"},
-                   grams={n: a for n, (k, a) in requests.items() if k == "gram"})
+        unknown = {k for k, _ in requests.values()} - set(ROW_REQUESTS)
+        if unknown:
+            raise ValueError(f"unknown fitting requests {sorted(unknown)}")
+        kinds = {kind: {n: a for n, (k, a) in requests.items() if k == kind} for kind in ROW_REQUESTS}
+        extra = {"eigens": kinds["eigen"]} if kinds["eigen"] else {}
+        out = gram(applies=kinds["apply"], grams=kinds["gram"], **extra)
         for name in list(requests):
             advance(name, out[name])
     return {name: results[name] for name in steps}
 
 
-CURVATURES: dict[str, type[Curvature]] = {c.kind: c for c in (Woodbury, ExactInverse, Identity)}
+CURVATURES: dict[str, type[Curvature]] = {c.kind: c for c in (Woodbury, ExactInverse, Identity, KFAC, EKFAC)}
 
 
 def curvature_class(kind: str) -> type[Curvature]:

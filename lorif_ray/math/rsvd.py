@@ -1,7 +1,7 @@
 """Randomized truncated SVD of G (N×D) from streamed rows, never materializing G.
 
 Everything needs only sums over rows, ``GᵀG Q = Σ_batches G_bᵀ (G_b Q)`` (D×k): one ``GramPass``
-does that loop, for several layers at once, over any *row source* (rows streamed from Parquet, resident
+does that loop (and the other sums a curvature asks for: GᵀG, EK-FAC's eigenvalues), for several layers at once, over any *row source* (rows streamed from Parquet, resident
 on a device, or a Ray worker's shard group, whose partial sums the driver adds), so the same code runs
 everywhere and a streamed index is read once per pass for all the layers being fitted.
 
@@ -20,12 +20,16 @@ from typing import Callable, Generator, Iterator, Protocol
 
 import torch
 
+from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.kronecker import eigenvalue_sums
 from lorif_ray.math.projection import gaussian
 
 
 class RowSource(Protocol):
     """Dense rows vec(G̃) of one or more layers, batch by batch: a fresh iterator per call, each batch
-    {layer: (b, D_layer)} over the same b examples, in the source's dtype, on ``device``."""
+    {layer: (b, D_layer)} over the same b examples, in the source's dtype, on ``device``. A layer's batch may
+    instead be a ``GradientBlock`` of rank-c factors: passes that can use factors do (EK-FAC's eigenvalues),
+    the others form the dense rows."""
 
     device: torch.device
     names: list[str]
@@ -42,28 +46,48 @@ class GramOperatorLike(Protocol):
 
     def gram(self, dtype: torch.dtype = torch.float64) -> torch.Tensor: ...
 
+    def eigen(self, bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor: ...
+
+
+Rows = torch.Tensor | GradientBlock
+"""One layer's batch: dense rows (b, D) or a GradientBlock (factors or dense)."""
+
+
+def _dense(rows: Rows) -> torch.Tensor:
+    return rows.dense() if isinstance(rows, GradientBlock) else rows
+
+
+def _slice(rows: Rows, start: int, stop: int) -> Rows:
+    if not isinstance(rows, GradientBlock):
+        return rows[start:stop]
+    cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+    return GradientBlock(cut(rows.u), cut(rows.v), cut(rows.g))
+
 
 class TensorRows:
-    """A row source over rows already in memory (tests, or a resident dense layer).
+    """A row source over rows already in memory (tests, or a resident layer).
 
     Args:
-        rows: (N, D) of one layer, or {layer: (N, D_layer)}.
+        rows: (N, D) of one layer, or {layer: (N, D_layer)}; a layer's rows may be a ``GradientBlock``
+            (factors), delivered as such.
         batch_rows: rows per batch.
     """
 
-    def __init__(self, rows: torch.Tensor | dict[str, torch.Tensor], batch_rows: int = 4096):
+    def __init__(self, rows: Rows | dict[str, Rows], batch_rows: int = 4096):
         self.rows = rows if isinstance(rows, dict) else {"": rows}
         self.names, self.batch_rows = list(self.rows), batch_rows
-        self.device = next(iter(self.rows.values())).device
+        first = next(iter(self.rows.values()))
+        self.total = len(first) if isinstance(first, GradientBlock) else first.shape[0]
+        self.device = (first.u if isinstance(first, GradientBlock) and first.factored else _dense(first)).device
 
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        total = next(iter(self.rows.values())).shape[0]
-        for start in range(0, total, self.batch_rows):
-            yield {n: r[start:start + self.batch_rows] for n, r in self.rows.items()}
+    def batches(self) -> Iterator[dict[str, Rows]]:
+        for start in range(0, self.total, self.batch_rows):
+            yield {n: _slice(r, start, start + self.batch_rows) for n, r in self.rows.items()}
 
 
 class GramPass:
-    """One pass over the rows of several layers gives each its GᵀG Q, GᵀG or G V: the only loop over rows.
+    """One pass over the rows of several layers gives each its GᵀG Q, GᵀG, EK-FAC eigenvalues or G V: the only
+    loop over rows.
 
     Args:
         rows: the layers' ``RowSource``.
@@ -80,21 +104,28 @@ class GramPass:
         self.device = rows.device
 
     def __call__(self, applies: dict[str, torch.Tensor] | None = None,
-                 grams: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
-        """{layer: GᵀG Q (D, k)} for ``applies`` {layer: Q} and {layer: GᵀG (D, D)} for ``grams``
-        {layer: dtype}, by one pass."""
-        applies, grams = applies or {}, grams or {}
+                 grams: dict[str, torch.dtype] | None = None,
+                 eigens: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """{layer: GᵀG Q (D, k)} for ``applies`` {layer: Q}, {layer: GᵀG (D, D)} for ``grams`` {layer: dtype}
+        and {layer: Λ* (d1, d2) = Σ_n (Q_Aᵀ G̃_n Q_S)², float64} for ``eigens`` {layer: (Q_A, Q_S)} (EK-FAC;
+        rotated in the bases' dtype, from factors where the batch has them), by one pass."""
+        applies, grams, eigens = applies or {}, grams or {}, eigens or {}
         queries = {n: q.to(device=self.device, dtype=self.matmul_dtype or q.dtype) for n, q in applies.items()}
+        bases = {n: (a.to(self.device), s.to(self.device)) for n, (a, s) in eigens.items()}
         out = {n: torch.zeros(q.shape, dtype=q.dtype, device=self.device) for n, q in applies.items()}
         out.update({n: None for n in grams})
+        out.update({n: torch.zeros(a.shape[0], s.shape[0], dtype=torch.float64, device=self.device)
+                    for n, (a, s) in bases.items()})
         for batch in self.rows.batches():
             for name, q in queries.items():
-                rows = batch[name].to(q.dtype)
+                rows = _dense(batch[name]).to(q.dtype)
                 out[name] += (rows.T @ (rows @ q)).to(out[name].dtype)
             for name, dtype in grams.items():
-                rows = batch[name].to(dtype)
+                rows = _dense(batch[name]).to(dtype)
                 part = rows.T @ rows
                 out[name] = part if out[name] is None else out[name].add_(part)
+            for name, (basis_a, basis_s) in bases.items():
+                out[name] += eigenvalue_sums(batch[name], basis_a, basis_s)
         missing = [n for n in grams if out[n] is None]
         if missing:
             raise ValueError(f"the row source yielded no rows for {missing}")
@@ -106,12 +137,12 @@ class GramPass:
         parts: dict[str, list] = {n: [] for n in vectors}
         for batch in self.rows.batches():
             for name, v in vectors.items():
-                parts[name].append(batch[name].to(v.dtype) @ v)
+                parts[name].append(_dense(batch[name]).to(v.dtype) @ v)
         return {n: torch.cat(p) for n, p in parts.items()}
 
 
 class GramOperator:
-    """One layer of a ``GramPass``: Q ↦ GᵀG Q, GᵀG and G V, one pass each (what ``randomized_spectrum``
+    """One layer of a ``GramPass``: Q ↦ GᵀG Q, GᵀG, EK-FAC eigenvalues and G V, one pass each (what ``randomized_spectrum``
     and ``Curvature.fit`` call for a single layer).
 
     Example:
@@ -132,22 +163,39 @@ class GramOperator:
         """GᵀG (D, D)."""
         return self.gram_pass(grams={self.name: dtype})[self.name]
 
+    def eigen(self, bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Σ_n (Q_Aᵀ G̃_n Q_S)² (d1, d2) for bases (Q_A, Q_S), in float64."""
+        return self.gram_pass(eigens={self.name: bases})[self.name]
+
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """G V (N, r) in V's dtype."""
         return self.gram_pass.project({self.name: vectors})[self.name]
 
 
 Request = tuple
-"""What a fitting step asks of the rows: ("apply", Q (D, k)) for GᵀG Q, or ("gram", dtype) for GᵀG."""
+"""What a fitting step asks for, as (kind, argument). Of the rows (one pass answers every layer's):
+("apply", Q (D, k)) for GᵀG Q, ("gram", dtype) for GᵀG, ("eigen", (Q_A, Q_S)) for EK-FAC's Σ_n (Q_Aᵀ G̃_n Q_S)².
+Of the caller, no pass: ("stats", layer) for the layer's ``KroneckerStats`` (accumulated by stage 1)."""
+
+ROW_REQUESTS = ("apply", "gram", "eigen")
 
 
-def run_steps(steps: Generator[Request, torch.Tensor, object], gram: GramOperatorLike):
-    """Drive a fitting generator (``randomized_steps``, ``Curvature.steps``) against one layer's operator."""
+def run_steps(steps: Generator[Request, object, object], gram: GramOperatorLike | None, stats=None):
+    """Drive a fitting generator (``randomized_steps``, ``Curvature.steps``) against one layer's operator;
+    ``stats`` (the layer's ``KroneckerStats``) answers a ("stats", layer) request."""
     try:
         request = next(steps)
         while True:
             kind, argument = request
-            request = steps.send(gram(argument) if kind == "apply" else gram.gram(argument))
+            if kind == "stats":
+                if stats is None:
+                    raise ValueError(f"layer {argument!r}: this curvature needs the layer's K-FAC statistics")
+                answer = stats
+            elif kind == "apply":
+                answer = gram(argument)
+            else:
+                answer = getattr(gram, kind)(argument)  # gram.gram(dtype), gram.eigen(bases)
+            request = steps.send(answer)
     except StopIteration as done:
         return done.value
 
