@@ -255,3 +255,9 @@ def test_stacked_query_scores_kronecker_layers(kind, normalize):
     assert (stacked.scores(block) - expected).norm() < 1e-10 * expected.norm()
     self_t = sum(((dense_train[n] @ inverses[n]) * dense_train[n]).sum(dim=1) for n in inverses)
     assert torch.allclose(stacked.train_self_influence(block), self_t, rtol=1e-10)
+    if not normalize:  # each layer's slice is that layer scored on its own
+        per_layer = stacked.scores(block, per_layer=True)
+        train_blocks = layout.layer_blocks(block)
+        for i, name in enumerate(layout.names):
+            alone = curvature[name].score(curvature[name].prepare(query[name]), train_blocks[name])
+            assert torch.allclose(per_layer[i], alone, rtol=1e-10, atol=1e-10)
