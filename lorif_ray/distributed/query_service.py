@@ -44,7 +44,7 @@ from lorif_ray.stages.query import (OutputFiles, QueryBackend, TopK, answer, ope
                                     score_blocks)
 from lorif_ray.stages.rows import ResidentIndex
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
-from lorif_ray.store import open_index, read_ids
+from lorif_ray.store import open_index
 
 
 class QueryWorker:
@@ -228,7 +228,6 @@ def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_op
     """
     cfg, manifest, header, stored = open_query(cfg)
     backend = ray_query(cfg, manifest, stored, num_workers=num_workers, actor_options=actor_options)
-    train_ids = read_ids(cfg.index_path, manifest)
     try:
         for batch, line in enumerate(q.strip() for q in query_files):
             if not line:
@@ -236,7 +235,7 @@ def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_op
             start = time.perf_counter()
             out = replace(cfg, output_dir=str(Path(cfg.output_dir) / "serve" / f"{batch}-{Path(line).stem}"))
             try:
-                report = answer(out, manifest, header, stored, backend, Path(line), train_ids)
+                report = answer(out, manifest, header, stored, backend, Path(line))
             except Exception as error:  # a bad file must not end the service: report it, answer the next
                 yield {"batch": batch, "queries": line, "error": f"{type(error).__name__}: {error}"}
                 continue

@@ -41,7 +41,7 @@ from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
 from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
-from lorif_ray.store import atomic_path, open_index, read_ids, write_json, write_table
+from lorif_ray.store import atomic_path, ids_of_rows, open_index, read_ids, write_json, write_table, write_tables
 from lorif_ray.store.artifacts import preallocated_memmap, temporary_path
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def run_query(cfg: Config, make_backend=local_query) -> dict:
 
 
 def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_path: Path,
-           train_ids: list[str] | None = None) -> dict:
+) -> dict:
     """One query file through ``backend``: featurize, choose the route, score, write the outputs."""
     check_outputs(cfg, manifest)
     queries = backend.featurize(queries_path)
@@ -329,10 +329,9 @@ def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_p
     layers = [layer["name"] for layer in manifest.meta["layers"]]
     with output_files(cfg, manifest, len(row_ids)) as files:
         scores, index = backend.score(queries.columns, route, min(cfg.query.top_k, manifest.num_rows), files)
-        train_ids = train_ids if train_ids is not None else read_ids(cfg.index_path, manifest)
         precision = Precision.of(cfg, resolve_device(cfg.model.device)).describe()
         facts = {"route": route, "precision": precision}
-        report = write_query_outputs(cfg, header, queries, train_ids, scores, index, layers, files, **facts)
+        report = write_query_outputs(cfg, manifest, header, queries, scores, index, layers, files, **facts)
     return {**report, **backend.info, **facts, "query_gradient_seconds": queries.seconds,
             "score_seconds": time.perf_counter() - start}
 
@@ -344,35 +343,51 @@ def check_outputs(cfg: Config, manifest) -> None:
         raise ConfigError(f"query.{asked[0]}: a RepSim index holds hidden states, not gradients")
 
 
-def write_query_outputs(cfg: Config, header: dict, queries: QueryRows, train_ids: list[str], scores: torch.Tensor,
+def write_query_outputs(cfg: Config, manifest, header: dict, queries: QueryRows, scores: torch.Tensor,
                         index: torch.Tensor, layers: list[str], files: OutputFiles, **facts) -> dict:
     """``topk.parquet`` from the queries' rows of (n, k) scores and row indices (``topk_per_token.parquet`` from
     the token rows), ``self_influence.parquet``, and JSON sidecars of the ``.npy`` outputs; each records the
-    config used and ``facts`` (route, precision)."""
+    config used and ``facts`` (route, precision). Reads the ids of the top-k rows only (all N ids only for the
+    sidecars of the full-score files, which are O(N) themselves)."""
     output_dir = Path(cfg.output_dir)
     meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
     meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "score": meaning, **facts}
     nq = len(queries.ids)
+    train_ids = ids_of_rows(cfg.index_path, manifest, index.reshape(-1).tolist())
     write_table(output_dir / "topk.parquet", topk_table(queries.ids, train_ids, scores[:nq], index[:nq]), meta)
     report = {"topk_path": str(output_dir / "topk.parquet"), "scores_path": None, "queries": nq,
-              "train": len(train_ids)}
+              "train": manifest.num_rows}
     if queries.tokens:
         table = token_topk_table(queries.tokens, train_ids, scores[nq:], index[nq:])
         write_table(output_dir / "topk_per_token.parquet", table, meta)
         report.update(topk_per_token_path=str(output_dir / "topk_per_token.parquet"), tokens=len(queries.tokens))
+    sidecars = {"scores": files.scores, "layer_scores": files.layer_scores}
+    if any(sidecars.values()):
+        ids = {"query_ids": queries.row_ids, "train_ids": read_ids(cfg.index_path, manifest)}
     if files.scores is not None:
-        write_json(output_dir / "scores.json", {**meta, "query_ids": queries.row_ids, "train_ids": train_ids})
+        write_json(output_dir / "scores.json", {**meta, **ids})
         report["scores_path"] = str(output_dir / "scores.npy")
     if files.layer_scores is not None:
-        write_json(output_dir / "layer_scores.json",
-                   {**meta, "layers": layers, "query_ids": queries.row_ids, "train_ids": train_ids})
+        write_json(output_dir / "layer_scores.json", {**meta, "layers": layers, **ids})
         report["layer_scores_path"] = str(output_dir / "layer_scores.npy")
     if files.self_influence is not None:
-        values = np.load(files.self_influence, mmap_mode="r")
-        table = pa.table({"train_id": pa.array(train_ids, pa.string()), "self_influence": pa.array(values)})
-        write_table(output_dir / "self_influence.parquet", table, {**meta, "score": SELF_INFLUENCE_MEANING})
+        write_self_influence(cfg, manifest, np.load(files.self_influence, mmap_mode="r"),
+                             {**meta, "score": SELF_INFLUENCE_MEANING})
         report["self_influence_path"] = str(output_dir / "self_influence.parquet")
     return report
+
+
+def write_self_influence(cfg: Config, manifest, values: np.ndarray, meta: dict) -> None:
+    """``self_influence.parquet`` (train_id, self_influence) from the (N,) values, one shard's ids at a time."""
+    schema = pa.schema([("train_id", pa.string()), ("self_influence", pa.float64())])
+
+    def tables():
+        for record in manifest.shards:
+            start = record.index * manifest.shard_size
+            ids = read_ids(cfg.index_path, manifest, shards=[record.index])
+            yield pa.table([pa.array(ids, pa.string()), pa.array(values[start:start + len(ids)])], schema=schema)
+
+    write_tables(Path(cfg.output_dir) / "self_influence.parquet", schema, tables(), meta)
 
 
 SCORE_MEANING = {  # by curvature
@@ -388,8 +403,8 @@ SELF_INFLUENCE_MEANING = ("I(t,t) = g_t^T H^-1 g_t, the example's influence on i
                           "unlike the rest (outlier, mislabel or memorized)")
 
 
-def topk_table(query_ids: list[str], train_ids: list[str], scores: torch.Tensor, index: torch.Tensor) -> pa.Table:
-    """One row per (query, rank) from (nq, k) scores and training row indices."""
+def topk_table(query_ids: list[str], train_ids, scores: torch.Tensor, index: torch.Tensor) -> pa.Table:
+    """One row per (query, rank) from (nq, k) scores and training row indices (``train_ids[row]``: an id)."""
     scores, index = scores.float().cpu().numpy(), index.cpu().numpy()
     k = scores.shape[1]
     return pa.table({
@@ -400,7 +415,7 @@ def topk_table(query_ids: list[str], train_ids: list[str], scores: torch.Tensor,
     })
 
 
-def token_topk_table(tokens: list[tuple[str, int, str]], train_ids: list[str], scores: torch.Tensor,
+def token_topk_table(tokens: list[tuple[str, int, str]], train_ids, scores: torch.Tensor,
                      index: torch.Tensor) -> pa.Table:
     """``topk_table`` of the token rows, with each row's query id, token position and token text."""
     k = scores.shape[1]

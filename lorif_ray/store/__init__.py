@@ -14,6 +14,7 @@ from lorif_ray.store.artifacts import (
     temporary_path,
     write_json,
     write_table,
+    write_tables,
 )
 from lorif_ray.store.manifest import Manifest, ShardRecord
 from lorif_ray.store.schema import ID_COLUMN, STORAGE_DTYPES, arrow_schema, arrow_to_tensor, tensor_to_arrow
@@ -22,6 +23,7 @@ from lorif_ray.store.shards import (
     finished_index,
     iter_batches,
     open_index,
+    ids_of_rows,
     read_ids,
     remove_stale_temporaries,
     shard_file_name,
@@ -43,6 +45,7 @@ __all__ = [
     "load_tensors",
     "open_index",
     "preallocated_memmap",
+    "ids_of_rows",
     "read_ids",
     "read_table_meta",
     "remove_stale_temporaries",
@@ -54,4 +57,5 @@ __all__ = [
     "verify_shards",
     "write_json",
     "write_table",
+    "write_tables",
 ]

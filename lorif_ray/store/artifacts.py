@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,9 +141,16 @@ def write_table(path: str | os.PathLike, table: pa.Table, meta: dict) -> str:
     Returns:
         Hex SHA-256 of the written file.
     """
-    metadata = {**(table.schema.metadata or {}), META_KEY.encode(): json.dumps(meta).encode()}
+    return write_tables(path, table.schema, [table], meta)
+
+
+def write_tables(path: str | os.PathLike, schema: pa.Schema, tables: Iterable[pa.Table], meta: dict) -> str:
+    """``write_table`` of tables of one ``schema`` written one after another (a file larger than memory)."""
+    schema = schema.with_metadata({**(schema.metadata or {}), META_KEY.encode(): json.dumps(meta).encode()})
     with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table.replace_schema_metadata(schema.metadata))
         digest = file_sha256(tmp)
     return digest
 

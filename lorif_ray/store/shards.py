@@ -537,6 +537,19 @@ def iter_batches(
             yield ids, tensors
 
 
+def ids_of_rows(directory: str | os.PathLike, manifest: Manifest, rows: Iterable[int]) -> dict[int, str]:
+    """{global row: example id} of the given rows, reading the `example_id` column of their shards only (the
+    ids of a top-k, without the index's N ids)."""
+    rows = sorted(set(int(r) for r in rows))
+    shards = sorted({r // manifest.shard_size for r in rows})
+    out = {}
+    for shard in shards:
+        start = shard * manifest.shard_size
+        ids = read_ids(directory, manifest, shards=[shard])
+        out.update({r: ids[r - start] for r in rows if start <= r < start + len(ids)})
+    return out
+
+
 def read_ids(
     directory: str | os.PathLike, manifest: Manifest | None = None, *, shards: Iterable[int] | None = None
 ) -> list[str]:
