@@ -1,0 +1,100 @@
+"""The K-FAC statistics of an index (Ã, S̃ per layer, ``lorif_ray.math.kronecker.KroneckerStats``) on disk.
+
+Stage 1 sums each shard's statistics while it featurizes the shard and writes them to
+``<index>/kronecker/shard-XXXXX.safetensors`` *before* the shard's record is committed, so a committed
+shard always has its statistics. ``fold_stats`` adds the files of committed shards into
+``<index>/_kronecker.safetensors``, whose metadata lists the shards it holds, and only then deletes them:
+a crash between the two leaves files whose shard is already listed, which the next fold skips. So every
+shard counts exactly once, whichever shards a resumed run skips or recomputes (statistics are
+deterministic, so a recomputed shard's equal the folded ones). Stage 1 folds as it goes (``FOLD_EVERY``
+files) and at the end; stage 2 reads the total (``read_stats``), which must cover every shard.
+
+Size: (d1² + d2²) float64 per layer per file; 256 KiB per layer at d1 = d2 = 128 (70B at f=64), so the
+unfolded files of a large model are folded every ``FOLD_EVERY`` shards rather than kept until the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from lorif_ray.errors import IndexMismatchError
+from lorif_ray.math.kronecker import KroneckerStats
+from lorif_ray.store import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
+
+TOTAL_NAME = "_kronecker.safetensors"
+SHARDS_DIR = "kronecker"
+FOLD_EVERY = 16  # unfolded shard files stage 1 lets accumulate before folding them
+
+
+def shard_stats_path(index_path: str | Path, shard: int) -> Path:
+    return Path(index_path) / SHARDS_DIR / f"shard-{shard:05d}.safetensors"
+
+
+def _flatten(stats: dict[str, KroneckerStats]) -> dict:
+    return {f"{layer}/{key}": t for layer, s in stats.items() for key, t in s.tensors().items()}
+
+
+def _unflatten(tensors: dict) -> dict[str, KroneckerStats]:
+    layers: dict[str, dict] = {}
+    for name, tensor in tensors.items():
+        layer, key = name.rsplit("/", 1)
+        layers.setdefault(layer, {})[key] = tensor
+    return {layer: KroneckerStats.from_tensors(parts) for layer, parts in layers.items()}
+
+
+def write_shard_stats(index_path: str | Path, shard: int, stats: dict[str, KroneckerStats]) -> None:
+    """One shard's statistics {layer: KroneckerStats}, atomically (before the shard's record commits)."""
+    save_tensors(shard_stats_path(index_path, shard), _flatten(stats), {"shard": shard})
+
+
+def folded(index_path: str | Path) -> tuple[dict[str, KroneckerStats], set[int]]:
+    """The folded total and the shards it holds ({} and an empty set before the first fold)."""
+    path = Path(index_path) / TOTAL_NAME
+    if not path.exists():
+        return {}, set()
+    tensors, meta = load_tensors(path)
+    return _unflatten(tensors), set(meta["shards"])
+
+
+def fold_stats(index_path: str | Path, committed: Iterable[int]) -> int:
+    """Add the statistics files of ``committed`` shards not yet in the total to it, then delete every file
+    the total holds; returns the shards added. Called by the one process that commits shards."""
+    total, shards = folded(index_path)
+    committed = set(committed)
+    files = {int(p.stem.split("-")[1]): p for p in (Path(index_path) / SHARDS_DIR).glob("shard-*.safetensors")}
+    new = sorted(s for s in files if s in committed and s not in shards)
+    for shard in new:
+        tensors, _ = load_tensors(files[shard])
+        for layer, part in _unflatten(tensors).items():
+            total[layer] = total[layer] + part if layer in total else part
+    if new:
+        save_tensors(Path(index_path) / TOTAL_NAME, _flatten(total), {"shards": sorted(shards | set(new))})
+    for shard, path in files.items():
+        if shard in shards or shard in new:
+            path.unlink(missing_ok=True)
+    return len(new)
+
+
+def read_stats(index_path: str | Path, shards: Iterable[int], layers: Iterable[str]) -> dict[str, KroneckerStats]:
+    """{layer: KroneckerStats} of the whole index, for stage 2.
+
+    Raises:
+        IndexMismatchError: the index has no statistics (made before they were collected) or they do not
+            cover exactly its shards, or a layer is missing.
+    """
+    total, held = folded(index_path)
+    shards = set(shards)
+    if not total:
+        raise IndexMismatchError(f"the index at {index_path} holds no K-FAC statistics ({TOTAL_NAME}; an index made "
+                                 "before stage 1 collected them): build it again in a fresh index_dir")
+    if held != shards:
+        raise IndexMismatchError(f"the K-FAC statistics of {index_path} cover {len(held & shards)} of its "
+                                 f"{len(shards)} shards; re-run stage 1 to finish them")
+    missing = [layer for layer in layers if layer not in total]
+    if missing:
+        raise IndexMismatchError(f"the K-FAC statistics of {index_path} lack layers {missing[:5]}")
+    return total
