@@ -19,6 +19,9 @@ from lorif_ray.store.schema import STORAGE_DTYPES
 METHOD_PARTS = {"lorif": ("factors", "woodbury"), "logra": ("dense", "exact"), "graddot": ("dense", "identity"),
                 "repsim": ("hidden", "none")}
 METHODS = tuple(METHOD_PARTS)
+# what ``curvature=`` may name (``lorif_ray.math.curvature.CURVATURES``, and "none" for RepSim); any of the first
+# five goes with a factors or dense store
+CURVATURE_KINDS = ("woodbury", "exact", "identity", "kfac", "ekfac", "none")
 
 
 @dataclass
@@ -64,7 +67,8 @@ class MethodConfig:
 
     @property
     def curvature(self) -> str:
-        """The curvature of stage 2 (``lorif_ray.math.curvature``): woodbury, exact, identity, or none (RepSim)."""
+        """The preset's curvature (``Config.curvature_kind`` is the one a run uses): woodbury, exact, identity, or
+        none (RepSim)."""
         return METHOD_PARTS[self.name][1]
 
 
@@ -157,8 +161,11 @@ class Config:
     f: int = 4  # projection factor: d1 = I/f, d2 = O/f
     c: int = 1  # factor rank (LoRIF); capped at min(d1, d2), where factors are exact
     r: int = 64  # truncation rank of the curvature (LoRIF); capped at D = d1·d2
-    damping: Optional[float] = None  # λ; None = 0.1 × mean of the top r+p eigenvalues (LoGRA: of all)
-    damping_scale: float = 0.1
+    # stage 2's curvature, independent of what stage 1 stores: woodbury | exact | identity | kfac | ekfac; None =
+    # the method's (lorif: woodbury, logra: exact, graddot: identity); e.g. method=lorif curvature=ekfac
+    curvature: Optional[str] = None
+    damping: Optional[float] = None  # λ; None = damping_scale × a mean eigenvalue (per curvature, README)
+    damping_scale: Optional[float] = None  # None = the curvature's default (0.1 for woodbury and exact)
     seed: int = 0  # projections, factor start blocks and rSVD start are all derived from it
     dtype: str = "float32"  # storage dtype of the index: float32 | float16 | bfloat16
     factor_iters: Optional[int] = None  # None = 8 for c = 1, 16 for c > 1
@@ -173,6 +180,11 @@ class Config:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def curvature_kind(self) -> str:
+        """The curvature stage 2 fits and stage 3 scores with: ``curvature``, else the method's."""
+        return self.curvature or self.method.curvature
 
     @property
     def index_path(self) -> Path:
@@ -194,7 +206,12 @@ def validate(cfg: Config) -> None:
         (cfg.c >= 1, f"c={cfg.c}: the factor rank must be >= 1"),
         (cfg.r >= 1, f"r={cfg.r}: the truncation rank must be >= 1"),
         (cfg.damping is None or cfg.damping > 0, f"damping={cfg.damping}: must be > 0 or null"),
-        (cfg.damping_scale > 0, f"damping_scale={cfg.damping_scale}: must be > 0"),
+        (cfg.damping_scale is None or cfg.damping_scale > 0, f"damping_scale={cfg.damping_scale}: must be > 0 or null"),
+        (cfg.curvature is None or cfg.curvature in CURVATURE_KINDS,
+         f"curvature={cfg.curvature!r}: choose one of {CURVATURE_KINDS}"),
+        ((cfg.curvature_kind == "none") == (cfg.method.store_kind == "hidden"),
+         f"curvature={cfg.curvature_kind}: method={cfg.method.name} stores {cfg.method.store_kind} rows; "
+         "hidden states (RepSim) take no curvature and gradients need one"),
         (cfg.dtype in STORAGE_DTYPES, f"dtype={cfg.dtype!r}: choose one of {STORAGE_DTYPES}"),
         (cfg.factor_iters is None or cfg.factor_iters >= 1, f"factor_iters={cfg.factor_iters}: must be >= 1"),
         (cfg.svd_power_iters >= 0, f"svd_power_iters={cfg.svd_power_iters}: must be >= 0"),

@@ -58,7 +58,7 @@ class Precision:
 def warn_if_unsafe(cfg: Config) -> None:
     """Log a warning for a policy measured to lose LoRIF's ranking: 16-bit inputs to the large products
     (relative score error 0.4-0.6, Spearman 0.86-0.91 on a spiked spectrum, σ₁²/λ ≈ 900), or 16-bit g'_t."""
-    if cfg.method.curvature != "woodbury":
+    if cfg.curvature_kind != "woodbury":
         return
     if cfg.precision.matmul in ("bfloat16", "float16"):
         log.warning("precision.matmul=%s with LoRIF: its score is a difference of terms up to σ₁²/λ times larger, "

@@ -83,9 +83,11 @@ class GramWorker:
             self.current = (key, LayerGram(rows, self.precision.matmul, self.first_row))
         return self.current[1]
 
-    def run(self, layers: Sequence[str], applies: dict | None = None, grams: dict | None = None) -> dict:
-        """{layer: Σ_s G_sᵀ (G_s Q)} and {layer: Σ_s G_sᵀ G_s} of this group's rows, by one pass, on the CPU."""
-        return {n: t.cpu() for n, t in self._gram(layers)(applies, grams).items()}
+    def run(self, layers: Sequence[str], applies: dict | None = None, grams: dict | None = None,
+            eigens: dict | None = None) -> dict:
+        """{layer: Σ_s G_sᵀ (G_s Q)}, {layer: Σ_s G_sᵀ G_s} and EK-FAC's {layer: Σ_s Λ*_s} of this group's rows,
+        by one pass, on the CPU."""
+        return {n: t.cpu() for n, t in self._gram(layers)(applies, grams, eigens).items()}
 
     def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str) -> int:
         """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns the row count."""
@@ -103,11 +105,12 @@ class RemoteLayerGram:
     def __init__(self, workers: Sequence, layers: list[str], device):
         self.workers, self.layers, self.device = workers, layers, device
 
-    def __call__(self, applies: dict | None = None, grams: dict | None = None) -> dict:
+    def __call__(self, applies: dict | None = None, grams: dict | None = None, eigens: dict | None = None) -> dict:
         import ray
 
         applies_ref = ray.put({n: q.cpu() for n, q in (applies or {}).items()})
-        parts = ray.get([w.run.remote(self.layers, applies_ref, grams or {}) for w in self.workers])
+        eigens_ref = ray.put({n: (a.cpu(), s.cpu()) for n, (a, s) in (eigens or {}).items()})
+        parts = ray.get([w.run.remote(self.layers, applies_ref, grams or {}, eigens_ref) for w in self.workers])
         return {name: _sum([part[name] for part in parts]).to(self.device) for name in parts[0]}
 
     def write_coordinates(self, vectors: dict, paths: dict, dtype: str) -> int:

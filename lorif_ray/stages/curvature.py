@@ -32,6 +32,7 @@ from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, coordinates_match, write_rows
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
+from lorif_ray.stages.kronecker_stats import read_stats
 from lorif_ray.stages.rows import layer_rows
 from lorif_ray.stages.saved_curvature import CurvatureWriter, curvature_exists, curvature_header, curvature_meta
 from lorif_ray.store import Manifest, open_index
@@ -82,14 +83,25 @@ def fit_settings(cfg: Config, dtype: torch.dtype, device) -> FitSettings:
                        power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype, device=device)
 
 
+def fit_numbers(spec: LayerSpec, cfg: Config) -> int:
+    """Numbers the driver holds while fitting one layer: Woodbury's Q and GᵀG Q (2·D·k), or D·D for a full
+    spectrum or the exact inverse; K-FAC/EK-FAC's bases and eigenvalues (d1² + d2² + D, twice while solving)."""
+    kind = cfg.curvature_kind
+    if kind in ("kfac", "ekfac"):
+        return 2 * (spec.d1 * spec.d1 + spec.d2 * spec.d2 + spec.dim)
+    if kind == "identity":
+        return 0
+    k = min(cfg.r + cfg.oversample, spec.dim)
+    return spec.dim * spec.dim if kind == "exact" or k >= spec.dim else 2 * spec.dim * k
+
+
 def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None) -> list[list[LayerSpec]]:
-    """Consecutive layers fitted together: their iterates (2·D·k numbers, or D·D for a full spectrum, in
-    float64) within ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
+    """Consecutive layers fitted together: what the driver holds for them (``fit_numbers``, float64) within
+    ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
     budget = GROUP_BYTES if budget is None else budget
     groups, current, used = [], [], 0
     for spec in specs:
-        k = min(cfg.r + cfg.oversample, spec.dim)
-        size = 8 * (spec.dim * spec.dim if k >= spec.dim else 2 * spec.dim * k)
+        size = 8 * fit_numbers(spec, cfg)
         if current and used + size > budget:
             groups.append(current)
             current, used = [], 0
@@ -112,7 +124,7 @@ def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
 
 def stores_coordinates(cfg: Config) -> bool:
     """Whether stage 2 writes g'_t: asked for, and the curvature has a low-rank term."""
-    return cfg.query.store_coordinates and cfg.method.curvature == "woodbury"
+    return cfg.query.store_coordinates and cfg.curvature_kind == "woodbury"
 
 
 def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
@@ -130,7 +142,7 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     warn_if_unsafe(cfg)
     device = resolve_device(cfg.model.device)
     precision = Precision.of(cfg, device)
-    kind = cfg.method.curvature
+    kind = cfg.curvature_kind
     specs = layer_specs(manifest) if kind != "none" else []
     store = stores_coordinates(cfg)
     writer = CurvatureWriter(cfg.curvature_path, meta)
@@ -140,6 +152,9 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
         log.info("stage 2: %d of %d layers were finished by an earlier run; fitting the others",
                  len(specs) - len(todo), len(specs))
     settings = fit_settings(cfg, precision.math, device)
+    stats = None
+    if todo and curvature_class(kind).needs_stats:
+        stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], [s.name for s in todo])
     reads_rows = bool(todo) and curvature_class(kind).reads_rows
     backend = backend_class(cfg, manifest, precision, device) if reads_rows else None
     start = time.perf_counter()
@@ -148,7 +163,7 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
             for group in layer_groups(todo, cfg):
                 gram = backend.layers(group) if backend is not None else None
                 steps = {s.name: curvature_class(kind).steps(s.dim, s.name, settings) for s in group}
-                fitted = fit_layers(steps, gram)
+                fitted = fit_layers(steps, gram, stats)
                 for name, curvature in fitted.items():
                     writer.write(name, curvature)
                 if coordinates is not None:

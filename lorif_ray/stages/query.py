@@ -395,6 +395,10 @@ SCORE_MEANING = {  # by curvature
                 "lowers the query loss); ~ rise of the query loss (nats) if t were left out",
     "exact": "I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (exact per-layer inverse); > 0: proponent; ~ rise of the "
              "query loss (nats) if t were left out",
+    "kfac": "I(t,q) = g_q^T (H_KFAC + lambda I)^-1 g_t, H_KFAC = (A (x) S) / tokens in the projected space; > 0: "
+            "proponent; ~ rise of the query loss (nats) if t were left out",
+    "ekfac": "I(t,q) = g_q^T (H_EKFAC + lambda I)^-1 g_t, K-FAC's eigenbasis with the stored gradients' eigenvalues; "
+             "> 0: proponent; ~ rise of the query loss (nats) if t were left out",
     "identity": "g_q^T g_t (no curvature); > 0: proponent; unscaled",
     "none": "cosine of last-layer last-token hidden states in [-1, 1]; similarity, not influence",
 }

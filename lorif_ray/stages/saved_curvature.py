@@ -20,8 +20,6 @@ from typing import Iterable
 
 import torch
 
-import torch
-
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError
 from lorif_ray.math.curvature import Curvature, curvature_class
@@ -32,17 +30,21 @@ HEADER_NAME = "_curvature.json"
 
 # the config keys that change each curvature (its fit settings); RepSim ("none") has no curvature
 FIT_KEYS = {"woodbury": ("r", "damping", "damping_scale", "oversample", "svd_power_iters", "seed"),
-            "exact": ("damping", "damping_scale"), "identity": (), "none": ()}
+            "exact": ("damping", "damping_scale"), "kfac": ("damping", "damping_scale"),
+            "ekfac": ("damping", "damping_scale"), "identity": (), "none": ()}
 
 
 def curvature_meta(cfg: Config, manifest: Manifest) -> dict:
     """What determines the curvature: the method's curvature and fit settings, the policy, the index."""
-    kind = cfg.method.curvature
+    kind = cfg.curvature_kind
     fitted = bool(FIT_KEYS[kind])
+    settings = {key: getattr(cfg, key) for key in FIT_KEYS[kind]}
+    if "damping_scale" in settings and settings["damping_scale"] is None:  # the curvature's default, as a number
+        settings["damping_scale"] = curvature_class(kind).default_damping_scale
     return {
         "method": cfg.method.name,
         "curvature": kind,
-        "config": {key: getattr(cfg, key) for key in FIT_KEYS[kind]},
+        "config": settings,
         "precision": {"math": cfg.precision.math, "matmul": cfg.precision.matmul} if fitted else {},
         "index": {"model": manifest.meta["model"], "config": manifest.meta["config"],
                   "shards": [r.sha256 for r in manifest.shards]},
