@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lorif_ray.config import MethodConfig, ModelConfig
+from lorif_ray.config import MethodConfig, ModelConfig, PrecisionConfig
 from lorif_ray.errors import ConfigError
 from lorif_ray.model.layers import select_layers
 from lorif_ray.plan import GIB, PlanConfig, format_plan, make_plan
@@ -116,6 +116,10 @@ def test_tp_search_returns_the_smallest_fitting_size():
     (ModelConfig(arch={"hidden_size": 64}), {}, "model_type"),
     (None, {"tp_size": 3}, "tp_size=3"),
     (None, {"max_length": 4096}, "max_length=4096"),
+    (None, {"precision": PrecisionConfig(math="float16")}, "precision.math='float16'"),
+    (None, {"driver_device": "tpu"}, "driver_device='tpu'"),
+    (None, {"gram_actors": 0}, "gram_actors=0"),
+    (None, {"curvature": "kfc"}, "curvature='kfc'"),
 ])
 def test_bad_input_raises_config_error(model, kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -141,4 +145,6 @@ def test_the_job_prints_a_plan_for_each_large_model(tmp_path):
     for model_type, params in (("llama", "70,553,706,496"), ("olmo3", "7,298,011,136"), ("apertus", "70,599,864,480")):
         assert f"model: {model_type}, {params} parameters" in out
     assert out.count("- estimate: stage 1 (index)") == 3 and out.count("- exact: index size") == 3
+    assert out.count("| actor (count) | holds | dtype | where | bytes |") == 3
+    assert out.count("| driver, stage 2 (1) | records of the index's 977 shards") == 3
     assert "| model.layers.*.mlp.up_proj | 80 | 8192 | 43008 | 2048 | 10752 | 1 | column | 1,024,000 |" in out

@@ -1,4 +1,4 @@
-"""The README's condensed capacity table is the planner's own output for the README's plan commands."""
+"""The README's condensed capacity and memory tables are the planner's own output for the README's plan commands."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lorif_ray.plan import SUMMARY_HEADER, make_plan, register_plan_config, summary_row
+from lorif_ray.plan import MEMORY_HEADER, SUMMARY_HEADER, make_plan, memory_row, register_plan_config, summary_row
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"olmo3_7b": "OLMo-3-7B", "llama_70b": "Llama-70B", "apertus_70b": "Apertus-70B"}
@@ -20,17 +20,23 @@ def _plan_commands() -> list[list[str]]:
     return [shlex.split(line)[2:] for line in text.splitlines() if line.startswith(".venv/bin/python jobs/plan.py")]
 
 
-def test_the_readme_plan_table_is_generated_by_the_planner():
+def label_of(overrides: list[str]) -> str:
+    """"Apertus-70B, f=64, B=4, N=3.8M" from a command's overrides."""
+    keys = dict(o.split("=", 1) for o in overrides)
+    return (f"{LABELS[keys['model']]}, f={keys['f']}, B={keys.get('batch_size', 16)}, "
+            f"N={int(keys['num_examples']) / 1e6:g}M")
+
+
+def test_the_readme_plan_tables_are_generated_by_the_planner():
     register_plan_config()
     readme = (ROOT / "README.md").read_text()
-    assert SUMMARY_HEADER in readme
+    assert SUMMARY_HEADER in readme and MEMORY_HEADER in readme
     commands = _plan_commands()
     assert len(commands) == 3
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         for overrides in commands:
-            keys = dict(o.split("=", 1) for o in overrides)
             plan = make_plan(OmegaConf.to_object(compose(config_name="plan", overrides=overrides)))
-            label = f"{LABELS[keys['model']]}, f={keys['f']}, B={keys.get('batch_size', 16)}"
-            row = summary_row(plan, label)
-            assert row in readme, f"README row for {label} differs from the planner:\n{row}"
+            label = label_of(overrides)
+            for row in (summary_row(plan, label), memory_row(plan, label)):
+                assert row in readme, f"README row for {label} differs from the planner:\n{row}"
     assert not re.search(r"measured H100", readme)  # no GPU figure is in BENCHMARKS.md yet
