@@ -1,4 +1,5 @@
-"""Examples from JSON Lines, Parquet or Arrow files (or a datasets folder), tokenized with loss masks and padded into batches."""
+"""Examples from JSON Lines, Parquet or Arrow files (or a datasets folder), read whole or shard by shard,
+tokenized with loss masks and padded into batches."""
 
 from lorif_ray.data.batching import (
     IGNORE_INDEX,
@@ -7,16 +8,25 @@ from lorif_ray.data.batching import (
     iter_batches,
     tokenize_examples,
 )
-from lorif_ray.data.examples import Example, data_sha256, load_examples, read_rows
+from lorif_ray.data.examples import Example, iter_examples, load_examples
+from lorif_ray.data.rows import RowRange, data_sha256, iter_rows, read_rows
+from lorif_ray.data.shards import InputPlan, InputShard, plan_input, read_shard
 
 __all__ = [
     "IGNORE_INDEX",
     "Example",
+    "InputPlan",
+    "InputShard",
+    "RowRange",
     "TokenizedExample",
     "collate",
     "data_sha256",
     "iter_batches",
+    "iter_examples",
+    "iter_rows",
     "load_examples",
+    "plan_input",
     "read_rows",
+    "read_shard",
     "tokenize_examples",
 ]

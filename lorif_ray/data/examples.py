@@ -1,24 +1,21 @@
-"""Loading training or query examples from JSON Lines, Parquet or Arrow files, or a `datasets` folder.
+"""Training or query examples from the rows of an input (JSON Lines, Parquet, Arrow, a `datasets` folder).
 
 Three schemas are accepted: a `text` column (loss on every token), `prompt` + `response` columns (loss
 on the response tokens only), or a `messages` column of chat turns ({"role", "content"}; rendered with
 the tokenizer's chat template, loss on the assistant turns only). One file holds one schema: every row
-is checked when the file is loaded, and the first row of another schema is named. An optional `id`
-column names each example; without it the id is the row index. Other columns are ignored.
-
-Inputs: `.jsonl`, `.parquet`, `.arrow` (an Arrow IPC file or stream), or a folder written by
-`datasets.Dataset.save_to_disk` (its `data-*.arrow` stream files, read with pyarrow alone: `datasets`
-is not needed).
+is checked as it is read, and the first row of another schema is named. An optional `id` column names
+each example; without it the id is the row index. Other columns are ignored. Rows are read in batches
+(``lorif_ray.data.rows``), so checking a file holds one batch of rows as Python objects at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorif_ray.data.rows import BATCH_ROWS, RowRange, iter_rows
 from lorif_ray.errors import DataError
 
 # How many offending ids an error message lists before it only counts the rest.
@@ -47,12 +44,18 @@ class Example:
         if self.prompt is not None and not self.text.startswith(self.prompt):
             raise DataError(f"example {self.id!r}: text does not start with its prompt")
 
+    @property
+    def schema(self) -> str:
+        """The schema of the row it came from: one of ``SCHEMAS``."""
+        return "messages" if self.messages is not None else "text" if self.prompt is None else "prompt + response"
+
 
 SCHEMAS = ("text", "prompt + response", "messages")
 
 
 def load_examples(path: str | Path) -> list[Example]:
-    """Reads examples from a `.jsonl`, `.parquet` or `.arrow` file or a `save_to_disk` folder.
+    """Reads every example of a `.jsonl`, `.parquet` or `.arrow` file or a `save_to_disk` folder (for
+    small sets: queries, evaluation; stage 1 reads its input by shard, ``lorif_ray.data.shards``).
 
     Args:
         path: Data with a `text` column, or `prompt` and `response` columns (text = prompt +
@@ -74,96 +77,70 @@ def load_examples(path: str | Path) -> list[Example]:
         >>> examples[0]  # doctest: +SKIP
         Example(id='0', text='the capital of zorvia is kelm .', prompt=None, messages=None)
     """
+    import pyarrow as pa  # Deferred: JSON Lines inputs need pyarrow only for the id check.
+
     path = Path(path)
-    rows, columns = read_rows(path)
-    if not rows:
+    examples = [example for _, batch in iter_examples(path) for example in batch]
+    if not examples:
         raise DataError(f"{path}: the file holds no examples")
-    if not ({"prompt", "response"} <= columns or "text" in columns or "messages" in columns):
-        raise DataError(
-            f"{path}: expected a 'text' column, 'prompt' and 'response' columns, or a 'messages' column; "
-            f"found {sorted(columns)}"
-        )
-    first = _row_schema(path, 0, rows[0])
-    examples = []
-    for i, row in enumerate(rows):
-        schema = _row_schema(path, i, row)
-        if schema != first:
-            raise DataError(
-                f"{path}, row {i}{_id_note(row)}: {schema} where row 0 has {first}; one file holds one schema "
-                f"({', '.join(SCHEMAS)}): split it into one file per schema"
-            )
-        examples.append(_MAKERS[schema](path, i, row))
-    _check_unique_ids(path, examples)
+    check_unique_ids(path, pa.array([e.id for e in examples], pa.string()))
     return examples
 
 
-def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], set[str]]:
-    """The rows (dicts) of a data path and the union of their columns, whatever its kind.
+def iter_examples(path: str | Path, rows: RowRange = RowRange(), schema: str | None = None,
+                  batch_rows: int = BATCH_ROWS) -> Iterator[tuple[RowRange, list[Example]]]:
+    """The checked examples of a row range, in batches (``iter_rows``'s batches).
+
+    Args:
+        rows: The rows to read (default: all).
+        schema: The file's schema (row 0's; one of ``SCHEMAS``); None: the first row read's, for a
+            range that starts at row 0.
+
+    Yields:
+        (the batch's range, its examples).
 
     Raises:
-        DataError: missing path, unknown kind, or unreadable file.
+        DataError: as ``load_examples`` (ids are not compared: see ``check_unique_ids``). The columns
+            are checked on the rows read so far, so a JSON Lines file whose first rows lack every
+            schema's columns is refused naming those rows' columns.
     """
     path = Path(path)
-    if path.is_dir():
-        return _read_saved_dataset(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    if suffix == ".arrow":
-        return _table_rows(_read_arrow(path))
-    raise DataError(f"{path}: unknown file kind {suffix!r}; expected .jsonl, .parquet, .arrow or a "
-                    "datasets save_to_disk folder")
+    columns: set[str] = set()
+    for where, batch, batch_columns in iter_rows(path, rows, batch_rows):
+        columns |= batch_columns
+        if not ({"prompt", "response"} <= columns or "text" in columns or "messages" in columns):
+            raise DataError(f"{path}: expected a 'text' column, 'prompt' and 'response' columns, or a 'messages' "
+                            f"column; found {sorted(columns)}")
+        schema = schema or _row_schema(path, where.start, batch[0])
+        yield where, [_example(path, where.start + i, row, schema) for i, row in enumerate(batch)]
 
 
-def data_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a data file's bytes (equal to ``lorif_ray.store.file_sha256``), or of a folder's
-    data files (name and bytes of each ``*.arrow``/``*.parquet``/``*.jsonl``, in name order)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
-                                                 if p.suffix in (".arrow", ".parquet", ".jsonl"))
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+def check_unique_ids(path: str | Path, ids) -> None:
+    """Raise when ids repeat; ``ids`` is a pyarrow (chunked) string array, counted with pyarrow (no
+    Python set of N ids).
+
+    Raises:
+        DataError: naming the first repeated ids in order of first appearance.
+    """
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(ids)
+    duplicates = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if len(duplicates):
+        shown = ", ".join(repr(d) for d in duplicates[:_SHOWN_IDS].to_pylist())
+        more = f" and {len(duplicates) - _SHOWN_IDS} more" if len(duplicates) > _SHOWN_IDS else ""
+        raise DataError(f"{path}: duplicate ids {shown}{more}")
 
 
-def _read_saved_dataset(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
-    """A `datasets.Dataset.save_to_disk` folder: its `data-*.arrow` files (Arrow IPC streams) in name order."""
-    import pyarrow as pa  # Deferred: only Arrow inputs need pyarrow here.
-
-    files = sorted(path.glob("data-*.arrow")) or sorted(path.glob("*.arrow"))
-    if not files:
-        hint = " (a DatasetDict: pass one split's folder)" if (path / "dataset_dict.json").exists() else ""
-        raise DataError(f"{path}: a folder without data-*.arrow files; expected a datasets save_to_disk "
-                        f"folder{hint}")
-    return _table_rows(pa.concat_tables([_read_arrow(f) for f in files]))
-
-
-def _read_arrow(path: Path):
-    """An Arrow IPC file (random access) or stream (what `datasets` writes) as a table."""
-    import pyarrow as pa
-
-    try:
-        with pa.memory_map(str(path)) as source:
-            try:
-                return pa.ipc.open_file(source).read_all()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return pa.ipc.open_stream(source).read_all()
-    except Exception as e:  # pyarrow raises several types for unreadable files.
-        raise DataError(f"{path}: cannot read Arrow IPC ({e})") from e
-
-
-def _table_rows(table) -> tuple[list[dict[str, Any]], set[str]]:
-    return table.to_pylist(), set(table.column_names)
+def _example(path: Path, index: int, row: dict[str, Any], first: str) -> Example:
+    """Row ``index`` as an Example, refused when its schema is not the file's (``first``)."""
+    schema = _row_schema(path, index, row)
+    if schema != first:
+        raise DataError(
+            f"{path}, row {index}{_id_note(row)}: {schema} where row 0 has {first}; one file holds one schema "
+            f"({', '.join(SCHEMAS)}): split it into one file per schema"
+        )
+    return _MAKERS[schema](path, index, row)
 
 
 def _row_schema(path: Path, index: int, row: dict[str, Any]) -> str:
@@ -180,45 +157,6 @@ def _row_schema(path: Path, index: int, row: dict[str, Any]) -> str:
 
 def _id_note(row: dict[str, Any]) -> str:
     return f" (id {row['id']!r})" if row.get("id") is not None else ""
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
-    """Returns the rows (one JSON object per non-blank line) and the union of their keys."""
-    rows: list[dict[str, Any]] = []
-    columns: set[str] = set()
-    with path.open("rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is fine
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}, line {line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                    "JSON Lines files must be UTF-8"
-                ) from e
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append(row)
-            columns.update(row)
-    return rows, columns
-
-
-def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
-    """Returns the rows and the column names of a Parquet file."""
-    import pyarrow.parquet as pq  # Deferred: only Parquet inputs need pyarrow.
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for unreadable files.
-        raise DataError(f"{path}: cannot read Parquet ({e})") from e
-    return _table_rows(table)
 
 
 def _example_id(path: Path, index: int, row: dict[str, Any]) -> str:
@@ -266,16 +204,3 @@ def _messages_example(path: Path, index: int, row: dict[str, Any]) -> Example:
 
 
 _MAKERS = {"text": _text_example, "prompt + response": _prompt_response_example, "messages": _messages_example}
-
-
-def _check_unique_ids(path: Path, examples: list[Example]) -> None:
-    seen: set[str] = set()
-    duplicates: dict[str, None] = {}  # A dict keeps first-seen order without repeats.
-    for example in examples:
-        if example.id in seen:
-            duplicates[example.id] = None
-        seen.add(example.id)
-    if duplicates:
-        shown = ", ".join(repr(d) for d in list(duplicates)[:_SHOWN_IDS])
-        more = f" and {len(duplicates) - _SHOWN_IDS} more" if len(duplicates) > _SHOWN_IDS else ""
-        raise DataError(f"{path}: duplicate ids {shown}{more}")

@@ -1,6 +1,8 @@
-"""Stage 1 on Ray: gradient actors stream shards, a factorization pool writes them, the driver commits.
+"""Stage 1 on Ray: gradient actors read and featurize shards, a factorization pool writes them, the driver commits.
 
-    driver ──(shard i: tokenized examples)──► GradientWorker (one per model replica, model loaded once)
+    task: plan_input ──(hash, row range of each shard)──► driver
+    driver ──(shard i: its row range)──► GradientWorker (one per model replica, model loaded once;
+                                                  │ reads and tokenizes the shard's rows itself)
                                                   │ fused: store columns (rank-c factors)
                                                   │ not fused: captured (A, B) pairs per batch
                                                   ▼
@@ -10,12 +12,14 @@
     driver ◄────────── ShardRecord ───────────────┘  commits it to the manifest (one writer)
 
 Shards are the deterministic unit of work (shard i = examples [i·size, (i+1)·size) in input order),
-handed out on demand with at most ``cluster.inflight_per_actor`` per gradient actor, and captured
-payloads wait for a free pool member (backpressure: no more payloads in flight than the pool can
-take). A shard counts only once its record is committed, so a crash loses at most uncommitted work
-and a re-run skips committed shards. If an actor dies, its shards go back in the queue and a
-replacement takes its place (same placement-group bundle); actors that Ray can restart retry
-their in-flight calls themselves.
+planned by one pass over the input in a Ray task: the driver never opens the input, it holds the row
+range of each shard (O(shards) numbers). They are handed out on demand with at most
+``cluster.inflight_per_actor`` per gradient actor, and captured payloads wait for a free pool member
+(backpressure: no more payloads in flight than the pool can take). A shard counts only once its
+record is committed, so a crash loses at most uncommitted work and a re-run skips committed shards
+(their rows are never read). If an actor dies, its shards go back in the queue and a replacement
+takes its place (same placement-group bundle); actors that Ray can restart retry their in-flight
+calls themselves.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
-from lorif_ray.data import data_sha256
+from lorif_ray.data import InputPlan, InputShard, plan_input
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows
@@ -47,10 +51,10 @@ from lorif_ray.stages.index import (
     finish_index,
     index_meta,
     reuse_finished_index,
-    shard_chunks,
-    train_examples,
+    shards_left,
+    train_input,
 )
-from lorif_ray.stages.inputs import resolve_inputs
+from lorif_ray.stages.inputs import tokenized_shard
 from lorif_ray.store import ShardRecord, ShardWriter
 
 
@@ -60,12 +64,13 @@ class GradientWorker:
 
     With ``tp_size`` > 1 the constructor only records its rank; ``setup`` (called on every rank of
     the replica at once) joins the replica's process group and shards the model with DeepSpeed
-    AutoTP. Every rank then runs the same batches; each factorizes its share of the layers and
-    rank 0 gathers and returns the columns (the other ranks return no payload).
+    AutoTP. Every rank then runs the same batches (each reads and tokenizes the same rows); each
+    factorizes its share of the layers and rank 0 gathers and returns the columns (the other ranks
+    return no payload).
 
     Example:
         >>> worker = GradientWorker(cfg, model_path)
-        >>> status, payload = worker.featurize(0, chunk, fused=True)   # payload: ("columns", ids, columns)
+        >>> status, payload = worker.featurize_input(0, plan.shard(0), fused=True)  # ("columns", ids, columns)
     """
 
     def __init__(self, cfg: Config, model_path: str, rank: int = 0, tp_size: int = 1):
@@ -77,7 +82,7 @@ class GradientWorker:
             self.featurizer = build_featurizer(cfg, model)
         else:  # the model is loaded, sharded, in ``setup``
             tokenizer = load_tokenizer(model_path)
-        self.pad_token_id = tokenizer.pad_token_id
+        self.tokenizer, self.pad_token_id = tokenizer, tokenizer.pad_token_id
 
     def ready(self) -> int:
         """This process's id, once the constructor (model loading) has finished."""
@@ -119,6 +124,10 @@ class GradientWorker:
         f = self.featurizer
         return {"kind": f.kind, "columns": f.columns,
                 "meta": index_meta(self.cfg, f, self.identity, data_sha256, num_examples)}
+
+    def featurize_input(self, shard: int, rows: InputShard, fused: bool) -> tuple[dict, tuple | None]:
+        """``featurize`` of one shard of the training input, read and tokenized here from its rows."""
+        return self.featurize(shard, tokenized_shard(rows, self.tokenizer, self.cfg.data.max_length), fused)
 
     def featurize(self, shard: int, chunk: list, fused: bool, measurement: str = "loss") -> tuple[dict, tuple | None]:
         """One shard → (status, payload); payload is ("columns", ids, {column: (n, width)}) or, not
@@ -270,9 +279,10 @@ class IndexPipeline:
     def writer_actors(self) -> list:
         return [s.actor for s in self.writer_slots]
 
-    def featurize(self, slot: _Slot, shard: int, chunk: list) -> tuple:
-        """Send shard ``shard`` to every rank of a replica: (rank 0's status, its payload, all statuses)."""
-        calls = [rank.featurize.options(num_returns=2).remote(shard, chunk, self.cfg.cluster.fused)
+    def featurize(self, slot: _Slot, shard: int, rows: InputShard) -> tuple:
+        """Send shard ``shard``'s row range to every rank of a replica (each reads the same rows): (rank 0's
+        status, its payload, all statuses)."""
+        calls = [rank.featurize_input.options(num_returns=2).remote(shard, rows, self.cfg.cluster.fused)
                  for rank in slot.actors]
         return calls[0][0], calls[0][1], [status for status, _ in calls]
 
@@ -317,26 +327,25 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
     """
     import ray
 
-    inputs = resolve_inputs(cfg)
-    train_path, examples = train_examples(cfg, load_tokenizer(inputs.model_path))
-    chunks = shard_chunks(examples, cfg.shard_size)
-    pipeline = IndexPipeline(cfg, str(inputs.model_path), max_replicas=len(chunks))
+    model_path, train_path = train_input(cfg)
+    plan = _plan_in_a_task(train_path, cfg.shard_size)
+    pipeline = IndexPipeline(cfg, str(model_path), max_replicas=len(plan.ranges))
     try:
-        layout = ray.get(pipeline.gradient_actors[0].describe.remote(data_sha256(train_path), len(examples)))
+        layout = ray.get(pipeline.gradient_actors[0].describe.remote(plan.sha256, plan.num_rows))
         layout.update(dtype=cfg.dtype, shard_size=cfg.shard_size)
-        reused = reuse_finished_index(cfg, layout["kind"], layout["columns"], layout["meta"], len(examples))
+        reused = reuse_finished_index(cfg, layout["kind"], layout["columns"], layout["meta"], plan.num_rows)
         if reused is not None:  # complete and intact: no lock, no writes (read-only storage is fine)
             return reused
         writer = ShardWriter(cfg.index_path, **layout)  # creates the manifest, or checks the existing one
         pipeline.start_writers(str(cfg.index_path), layout)
-        announce(cfg, len(examples), layout["columns"], layout["kind"])
-        todo = [i for i in range(len(chunks)) if not writer.is_done(i)]
-        skipped = len(chunks) - len(todo)
+        announce(cfg, plan.num_rows, layout["columns"], layout["kind"])
+        todo = shards_left(plan, writer)
+        skipped = len(plan.ranges) - len(todo)
         start = time.perf_counter()
-        with tqdm(total=len(examples), unit="ex", desc="stage 1: index (ray)", disable=not cfg.progress) as bar:
-            bar.update(len(examples) - sum(len(chunks[i]) for i in todo))
-            computed = _schedule(cfg, pipeline, writer, chunks, todo, bar, on_commit)
-        return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=skipped,
+        with tqdm(total=plan.num_rows, unit="ex", desc="stage 1: index (ray)", disable=not cfg.progress) as bar:
+            bar.update(plan.num_rows - sum(plan.ranges[i].rows for i in todo))
+            computed = _schedule(cfg, pipeline, writer, plan, todo, bar, on_commit)
+        return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=skipped,
                             seconds=time.perf_counter() - start, gradient_actors=len(pipeline.gradient_slots),
                             writer_actors=len(pipeline.writer_slots), fused=cfg.cluster.fused,
                             replaced_actors=pipeline.replaced)
@@ -344,7 +353,23 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         pipeline.close()
 
 
-def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, chunks: list, todo: list[int], bar,
+def _plan_in_a_task(train_path, shard_size: int) -> InputPlan:
+    """``plan_input`` run by a Ray task where the data is (every node sees the path), not by the driver:
+    the driver receives the hash and each shard's row range, never a row.
+
+    Raises:
+        DataError: as ``plan_input`` (the task's error, unwrapped).
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size))
+    except RayTaskError as error:
+        raise error.as_instanceof_cause() from None
+
+
+def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: InputPlan, todo: list[int], bar,
               on_commit) -> int:
     """The driver loop: hand out shards, route payloads to the pool, commit records. Returns rows computed."""
     import ray
@@ -368,7 +393,7 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, chunks:
         for slot in pipeline.gradient_slots:
             while pending and len(slot.inflight) < cluster.inflight_per_actor and waiting_payloads < payload_budget:
                 shard = pending.popleft()
-                status, payload, statuses = pipeline.featurize(slot, shard, chunks[shard])
+                status, payload, statuses = pipeline.featurize(slot, shard, plan.shard(shard))
                 slot.inflight.add(status)
                 featurizing[status] = (slot, shard, payload, statuses)
                 waiting_payloads += 1

@@ -1,13 +1,16 @@
 """Stage 1: per-example projected gradients (rank-c factors, dense rows or hidden states) → Parquet shards.
 
-Work is cut into deterministic shards of ``shard_size`` examples in input order; each finished
-shard is recorded in the manifest, so a re-run after a crash skips it and resumes.
+Work is cut into deterministic shards of ``shard_size`` examples in input order (``plan_input``: one
+streaming pass that checks the input and fixes each shard's row range); each shard is read and
+tokenized only when it is computed, and each finished shard is recorded in the manifest, so a re-run
+after a crash skips it (without reading its rows) and resumes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -18,14 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.data import TokenizedExample, data_sha256
+from lorif_ray.data import InputPlan, TokenizedExample, plan_input
 from lorif_ray.data import iter_batches as token_batches
-from lorif_ray.errors import ConfigError, DataError
+from lorif_ray.errors import ConfigError
 from lorif_ray.math.capture import check_finite_all
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import check_context_length, load_model, model_identity
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
-from lorif_ray.stages.inputs import require, resolve_inputs, tokenized
+from lorif_ray.stages.inputs import TokenizedShards, require, resolve_inputs
 from lorif_ray.store import Manifest, ShardWriter, finished_index, write_json
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
@@ -74,15 +77,17 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
     }
 
 
-def train_examples(cfg: Config, tokenizer) -> tuple[Path, list[TokenizedExample]]:
-    """The tokenized training set of a config (errors name the file when it is empty)."""
+def train_input(cfg: Config) -> tuple[Path, Path]:
+    """(model path, training input) of a config; ``data.max_length`` is checked against the model's
+    context first (its config file only)."""
     inputs = resolve_inputs(cfg)
     check_context_length(inputs.model_path, cfg.data.max_length)
-    train_path = require(inputs.train_path, "data.train")
-    examples = tokenized(train_path, tokenizer, cfg.data.max_length)
-    if not examples:
-        raise DataError(f"{train_path} holds no training examples")
-    return train_path, examples
+    return inputs.model_path, require(inputs.train_path, "data.train")
+
+
+def shards_left(plan: InputPlan, writer: ShardWriter) -> list[int]:
+    """The shards of ``plan`` the index has not committed yet, in order (a re-run reads no other)."""
+    return [shard for shard in range(len(plan.ranges)) if not writer.is_done(shard)]
 
 
 def check_projection_widths(specs: list[LayerSpec], f: int, kind: str) -> None:
@@ -136,7 +141,7 @@ def reused_report(cfg: Config, manifest: Manifest) -> dict:
 
 
 def shard_chunks(examples: list, shard_size: int) -> list[list]:
-    """Examples cut into deterministic shards in input order: shard i holds [i·size, (i+1)·size)."""
+    """Examples in memory cut like ``plan_input`` cuts an input file: shard i holds [i·size, (i+1)·size)."""
     return [examples[i:i + shard_size] for i in range(0, len(examples), shard_size)]
 
 
@@ -187,34 +192,33 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 
 def run_index(cfg: Config) -> dict:
     """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
-    inputs = resolve_inputs(cfg)
-    check_context_length(inputs.model_path, cfg.data.max_length)  # before loading the model
+    model_path, train_path = train_input(cfg)  # before loading the model
+    plan = plan_input(train_path, cfg.shard_size)  # data errors before any model work
     with quiet_transformers():
-        model, tokenizer = load_model(inputs.model_path, dtype=cfg.model.dtype, device=cfg.model.device,
+        model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                       adapter=cfg.model.adapter)
-    train_path, examples = train_examples(cfg, tokenizer)
     featurizer = build_featurizer(cfg, model)
-    meta = index_meta(cfg, featurizer, model_identity(model), data_sha256(train_path), len(examples))
-    reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, len(examples))
+    meta = index_meta(cfg, featurizer, model_identity(model), plan.sha256, plan.num_rows)
+    reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, plan.num_rows)
     if reused is not None:
         return reused
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
-    announce(cfg, len(examples), featurizer.columns, featurizer.kind)
-    chunks = shard_chunks(examples, cfg.shard_size)
-    done = {shard for shard in range(len(chunks)) if writer.is_done(shard)}
+    announce(cfg, plan.num_rows, featurizer.columns, featurizer.kind)
+    todo = shards_left(plan, writer)
     start = time.perf_counter()
-    with tqdm(total=len(examples), unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
-        bar.update(sum(len(chunks[shard]) for shard in done))
-        computed = write_shards(featurizer, writer, {i: c for i, c in enumerate(chunks) if i not in done},
+    with tqdm(total=plan.num_rows, unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
+        bar.update(plan.num_rows - sum(plan.ranges[shard].rows for shard in todo))
+        computed = write_shards(featurizer, writer, TokenizedShards(plan, todo, tokenizer, cfg.data.max_length),
                                 cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
-    return finish_index(cfg, writer, len(examples), computed=computed, skipped_shards=len(done),
+    return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=len(plan.ranges) - len(todo),
                         seconds=time.perf_counter() - start)
 
 
-def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: dict[int, list[TokenizedExample]],
+def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: Mapping[int, Sequence[TokenizedExample]],
                  batch_size: int, pad_token_id: int, on_batch: Callable[[int], None] | None = None) -> int:
-    """Featurize and write shards {index: examples}; returns the rows computed.
+    """Featurize and write shards {index: examples} (e.g. ``TokenizedShards``: each read when its turn
+    comes); returns the rows computed.
 
     Shard i is written (Parquet encoding, checksum, fsync, manifest record) on a background thread
     while shard i+1 is computed; at most one shard waits, and a failed write stops the run at the

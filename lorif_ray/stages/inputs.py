@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorif_ray.config import Config
-from lorif_ray.data import load_examples, tokenize_examples
+from lorif_ray.data import InputPlan, InputShard, TokenizedExample, load_examples, read_shard, tokenize_examples
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.math.factorize import default_iterations
 from lorif_ray.stages.featurize import LayerSpec
@@ -42,8 +43,32 @@ def require(path: Path | None, key: str) -> Path:
 
 
 def tokenized(path: Path, tokenizer, max_length: int):
-    """Load and tokenize a data file (errors name the file and the offending ids)."""
+    """Load and tokenize a whole data file, e.g. queries (errors name the file and the offending ids)."""
     return tokenize_examples(load_examples(path), tokenizer, max_length)
+
+
+def tokenized_shard(shard: InputShard, tokenizer, max_length: int) -> list[TokenizedExample]:
+    """Read and tokenize one shard of the training input (errors name the shard's offending ids)."""
+    return tokenize_examples(read_shard(shard), tokenizer, max_length)
+
+
+class TokenizedShards(Mapping):
+    """{shard index: its tokenized examples} for some shards of a plan, each read and tokenized when
+    looked up (iterating ``items()`` holds one shard at a time)."""
+
+    def __init__(self, plan: InputPlan, shards: list[int], tokenizer, max_length: int):
+        self.plan, self.shards, self.tokenizer, self.max_length = plan, dict.fromkeys(shards), tokenizer, max_length
+
+    def __getitem__(self, shard: int) -> list[TokenizedExample]:
+        if shard not in self.shards:
+            raise KeyError(shard)
+        return tokenized_shard(self.plan.shard(shard), self.tokenizer, self.max_length)
+
+    def __iter__(self):
+        return iter(self.shards)
+
+    def __len__(self) -> int:
+        return len(self.shards)
 
 
 def layer_specs(manifest: Manifest) -> list[LayerSpec]:

@@ -3,11 +3,18 @@ actors, and the whole Ray pipeline gives the one-process top-k and scores."""
 
 from __future__ import annotations
 
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+import lorif_ray.data.examples as examples_module
 from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import load_examples
 from lorif_ray.errors import ConfigError
@@ -62,6 +69,53 @@ def test_factorization_pool_gives_the_fused_factors(tiny_assets, baseline, ray_c
     cfg = _config(tiny_assets, baseline["root"], "pool", fused=False, writer_actors=2)
     report = run_index_distributed(cfg)
     assert (report["fused"], report["writer_actors"], report["computed"]) == (False, 2, 48)
+    _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
+
+
+_OPENED: list[str] | None = None  # what this process opens while ``opened_by_the_driver`` records
+_HOOKED = False
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None:
+        _OPENED.append(str(args[0]))
+
+
+@contextmanager
+def opened_by_the_driver():
+    """The paths this process (the driver; Ray's actors and tasks are others) opens through Python inside the
+    block. An audit hook stays for the session, so one is added once and records only inside a block."""
+    global _OPENED, _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_record_open)
+        _HOOKED = True
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_the_driver_never_reads_the_training_input(tiny_assets, baseline, ray_cluster, tmp_path, monkeypatch, kind):
+    """A Ray task plans the shards (hash, checks, row ranges) and each replica reads and tokenizes its own
+    rows: the driver opens no byte of the input (audited opens: the hash and JSON Lines reads go through
+    Python) and reads no row (pyarrow's opens are not audited: every row reader goes through
+    ``examples.iter_rows``, patched in the driver only), and the index is the one-process one."""
+    train = tmp_path / f"train.{kind}"
+    if kind == "jsonl":
+        train.write_bytes(Path(tiny_assets["train"]).read_bytes())
+    else:
+        rows = [json.loads(line) for line in Path(tiny_assets["train"]).read_text().splitlines()]
+        pq.write_table(pa.Table.from_pylist(rows), train, row_group_size=7)
+    read_by_driver, real = [], examples_module.iter_rows
+    monkeypatch.setattr(examples_module, "iter_rows",
+                        lambda path, *args: read_by_driver.append(path) or real(path, *args))
+    cfg = _config({**tiny_assets, "train": train}, tmp_path, "driver")
+    with opened_by_the_driver() as opened:
+        report = run_index_distributed(cfg)
+    assert not [path for path in opened if path.startswith(str(train))], opened
+    assert read_by_driver == [] and report["computed"] == 48
     _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
 
 

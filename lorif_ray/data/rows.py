@@ -1,0 +1,231 @@
+"""Rows (dicts) of an input path, read in batches from a row range, whatever its kind.
+
+Kinds: `.jsonl`, `.parquet`, `.arrow` (an Arrow IPC file or stream), or a folder written by
+`datasets.Dataset.save_to_disk` (its `data-*.arrow` stream files, read with pyarrow alone: `datasets`
+is not needed). Only the rows of the range become Python objects, one batch at a time:
+
+- Parquet: the row groups that overlap the range, streamed in record batches.
+- Arrow: memory-mapped (no copy), the range sliced out.
+- JSON Lines: read from the byte offset of the range's first row (``RowRange.offset``, found by a
+  pass over the file: ``lorif_ray.data.shards.plan_input`` records it for each shard), so a shard
+  costs its own lines, not the lines before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorif_ray.errors import DataError
+
+BATCH_ROWS = 8192
+"""Rows per batch when the caller does not choose (a batch is the most rows held as dicts at once)."""
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Rows [start, stop) of an input (stop None: to its end). In a JSON Lines file row ``start`` is on
+    line ``line`` (1-based), at byte ``offset``; other kinds ignore both.
+
+    Example:
+        >>> RowRange(1024, 2048).rows
+        1024
+    """
+
+    start: int = 0
+    stop: int | None = None
+    offset: int = 0
+    line: int = 1
+
+    @property
+    def rows(self) -> int:
+        """How many rows the range holds (stop must be known)."""
+        return self.stop - self.start
+
+
+def iter_rows(path: str | Path, rows: RowRange = RowRange(),
+              batch_rows: int = BATCH_ROWS) -> Iterator[tuple[RowRange, list[dict[str, Any]], set[str]]]:
+    """The rows of ``rows`` in batches of ``batch_rows`` (counted from ``rows.start``; the last may be shorter).
+
+    Yields:
+        (the batch's own range, with its JSON Lines offset and line; its rows; their columns: the union of
+        the keys for JSON Lines, the schema's names otherwise).
+
+    Raises:
+        DataError: missing path, unknown kind, or unreadable file (a JSON Lines line that is not UTF-8,
+            not JSON or not an object is named by its number).
+    """
+    path = Path(path)
+    if path.is_dir():
+        yield from _arrow_batches(_saved_dataset_table(path), rows, batch_rows)
+        return
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_batches(path, rows, batch_rows)
+    elif suffix == ".parquet":
+        yield from _parquet_batches(path, rows, batch_rows)
+    elif suffix == ".arrow":
+        yield from _arrow_batches(_arrow_table(path), rows, batch_rows)
+    else:
+        raise DataError(f"{path}: unknown file kind {suffix!r}; expected .jsonl, .parquet, .arrow or a "
+                        "datasets save_to_disk folder")
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], set[str]]:
+    """Every row (dict) of a data path and the union of their columns, whatever its kind (small files:
+    queries, evaluation sets).
+
+    Raises:
+        DataError: missing path, unknown kind, or unreadable file.
+    """
+    rows: list[dict[str, Any]] = []
+    columns: set[str] = set()
+    for _, batch, batch_columns in iter_rows(path):
+        rows += batch
+        columns |= batch_columns
+    return rows, columns
+
+
+def data_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a data file's bytes (equal to ``lorif_ray.store.file_sha256``), or of a folder's
+    data files (name and bytes of each ``*.arrow``/``*.parquet``/``*.jsonl``, in name order); streamed
+    in 1 MiB reads."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                 if p.suffix in (".arrow", ".parquet", ".jsonl"))
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _jsonl_batches(path: Path, rows: RowRange, batch_rows: int):
+    """JSON Lines rows (one object per non-blank line) from byte ``rows.offset``, line ``rows.line``."""
+    batch: list[dict[str, Any]] = []
+    keys: set[str] = set()
+    index, offset, line_number = rows.start, rows.offset, rows.line
+    with path.open("rb") as f:
+        f.seek(rows.offset)
+        for raw in f:
+            row = _json_row(path, line_number, raw)
+            if row is not None:
+                if not batch:
+                    first = RowRange(index, None, offset, line_number)
+                batch.append(row)
+                keys.update(row)
+                index += 1
+                if len(batch) == batch_rows or index == rows.stop:
+                    yield RowRange(first.start, index, first.offset, first.line), batch, keys
+                    batch, keys = [], set()
+                    if index == rows.stop:
+                        return
+            offset, line_number = offset + len(raw), line_number + 1
+    if batch:
+        yield RowRange(first.start, index, first.offset, first.line), batch, keys
+
+
+def _json_row(path: Path, line_number: int, raw: bytes) -> dict[str, Any] | None:
+    """One JSON Lines line as a dict; None for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is fine
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}, line {line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "JSON Lines files must be UTF-8"
+        ) from e
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {line_number}: invalid JSON ({e.msg})") from e
+    if not isinstance(row, dict):
+        raise DataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _parquet_batches(path: Path, rows: RowRange, batch_rows: int):
+    """The row groups of a Parquet file that overlap ``rows``, streamed and re-cut into batches (a shard
+    costs the row groups it touches: files written with row groups of about a shard or less read best)."""
+    import pyarrow.parquet as pq  # Deferred: only Parquet inputs need pyarrow.
+
+    try:
+        file = pq.ParquetFile(path)
+        sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    except Exception as e:  # pyarrow raises several types for unreadable files.
+        raise DataError(f"{path}: cannot read Parquet ({e})") from e
+    groups, first, begin = [], None, 0
+    for group, size in enumerate(sizes):
+        if begin + size > rows.start and (rows.stop is None or begin < rows.stop):
+            groups.append(group)
+            first = begin if first is None else first
+        begin += size
+    if groups:
+        yield from _recut(file.iter_batches(batch_size=batch_rows, row_groups=groups), first, rows, batch_rows)
+
+
+def _arrow_batches(table, rows: RowRange, batch_rows: int):
+    """A (memory-mapped) table's rows in ``rows``: slicing copies nothing until the rows become dicts."""
+    stop = table.num_rows if rows.stop is None else min(rows.stop, table.num_rows)
+    if rows.start < stop:
+        yield from _recut(table.slice(rows.start, stop - rows.start).to_batches(), rows.start, rows, batch_rows)
+
+
+def _recut(batches, first: int, rows: RowRange, batch_rows: int):
+    """Consecutive record batches, the first beginning at row ``first``, as batches of dicts of rows
+    [s, s + batch_rows) for s = rows.start, rows.start + batch_rows, ... up to rows.stop."""
+    import pyarrow as pa
+
+    held, at = None, first  # held: a table of rows [at, at + held.num_rows)
+    stop = rows.stop
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        held = table if held is None else pa.concat_tables([held, table])
+        if at < rows.start:
+            skip = min(rows.start - at, held.num_rows)
+            held, at = held.slice(skip), at + skip
+        while held.num_rows and (held.num_rows >= batch_rows or (stop is not None and at + held.num_rows >= stop)):
+            n = min(batch_rows, held.num_rows if stop is None else stop - at)
+            yield RowRange(at, at + n), held.slice(0, n).to_pylist(), set(held.column_names)
+            held, at = held.slice(n), at + n
+            if stop is not None and at >= stop:
+                return
+    if held is not None and held.num_rows:
+        yield RowRange(at, at + held.num_rows), held.to_pylist(), set(held.column_names)
+
+
+def _saved_dataset_table(path: Path):
+    """A `datasets.Dataset.save_to_disk` folder: its `data-*.arrow` files (Arrow IPC streams) in name order."""
+    import pyarrow as pa  # Deferred: only Arrow inputs need pyarrow here.
+
+    files = sorted(path.glob("data-*.arrow")) or sorted(path.glob("*.arrow"))
+    if not files:
+        hint = " (a DatasetDict: pass one split's folder)" if (path / "dataset_dict.json").exists() else ""
+        raise DataError(f"{path}: a folder without data-*.arrow files; expected a datasets save_to_disk "
+                        f"folder{hint}")
+    return pa.concat_tables([_arrow_table(f) for f in files])
+
+
+def _arrow_table(path: Path):
+    """An Arrow IPC file (random access) or stream (what `datasets` writes), memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:  # the table's buffers keep the mapping alive
+            try:
+                return pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return pa.ipc.open_stream(source).read_all()
+    except Exception as e:  # pyarrow raises several types for unreadable files.
+        raise DataError(f"{path}: cannot read Arrow IPC ({e})") from e

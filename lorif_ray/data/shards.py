@@ -1,0 +1,97 @@
+"""A training input cut into shards by row range: planned by one streaming pass, then read shard by shard.
+
+``plan_input`` reads the input once, one shard of rows as Python objects at a time: it checks every
+row's schema, the ids' uniqueness (pyarrow counts the id column: N short strings in Arrow memory, no
+Python set), hashes the bytes and records each shard's row range. For JSON Lines it also records the
+byte offset and line of each shard's first row, so ``read_shard`` starts there and reads no line of
+another shard. Converting JSON Lines to a Parquet cache would give the same random access, but the
+pass over the file is needed anyway (hash, ids, schema), and offsets write nothing: read-only inputs
+and index folders work, and no second copy of a large input appears on disk. The plan holds O(shards)
+numbers; stage 1 on Ray makes it in a task, so its driver never reads the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorif_ray.data.examples import Example, check_unique_ids, iter_examples
+from lorif_ray.data.rows import RowRange, data_sha256
+from lorif_ray.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One shard of a training input: rows ``rows`` of ``path``, of the file's schema ``schema``."""
+
+    path: str
+    schema: str
+    rows: RowRange
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """A checked training input cut into shards: shard i holds rows [i·shard_size, (i+1)·shard_size).
+
+    Attributes:
+        path: The input (file or ``save_to_disk`` folder).
+        sha256: ``data_sha256`` of the input.
+        schema: Its rows' schema (one of ``lorif_ray.data.examples.SCHEMAS``).
+        ranges: The row range of each shard, in order.
+
+    Example:
+        >>> plan = plan_input("train.jsonl", shard_size=1024)  # doctest: +SKIP
+        >>> plan.num_rows, len(plan.ranges), plan.shard(1).rows  # doctest: +SKIP
+        (3000, 3, RowRange(start=1024, stop=2048, offset=81920, line=1025))
+    """
+
+    path: str
+    sha256: str
+    schema: str
+    ranges: tuple[RowRange, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.ranges[-1].stop
+
+    def shard(self, index: int) -> InputShard:
+        return InputShard(self.path, self.schema, self.ranges[index])
+
+
+def plan_input(path: str | Path, shard_size: int) -> InputPlan:
+    """Check a training input and cut it into shards of ``shard_size`` rows (one streaming pass, plus the hash).
+
+    Raises:
+        ConfigError: shard_size < 1.
+        DataError: as ``load_examples``: the path is unusable, empty, has no schema's columns, a row is
+            malformed or of another schema (named), or ids repeat.
+    """
+    import pyarrow as pa  # Deferred: JSON Lines inputs need pyarrow only for the id check.
+
+    if shard_size < 1:
+        raise ConfigError(f"shard_size={shard_size}: must be >= 1")
+    path = Path(path)
+    ranges, ids, schema = [], [], None
+    for rows, examples in iter_examples(path, batch_rows=shard_size):
+        schema = schema or examples[0].schema
+        ranges.append(rows)
+        ids.append(pa.array([e.id for e in examples], pa.string()))
+    if not ranges:
+        raise DataError(f"{path}: the file holds no examples")
+    check_unique_ids(path, pa.chunked_array(ids, pa.string()))
+    return InputPlan(str(path), data_sha256(path), schema, tuple(ranges))
+
+
+def read_shard(shard: InputShard) -> list[Example]:
+    """The examples of one shard, read from its own rows only.
+
+    Raises:
+        DataError: a row is malformed, or the file no longer holds the shard's rows (it changed after
+            ``plan_input``).
+    """
+    rows = shard.rows
+    examples = [e for _, batch in iter_examples(shard.path, rows, shard.schema, batch_rows=rows.rows) for e in batch]
+    if len(examples) != rows.rows:
+        raise DataError(f"{shard.path}: rows [{rows.start}, {rows.stop}) were planned, {len(examples)} read; the "
+                        "file changed after stage 1 planned its shards: run stage 1 again")
+    return examples
