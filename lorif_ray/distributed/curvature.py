@@ -110,8 +110,12 @@ class RemoteLayerGram:
 
         applies_ref = ray.put({n: q.cpu() for n, q in (applies or {}).items()})
         eigens_ref = ray.put({n: (a.cpu(), s.cpu()) for n, (a, s) in (eigens or {}).items()})
-        parts = ray.get([w.run.remote(self.layers, applies_ref, grams or {}, eigens_ref) for w in self.workers])
-        return {name: _sum([part[name] for part in parts]).to(self.device) for name in parts[0]}
+        refs = [w.run.remote(self.layers, applies_ref, grams or {}, eigens_ref) for w in self.workers]
+        total = {name: t.clone() for name, t in ray.get(refs[0]).items()}  # Ray's buffers may be read-only
+        for ref in refs[1:]:  # in shard-group order (deterministic sums), one partial in the driver at a time
+            for name, part in ray.get(ref).items():
+                total[name] += part
+        return {name: t.to(self.device) for name, t in total.items()}
 
     def write_coordinates(self, vectors: dict, paths: dict, dtype: str) -> int:
         import ray
@@ -141,9 +145,3 @@ class RayGram:
             ray.kill(worker)
         self.workers = []
 
-
-def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
-    return total

@@ -284,7 +284,7 @@ class StackedQuery:
             side = None
             if self.route == "query":
                 if query_side_terms is not None:
-                    side = torch.stack([query_side_terms[n] for n in g.names]).to(mm)
+                    side = torch.stack([query_side_terms[n] for n in g.names]).to(device=w.device, dtype=mm)
                 elif vectors is not None:
                     side = torch.bmm(coords * w[:, None, :], vectors.transpose(1, 2)).to(mm)  # (L, nq, D)
                 else:

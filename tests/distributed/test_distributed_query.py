@@ -15,7 +15,7 @@ from lorif_ray.distributed.curvature import shard_groups
 from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge_topk, ray_query
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
-from lorif_ray.stages.query import featurize_queries, run_query
+from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
 from lorif_ray.store import open_index
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
@@ -31,7 +31,8 @@ def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseli
     columns = featurize_queries(cfg, manifest).columns
     workers = [QueryWorker(query_config(cfg, manifest), g) for g in shard_groups(manifest, NUM_WORKERS)]
     np.save(tmp_path / "full.npy", np.zeros((6, manifest.num_rows), dtype=np.float32))
-    results = [w.score({"columns": columns, "k": 5, "route": "recompute", "full_path": str(tmp_path / "full.npy")})
+    files = OutputFiles(scores=str(tmp_path / "full.npy"))
+    results = [w.score({"columns": columns, "k": 5, "route": "recompute", "files": files})
                for w in workers]
     full = np.load(tmp_path / "full.npy")
     expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
