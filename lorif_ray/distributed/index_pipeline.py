@@ -55,6 +55,7 @@ from lorif_ray.stages.index import (
     train_input,
 )
 from lorif_ray.stages.inputs import tokenized_shard
+from lorif_ray.stages.kronecker_stats import fold_now_and_then, write_shard_stats
 from lorif_ray.store import ShardRecord, ShardWriter
 
 
@@ -79,7 +80,7 @@ class GradientWorker:
             model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                           adapter=cfg.model.adapter)
             self.identity = model_identity(model)
-            self.featurizer = build_featurizer(cfg, model)
+            self.featurizer = build_featurizer(cfg, model, statistics=True)
         else:  # the model is loaded, sharded, in ``setup``
             tokenizer = load_tokenizer(model_path)
         self.tokenizer, self.pad_token_id = tokenizer, tokenizer.pad_token_id
@@ -112,7 +113,8 @@ class GradientWorker:
         self.featurizer = Featurizer(
             self.sharded.model, self.sharded.layers, kind=cfg.method.store_kind, f=cfg.f, c=cfg.c, seed=cfg.seed,
             factor_iters=cfg.factor_iters, dims=self.sharded.dims,
-            capture_factory=lambda m, layers, p: tp.TensorParallelCapture(m, layers, p, group=group))
+            capture_factory=lambda m, layers, p: tp.TensorParallelCapture(m, layers, p, group=group),
+            statistics=True)  # of the all-reduced blocks: every rank has all of them, rank 0 writes them
         specs = self.featurizer.specs
         mine = set(tp.layers_of_rank({s.name: s.dim for s in specs}, self.rank, self.tp_size))
         self.my_maker = None if self.featurizer.kind == "hidden" else ColumnMaker(
@@ -126,8 +128,12 @@ class GradientWorker:
                 "meta": index_meta(self.cfg, f, self.identity, data_sha256, num_examples)}
 
     def featurize_input(self, shard: int, rows: InputShard, fused: bool) -> tuple[dict, tuple | None]:
-        """``featurize`` of one shard of the training input, read and tokenized here from its rows."""
-        return self.featurize(shard, tokenized_shard(rows, self.tokenizer, self.cfg.data.max_length), fused)
+        """``featurize`` of one shard of the training input, read and tokenized here from its rows; rank 0
+        writes the shard's K-FAC statistics (before the driver can commit the shard)."""
+        out = self.featurize(shard, tokenized_shard(rows, self.tokenizer, self.cfg.data.max_length), fused)
+        if self.rank == 0 and self.shard_stats is not None:
+            write_shard_stats(self.cfg.index_path, shard, self.shard_stats)
+        return out
 
     def featurize(self, shard: int, chunk: list, fused: bool, measurement: str = "loss") -> tuple[dict, tuple | None]:
         """One shard → (status, payload); payload is ("columns", ids, {column: (n, width)}) or, not
@@ -147,6 +153,8 @@ class GradientWorker:
                 payload = ("captured", capture_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
         finally:
             self.featurizer.measurement = previous
+            statistics = self.featurizer.statistics
+            self.shard_stats = None if statistics is None else statistics.pop()  # this call's only
         status = {"shard": shard, "rows": len(chunk), "rank": self.rank, "pid": os.getpid(),
                   "seconds": time.perf_counter() - start}
         return status, payload if self.rank == 0 else None
@@ -425,6 +433,7 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: I
             except RayTaskError as error:
                 raise error.as_instanceof_cause() from None
             writer.commit(record)
+            fold_now_and_then(writer.directory, writer.is_done)
             computed += record.rows
             bar.update(record.rows)
             if on_commit:

@@ -121,6 +121,36 @@ def batch_stats(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None 
     return KroneckerStats(xs.T @ xs, ds.T @ ds, int(mask.sum()), int(mask.any(dim=1).sum()))
 
 
+class StatsAccumulator:
+    """``batch_stats`` summed over batches per layer, kept on the device with no host sync until ``pop``
+    (stage 1 sums one shard's statistics while it featurizes the shard)."""
+
+    def __init__(self):
+        self.sums: dict[str, list[torch.Tensor]] = {}  # layer → [Ã, S̃, tokens] (float64 tensors)
+        self.examples = 0
+
+    def add(self, captured: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """One batch: {layer: (x̃ (B, T, d1), δ̃ (B, T, d2))} and the tokens that count, mask (B, T)."""
+        mask = mask.to(dtype=torch.bool)
+        for name, (x, delta) in captured.items():
+            keep = mask.to(x.device)
+            xs, ds = x[keep].to(torch.float64), delta[keep].to(torch.float64)
+            parts = [xs.T @ xs, ds.T @ ds, keep.sum().to(torch.float64)]
+            if name in self.sums:
+                for total, part in zip(self.sums[name], parts):
+                    total += part
+            else:
+                self.sums[name] = parts
+        self.examples += int(mask.shape[0])
+
+    def pop(self) -> dict[str, KroneckerStats]:
+        """{layer: KroneckerStats} of the batches added since the last pop (on the CPU), and reset."""
+        out = {name: KroneckerStats(a.cpu(), s.cpu(), int(tokens), self.examples)
+               for name, (a, s, tokens) in self.sums.items()}
+        self.sums, self.examples = {}, 0
+        return out
+
+
 def eigenbasis(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues ≥ 0 (d,), eigenvectors (d, d)) of a symmetric PSD statistic, in float64."""
     matrix = matrix.to(torch.float64)

@@ -23,6 +23,7 @@ from lorif_ray.math.capture import (Measurement, ProjectedGradientCapture, check
                                    linear_dims, measurement_function, nonfinite_rows, per_example_measurement)
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize, initial_block
 from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.kronecker import StatsAccumulator
 from lorif_ray.math.projection import layer_projection
 
 FiniteMasks = list[tuple[str, torch.Tensor]]
@@ -124,6 +125,8 @@ class Featurizer:
         measurement: what each example's gradient is taken of: "loss" (the summed token loss; always for
             training examples), "logprob", "mean_loss" or a function ``(model outputs, batch) → (B,)``
             (``lorif_ray.math.capture.MEASUREMENTS``); set it for queries only.
+        statistics: also sum every captured batch's K-FAC statistics (x̃x̃ᵀ, δ̃δ̃ᵀ over its tokens) into
+            ``self.statistics`` (stage 1 pops them per shard); gradient kinds only.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, kind: str, f: int, c: int, seed: int,
@@ -131,8 +134,9 @@ class Featurizer:
                  dims: dict[str, tuple[int, int]] | None = None,
                  capture_factory: Callable[..., ProjectedGradientCapture] = ProjectedGradientCapture,
                  autocast_dtype: torch.dtype | None = None, projection_dtype: torch.dtype | None = None,
-                 measurement: str | Measurement = "loss"):
+                 measurement: str | Measurement = "loss", statistics: bool = False):
         self.model, self.layers, self.kind = model, layers, kind
+        self.statistics = StatsAccumulator() if statistics and kind != "hidden" else None
         self.measurement = measurement
         measurement_function(measurement)  # an unknown name fails here
         self.autocast_dtype = autocast_dtype
@@ -166,7 +170,10 @@ class Featurizer:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = per_example_measurement(self.model, batch, ids, self.measurement).sum()
             loss.backward()  # outside autocast, as torch recommends; the hooks project in their own dtype
-            return capture.pop()
+            captured = capture.pop()
+        if self.statistics is not None:  # every token that can carry a gradient: the attention mask
+            self.statistics.add(captured, batch["attention_mask"])
+        return captured
 
     def __call__(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Store columns of one batch: {column: (n, width)} on the model's device."""

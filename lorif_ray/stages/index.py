@@ -29,6 +29,7 @@ from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import check_context_length, load_model, model_identity
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import TokenizedShards, require, resolve_inputs
+from lorif_ray.stages.kronecker_stats import fold_now_and_then, fold_stats, write_shard_stats
 from lorif_ray.store import Manifest, ShardWriter, finished_index, write_json
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
@@ -53,14 +54,15 @@ def quiet_transformers():
 
 
 def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: list[str] | None = None,
-                     factor_iters: int | None = None) -> Featurizer:
-    """The featurizer of this config (``layer_names`` and ``factor_iters`` pin those of an existing index)."""
+                     factor_iters: int | None = None, statistics: bool = False) -> Featurizer:
+    """The featurizer of this config (``layer_names`` and ``factor_iters`` pin those of an existing index;
+    ``statistics``: it also sums the K-FAC statistics of what it captures, for stage 1)."""
     if layer_names is None:
         layers = select_layers(model, cfg.model.layer_patterns)
     else:
         layers = {name: model.get_submodule(name) for name in layer_names}
     return Featurizer(model, layers, kind=kind or cfg.method.store_kind, f=cfg.f, c=cfg.c, seed=cfg.seed,
-                      factor_iters=factor_iters or cfg.factor_iters)
+                      factor_iters=factor_iters or cfg.factor_iters, statistics=statistics)
 
 
 def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256: str, num_examples: int) -> dict:
@@ -74,6 +76,7 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
         "model": identity,
         "layers": [asdict(s) for s in featurizer.specs],
         "data": {"sha256": data_sha256, "num_examples": num_examples},
+        "kronecker_stats": featurizer.statistics is not None,  # <index>/_kronecker.safetensors (stage 2's K-FAC)
     }
 
 
@@ -197,7 +200,7 @@ def run_index(cfg: Config) -> dict:
     with quiet_transformers():
         model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                       adapter=cfg.model.adapter)
-    featurizer = build_featurizer(cfg, model)
+    featurizer = build_featurizer(cfg, model, statistics=True)
     meta = index_meta(cfg, featurizer, model_identity(model), plan.sha256, plan.num_rows)
     reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, plan.num_rows)
     if reused is not None:
@@ -222,14 +225,18 @@ def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: Mapping[in
 
     Shard i is written (Parquet encoding, checksum, fsync, manifest record) on a background thread
     while shard i+1 is computed; at most one shard waits, and a failed write stops the run at the
-    next shard with its error (the shards written before it stay committed).
+    next shard with its error (the shards written before it stay committed). A shard's K-FAC statistics
+    are written before its record can commit.
     """
     computed, writing = 0, None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
         for shard, chunk in chunks.items():
             ids, columns = featurize_chunk(featurizer, chunk, batch_size, pad_token_id, on_batch)
+            if featurizer.statistics is not None:
+                write_shard_stats(writer.directory, shard, featurizer.statistics.pop())
             if writing is not None:
                 writing.result()
+                fold_now_and_then(writer.directory, writer.is_done)
             writing = background.submit(writer.write_shard, shard, ids, columns)
             computed += len(chunk)
         if writing is not None:
@@ -239,8 +246,10 @@ def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: Mapping[in
 
 def finish_index(cfg: Config, writer: ShardWriter, num_examples: int, *, computed: int, seconds: float,
                  **extra) -> dict:
-    """Finalize the manifest (every shard present, row counts right) and write ``_report.json``."""
+    """Finalize the manifest (every shard present, row counts right), fold the shards' K-FAC statistics
+    and write ``_report.json``."""
     manifest = writer.finalize(num_examples)
+    fold_stats(cfg.index_path, writer.is_done)
     specs = [LayerSpec(**layer) for layer in manifest.meta["layers"]]
     report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
     report.update(examples=num_examples, computed=computed, seconds=seconds,

@@ -5,13 +5,14 @@ sha256, kind, f, c, seed, layers, max_length, dtypes, factor iterations), under 
 any run that needs the same rows finds them instead of recomputing. A LoRIF index can be made from a
 dense (LoGRA-kind) index of the same f and seed without running the model: the power iteration runs
 on the stored G̃ (``factorize_dense``) from the same start block, which gives the model path's factors
-up to float error.
+up to float error, and its K-FAC statistics are the dense index's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -25,6 +26,7 @@ from lorif_ray.model.loading import load_model, model_identity
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.index import finish_index, run_index
 from lorif_ray.stages.inputs import require, resolve_inputs
+from lorif_ray.stages.kronecker_stats import TOTAL_NAME as STATS_NAME
 from lorif_ray.store import ShardWriter, file_sha256, iter_batches, open_index
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
@@ -36,7 +38,7 @@ def index_key(cfg: Config, identity: dict, data_sha256: str) -> dict:
     kind = cfg.method.store_kind
     key = {"model": identity, "data_sha256": data_sha256, "kind": kind, "seed": cfg.seed,
            "layers": cfg.model.layers, "max_length": cfg.data.max_length, "dtype": cfg.dtype,
-           "model_dtype": cfg.model.dtype}
+           "model_dtype": cfg.model.dtype, "kronecker_stats": kind != "hidden"}  # indexes before them: rebuilt
     if kind != "hidden":
         key["f"] = cfg.f
     if kind == "factors":
@@ -161,6 +163,8 @@ def factors_from_dense(cfg: Config, dense_dir: Path, out_dir: Path) -> dict:
                 parts[f"{s.name}.v"].append(v.reshape(len(batch_ids), -1))
         writer.write_shard(shard, ids, {k: torch.cat(v) for k, v in parts.items()})
         offset += len(ids)
+    # the K-FAC statistics depend on the model, data, f and seed only: the dense index's are this one's
+    shutil.copyfile(dense_dir / STATS_NAME, out_dir / STATS_NAME)
     cfg = replace(cfg, index_dir=str(out_dir))
     return finish_index(cfg, writer, offset, computed=offset, seconds=time.perf_counter() - start,
                         derived_from=str(dense_dir))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from lorif_ray.errors import IndexMismatchError
 from lorif_ray.math.kronecker import KroneckerStats
@@ -60,13 +60,16 @@ def folded(index_path: str | Path) -> tuple[dict[str, KroneckerStats], set[int]]
     return _unflatten(tensors), set(meta["shards"])
 
 
-def fold_stats(index_path: str | Path, committed: Iterable[int]) -> int:
-    """Add the statistics files of ``committed`` shards not yet in the total to it, then delete every file
-    the total holds; returns the shards added. Called by the one process that commits shards."""
+def _shard_files(index_path: str | Path) -> dict[int, Path]:
+    return {int(p.stem.split("-")[1]): p for p in (Path(index_path) / SHARDS_DIR).glob("shard-*.safetensors")}
+
+
+def fold_stats(index_path: str | Path, is_committed: Callable[[int], bool]) -> int:
+    """Add the statistics files of committed shards not yet in the total to it, then delete every file the
+    total holds; returns the shards added. Called by the one process that commits shards."""
     total, shards = folded(index_path)
-    committed = set(committed)
-    files = {int(p.stem.split("-")[1]): p for p in (Path(index_path) / SHARDS_DIR).glob("shard-*.safetensors")}
-    new = sorted(s for s in files if s in committed and s not in shards)
+    files = _shard_files(index_path)
+    new = sorted(s for s in files if is_committed(s) and s not in shards)
     for shard in new:
         tensors, _ = load_tensors(files[shard])
         for layer, part in _unflatten(tensors).items():
@@ -77,6 +80,12 @@ def fold_stats(index_path: str | Path, committed: Iterable[int]) -> int:
         if shard in shards or shard in new:
             path.unlink(missing_ok=True)
     return len(new)
+
+
+def fold_now_and_then(index_path: str | Path, is_committed: Callable[[int], bool]) -> None:
+    """``fold_stats`` once ``FOLD_EVERY`` shard files have accumulated (stage 1, after each commit)."""
+    if len(_shard_files(index_path)) >= FOLD_EVERY:
+        fold_stats(index_path, is_committed)
 
 
 def read_stats(index_path: str | Path, shards: Iterable[int], layers: Iterable[str]) -> dict[str, KroneckerStats]:

@@ -106,3 +106,17 @@ def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster)
         signs = torch.sign((vectors[:, :top] * want_vectors[:, :top]).sum(dim=0))
         assert (vectors[:, :top] * signs - want_vectors[:, :top]).norm() <= 1e-6 * top ** 0.5, layer
     assert run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))["reused"]
+
+
+def test_ekfac_on_ray_equals_one_process(baseline, ray_cluster):
+    """method=lorif curvature=ekfac: the Gram actors' partial Λ* add up to the one-process pass over the rows."""
+    one = baseline["config"]("ekfac_one", curvature="ekfac")
+    dist = baseline["config"]("ekfac_ray", curvature="ekfac")
+    run_curvature(one)
+    run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))
+    expected, expected_meta = read_curvature(one.curvature_path)
+    actual, actual_meta = read_curvature(dist.curvature_path)
+    assert {v["kind"] for v in actual_meta["layers"].values()} == {"ekfac"}
+    assert actual.keys() == expected.keys()
+    for name, want in expected.items():
+        assert (actual[name] - want).abs().max() <= 1e-10 * want.abs().max(), name

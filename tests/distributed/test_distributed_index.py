@@ -21,6 +21,7 @@ from lorif_ray.errors import ConfigError
 from lorif_ray.distributed.index_pipeline import run_index_distributed
 from lorif_ray.distributed.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
+from lorif_ray.stages.kronecker_stats import folded
 from lorif_ray.store import Manifest, iter_batches, open_index, read_ids
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE
 from tests.stages.helpers import make_config
@@ -47,6 +48,20 @@ def _assert_same_index(actual_dir, expected_dir, rtol=1e-6):
         scale = float(expected[name].abs().max())
         assert float((actual[name] - expected[name]).abs().max()) <= rtol * scale, name
     assert read_ids(actual_dir) == read_ids(expected_dir)
+    _assert_same_statistics(actual_dir, expected_dir, rtol)
+
+
+def _assert_same_statistics(actual_dir, expected_dir, rtol):
+    """The K-FAC statistics: every shard's exactly once (same shards, same token counts), same sums."""
+    (actual, shards), (expected, expected_shards) = folded(actual_dir), folded(expected_dir)
+    assert shards == expected_shards == {r.index for r in open_index(expected_dir).shards}
+    assert actual.keys() == expected.keys() and expected
+    assert not list((Path(actual_dir) / "kronecker").glob("*.safetensors"))  # every shard's file folded
+    for layer, stats in expected.items():
+        assert (actual[layer].tokens, actual[layer].examples) == (stats.tokens, stats.examples)
+        for name in ("activations", "gradients"):
+            value, reference = getattr(actual[layer], name), getattr(stats, name)
+            assert float((value - reference).abs().max()) <= rtol * float(reference.abs().max()), (layer, name)
 
 
 def test_ray_pipeline_equals_the_one_process_pipeline(tiny_assets, baseline, ray_cluster):

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from lorif_ray.store import read_table_meta
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,6 +45,12 @@ def test_stages_as_separate_jobs_and_a_multirun(tiny_assets, tmp_path):
     assert "#1 : method=repsim" in out
     for m in ("graddot", "repsim"):
         assert (tmp_path / f"sweep_{m}" / "topk.parquet").exists()
+    out = _run("jobs/attribute.py", "-m", "method=lorif", "curvature=kfac,ekfac", *common[:-1],
+               f"output_dir={tmp_path}/sweep_${{curvature}}", f"hydra.sweep.dir={tmp_path / 'multirun_curvature'}")
+    assert "#1 : method=lorif curvature=ekfac" in out
+    for kind in ("kfac", "ekfac"):
+        meta = read_table_meta(tmp_path / f"sweep_{kind}" / "topk.parquet")
+        assert meta["config"]["curvature"] == kind and f"H_{kind.upper()}" in meta["score"]
 
 
 def test_invalid_values_fail_at_start_up(tiny_assets, tmp_path):

@@ -30,16 +30,16 @@ def _assert_equal(actual, expected):
 def test_folds_count_every_committed_shard_once_across_a_crash_and_a_recomputed_shard(tmp_path, monkeypatch):
     for shard in (0, 1, 2):
         write_shard_stats(tmp_path, shard, _stats(shard))
-    assert fold_stats(tmp_path, committed=[0, 1]) == 2  # shard 2 is written but not committed: kept for later
+    assert fold_stats(tmp_path, {0, 1}.__contains__) == 2  # shard 2 is written but not committed: kept for later
     assert not shard_stats_path(tmp_path, 0).exists() and shard_stats_path(tmp_path, 2).exists()
     write_shard_stats(tmp_path, 1, _stats(1))  # shard 1 recomputed (its Parquet file was lost): same numbers
     write_shard_stats(tmp_path, 3, _stats(3))
     real_unlink = type(tmp_path).unlink
     monkeypatch.setattr(type(tmp_path), "unlink", lambda *a, **kw: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError, match="crash"):  # the total is written, the files are not yet deleted
-        fold_stats(tmp_path, committed=[0, 1, 2, 3])
+        fold_stats(tmp_path, {0, 1, 2, 3}.__contains__)
     monkeypatch.setattr(type(tmp_path), "unlink", real_unlink)
-    assert fold_stats(tmp_path, committed=[0, 1, 2, 3]) == 0  # every file is in the total already: deleted
+    assert fold_stats(tmp_path, {0, 1, 2, 3}.__contains__) == 0  # every file is in the total already: deleted
     assert not list((tmp_path / kronecker_stats.SHARDS_DIR).iterdir())
     _assert_equal(read_stats(tmp_path, [0, 1, 2, 3], ["a", "b"]), _expected([0, 1, 2, 3]))
 
@@ -48,7 +48,7 @@ def test_stage_two_refuses_statistics_that_do_not_cover_the_index(tmp_path):
     with pytest.raises(IndexMismatchError, match="holds no K-FAC statistics"):
         read_stats(tmp_path, [0], ["a"])
     write_shard_stats(tmp_path, 0, _stats(0))
-    fold_stats(tmp_path, committed=[0])
+    fold_stats(tmp_path, {0}.__contains__)
     with pytest.raises(IndexMismatchError, match="cover 1 of its 2 shards"):
         read_stats(tmp_path, [0, 1], ["a"])
     with pytest.raises(IndexMismatchError, match="lack layers"):
