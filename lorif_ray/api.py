@@ -113,8 +113,7 @@ class Attributor:
         train_path = resolve_inputs(self.cfg).train_path
         if train_path is None:
             raise ConfigError("index(train): give the training data (a path, a datasets.Dataset or a list)")
-        load_examples(train_path)  # the schema, before the model is loaded
-        return self._run("index")
+        return self._run("index")  # stage 1 checks the data, in a stream, before it loads the model
 
     def fit_curvature(self) -> dict:
         """Stage 2: the curvature of the method (LoRIF: rank-r SVD of the stored gradients); returns its report."""

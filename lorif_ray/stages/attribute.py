@@ -32,8 +32,9 @@ def run_local_stage(name: str, cfg: Config) -> dict:
 
 
 def check_data(cfg: Config) -> None:
-    """Load (and so schema-check) the training and query data before stage 1, so a bad query file fails
-    before any model work instead of after indexing and curvature.
+    """Load (and so schema-check) the queries before stage 1, so a bad query file fails before any model work
+    instead of after indexing and curvature (stage 1 checks the training data, in a stream, before it loads
+    the model).
 
     Raises:
         DataError: naming the file and the offending row.
@@ -42,10 +43,9 @@ def check_data(cfg: Config) -> None:
     if cfg.query.measurement.startswith("custom:"):
         raise ConfigError(f"query.measurement={cfg.query.measurement}: a function is passed through the Python API "
                           "(lorif_ray.Attributor.query); choose one of loss, logprob, mean_loss")
-    inputs = resolve_inputs(cfg)
-    for path in (inputs.train_path, inputs.queries_path):
-        if path is not None:
-            load_examples(path)
+    queries_path = resolve_inputs(cfg).queries_path
+    if queries_path is not None:
+        load_examples(queries_path)
 
 
 def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_local_stage) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lorif_ray.data import load_examples, read_rows
+from lorif_ray.data import iter_examples, load_examples, read_rows
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 
@@ -42,11 +42,20 @@ def with_texts(table: pa.Table, train_path: Path, queries_path: Path) -> pa.Tabl
     for column, path in (("query_id", queries_path), ("train_id", train_path)):
         if column not in table.column_names:
             continue
-        texts = {e.id: e.text for e in load_examples(path)}
+        texts = texts_of(path, set(table.column(column).to_pylist()))
         at = table.column_names.index(column) + 1
         table = table.add_column(at, column.replace("_id", "_text"),
                                  pa.array([texts[i] for i in table.column(column).to_pylist()], pa.string()))
     return table
+
+
+def texts_of(path: Path, ids: set[str]) -> dict[str, str]:
+    """{id: text} of the examples of a data file with the given ids, read in a stream: the texts of a top-k
+    without holding the training set."""
+    out = {}
+    for _, examples in iter_examples(path):
+        out.update((e.id, e.text) for e in examples if e.id in ids)
+    return out
 
 
 def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, int]:
@@ -59,10 +68,10 @@ def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, 
 def describe_proponents(topk_path: Path, train_path: Path, queries_path: Path, *, show: int = 3, k: int = 5) -> str:
     """The top-k proponents, with their text, of the first ``show`` queries (and the known-source hit rate);
     k is capped at the ranks ``topk.parquet`` holds (``query.top_k``)."""
-    text = {e.id: e.text for e in load_examples(train_path)}
     queries = {e.id: e for e in load_examples(queries_path)}
     sources = expected_sources(queries_path)
     rows = pq.read_table(topk_path).to_pylist()
+    text = texts_of(train_path, {r["train_id"] for r in rows})
     k = min(k, max((r["rank"] for r in rows), default=k))
     lines = []
     for query_id in list(queries)[:show]:
