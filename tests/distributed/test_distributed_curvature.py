@@ -120,3 +120,20 @@ def test_ekfac_on_ray_equals_one_process(baseline, ray_cluster):
     assert actual.keys() == expected.keys()
     for name, want in expected.items():
         assert (actual[name] - want).abs().max() <= 1e-10 * want.abs().max(), name
+
+
+def test_the_ray_driver_holds_one_layer_groups_curvature_at_a_time(baseline, ray_cluster, monkeypatch):
+    """With a group budget of one layer, the driver fits one layer per pass round and writes its file before the
+    next layer's fit starts: V_r is never held for more than one group (the Gram actors hold the rows)."""
+    import lorif_ray.stages.curvature as stage
+    from lorif_ray.stages.saved_curvature import CurvatureWriter
+
+    events, real_fit, real_write = [], stage.fit_layers, CurvatureWriter.write
+    monkeypatch.setattr(stage, "GROUP_BYTES", 1)
+    monkeypatch.setattr(stage, "fit_layers", lambda steps, *a: events.append(("fit", list(steps))) or real_fit(steps, *a))
+    monkeypatch.setattr(CurvatureWriter, "write", lambda self, name, c: events.append(("write", name)) or
+                        real_write(self, name, c))
+    cfg = baseline["config"]("one_group_at_a_time")
+    run_curvature(cfg, partial(RayGram, num_workers=NUM_WORKERS))
+    layers = [s.name for s in layer_specs(open_index(cfg.index_path))]
+    assert events == [e for name in layers for e in (("fit", [name]), ("write", name))]

@@ -77,6 +77,18 @@ def test_the_ray_backend_writes_the_extra_outputs_of_run_query(baseline, ray_clu
         assert actual == expected, name
 
 
+def test_the_ray_query_driver_reads_no_curvature_tensor(baseline, ray_cluster, monkeypatch):
+    """Stage 3 on Ray: the driver reads the curvature's header only; V_r and σ² stay with the query actors."""
+    import lorif_ray.stages.saved_curvature as saved
+
+    read = []
+    monkeypatch.setattr(saved, "load_tensors", lambda *a, **kw: read.append(a) or (_ for _ in ()).throw(
+        AssertionError("the driver read a curvature tensor file")))
+    cfg = baseline["config"]("driver_no_vectors", with_curvature=True)
+    report = run_query(cfg, partial(ray_query, num_workers=NUM_WORKERS))
+    assert report["route"] == "query" and not read
+
+
 def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluster):
     cfg = baseline["config"]("service", with_curvature=True)
     manifest = open_index(cfg.index_path)
