@@ -179,8 +179,9 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
             backend.close()
     seconds = time.perf_counter() - start
     layers = writer.finish({"precision": precision.describe()})
-    report = {"reused": False, "path": str(cfg.curvature_path), "seconds": seconds, "layers": layers,
-              "fitted_layers": len(todo), "precision": precision.describe()}
+    saved = sum(f.stat().st_size for f in cfg.curvature_path.glob("*.safetensors"))
+    report = {"reused": False, "path": str(cfg.curvature_path), "kind": kind, "seconds": seconds, "layers": layers,
+              "fitted_layers": len(todo), "bytes": saved, "precision": precision.describe()}
     if coordinates is not None:
         report["coordinates"] = coordinates.finish(cfg.curvature_path)
     return report

@@ -67,10 +67,12 @@ def test_dense_kronecker_scores_equal_the_explicit_inverse(indexes, kind):
     (Ã ⊗ S̃)/N_tok (torch.kron) for K-FAC, and for EK-FAC the basis of the stats with Λ* = diag(QᵀGᵀGQ)."""
     cfg = replace(indexes["dense"], curvature=kind, output_dir=str(indexes["root"] / f"dense-{kind}"),
                   index_dir=str(indexes["dense"].index_path))
-    run_curvature(cfg)
+    fitted = run_curvature(cfg)
     report = run_query(cfg)
     assert report["route"] == "none"
     manifest = open_index(cfg.index_path)
+    numbers = sum(s.d1 * s.d1 + s.d2 * s.d2 + s.d1 * s.d2 for s in layer_specs(manifest))  # Q_A, Q_S, Λ per layer
+    assert fitted["kind"] == kind and 8 * numbers <= fitted["bytes"] <= 8 * numbers + 4096 * len(layer_specs(manifest))
     names = [s.name for s in layer_specs(manifest)]
     stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], names)
     curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
