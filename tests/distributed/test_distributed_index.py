@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import lorif_ray.data.examples as examples_module
 from lorif_ray.config import ClusterConfig, QueryConfig
@@ -22,9 +21,9 @@ from lorif_ray.distributed.index_pipeline import run_index_distributed
 from lorif_ray.distributed.stages import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.stages.kronecker_stats import folded
-from lorif_ray.store import Manifest, iter_batches, open_index, read_ids
+from lorif_ray.store import Manifest, open_index, read_ids
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE
-from tests.stages.helpers import make_config
+from tests.stages.helpers import index_columns, make_config
 
 
 def _config(tiny_assets, root, name, **cluster):
@@ -33,16 +32,8 @@ def _config(tiny_assets, root, name, **cluster):
                        cluster=ClusterConfig(**{**options, **cluster}))
 
 
-def _columns(index_dir) -> dict[str, torch.Tensor]:
-    parts: dict[str, list] = {}
-    for _, columns in iter_batches(index_dir, batch_rows=1000):
-        for name, value in columns.items():
-            parts.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in parts.items()}
-
-
 def _assert_same_index(actual_dir, expected_dir, rtol=1e-6):
-    actual, expected = _columns(actual_dir), _columns(expected_dir)
+    actual, expected = index_columns(actual_dir), index_columns(expected_dir)
     assert actual.keys() == expected.keys()
     for name in expected:
         scale = float(expected[name].abs().max())

@@ -1,5 +1,7 @@
 from contextlib import contextmanager
 
+import torch
+
 from lorif_ray.config import Config, DataConfig, MethodConfig, ModelConfig, QueryConfig
 
 
@@ -28,3 +30,14 @@ def counting_shard_reads():
         yield opened
     finally:
         shards._record_batches = real
+
+
+def index_columns(index_dir) -> dict[str, torch.Tensor]:
+    """Every column of an index, all rows in order: {column: (N, width)}."""
+    from lorif_ray.store import iter_batches
+
+    parts: dict[str, list] = {}
+    for _, columns in iter_batches(index_dir, batch_rows=1000):
+        for name, value in columns.items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}

@@ -10,17 +10,9 @@ import torch
 
 import lorif_ray.stages.inputs as inputs
 from lorif_ray.stages.index import run_index
-from lorif_ray.store import Manifest, iter_batches, read_ids
+from lorif_ray.store import Manifest, read_ids
 from tests.conftest import SHARD_SIZE
-from tests.stages.helpers import make_config
-
-
-def _columns(index_dir) -> dict[str, torch.Tensor]:
-    parts: dict[str, list] = {}
-    for _, columns in iter_batches(index_dir, batch_rows=1000):
-        for name, value in columns.items():
-            parts.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in parts.items()}
+from tests.stages.helpers import index_columns, make_config
 
 
 def test_a_parquet_input_gives_the_index_of_its_jsonl_twin(tiny_assets, baseline, tmp_path):
@@ -32,7 +24,7 @@ def test_a_parquet_input_gives_the_index_of_its_jsonl_twin(tiny_assets, baseline
     assert run_index(cfg)["computed"] == 48
     expected = baseline["cfg"].index_path
     assert read_ids(cfg.index_path) == read_ids(expected)
-    actual, wanted = _columns(cfg.index_path), _columns(expected)
+    actual, wanted = index_columns(cfg.index_path), index_columns(expected)
     assert all(torch.equal(actual[name], wanted[name]) for name in wanted)
 
 
