@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -83,6 +84,12 @@ class TrainBlock:
             None if self.factors is None else [(u[:, start:stop], v[:, start:stop]) for u, v in self.factors],
             None if self.dense is None else self.dense[start:stop],
             None if self.coordinates is None else self.coordinates[start:stop])
+
+    def cast(self, dtype: torch.dtype) -> "TrainBlock":
+        """The rows in ``dtype`` (the same block where they already are)."""
+        to = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return TrainBlock(None if self.factors is None else [(to(u), to(v)) for u, v in self.factors],
+                          to(self.dense), to(self.coordinates))
 
     def pin(self) -> "TrainBlock":
         """Page-locked copies, so host→device copies can run asynchronously."""
@@ -180,7 +187,8 @@ class ScoreLayout:
 
     def train_block(self, columns: dict[str, torch.Tensor], coordinates: dict[str, torch.Tensor] | None = None,
                     dtype=None) -> TrainBlock:
-        """Store columns {column: (n, width)} (+ optional stored g' {layer: (n, r)}) → a TrainBlock."""
+        """Store columns {column: (n, width)} (+ optional stored g' {layer: (n, r)}, kept in their dtype) → a
+        TrainBlock whose rows are in ``dtype``."""
         factors, dense = None, None
         if self.kind == "factors":
             factors = []
@@ -194,8 +202,8 @@ class ScoreLayout:
         else:
             dense = torch.cat([columns[f"{n}.g"] for n in self.dense_dims], dim=1).to(dtype=dtype)
         coords = None
-        if coordinates is not None:
-            coords = torch.cat([coordinates[n] for n in self.coordinate_names], dim=1).to(dtype=dtype)
+        if coordinates is not None:  # in their own dtype (precision.coordinates or wider), never the rows'
+            coords = torch.cat([coordinates[n] for n in self.coordinate_names], dim=1)
         return TrainBlock(factors, dense, coords)
 
     def layer_blocks(self, block: TrainBlock) -> dict[str, GradientBlock]:
@@ -324,17 +332,16 @@ class StackedQuery:
                              "compute them (a curvature loaded without vectors, or the query-side route)")
         return torch.bmm(rows.to(vectors.dtype), vectors).transpose(0, 1).reshape(rows.shape[1], -1)
 
-    def _coordinate_rows(self, block: TrainBlock) -> list[torch.Tensor]:
-        """Dense rows (L, nt, D) of each CoordinateGroup."""
+    def _coordinate_rows(self, block: TrainBlock) -> Iterator[torch.Tensor]:
+        """Dense rows (L, nt, D) of each CoordinateGroup, one group at a time (nt · ΣD numbers for every group at
+        once would be the largest allocation of a 70B query actor)."""
         layers = self.layout.layer_blocks(block)
         index = {tuple(fg.names): i for i, fg in enumerate(self.layout.factor_groups)}
-        out = []
         for g in self.layout.coordinate_groups:
             if block.factors is not None and tuple(g.names) in index:
-                out.append(_stacked_dense(*block.factors[index[tuple(g.names)]]))
+                yield _stacked_dense(*block.factors[index[tuple(g.names)]])
             else:
-                out.append(torch.stack([layers[n].dense() for n in g.names]))
-        return out
+                yield torch.stack([layers[n].dense() for n in g.names])
 
     def _zeros(self, nt: int, per_layer: bool) -> torch.Tensor:
         """(nq, nt), or (L, nq, nt) with one slice per layer of ``layout.names``."""

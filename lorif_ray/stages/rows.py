@@ -24,6 +24,7 @@ from lorif_ray.math.influence import dense_from_factors
 from lorif_ray.math.scoring import ScoreLayout, TrainBlock
 from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
 from lorif_ray.store import Manifest, iter_batches
+from lorif_ray.store.schema import TORCH_STORAGE_DTYPES
 
 CHUNK_BYTES = 512 * 2**20  # dense rows formed at a time per GEMM (chunk_rows · D numbers)
 RESIDENT_FRACTION = 0.25  # stage 2 holds a layer's rows resident when they take at most this share of memory
@@ -149,16 +150,19 @@ def streamed_blocks(index_path, manifest: Manifest, layout: ScoreLayout | None, 
 
 
 class ResidentIndex:
-    """Every training row of an index (or of a run of its shards) in the stacked scoring layout, on one device.
+    """Every training row of an index (or of a run of its shards) in the stacked scoring layout, on one device,
+    in the index's storage dtype (a bfloat16 index takes half the memory of float32 rows); each block is cast
+    to the math dtype as it is scored (the same values: the wider dtype holds every stored one).
 
     Attributes:
         ids: example ids in index order.
         offset: global index of the first row.
-        block: the rows as a ``TrainBlock``.
+        block: the rows as a ``TrainBlock`` (storage dtype; stored g'_t in the math dtype).
+        dtype: the dtype ``blocks`` delivers.
     """
 
-    def __init__(self, ids: list[str], block: TrainBlock, offset: int = 0):
-        self.ids, self.block, self.offset = ids, block, offset
+    def __init__(self, ids: list[str], block: TrainBlock, offset: int = 0, dtype: torch.dtype | None = None):
+        self.ids, self.block, self.offset, self.dtype = ids, block, offset, dtype
 
     @classmethod
     def from_index(cls, index_path, manifest: Manifest, layout: ScoreLayout | None, *, device, dtype,
@@ -173,20 +177,21 @@ class ResidentIndex:
         start, stop = manifest.row_range(shards) if shards is not None else (0, manifest.num_rows)
         n = stop - start
         device = torch.device(device)
+        stored = TORCH_STORAGE_DTYPES[manifest.dtype]
         factors, dense = None, None
         if layout is not None and layout.kind == "factors":
-            factors = [(torch.empty(len(g.names), n, g.c, g.d1, dtype=dtype, device=device),
-                        torch.empty(len(g.names), n, g.c, g.d2, dtype=dtype, device=device))
+            factors = [(torch.empty(len(g.names), n, g.c, g.d1, dtype=stored, device=device),
+                        torch.empty(len(g.names), n, g.c, g.d2, dtype=stored, device=device))
                        for g in layout.factor_groups]
         else:
             width = manifest.columns["hidden"] if layout is None else sum(layout.dense_dims.values())
-            dense = torch.empty(n, width, dtype=dtype, device=device)
+            dense = torch.empty(n, width, dtype=stored, device=device)
         coords = None
         if coordinates is not None:
             coords = torch.empty(n, layout.coordinate_width, dtype=dtype, device=device)
         ids: list[str] = []
         pinned = pin and device.type == "cuda"
-        for offset, batch_ids, part in streamed_blocks(index_path, manifest, layout, dtype=dtype, device="cpu",
+        for offset, batch_ids, part in streamed_blocks(index_path, manifest, layout, dtype=stored, device="cpu",
                                                        batch_rows=batch_rows, coordinates=coordinates,
                                                        shards=shards):
             at, take = offset - start, len(batch_ids)
@@ -203,13 +208,15 @@ class ResidentIndex:
             ids.extend(batch_ids)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return cls(ids, TrainBlock(factors, dense, coords), start)
+        return cls(ids, TrainBlock(factors, dense, coords), start, dtype)
 
     def blocks(self, chunk_rows: int) -> Iterator[tuple[int, list[str], TrainBlock]]:
-        """(global row offset, ids, block) of ``chunk_rows`` resident rows at a time (views, no copy)."""
+        """(global row offset, ids, block) of ``chunk_rows`` resident rows at a time, in ``dtype`` (views when the
+        storage dtype is that one)."""
         for start in range(0, len(self.ids), chunk_rows):
             stop = min(start + chunk_rows, len(self.ids))
-            yield self.offset + start, self.ids[start:stop], self.block.rows(start, stop)
+            block = self.block.rows(start, stop)
+            yield self.offset + start, self.ids[start:stop], block if self.dtype is None else block.cast(self.dtype)
 
     def nbytes(self) -> int:
         return self.block.nbytes()

@@ -20,7 +20,7 @@ DTYPE_KEY = b"lorif.dtype"
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
-_TORCH_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_dtype(dtype: str) -> None:
@@ -79,7 +79,7 @@ def tensor_to_arrow(t: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
     if t.ndim != 2:
         raise ValueError(f"expected a 2-D (n, width) tensor, got shape {tuple(t.shape)}")
     width = t.shape[1]
-    t = t.detach().to(device="cpu", dtype=_TORCH_TYPES[dtype]).contiguous()  # (n, width)
+    t = t.detach().to(device="cpu", dtype=TORCH_STORAGE_DTYPES[dtype]).contiguous()  # (n, width)
     values = t.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else t.numpy()
     flat = pa.array(values.reshape(-1), type=_ARROW_TYPES[dtype])  # (n * width,)
     return pa.FixedSizeListArray.from_arrays(flat, type=list_type(dtype, width))

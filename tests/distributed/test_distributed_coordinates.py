@@ -15,7 +15,7 @@ from lorif_ray.math.rsvd import randomized_spectrum
 from lorif_ray.stages.coordinates import CoordinateWriter, StoredCoordinates, coordinates_dir, coordinates_match
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs, query_config
-from lorif_ray.stages.query import featurize_queries, run_query
+from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import iter_batches, open_index
 from tests.conftest import QUERY_CONFIG
@@ -107,7 +107,7 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
     with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
         full = np.zeros((6, manifest.num_rows), dtype=np.float32)
         np.save(f"{cfg.output_dir}-full.npy", full)
-        service.score(columns, route, 5, f"{cfg.output_dir}-full.npy")
+        service.score(columns, route, 5, OutputFiles(scores=f"{cfg.output_dir}-full.npy"))
         held = [set(s["vectors"]) for s in service.stats()]
     everything = set(ranks(curvature_header(cfg.curvature_path)))
     if normalize:
