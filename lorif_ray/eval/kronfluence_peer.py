@@ -217,7 +217,7 @@ def run_kronfluence(cfg: SweepConfig) -> dict:
     mib = info["factor_bytes"] / 2**20
     row = {
         "setup": f"{ev.setup}:{setup.digest[:12]}",
-        "method": f"kronfluence-{kc.strategy}",
+        "method": f"kronfluence-{kc.strategy}" + ("" if kc.fisher == "true" else f"-{kc.fisher}"),  # -empirical
         "f": None, "c": None, "r": None,
         "damping": kc.damping,  # None: 0.1 × mean of each module's Λ (kronfluence's heuristic)
         "dtype": "float32",

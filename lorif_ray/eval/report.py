@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lorif_ray.config import METHOD_PARTS
 from lorif_ray.data import load_examples
-from lorif_ray.eval.sweep import read_results
+from lorif_ray.eval.stats import MeanSE
+from lorif_ray.eval.sweep import damping_scale, read_results
 
 MARKERS = {"lorif": ("o", "tab:red"), "logra": ("s", "tab:blue"), "graddot": ("^", "tab:green"),
            "repsim": ("v", "tab:purple"), "kronfluence": ("D", "tab:orange")}
@@ -19,11 +21,44 @@ def _is_peer(row: dict) -> bool:
     return row["method"].startswith("kronfluence")
 
 
+def _is_preset(row: dict) -> bool:
+    """Scored with its method's own curvature (LoRIF: Woodbury, LoGRA: exact, ...)."""
+    return _is_peer(row) or row.get("curvature") in (None, METHOD_PARTS[row["method"]][1])
+
+
+def _at_default_damping(row: dict) -> bool:
+    """λ from the curvature's current default scale (``default_damping_scale``), not set by hand."""
+    if _is_peer(row):
+        return True
+    return row.get("damping") is None and row.get("damping_scale") == damping_scale(row.get("curvature"), None, None)
+
+
 def _label(row: dict) -> str:
     if not _is_peer(row):
-        return row["method"]
+        name = row["method"] + ("" if _is_preset(row) else f"+{row['curvature']}")
+        if not _at_default_damping(row):
+            name += f" (λ {row['damping']:g})" if row.get("damping") is not None else f" ({row['damping_scale']:g}×mean Λ)"
+        return name
     damping = row.get("damping")
     return f"{row['method']} (λ {'0.1×mean Λ' if damping is None else format(damping, 'g')})"
+
+
+def _point(row: dict) -> str:
+    """The label with the point's f, c and r."""
+    return (_label(row) + (f" f={row['f']}" if row.get("f") else "") + (f" c={row['c']}" if row.get("c") else "")
+            + (f" r={row['r']}" if row.get("r") else ""))
+
+
+def per_query(row: dict, metric: str = "lds") -> np.ndarray | None:
+    """A point's per-query LDS or tail-patch gain (None where its run directory is gone)."""
+    path = Path(row["run_dir"]) / "lds.json" if metric == "lds" else Path(row.get("tail_patch_path") or "/nonexistent")
+    return np.array(json.loads(path.read_text())["per_query"]) if path.exists() else None
+
+
+def paired(row: dict, ref: dict | None, metric: str = "lds") -> str:
+    """Mean over queries of metric(row) − metric(ref) ± the s.e. of that paired difference."""
+    mine, theirs = per_query(row, metric), None if ref is None else per_query(ref, metric)
+    return "–" if mine is None or theirs is None else str(MeanSE.of(mine - theirs))
 
 
 def _storage(row: dict) -> str:
@@ -38,19 +73,24 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
+def _order(row: dict) -> tuple:
+    methods = {"lorif": 0, "logra": 1, "graddot": 2, "repsim": 3, "kronfluence": 4}
+    curvatures = {"woodbury": 0, "exact": 0, "identity": 0, "kfac": 1, "ekfac": 2}
+    return (methods.get(row["method"].split("-")[0], 9), row["method"], curvatures.get(row.get("curvature"), 0),
+            row.get("f") or 0, row.get("c") or 0, row.get("r") or 0, -(row.get("damping") or float("inf")),
+            -(row.get("damping_scale") or float("inf")))
+
+
 def results_table(rows: list[dict]) -> str:
-    head = ("| method | f | c | r | LDS ± s.e. | tail-patch Δlog p ± s.e. | storage/example | stage 1 s | "
-            "stage 2 s | query s |\n|---|---|---|---|---|---|---|---|---|---|")
-    order = {"lorif": 0, "logra": 1, "graddot": 2, "repsim": 3, "kronfluence": 4}
-    rows = sorted(rows, key=lambda r: (order.get(r["method"].split("-")[0], 9), r["method"], r.get("f") or 0,
-                                       r.get("c") or 0, r.get("r") or 0, -(r.get("damping") or float("inf"))))
+    head = ("| method | curvature | f | c | r | LDS ± s.e. | tail-patch Δlog p ± s.e. | storage/example | stage 1 s | "
+            "stage 2 s | query s |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
-    for r in rows:
+    for r in sorted(rows, key=_order):
         source = r.get("index_source")
         derived = (r.get("index_made_by") or source) == "dense"
         stage1 = _fmt(r.get("index_seconds"), ".2f") + (" (from dense)" if derived else "")
         lines.append(
-            f"| {_label(r)} | {_fmt(r.get('f'), 'd')} | {_fmt(r.get('c'), 'd')} | {_fmt(r.get('r'), 'd')} | "
+            f"| {_label(r)} | {r.get('curvature') or '–'} | {_fmt(r.get('f'), 'd')} | {_fmt(r.get('c'), 'd')} | {_fmt(r.get('r'), 'd')} | "
             f"{_fmt(r['lds'])} ± {_fmt(r['lds_se'])} | {_fmt(r.get('tail_patch'))} ± {_fmt(r.get('tail_patch_se'))} | "
             f"{_storage(r)} | {stage1} | "
             f"{_fmt(r.get('curvature_seconds'), '.2f')} | {_fmt(r.get('query_seconds'), '.2f')} |")
@@ -58,36 +98,78 @@ def results_table(rows: list[dict]) -> str:
 
 
 def paired_differences(rows: list[dict], metric: str = "lds") -> str:
-    """LDS difference of every other point to each LoGRA point, paired over queries (mean ± s.e.).
+    """Difference of every other point to each LoGRA point (exact curvature, default damping), paired over
+    queries (mean ± s.e.).
 
     Both scores face the same ground truth on the same queries, so the paired s.e. of the difference
     is much smaller than either point's own s.e.
     """
-    from lorif_ray.eval.stats import MeanSE
-
-    def per_query(r):
-        if metric == "lds":
-            path = Path(r["run_dir"]) / "lds.json"
-        else:
-            path = Path(r.get("tail_patch_path") or "/nonexistent")
-        return np.array(json.loads(path.read_text())["per_query"]) if path.exists() else None
-
-    refs = sorted((r for r in rows if r["method"] == "logra"), key=lambda r: r["f"])
-    others = [r for r in rows if r["method"] in ("lorif", "graddot", "repsim") or _is_peer(r)]
+    refs = sorted((r for r in rows if r["method"] == "logra" and _is_preset(r) and _at_default_damping(r)),
+                  key=lambda r: r["f"])
+    others = [r for r in rows if r not in refs and _at_default_damping(r)]
     if not refs or not others:
         return "(needs LoGRA and other points)"
     lines = ["| point | storage/example | " + " | ".join(f"Δ vs LoGRA f={r['f']} ({r['bytes_per_example'] / 1024:.0f} KiB)"
                                                           for r in refs) + " |",
              "|---|---|" + "---|" * len(refs)]
-    for r in sorted(others, key=lambda r: (_is_peer(r), r["method"], r.get("f") or 0, r.get("c") or 0, r.get("r") or 0,
-                                           -(r.get("damping") or float("inf")))):
-        mine = per_query(r)
-        name = _label(r) + (f" f={r['f']}" if r.get("f") else "") + (f" c={r['c']} r={r['r']}" if r["method"] == "lorif" else "")
-        cells = []
-        for ref in refs:
-            theirs = per_query(ref)
-            cells.append("–" if mine is None or theirs is None else str(MeanSE.of(mine - theirs)))
-        lines.append(f"| {name} | {_storage(r)} | " + " | ".join(cells) + " |")
+    for r in sorted(others, key=lambda r: (_is_peer(r), _order(r))):
+        lines.append(f"| {_point(r)} | {_storage(r)} | " + " | ".join(paired(r, ref, metric) for ref in refs) + " |")
+    return "\n".join(lines)
+
+
+def _preset_of(row: dict, rows: list[dict]) -> dict | None:
+    """The point with the same stored rows (method, f, c) at its method's own curvature and default damping
+    (LoRIF: the largest r there is, among the runs whose per-query values are still on disk)."""
+    same = [r for r in rows if not _is_peer(r) and _is_preset(r) and _at_default_damping(r)
+            and (r["method"], r.get("f"), r.get("c")) == (row["method"], row.get("f"), row.get("c"))]
+    return max(same, key=lambda r: (per_query(r) is not None, r.get("r") or 0)) if same else None
+
+
+def curvature_differences(rows: list[dict], metric: str = "lds") -> str:
+    """Each LoRIF/LoGRA point with another curvature than its method's, at its default damping, against (a) the
+    same stored rows with the method's own curvature (listed too) and (b) each Kronfluence EK-FAC row: paired
+    over queries (mean ± s.e.)."""
+    points = [r for r in rows if r["method"] in ("lorif", "logra") and _at_default_damping(r)]
+    others = [r for r in points if not _is_preset(r)]
+    own = [_preset_of(r, rows) for r in others]
+    points = others + [r for r in points if any(r is o for o in own)]  # the stores that have another curvature
+    peers = sorted((r for r in rows if _is_peer(r) and r["method"].startswith("kronfluence-ekfac")),
+                   key=lambda r: (r["method"], -(r.get("damping") or 1.0)))
+    if not any(not _is_preset(r) for r in points):
+        return "(no point with another curvature than its method's)"
+    value = "LDS" if metric == "lds" else "Δlog p"
+    lines = [f"| point | storage/example | {value} ± s.e. | Δ vs same rows, own curvature | "
+             + " | ".join(f"Δ vs {_label(p)} ({_fmt(p[metric])})" for p in peers) + " |",
+             "|---|---|---|---|" + "---|" * len(peers)]
+    for r in sorted(points, key=lambda r: (r["method"] != "lorif", r.get("f") or 0, r.get("c") or 0, _order(r))):
+        ref = None if _is_preset(r) else _preset_of(r, rows)
+        own = "(itself)" if _is_preset(r) else paired(r, ref, metric) + ("" if ref is None else f" (vs r={ref['r']})"
+                                                                          if ref.get("r") else "")
+        lines.append(f"| {_point(r)} | {_storage(r)} | {_fmt(r[metric])} ± {_fmt(r[metric + '_se'])} | {own} | "
+                     + " | ".join(paired(r, p, metric) for p in peers) + " |")
+    return "\n".join(lines)
+
+
+def damping_study(rows: list[dict]) -> str:
+    """LDS and tail-patch per damping scale of each (method, curvature, f, c, r) swept over ``damping_scale``,
+    with the paired LDS difference to that group's best scale."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not _is_peer(r) and r.get("damping") is None and r.get("damping_scale") is not None:
+            groups.setdefault((r["method"], r.get("curvature"), r.get("f"), r.get("c"), r.get("r")), []).append(r)
+    groups = {k: sorted(v, key=lambda r: -r["damping_scale"]) for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return "(no point swept over damping_scale)"
+    lines = ["| point | λ / mean Λ | LDS ± s.e. | Δ LDS vs the group's best | tail-patch ± s.e. |",
+             "|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: _order(groups[k][0])):
+        best = max(groups[key], key=lambda r: r["lds"])
+        for r in groups[key]:
+            name = (r["method"] + ("" if _is_preset(r) else f"+{r['curvature']}") + f" f={r['f']}"
+                    + (f" c={r['c']}" if r.get("c") else "") + (f" r={r['r']}" if r.get("r") else ""))
+            lines.append(f"| {name} | {r['damping_scale']:g} | {_fmt(r['lds'])} ± {_fmt(r['lds_se'])} | "
+                         f"{'(best)' if r is best else paired(r, best)} | "
+                         f"{_fmt(r.get('tail_patch'))} ± {_fmt(r.get('tail_patch_se'))} |")
     return "\n".join(lines)
 
 
@@ -95,7 +177,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     """LDS (± s.e.) against stored bytes per example (log scale), like the paper's Figure 4.
 
     LoRIF: one line per factor rank c through its f values at the largest r swept (other r values as
-    small faded markers); LoGRA: one line through its f values; GradDot and RepSim as points.
+    small faded markers); LoGRA: one line through its f values; GradDot and RepSim as points; points with a
+    K-FAC or EK-FAC curvature as dotted / dashed lines of their own. Points at a hand-set damping are left out.
     """
     import matplotlib
 
@@ -104,28 +187,44 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9.6, 4.8))
     kib = lambda r: r["bytes_per_example"] / 1024  # noqa: E731
+    rows = [r for r in rows if _at_default_damping(r)]
     lorif = [r for r in rows if r["method"] == "lorif"]
     shades = plt.get_cmap("Reds")
     ranks = sorted({r["c"] for r in lorif})
-    for i, c in enumerate(ranks):
-        group = [r for r in lorif if r["c"] == c]
+    shade = lambda c: shades(0.35 + 0.6 * ranks.index(c) / max(len(ranks) - 1, 1))  # noqa: E731
+    styles = {"kfac": (":", "x", "K-FAC"), "ekfac": ("--", "P", "EK-FAC")}  # other curvatures than the method's
+    for c in ranks:
+        group = [r for r in lorif if r["c"] == c and _is_preset(r)]
+        if not group:
+            continue
         top_r = max(r["r"] for r in group)
         best = {}
         for r in group:
             if r["r"] == top_r:
                 best[r["f"]] = r
             else:
-                ax.plot(kib(r), r["lds"], "o", color=shades(0.35 + 0.6 * i / max(len(ranks) - 1, 1)), alpha=0.35,
-                        markersize=4)
+                ax.plot(kib(r), r["lds"], "o", color=shade(c), alpha=0.35, markersize=4)
         pts = sorted(best.values(), key=kib)
         ax.errorbar([kib(r) for r in pts], [r["lds"] for r in pts], yerr=[r["lds_se"] or 0 for r in pts], fmt="o-",
-                    color=shades(0.35 + 0.6 * i / max(len(ranks) - 1, 1)), capsize=3, label=f"LoRIF c={c} (r={top_r})")
+                    color=shade(c), capsize=3, label=f"LoRIF c={c} (r={top_r})")
         for r in pts:
             ax.annotate(f"f{r['f']}", (kib(r), r["lds"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for method, name in (("lorif", "LoRIF"), ("logra", "LoGRA")):
+        for kind, (line, marker, curve) in styles.items():
+            for c in (ranks if method == "lorif" else [None]):
+                pts = sorted((r for r in rows if r["method"] == method and r.get("curvature") == kind
+                              and r.get("c") == c), key=kib)
+                if not pts:
+                    continue
+                colour = shade(c) if method == "lorif" else MARKERS["logra"][1]
+                ax.errorbar([kib(r) for r in pts], [r["lds"] for r in pts], yerr=[r["lds_se"] or 0 for r in pts],
+                            fmt=marker + line, color=colour, capsize=3,
+                            label=f"{name} + {curve}" + (f" c={c}" if c else ""))
     for method, (marker, colour) in MARKERS.items():
         if method == "lorif":
             continue
-        pts = sorted((r for r in rows if r["method"] == method and r.get("bytes_per_example")), key=kib)
+        pts = sorted((r for r in rows if r["method"] == method and _is_preset(r) and r.get("bytes_per_example")),
+                     key=kib)
         if not pts:
             continue
         ax.errorbar([kib(r) for r in pts], [r["lds"] for r in pts], yerr=[r["lds_se"] or 0 for r in pts],
@@ -159,7 +258,7 @@ def proponents_side_by_side(rows: list[dict], setup_dir: Path, num_queries: int 
     """The top-k proponents of a few queries for the best-LDS LoRIF and LoGRA points."""
     best = {}
     for method in ("lorif", "logra"):
-        candidates = [r for r in rows if r["method"] == method]
+        candidates = [r for r in rows if r["method"] == method and _is_preset(r)]
         if candidates:
             best[method] = max(candidates, key=lambda r: r["lds"])
     if len(best) < 2:
@@ -224,11 +323,20 @@ def write_report(results_dir: str | Path, markdown_path: str | Path, plot_path: 
            "query gradients + recomputing all N training gradients; λ = its damping (0.1×mean Λ: its heuristic, "
            "per module; a number: fixed)." if any(_is_peer(r) for r in rows) else ""),
         "", results_table(rows), "", f"![LDS vs storage]({rel})", "",
+        "## Kronecker curvatures (K-FAC, EK-FAC) against the method's own and against Kronfluence", "",
+        "Each point at its curvature's default damping; Δ = mean over queries of the paired difference ± its s.e., "
+        "against the same stored rows with the method's own curvature (LoRIF: Woodbury at the largest r run; LoGRA: "
+        "exact) and against Kronfluence's EK-FAC.", "",
+        "LDS:", "", curvature_differences(rows, "lds"), "",
+        "Tail-patch (Δlog p, nats):", "", curvature_differences(rows, "tail_patch"), "",
         "## LDS differences, paired over queries", "",
         "Mean over queries of LDS(point) − LDS(LoGRA) ± the s.e. of that paired difference.", "",
         paired_differences(rows, "lds"), "",
         "Tail-patch, the same way: mean over queries of Δlog p(point) − Δlog p(LoGRA) ± paired s.e.", "",
         paired_differences(rows, "tail_patch"), "",
+        *(["## Damping study", "", "λ = scale × mean Λ per layer (Λ: the curvature's eigenvalues); Δ paired over "
+           "queries against the best scale of the same point.", "", damping_study(rows), ""]
+          if any(r.get("damping_scale") is not None and not _at_default_damping(r) for r in rows) else []),
         "## Top proponents, LoRIF vs LoGRA (best LDS of each)", "",
         proponents_side_by_side(rows, Path(gt["directory"])),
     ]

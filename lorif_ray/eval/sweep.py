@@ -26,11 +26,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from lorif_ray.config import ClusterConfig, Config
+from lorif_ray.config import METHOD_PARTS, ClusterConfig, Config
 from lorif_ray.eval.config import EvalConfig, SweepConfig, stage_config
 from lorif_ray.eval.groundtruth import GroundTruth, Setup, ensure_setup, ground_truth, tokenized
 from lorif_ray.eval.stats import MeanSE, lds_per_query, noise_ceiling
 from lorif_ray.eval.tailpatch import tail_patch
+from lorif_ray.math.curvature import CURVATURES
 from lorif_ray.model.loading import load_model
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index_cache import IndexCache
@@ -38,7 +39,32 @@ from lorif_ray.stages.query import run_query
 from lorif_ray.store import atomic_path, write_json
 
 RUNS: Counter = Counter()  # stage-2/3 runs this process actually made: "curvature", "query", "tail_patch"
-KEY_COLUMNS = ("setup", "method", "f", "c", "r", "damping", "dtype", "seed")
+# what names a results row: a new row replaces the one with the same key. ``curvature`` and ``damping_scale``
+# came later; rows written before them read as the method's preset curvature and the default scale (row_key)
+KEY_COLUMNS = ("setup", "method", "curvature", "f", "c", "r", "damping", "damping_scale", "dtype", "seed")
+
+
+def row_curvature(row: dict) -> str | None:
+    """The curvature a results row was scored with: its column, else its method's preset (None for a peer)."""
+    parts = METHOD_PARTS.get(row["method"])
+    return row.get("curvature") or (parts[1] if parts else None)
+
+
+def damping_scale(curvature: str | None, damping: float | None, scale: float | None) -> float | None:
+    """The scale of λ = scale × mean eigenvalue a point used: ``scale``, else its curvature's current default;
+    None where λ was given (``damping``) or there is no curvature (RepSim, a peer)."""
+    if damping is not None or curvature not in CURVATURES:
+        return None
+    return scale if scale is not None else CURVATURES[curvature].default_damping_scale
+
+
+def row_key(row: dict) -> tuple:
+    """A row's KEY_COLUMNS; a row from before the ``curvature`` and ``damping_scale`` columns gets its method's
+    preset and that curvature's default scale (0.1 for all of them then)."""
+    curvature = row_curvature(row)
+    filled = {"curvature": curvature,
+              "damping_scale": damping_scale(curvature, row.get("damping"), row.get("damping_scale"))}
+    return tuple(filled.get(k, row.get(k)) for k in KEY_COLUMNS)
 
 
 def point_config(cfg: SweepConfig, setup: Setup) -> Config:
@@ -54,13 +80,15 @@ def point_config(cfg: SweepConfig, setup: Setup) -> Config:
 
 
 def run_dir(cfg: Config, index_dir: Path, root: Path) -> Path:
-    """Where a point's curvature and scores go: named by its index and its curvature/query settings."""
-    key = {"index": index_dir.name, "method": cfg.method.name, "r": cfg.r, "damping": cfg.damping,
-           "damping_scale": cfg.damping_scale, "oversample": cfg.oversample, "svd_power_iters": cfg.svd_power_iters,
-           "normalize": cfg.query.normalize}
+    """Where a point's curvature and scores go: named by its index and its curvature/query settings (the damping
+    scale resolved, so that a changed default of a curvature makes new runs instead of reusing old ones)."""
+    key = {"index": index_dir.name, "method": cfg.method.name, "curvature": cfg.curvature_kind, "r": cfg.r,
+           "damping": cfg.damping, "damping_scale": damping_scale(cfg.curvature_kind, cfg.damping, cfg.damping_scale),
+           "oversample": cfg.oversample, "svd_power_iters": cfg.svd_power_iters, "normalize": cfg.query.normalize}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     label = index_dir.name.rsplit("-", 1)[0]  # e.g. factors-f4-c1
-    return root / "runs" / f"{cfg.method.name}-{label}-r{cfg.r}-{digest}"
+    name = cfg.method.name if cfg.curvature_kind == cfg.method.curvature else f"{cfg.method.name}+{cfg.curvature_kind}"
+    return root / "runs" / f"{name}-{label}-r{cfg.r}-{digest}"
 
 
 def load_scores(directory: Path, gt: GroundTruth) -> np.ndarray:
@@ -112,10 +140,12 @@ def run_point(cfg: SweepConfig) -> dict:
     row = {
         "setup": f"{ev.setup}:{setup.digest[:12]}",
         "method": method,
+        "curvature": point.curvature_kind,
         "f": point.f if method != "repsim" else None,
         "c": point.c if method == "lorif" else None,
-        "r": point.r if method == "lorif" else None,
+        "r": point.r if point.curvature_kind == "woodbury" else None,  # only the Woodbury curvature truncates
         "damping": point.damping,
+        "damping_scale": damping_scale(point.curvature_kind, point.damping, point.damping_scale),  # the one used
         "dtype": point.dtype,
         "seed": point.seed,
         "lds": lds.mean, "lds_se": lds.se, "lds_queries": lds.n,
@@ -166,8 +196,8 @@ def append_row(results_dir: Path, row: dict) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "results.parquet"
     rows = pq.read_table(path).to_pylist() if path.exists() else []
-    key = tuple(row[k] for k in KEY_COLUMNS)
-    rows = [r for r in rows if tuple(r.get(k) for k in KEY_COLUMNS) != key] + [row]
+    key = row_key(row)
+    rows = [r for r in rows if row_key(r) != key] + [row]
     names = list(dict.fromkeys(k for r in rows for k in r))  # union of columns, first-seen order
     table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
     with atomic_path(path) as tmp:
@@ -177,5 +207,7 @@ def append_row(results_dir: Path, row: dict) -> None:
 
 
 def read_results(results_dir: str | Path) -> list[dict]:
+    """The rows of a results table, older rows with their key columns filled in (``row_key``)."""
     path = Path(results_dir) / "results.parquet"
-    return pq.read_table(path).to_pylist() if path.exists() else []
+    rows = pq.read_table(path).to_pylist() if path.exists() else []
+    return [r | dict(zip(KEY_COLUMNS, row_key(r))) for r in rows]

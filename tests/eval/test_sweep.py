@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from lorif_ray.eval import groundtruth, sweep
 from lorif_ray.eval.config import register_sweep_configs
 from lorif_ray.eval.groundtruth import ensure_setup
+from lorif_ray.math.curvature import EKFAC, ExactInverse, Woodbury
 from lorif_ray.stages import index_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,7 @@ POINTS = [  # (overrides, what must run the first time)
     (["method=logra", "f=2"], {}),  # the dense index made above
     (["method=graddot", "f=2"], {}),
     (["method=repsim"], {"index": 1}),
+    (["method=lorif", "f=2", "c=1", "r=4", "curvature=ekfac"], {}),  # the first point's rows, another curvature
 ]
 
 
@@ -66,7 +68,11 @@ def test_sweep_rows_and_caching(cache_root):
     assert len(table) == len(POINTS)
     for row in table:
         assert np.isfinite(row["lds"]) and -1 <= row["lds"] <= 1 and row["bytes_per_example"] > 0
-    lorif = {(r["c"], r["r"]): r for r in table if r["method"] == "lorif"}
+    lorif = {(r["c"], r["r"]): r for r in table if r["method"] == "lorif" and r["curvature"] == "woodbury"}
+    ekfac, = (r for r in table if r["curvature"] == "ekfac")
+    assert ekfac["index_dir"] == lorif[(1, 4)]["index_dir"] and ekfac["run_dir"] != lorif[(1, 4)]["run_dir"]
+    assert ekfac["r"] is None and ekfac["damping_scale"] == EKFAC.default_damping_scale
+    assert lorif[(1, 4)]["damping_scale"] == Woodbury.default_damping_scale
     assert lorif[(1, 4)]["index_dir"] == lorif[(1, 8)]["index_dir"] != lorif[(2, 8)]["index_dir"]
     assert lorif[(1, 4)]["index_source"] == "dense"
     assert lorif[(1, 8)]["index_source"] == "cache" and lorif[(1, 8)]["index_made_by"] == "dense"
@@ -120,6 +126,22 @@ def test_results_table_keeps_columns_added_later(tmp_path):
     assert [r["new"] for r in rows] == [None, "x"]
 
 
+def test_rows_from_before_the_curvature_column_keep_their_key(tmp_path):
+    """A row written before ``curvature`` and ``damping_scale`` were columns reads as its method's preset at the
+    default scale, and a new row of that point replaces it; another curvature is another row."""
+    old = {"setup": "s", "method": "logra", "f": 4, "c": None, "r": None, "damping": None, "dtype": "float32",
+           "seed": 0, "lds": 0.3}
+    sweep.append_row(tmp_path, old)
+    (read,) = sweep.read_results(tmp_path)
+    assert read["curvature"] == "exact" and read["damping_scale"] == ExactInverse.default_damping_scale
+    new = old | {"curvature": "exact", "damping_scale": ExactInverse.default_damping_scale, "lds": 0.4}
+    sweep.append_row(tmp_path, new)
+    sweep.append_row(tmp_path, new | {"curvature": "ekfac", "damping_scale": EKFAC.default_damping_scale, "lds": 0.5})
+    sweep.append_row(tmp_path, new | {"curvature": "ekfac", "damping_scale": 0.1, "lds": 0.45})
+    rows = sweep.read_results(tmp_path)
+    assert sorted((r["curvature"], r["lds"]) for r in rows) == [("ekfac", 0.45), ("ekfac", 0.5), ("exact", 0.4)]
+
+
 def test_report_writes_markdown_and_plot(cache_root, tmp_path):
     pytest.importorskip("matplotlib")
     from lorif_ray.eval.report import write_report
@@ -129,3 +151,4 @@ def test_report_writes_markdown_and_plot(cache_root, tmp_path):
     assert "| lorif |" in text and "| logra |" in text and "Noise ceiling" in text
     assert (tmp_path / "lds.png").read_bytes()[:4] == b"\x89PNG"
     assert "Top proponents" in text and "| 1 |" in text
+    assert "| lorif+ekfac | ekfac |" in text and "## Kronecker curvatures" in text
