@@ -33,6 +33,7 @@ def run_stage(name: str, cfg: Config) -> dict:
     with node_watch(name):
         if name == "index":
             return run_index_distributed(cfg)
-        if name == "curvature":
-            return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=options))
+        if name == "curvature":  # a Gram pass is a pure function of the rows and Q: Ray may rerun it after a crash
+            restartable = actor_options(cluster, gpu=True, restartable=True)
+            return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=restartable))
         return run_query(cfg, partial(ray_query, num_workers=cluster.query_actors, actor_options=options))

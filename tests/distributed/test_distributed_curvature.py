@@ -137,3 +137,28 @@ def test_the_ray_driver_holds_one_layer_groups_curvature_at_a_time(baseline, ray
     run_curvature(cfg, partial(RayGram, num_workers=NUM_WORKERS))
     layers = [s.name for s in layer_specs(open_index(cfg.index_path))]
     assert events == [e for name in layers for e in (("fit", [name]), ("write", name))]
+
+
+def test_a_gram_actor_killed_mid_stage_two_is_restarted_and_the_curvature_is_the_same(baseline, ray_cluster,
+                                                                                       monkeypatch):
+    """Ray restarts a crashed Gram actor (the stage's actor options) and retries its pass: a pure function of its
+    shards' rows and Q, so the curvature equals the one-process one."""
+    from lorif_ray.distributed.cluster import actor_options
+
+    calls, real = [], RemoteLayerGram.__call__
+
+    def crash_on_the_second_pass(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            ray_cluster.kill(self.workers[0], no_restart=False)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteLayerGram, "__call__", crash_on_the_second_pass)
+    cfg = baseline["config"]("gram_killed")
+    options = actor_options(cfg.cluster, gpu=False, restartable=True)
+    run_curvature(cfg, partial(RayGram, num_workers=NUM_WORKERS, actor_options=options))
+    expected, _ = read_curvature(baseline["cfg"].curvature_path)
+    actual, _ = read_curvature(cfg.curvature_path)
+    assert len(calls) > 2 and actual.keys() == expected.keys()
+    for name in (n for n in expected if n.endswith(".values")):
+        assert (actual[name] - expected[name]).norm() <= 1e-6 * expected[name].norm(), name
