@@ -167,6 +167,10 @@ class Config:
     damping: Optional[float] = None  # λ; None = damping_scale × a mean eigenvalue (per curvature, README)
     damping_scale: Optional[float] = None  # None = the curvature's default (0.1 for woodbury and exact)
     seed: int = 0  # projections, factor start blocks and rSVD start are all derived from it
+    # labels of stage 1's K-FAC statistics (Ã, S̃; curvature=kfac|ekfac): "training" = the training labels
+    # (empirical Fisher) | "sampled" = y ~ softmax(logits) at the same loss positions (true Fisher, as
+    # Kronfluence fits its factors; one more forward+backward per batch). The stored rows are the same.
+    kfac_labels: str = "training"
     dtype: str = "float32"  # storage dtype of the index: float32 | float16 | bfloat16
     factor_iters: Optional[int] = None  # None = 8 for c = 1, 16 for c > 1
     svd_power_iters: int = 3
@@ -212,6 +216,7 @@ def validate(cfg: Config) -> None:
         ((cfg.curvature_kind == "none") == (cfg.method.store_kind == "hidden"),
          f"curvature={cfg.curvature_kind}: method={cfg.method.name} stores {cfg.method.store_kind} rows; "
          "hidden states (RepSim) take no curvature and gradients need one"),
+        (cfg.kfac_labels in ("training", "sampled"), f"kfac_labels={cfg.kfac_labels!r}: choose training or sampled"),
         (cfg.dtype in STORAGE_DTYPES, f"dtype={cfg.dtype!r}: choose one of {STORAGE_DTYPES}"),
         (cfg.factor_iters is None or cfg.factor_iters >= 1, f"factor_iters={cfg.factor_iters}: must be >= 1"),
         (cfg.svd_power_iters >= 0, f"svd_power_iters={cfg.svd_power_iters}: must be >= 0"),

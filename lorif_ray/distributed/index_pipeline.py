@@ -114,7 +114,8 @@ class GradientWorker:
             self.sharded.model, self.sharded.layers, kind=cfg.method.store_kind, f=cfg.f, c=cfg.c, seed=cfg.seed,
             factor_iters=cfg.factor_iters, dims=self.sharded.dims,
             capture_factory=lambda m, layers, p: tp.TensorParallelCapture(m, layers, p, group=group),
-            statistics=True)  # of the all-reduced blocks: every rank has all of them, rank 0 writes them
+            statistics=True, statistics_labels=cfg.kfac_labels)  # of the all-reduced blocks: every rank has all
+        # of them, rank 0 writes them; sampled labels: every rank draws the same (seeded per example id)
         specs = self.featurizer.specs
         mine = set(tp.layers_of_rank({s.name: s.dim for s in specs}, self.rank, self.tp_size))
         self.my_maker = None if self.featurizer.kind == "hidden" else ColumnMaker(

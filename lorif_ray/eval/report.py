@@ -36,6 +36,8 @@ def _at_default_damping(row: dict) -> bool:
 def _label(row: dict) -> str:
     if not _is_peer(row):
         name = row["method"] + ("" if _is_preset(row) else f"+{row['curvature']}")
+        if row.get("kfac_labels") == "sampled":  # K-FAC statistics of labels sampled from the model (true Fisher)
+            name += " (sampled labels)"
         if not _at_default_damping(row):
             name += f" (λ {row['damping']:g})" if row.get("damping") is not None else f" ({row['damping_scale']:g}×mean Λ)"
         return name
@@ -78,7 +80,7 @@ def _order(row: dict) -> tuple:
     curvatures = {"woodbury": 0, "exact": 0, "identity": 0, "kfac": 1, "ekfac": 2}
     return (methods.get(row["method"].split("-")[0], 9), row["method"], curvatures.get(row.get("curvature"), 0),
             row.get("f") or 0, row.get("c") or 0, row.get("r") or 0, -(row.get("damping") or float("inf")),
-            -(row.get("damping_scale") or float("inf")))
+            -(row.get("damping_scale") or float("inf")), row.get("kfac_labels") or "")
 
 
 def results_table(rows: list[dict]) -> str:
@@ -156,7 +158,8 @@ def damping_study(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if not _is_peer(r) and r.get("damping") is None and r.get("damping_scale") is not None:
-            groups.setdefault((r["method"], r.get("curvature"), r.get("f"), r.get("c"), r.get("r")), []).append(r)
+            groups.setdefault((r["method"], r.get("curvature"), r.get("f"), r.get("c"), r.get("r"), r.get("kfac_labels")),
+                              []).append(r)
     groups = {k: sorted(v, key=lambda r: -r["damping_scale"]) for k, v in groups.items() if len(v) > 1}
     if not groups:
         return "(no point swept over damping_scale)"

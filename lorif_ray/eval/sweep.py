@@ -39,9 +39,12 @@ from lorif_ray.stages.query import run_query
 from lorif_ray.store import atomic_path, write_json
 
 RUNS: Counter = Counter()  # stage-2/3 runs this process actually made: "curvature", "query", "tail_patch"
-# what names a results row: a new row replaces the one with the same key. ``curvature`` and ``damping_scale``
-# came later; rows written before them read as the method's preset curvature and the default scale (row_key)
-KEY_COLUMNS = ("setup", "method", "curvature", "f", "c", "r", "damping", "damping_scale", "dtype", "seed")
+# what names a results row: a new row replaces the one with the same key. ``curvature``, ``damping_scale`` and
+# ``kfac_labels`` came later; rows written before them read as the method's preset curvature, the default scale
+# and the training labels (row_key)
+KEY_COLUMNS = ("setup", "method", "curvature", "f", "c", "r", "damping", "damping_scale", "kfac_labels", "dtype",
+               "seed")
+KRONECKER = ("kfac", "ekfac")  # the curvatures made from stage 1's K-FAC statistics (whose labels ``kfac_labels`` sets)
 
 
 def row_curvature(row: dict) -> str | None:
@@ -58,12 +61,19 @@ def damping_scale(curvature: str | None, damping: float | None, scale: float | N
     return scale if scale is not None else CURVATURES[curvature].default_damping_scale
 
 
+def row_kfac_labels(curvature: str | None, labels: str | None) -> str | None:
+    """The labels of the K-FAC statistics a K-FAC/EK-FAC point used (rows before the column: training); None for
+    the other curvatures, whose scores do not use the statistics."""
+    return (labels or "training") if curvature in KRONECKER else None
+
+
 def row_key(row: dict) -> tuple:
     """A row's KEY_COLUMNS; a row from before the ``curvature`` and ``damping_scale`` columns gets its method's
     preset and that curvature's default scale (0.1 for all of them then)."""
     curvature = row_curvature(row)
     filled = {"curvature": curvature,
-              "damping_scale": damping_scale(curvature, row.get("damping"), row.get("damping_scale"))}
+              "damping_scale": damping_scale(curvature, row.get("damping"), row.get("damping_scale")),
+              "kfac_labels": row_kfac_labels(curvature, row.get("kfac_labels"))}
     return tuple(filled.get(k, row.get(k)) for k in KEY_COLUMNS)
 
 
@@ -85,6 +95,8 @@ def run_dir(cfg: Config, index_dir: Path, root: Path) -> Path:
     key = {"index": index_dir.name, "method": cfg.method.name, "curvature": cfg.curvature_kind, "r": cfg.r,
            "damping": cfg.damping, "damping_scale": damping_scale(cfg.curvature_kind, cfg.damping, cfg.damping_scale),
            "oversample": cfg.oversample, "svd_power_iters": cfg.svd_power_iters, "normalize": cfg.query.normalize}
+    if cfg.kfac_labels != "training":  # (the index dir differs too); absent = training, so old runs are reused
+        key["kfac_labels"] = cfg.kfac_labels
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     label = index_dir.name.rsplit("-", 1)[0]  # e.g. factors-f4-c1
     name = cfg.method.name if cfg.curvature_kind == cfg.method.curvature else f"{cfg.method.name}+{cfg.curvature_kind}"
@@ -146,6 +158,7 @@ def run_point(cfg: SweepConfig) -> dict:
         "r": point.r if point.curvature_kind == "woodbury" else None,  # only the Woodbury curvature truncates
         "damping": point.damping,
         "damping_scale": damping_scale(point.curvature_kind, point.damping, point.damping_scale),  # the one used
+        "kfac_labels": row_kfac_labels(point.curvature_kind, point.kfac_labels),
         "dtype": point.dtype,
         "seed": point.seed,
         "lds": lds.mean, "lds_se": lds.se, "lds_queries": lds.n,

@@ -16,6 +16,7 @@ only (no weight gradients are ever allocated); hooked outputs are made to requir
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
@@ -156,6 +157,37 @@ def mean_loss(outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """summed_loss / the number of target tokens: (B,)."""
     counts = (batch["labels"][:, 1:] != -100).sum(dim=1).to(outputs.logits.device)
     return token_losses(outputs, batch).sum(dim=1) / counts
+
+
+def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, ids: list[str], seed: int) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution at the loss positions (the true Fisher's).
+
+    Args:
+        logits: (B, T, V) of a forward pass; ``logits[:, t]`` predicts the token at t + 1.
+        labels: (B, T) training labels, Hugging Face aligned; -100 marks tokens without loss.
+        ids: example ids: example i's draws come from a CPU generator seeded by (seed, ids[i]), so they do
+            not depend on the batch it is in, the device or the process (Ray actors, TP ranks).
+        seed: the run's seed.
+
+    Returns:
+        (B, T): y_t ~ softmax(logits[:, t-1]) where ``labels`` has a target, -100 elsewhere (inverse-CDF
+        sampling in float64 from one uniform per position).
+    """
+    n, length = labels.shape
+    uniforms = torch.stack([
+        torch.rand(length - 1, generator=torch.Generator().manual_seed(_label_seed(seed, i)), dtype=torch.float64)
+        for i in ids]).to(logits.device)  # (B, T-1)
+    keep = labels[:, 1:].to(logits.device) != -100  # (B, T-1)
+    cdf = torch.softmax(logits[:, :-1].detach()[keep].to(torch.float64), dim=-1).cumsum(dim=-1)  # (n_tok, V)
+    draws = torch.searchsorted(cdf, (uniforms[keep] * cdf[:, -1]).unsqueeze(1)).squeeze(1).clamp_max(cdf.shape[1] - 1)
+    out = torch.full((n, length), -100, dtype=torch.long, device=logits.device)
+    out[:, 1:][keep] = draws
+    return out.to(labels.device)
+
+
+def _label_seed(seed: int, example_id: str) -> int:
+    digest = hashlib.sha256(f"kfac_labels:{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 Measurement = Callable[[object, dict[str, torch.Tensor]], torch.Tensor]

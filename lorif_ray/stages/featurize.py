@@ -20,11 +20,14 @@ import torch
 from torch import nn
 
 from lorif_ray.math.capture import (Measurement, ProjectedGradientCapture, check_finite_all, dense_gradients,
-                                   linear_dims, measurement_function, nonfinite_rows, per_example_measurement)
+                                   linear_dims, measurement_function, nonfinite_rows, per_example_measurement,
+                                   sampled_labels, summed_loss)
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize, initial_block
 from lorif_ray.math.influence import GradientBlock
 from lorif_ray.math.kronecker import StatsAccumulator
 from lorif_ray.math.projection import layer_projection
+
+STATISTICS_LABELS = ("training", "sampled")  # ``Config.kfac_labels``
 
 FiniteMasks = list[tuple[str, torch.Tensor]]
 """[(layer, (n,) bool rows holding NaN/Inf)] for ``check_finite_all``."""
@@ -127,6 +130,10 @@ class Featurizer:
             (``lorif_ray.math.capture.MEASUREMENTS``); set it for queries only.
         statistics: also sum every captured batch's K-FAC statistics (x̃x̃ᵀ, δ̃δ̃ᵀ over its tokens) into
             ``self.statistics`` (stage 1 pops them per shard); gradient kinds only.
+        statistics_labels: the labels of those statistics: "training" (the batch's own: the empirical Fisher,
+            no extra pass) or "sampled" (drawn from the model's predictive distribution at the same loss
+            positions, ``sampled_labels``: the true Fisher; one more forward+backward per batch, whose
+            captures feed only the statistics, never the returned pairs).
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, kind: str, f: int, c: int, seed: int,
@@ -134,9 +141,12 @@ class Featurizer:
                  dims: dict[str, tuple[int, int]] | None = None,
                  capture_factory: Callable[..., ProjectedGradientCapture] = ProjectedGradientCapture,
                  autocast_dtype: torch.dtype | None = None, projection_dtype: torch.dtype | None = None,
-                 measurement: str | Measurement = "loss", statistics: bool = False):
+                 measurement: str | Measurement = "loss", statistics: bool = False, statistics_labels: str = "training"):
         self.model, self.layers, self.kind = model, layers, kind
+        if statistics_labels not in STATISTICS_LABELS:
+            raise ValueError(f"statistics_labels={statistics_labels!r}: choose one of {STATISTICS_LABELS}")
         self.statistics = StatsAccumulator() if statistics and kind != "hidden" else None
+        self.statistics_labels = statistics_labels
         self.measurement = measurement
         measurement_function(measurement)  # an unknown name fails here
         self.autocast_dtype = autocast_dtype
@@ -172,8 +182,19 @@ class Featurizer:
             loss.backward()  # outside autocast, as torch recommends; the hooks project in their own dtype
             captured = capture.pop()
         if self.statistics is not None:  # every token that can carry a gradient: the attention mask
-            self.statistics.add(captured, batch["attention_mask"])
+            fisher = captured if self.statistics_labels == "training" else self._sampled_capture(ids, batch)
+            self.statistics.add(fisher, batch["attention_mask"])
         return captured
+
+    def _sampled_capture(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The (x̃, δ̃) pairs of the summed loss on labels sampled from the model at the batch's loss positions."""
+        with self.capture_factory(self.model, self.layers, self.projections) as capture:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                outputs = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                labels = sampled_labels(outputs.logits, batch["labels"], ids, self.seed)
+                loss = summed_loss(outputs, {**batch, "labels": labels}).sum()
+            loss.backward()
+            return capture.pop()
 
     def __call__(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Store columns of one batch: {column: (n, width)} on the model's device."""

@@ -62,14 +62,15 @@ def build_featurizer(cfg: Config, model, kind: str | None = None, layer_names: l
     else:
         layers = {name: model.get_submodule(name) for name in layer_names}
     return Featurizer(model, layers, kind=kind or cfg.method.store_kind, f=cfg.f, c=cfg.c, seed=cfg.seed,
-                      factor_iters=factor_iters or cfg.factor_iters, statistics=statistics)
+                      factor_iters=factor_iters or cfg.factor_iters, statistics=statistics,
+                      statistics_labels=cfg.kfac_labels)
 
 
 def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256: str, num_examples: int) -> dict:
     """Everything that determines the stored rows (a resumed run must match it exactly); ``identity``
     is ``model_identity`` of the unsharded model. Checks the projection widths first."""
     check_projection_widths(featurizer.specs, cfg.f, featurizer.kind)
-    return {
+    meta = {
         "config": {"kind": featurizer.kind, "f": cfg.f, "c": cfg.c, "seed": cfg.seed,
                    "factor_iters": featurizer.iterations, "max_length": cfg.data.max_length,
                    "layers": cfg.model.layer_patterns, "model_dtype": cfg.model.dtype},
@@ -78,6 +79,9 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
         "data": {"sha256": data_sha256, "num_examples": num_examples},
         "kronecker_stats": featurizer.statistics is not None,  # <index>/_kronecker.safetensors (stage 2's K-FAC)
     }
+    if featurizer.statistics is not None and featurizer.statistics_labels != "training":
+        meta["kfac_labels"] = featurizer.statistics_labels  # absent = training (indexes before the key stay valid)
+    return meta
 
 
 def train_input(cfg: Config) -> tuple[Path, Path]:

@@ -1,8 +1,9 @@
 """Content-addressed stage-1 indexes, and rank-c factor indexes derived from a dense one.
 
-An index directory is named by a hash of everything that determines its rows (model identity, data
-sha256, kind, f, c, seed, layers, max_length, dtypes, factor iterations), under one cache root, so
-any run that needs the same rows finds them instead of recomputing. A LoRIF index can be made from a
+An index directory is named by a hash of everything that determines its rows and statistics (model
+identity, data sha256, kind, f, c, seed, layers, max_length, dtypes, factor iterations, the labels of
+the K-FAC statistics), under one cache root, so any run that needs the same rows finds them instead of
+recomputing. A LoRIF index can be made from a
 dense (LoGRA-kind) index of the same f and seed without running the model: the power iteration runs
 on the stored G̃ (``factorize_dense``) from the same start block, which gives the model path's factors
 up to float error, and its K-FAC statistics are the dense index's.
@@ -43,6 +44,8 @@ def index_key(cfg: Config, identity: dict, data_sha256: str) -> dict:
         key["f"] = cfg.f
     if kind == "factors":
         key.update(c=cfg.c, factor_iters=cfg.factor_iters or default_iterations(cfg.c))
+    if kind != "hidden" and cfg.kfac_labels != "training":  # absent = training: the cached indexes stay valid
+        key["kfac_labels"] = cfg.kfac_labels
     return key
 
 

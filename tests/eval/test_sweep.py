@@ -142,6 +142,25 @@ def test_rows_from_before_the_curvature_column_keep_their_key(tmp_path):
     assert sorted((r["curvature"], r["lds"]) for r in rows) == [("ekfac", 0.45), ("ekfac", 0.5), ("exact", 0.4)]
 
 
+def test_kfac_labels_are_part_of_the_row_and_run_keys(tmp_path):
+    """A K-FAC/EK-FAC row from before the ``kfac_labels`` column reads as the training labels; a sampled-label row
+    is another row (and another run dir); the other curvatures do not depend on the labels (None)."""
+    from lorif_ray.config import Config, MethodConfig
+
+    old = {"setup": "s", "method": "lorif", "curvature": "ekfac", "f": 4, "c": 4, "r": None, "damping": None,
+           "damping_scale": EKFAC.default_damping_scale, "dtype": "float32", "seed": 0, "lds": 0.46}
+    sweep.append_row(tmp_path, old)
+    assert sweep.read_results(tmp_path)[0]["kfac_labels"] == "training"
+    sweep.append_row(tmp_path, old | {"kfac_labels": "sampled", "lds": 0.49})
+    sweep.append_row(tmp_path, old | {"kfac_labels": "training", "lds": 0.47})  # replaces the old row
+    rows = sweep.read_results(tmp_path)
+    assert sorted((r["kfac_labels"], r["lds"]) for r in rows) == [("sampled", 0.49), ("training", 0.47)]
+    assert sweep.row_kfac_labels("woodbury", "sampled") is None
+    cfg = Config(method=MethodConfig(name="lorif"), curvature="ekfac")
+    index = Path("index/factors-f4-c4-0123")
+    assert sweep.run_dir(cfg, index, tmp_path) != sweep.run_dir(replace(cfg, kfac_labels="sampled"), index, tmp_path)
+
+
 def test_report_writes_markdown_and_plot(cache_root, tmp_path):
     pytest.importorskip("matplotlib")
     from lorif_ray.eval.report import write_report
