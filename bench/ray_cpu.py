@@ -25,11 +25,12 @@ from lorif_ray.config import ClusterConfig, Config, DataConfig, QueryConfig
 from lorif_ray.distributed.cluster import actor_options
 from lorif_ray.distributed.index_pipeline import run_index_distributed
 from lorif_ray.distributed.query_service import QueryService
+from lorif_ray.eval.latency import synthetic_index
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import featurize_queries
-from lorif_ray.store import ShardWriter, open_index
+from lorif_ray.store import open_index
 
 
 def repeated_training_set(source: Path, copies: int, out: Path) -> Path:
@@ -37,20 +38,6 @@ def repeated_training_set(source: Path, copies: int, out: Path) -> Path:
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     lines = [json.dumps({**row, "id": f"{row['id']}-{k}"}) for k in range(copies) for row in rows]
     out.write_text("\n".join(lines) + "\n")
-    return out
-
-
-def synthetic_index(real: Path, out: Path, rows: int, shard_size: int) -> Path:
-    """An index with ``real``'s layout and meta and ``rows`` rows of random values."""
-    manifest = open_index(real)
-    writer = ShardWriter(out, kind=manifest.kind, columns=manifest.columns, dtype=manifest.dtype,
-                         shard_size=shard_size, meta=manifest.meta)
-    generator = torch.Generator().manual_seed(0)
-    for shard, start in enumerate(range(0, rows, shard_size)):
-        n = min(shard_size, rows - start)
-        columns = {k: torch.randn(n, w, generator=generator) for k, w in manifest.columns.items()}
-        writer.write_shard(shard, [f"s{start + i}" for i in range(n)], columns)
-    writer.finalize(rows)
     return out
 
 
