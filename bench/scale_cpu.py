@@ -8,7 +8,7 @@ For each N the training set is N synthetic sentences over the embedded facts voc
 fresh ids); the queries are the embedded ones. Each stage runs as its own driver process (this script,
 ``stage`` subcommand) so that its peak RSS is its own; on Ray the driver starts a local
 instance with ``--cpus`` CPUs; the driver's peak is its own ``getrusage`` at its end; a sampler in this process reads the RSS of every ``ray::<Class>``
-process (gradient, writer, Gram and query actors, the input-planning task) every 0.2 s and keeps each
+process the driver's Ray instance started (gradient, writer, Gram and query actors, the input-planning task) every 0.2 s and keeps each
 kind's peak. Threads: the driver and every actor run with ``OMP_NUM_THREADS`` = ``--threads`` (torch's
 default on a loaded 2-core machine can be 15x slower). The index is LoRIF c=1 with ``--f`` (8) and the
 curvature rank ``--r`` (32), float32: the scale of the stages' state, not the quality, is what is measured.
@@ -68,10 +68,12 @@ def run_one_stage(args) -> None:
 
 
 class ActorSampler:
-    """Peak RSS (bytes) per ``ray::<Class>`` process title, sampled every ``period`` seconds."""
+    """Peak RSS (bytes) per ``ray::<Class>`` process title among the descendants of process ``root`` (the
+    stage's driver, whose local Ray instance starts every actor), sampled every ``period`` seconds; other Ray
+    instances on a shared machine are not counted."""
 
-    def __init__(self, period: float = 0.2):
-        self.period, self.peaks, self._stop = period, {}, threading.Event()
+    def __init__(self, root: int, period: float = 0.2):
+        self.root, self.period, self.peaks, self._stop = root, period, {}, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -79,12 +81,18 @@ class ActorSampler:
 
         title = re.compile(r"^ray::(\w+)")
         while not self._stop.is_set():
-            for proc in psutil.process_iter(["cmdline", "memory_info"]):
-                cmd = proc.info.get("cmdline") or []
+            try:
+                processes = psutil.Process(self.root).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for proc in processes:
+                try:
+                    cmd, rss = proc.cmdline(), proc.memory_info().rss
+                except psutil.Error:
+                    continue
                 match = title.match(cmd[0]) if cmd else None
-                if match and proc.info.get("memory_info") and not match.group(1).endswith(("IDLE", "Agent")):
-                    kind = match.group(1)
-                    self.peaks[kind] = max(self.peaks.get(kind, 0), proc.info["memory_info"].rss)
+                if match and not match.group(1).endswith(("IDLE", "Agent")):
+                    self.peaks[match.group(1)] = max(self.peaks.get(match.group(1), 0), rss)
             self._stop.wait(self.period)
 
     def __enter__(self) -> "ActorSampler":
@@ -103,13 +111,14 @@ def measure_stage(stage: str, out: Path, train: Path, args) -> dict:
     command = [sys.executable, __file__, "stage", "--stage", stage, "--out", str(out), "--train", str(train),
                "--cluster", args.cluster, "--cpus", str(args.cpus), "--f", str(args.f), "--r", str(args.r)]
     start = time.perf_counter()
-    with ActorSampler() as sampler:
-        child = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with ActorSampler(child.pid) as sampler:
+        stdout, stderr = child.communicate()
     seconds = time.perf_counter() - start
     if child.returncode:
-        raise RuntimeError(f"stage {stage} failed:\n{child.stderr[-4000:]}")
-    report = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("REPORT "))[7:])
-    peak = int(re.search(r"PEAK_RSS (\d+)", child.stderr).group(1))  # the driver's own getrusage, at its end
+        raise RuntimeError(f"stage {stage} failed:\n{stderr[-4000:]}")
+    report = json.loads(next(line for line in stdout.splitlines() if line.startswith("REPORT "))[7:])
+    peak = int(re.search(r"PEAK_RSS (\d+)", stderr).group(1))  # the driver's own getrusage, at its end
     return {"seconds": seconds, "driver_rss": peak, "actors": dict(sampler.peaks), "report": report}
 
 
