@@ -79,11 +79,23 @@ def test_distributed_gram_equals_one_process(baseline, ray_cluster):
         backend.close()
 
 
-def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster):
+def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster, monkeypatch):
+    """With a group budget of one layer (the driver holds one layer's iterates, and writes its file before the next
+    layer's fit starts: never more than one group's V_r), the Ray Gram actors give the one-process curvature."""
+    import lorif_ray.stages.curvature as stage
+    from lorif_ray.stages.saved_curvature import CurvatureWriter
+
+    events, real_fit, real_write = [], stage.fit_layers, CurvatureWriter.write
+    monkeypatch.setattr(stage, "GROUP_BYTES", 1)
+    monkeypatch.setattr(stage, "fit_layers", lambda steps, *a: events.append(("fit", list(steps))) or real_fit(steps, *a))
+    monkeypatch.setattr(CurvatureWriter, "write", lambda self, name, c: events.append(("write", name)) or
+                        real_write(self, name, c))
     one = baseline["cfg"]
     dist = baseline["config"]("dist_curvature")
     report = run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))
     assert not report["reused"]
+    layers = [s.name for s in layer_specs(open_index(dist.index_path))]
+    assert events == [e for name in layers for e in (("fit", [name]), ("write", name))]
     expected, expected_meta = read_curvature(one.curvature_path)
     actual, actual_meta = read_curvature(dist.curvature_path)
     assert {k: v for k, v in actual_meta.items() if k != "layers"} == \
@@ -120,23 +132,6 @@ def test_ekfac_on_ray_equals_one_process(baseline, ray_cluster):
     assert actual.keys() == expected.keys()
     for name, want in expected.items():
         assert (actual[name] - want).abs().max() <= 1e-10 * want.abs().max(), name
-
-
-def test_the_ray_driver_holds_one_layer_groups_curvature_at_a_time(baseline, ray_cluster, monkeypatch):
-    """With a group budget of one layer, the driver fits one layer per pass round and writes its file before the
-    next layer's fit starts: V_r is never held for more than one group (the Gram actors hold the rows)."""
-    import lorif_ray.stages.curvature as stage
-    from lorif_ray.stages.saved_curvature import CurvatureWriter
-
-    events, real_fit, real_write = [], stage.fit_layers, CurvatureWriter.write
-    monkeypatch.setattr(stage, "GROUP_BYTES", 1)
-    monkeypatch.setattr(stage, "fit_layers", lambda steps, *a: events.append(("fit", list(steps))) or real_fit(steps, *a))
-    monkeypatch.setattr(CurvatureWriter, "write", lambda self, name, c: events.append(("write", name)) or
-                        real_write(self, name, c))
-    cfg = baseline["config"]("one_group_at_a_time")
-    run_curvature(cfg, partial(RayGram, num_workers=NUM_WORKERS))
-    layers = [s.name for s in layer_specs(open_index(cfg.index_path))]
-    assert events == [e for name in layers for e in (("fit", [name]), ("write", name))]
 
 
 def test_a_gram_actor_killed_mid_stage_two_is_restarted_and_the_curvature_is_the_same(baseline, ray_cluster,

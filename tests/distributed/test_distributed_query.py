@@ -42,11 +42,18 @@ def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseli
     assert [w.loads for w in workers] == [1, 1]
 
 
-def test_the_ray_backend_equals_run_query(baseline, ray_cluster):
+def test_the_ray_backend_equals_run_query(baseline, ray_cluster, monkeypatch):
+    """The query actors give run_query's top-k and scores; the driver reads the curvature's header only (V_r and
+    σ² stay with the actors)."""
+    import lorif_ray.stages.saved_curvature as saved
+
+    read = []
+    monkeypatch.setattr(saved, "load_tensors", lambda *a, **kw: read.append(a) or (_ for _ in ()).throw(
+        AssertionError("the driver read a curvature tensor file")))
     one = baseline["cfg"]
     dist = baseline["config"]("dist_query", with_curvature=True)
     report = run_query(dist, partial(ray_query, num_workers=NUM_WORKERS))
-    assert report["workers"] == NUM_WORKERS and report["route"] == "query"
+    assert report["workers"] == NUM_WORKERS and report["route"] == "query" and not read
     expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
     actual = pq.read_table(dist.output_dir + "/topk.parquet").to_pydict()
     for column in ("query_id", "rank", "train_id"):
@@ -75,18 +82,6 @@ def test_the_ray_backend_writes_the_extra_outputs_of_run_query(baseline, ray_clu
         assert actual.keys() == expected.keys()
         np.testing.assert_allclose(actual.pop(column), expected.pop(column), rtol=1e-5)
         assert actual == expected, name
-
-
-def test_the_ray_query_driver_reads_no_curvature_tensor(baseline, ray_cluster, monkeypatch):
-    """Stage 3 on Ray: the driver reads the curvature's header only; V_r and σ² stay with the query actors."""
-    import lorif_ray.stages.saved_curvature as saved
-
-    read = []
-    monkeypatch.setattr(saved, "load_tensors", lambda *a, **kw: read.append(a) or (_ for _ in ()).throw(
-        AssertionError("the driver read a curvature tensor file")))
-    cfg = baseline["config"]("driver_no_vectors", with_curvature=True)
-    report = run_query(cfg, partial(ray_query, num_workers=NUM_WORKERS))
-    assert report["route"] == "query" and not read
 
 
 def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluster):
