@@ -6,12 +6,11 @@ fits each curvature on it, and the setup's queries are scored by each in turn, a
 times, in one process with the threads pinned (``eval.threads``). Query gradients are the same for every
 curvature (one featurizer) and are timed once.
 
-    nice -n 10 .venv/bin/python -m lorif_ray.eval.latency --rows 50000 method=lorif f=4 c=4 r=256 eval.threads=1
+    nice -n 10 .venv/bin/python bench/latency_cpu.py --rows 50000 method=lorif f=4 c=4 r=256 eval.threads=1
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
@@ -94,25 +93,3 @@ def markdown(cfg: SweepConfig, table: list[dict]) -> str:
         lines.append(f"| {r['curvature']} | {r['route']} | {r['stage2_seconds']:.2f} | {r['query_gradient_seconds']:.2f}"
                      f" | {r['score_median']:.3f} | {', '.join(f'{s:.3f}' for s in r['score_seconds'])} |")
     return "\n".join(lines)
-
-
-def main() -> None:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from lorif_ray.eval.config import register_sweep_configs
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--curvatures", default="woodbury,ekfac,kfac")
-    parser.add_argument("overrides", nargs="*", help="sweep config overrides (method=lorif f=4 c=4 ...)")
-    args = parser.parse_args()
-    register_sweep_configs()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose("sweep", overrides=args.overrides))
-    print(markdown(cfg, bench(cfg, args.rows, args.curvatures.split(","), args.repeats)))
-
-
-if __name__ == "__main__":
-    main()
