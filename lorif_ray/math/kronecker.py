@@ -117,8 +117,14 @@ def batch_stats(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None 
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     mask = mask.to(device=x.device, dtype=torch.bool)
+    activations, gradients = _masked_sums(x, delta, mask)
+    return KroneckerStats(activations, gradients, int(mask.sum()), int(mask.any(dim=1).sum()))
+
+
+def _masked_sums(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ x̃x̃ᵀ, Σ δ̃δ̃ᵀ) over the masked-in tokens, float64, on the device (no host sync)."""
     xs, ds = x[mask].to(torch.float64), delta[mask].to(torch.float64)  # (tokens, d1), (tokens, d2)
-    return KroneckerStats(xs.T @ xs, ds.T @ ds, int(mask.sum()), int(mask.any(dim=1).sum()))
+    return xs.T @ xs, ds.T @ ds
 
 
 class StatsAccumulator:
@@ -134,8 +140,7 @@ class StatsAccumulator:
         mask = mask.to(dtype=torch.bool)
         for name, (x, delta) in captured.items():
             keep = mask.to(x.device)
-            xs, ds = x[keep].to(torch.float64), delta[keep].to(torch.float64)
-            parts = [xs.T @ xs, ds.T @ ds, keep.sum().to(torch.float64)]
+            parts = [*_masked_sums(x, delta, keep), keep.sum().to(torch.float64)]
             if name in self.sums:
                 for total, part in zip(self.sums[name], parts):
                     total += part
