@@ -65,7 +65,7 @@ def progress_board():
 
     global _board
     context = ray.get_runtime_context()
-    session = (context.gcs_address, context.get_job_id())
+    session = (context.gcs_address, context.get_job_id(), context.get_node_id())  # unique per Ray instance
     if _board is None or _board[0] != session:
         _board = session, ray.remote(ProgressBoard).options(name=BOARD_NAME, get_if_exists=True, num_cpus=0).remote()
     return _board[1]
