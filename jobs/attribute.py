@@ -1,5 +1,5 @@
 """All three stages: index → curvature → query. With no arguments it runs the embedded default
-(a tiny GPT-2 the project trains on its synthetic facts corpus, cached in .cache/embedded).
+(a tiny GPT-2 the project trains once on its synthetic facts corpus, cached in ~/.cache/lorif-ray/embedded).
 
     python jobs/attribute.py                                   # the embedded demo
     python jobs/attribute.py model.path=/models/my-gpt2 data.train=train.jsonl data.queries=q.jsonl \

@@ -63,7 +63,8 @@ class Attributor:
             "mean_loss", or a function ``(model outputs, batch) → (B,)`` of something to *lower* (one process
             only); training examples always use the summed loss. Positive scores mean proponents.
         device: "auto", "cpu", "cuda", ...
-        progress: show progress bars.
+        progress: show a progress bar (count, rate, ETA; a widget in a notebook) for every long step, the
+            embedded model's one-time training included; False = silent.
         **config: any other top-level ``Config`` field (``shard_size``, ``index_dir``, ``precision``, ``overwrite``).
 
     Raises:
@@ -74,7 +75,7 @@ class Attributor:
                  r: int = 64, damping: float | None = None, seed: int = 0, dtype: str = "float32",
                  output_dir: str | Path = "outputs/api", cluster: str | ClusterConfig | None = None,
                  max_length: int | None = None, batch_size: int | None = None, top_k: int = 10,
-                 measurement: str | Callable = "loss", device: str = "auto", progress: bool = False, **config):
+                 measurement: str | Callable = "loss", device: str = "auto", progress: bool = True, **config):
         self.measurement = _check_measurement(measurement)
         embedded = model is None  # the job's data defaults (conf/data/embedded.yaml) for the embedded model
         max_length = max_length or (64 if embedded else 128)

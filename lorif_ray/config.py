@@ -7,6 +7,7 @@ The keys are the public contract: ``model.path``, ``data.train``, ``data.queries
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -178,12 +179,18 @@ class Config:
     shard_size: int = 1024  # examples per Parquet shard (the unit of resumption)
     output_dir: str = "outputs/run"
     index_dir: Optional[str] = None  # None = <output_dir>/index; share one across runs that differ in r
-    embedded_cache: str = ".cache/embedded"
-    progress: bool = True
+    # where the embedded default model is trained once and kept; None = <user cache>/embedded (user_cache_dir)
+    embedded_cache: Optional[str] = None
+    progress: bool = True  # a bar (count, rate, ETA) for every long step; false = none (and no Ray actor for them)
     overwrite: bool = False  # write into a non-empty output_dir that this tool did not create
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def embedded_cache_path(self) -> Path:
+        """The folder of the embedded model's cache entries: ``embedded_cache``, else ``<user cache>/embedded``."""
+        return Path(self.embedded_cache).expanduser() if self.embedded_cache else user_cache_dir() / "embedded"
 
     @property
     def curvature_kind(self) -> str:
@@ -200,6 +207,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def user_cache_dir() -> Path:
+    """This user's cache folder of the tool (whatever is recomputed when lost): ``$LORIF_RAY_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lorif-ray``, else ``~/.cache/lorif-ray``; the same from any current folder."""
+    root = os.environ.get("LORIF_RAY_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "lorif-ray"
 
 
 def validate(cfg: Config) -> None:

@@ -120,3 +120,30 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def recording_bars(monkeypatch):
+    """Every progress bar the code makes in the test (``lorif_ray.progress.progress_bar``), by description: real
+    tqdm bars writing to a string, each with the list of its ``update`` calls (``bar.updates``) and the largest
+    count it showed (``bar.peak``); ``bar.enabled`` says whether it was made to draw (tqdm disables a bar it closes)."""
+    import io
+
+    import lorif_ray.progress as progress
+
+    made: dict = {}
+
+    class RecordingBar(progress.tqdm):
+        def __init__(self, *args, **kwargs):
+            self.updates, self.peak, self.enabled = [], 0, not kwargs.get("disable")
+            super().__init__(*args, file=io.StringIO(), **kwargs)
+            made.setdefault(kwargs.get("desc"), []).append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            shown = super().update(n)
+            self.peak = max(self.peak, self.n)
+            return shown
+
+    monkeypatch.setattr(progress, "Bar", RecordingBar)
+    return made

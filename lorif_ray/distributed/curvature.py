@@ -5,7 +5,9 @@
 group of layers (resident in its memory when they fit, else streamed from Parquet: each shard read once
 per pass for all of them) and returns its partial ``Σ_s G_sᵀ (G_s Q)`` per layer; the driver adds the
 partials in shard-group order, which only reorders the sums of the one-process pass. With stored g'_t every worker writes its own rows' g'_t into the shared
-file (on several nodes ``output_dir`` must be shared storage).
+file (on several nodes ``output_dir`` must be shared storage). With a progress bar each worker reports its
+row blocks as a pass goes (``lorif_ray.distributed.progress``); a pass Ray retries on a restarted worker
+counts from 0 again.
 
 Example (needs a running Ray, e.g. ``ray.init(num_cpus=2)``):
     >>> run_curvature(cfg, partial(RayGram, num_workers=2))   # the same file as run_curvature(cfg)
@@ -13,11 +15,12 @@ Example (needs a running Ray, e.g. ``ray.init(num_cpus=2)``):
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from lorif_ray.config import Config
+from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import ConfigError
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision
@@ -84,15 +87,25 @@ class GramWorker:
         return self.current[1]
 
     def run(self, layers: Sequence[str], applies: dict | None = None, grams: dict | None = None,
-            eigens: dict | None = None) -> dict:
+            eigens: dict | None = None, progress=None) -> dict:
         """{layer: Σ_s G_sᵀ (G_s Q)}, {layer: Σ_s G_sᵀ G_s} and EK-FAC's {layer: Σ_s Λ*_s} of this group's rows,
-        by one pass, on the CPU."""
-        return {n: t.cpu() for n, t in self._gram(layers)(applies, grams, eigens).items()}
+        by one pass, on the CPU; ``progress`` (a ``Reporter``, or None) gets each row block's size."""
+        gram = self._gram(layers)
+        gram.on_rows = progress
+        try:
+            return {n: t.cpu() for n, t in gram(applies, grams, eigens).items()}
+        finally:
+            gram.on_rows = None
 
-    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str) -> int:
+    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str, progress=None) -> int:
         """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns the row count."""
         vectors = {n: v.to(self.precision.math) for n, v in vectors.items()}
-        return self._gram(layers).write_coordinates(vectors, paths, dtype)
+        gram = self._gram(layers)
+        gram.on_rows = progress
+        try:
+            return gram.write_coordinates(vectors, paths, dtype)
+        finally:
+            gram.on_rows = None
 
     def passes(self) -> int:
         """Passes over the current group's rows so far (reads of its shards when streamed)."""
@@ -100,28 +113,42 @@ class GramWorker:
 
 
 class RemoteLayerGram:
-    """A group of layers' Gram pass summed over the workers (what ``fit_layers`` calls)."""
+    """A group of layers' Gram pass summed over the workers (what ``fit_layers`` calls).
 
-    def __init__(self, workers: Sequence, layers: list[str], device):
+    Args:
+        rows: each worker's row count (its share of a pass, for the bar).
+        on_rows: the bar's ``update`` (the workers report row blocks, the driver polls while it waits), or None.
+    """
+
+    def __init__(self, workers: Sequence, layers: list[str], device, rows: Sequence[int] = (), on_rows=None):
         self.workers, self.layers, self.device = workers, layers, device
+        self.worker_rows = list(rows) or [0] * len(workers)
+        self.progress = ActorProgress(on_rows)
+
+    def _pass(self, call) -> Iterator:
+        """Each worker's result of ``call(worker, reporter)``, in shard-group order, one at a time in the driver."""
+        refs = [call(worker, self.progress.start(i, self.worker_rows[i])) for i, worker in enumerate(self.workers)]
+        return self.progress.results(refs, range(len(refs)))
 
     def __call__(self, applies: dict | None = None, grams: dict | None = None, eigens: dict | None = None) -> dict:
         import ray
 
         applies_ref = ray.put({n: q.cpu() for n, q in (applies or {}).items()})
         eigens_ref = ray.put({n: (a.cpu(), s.cpu()) for n, (a, s) in (eigens or {}).items()})
-        refs = [w.run.remote(self.layers, applies_ref, grams or {}, eigens_ref) for w in self.workers]
-        total = {name: t.clone() for name, t in ray.get(refs[0]).items()}  # Ray's buffers may be read-only
-        for ref in refs[1:]:  # in shard-group order (deterministic sums), one partial in the driver at a time
-            for name, part in ray.get(ref).items():
-                total[name] += part
+        parts = self._pass(lambda w, reporter: w.run.remote(self.layers, applies_ref, grams or {}, eigens_ref,
+                                                            reporter))
+        total = {name: t.clone() for name, t in next(parts).items()}  # Ray's buffers may be read-only
+        for part in parts:  # in shard-group order (deterministic sums), one partial in the driver at a time
+            for name, value in part.items():
+                total[name] += value
         return {name: t.to(self.device) for name, t in total.items()}
 
     def write_coordinates(self, vectors: dict, paths: dict, dtype: str) -> int:
         import ray
 
         vectors_ref = ray.put({n: v.cpu() for n, v in vectors.items()})
-        return sum(ray.get([w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype) for w in self.workers]))
+        return sum(self._pass(lambda w, reporter: w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype,
+                                                                             reporter)))
 
 
 class RayGram:
@@ -132,11 +159,14 @@ class RayGram:
         import ray
 
         remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(GramWorker)
-        self.workers = [remote.remote(cfg, group) for group in shard_groups(manifest, num_workers)]
+        groups = shard_groups(manifest, num_workers)
+        self.workers = [remote.remote(cfg, group) for group in groups]
+        self.rows = [stop - start for start, stop in (manifest.row_range(group) for group in groups)]
         self.device = device
 
-    def layers(self, specs) -> RemoteLayerGram:
-        return RemoteLayerGram(self.workers, [s.name for s in specs], self.device)
+    def layers(self, specs, on_rows=None) -> RemoteLayerGram:
+        """The workers' pass over these layers' rows; ``on_rows`` gets the row blocks they report, every pass."""
+        return RemoteLayerGram(self.workers, [s.name for s in specs], self.device, self.rows, on_rows)
 
     def close(self) -> None:
         import ray

@@ -20,6 +20,10 @@ record is committed, so a crash loses at most uncommitted work and a re-run skip
 (their rows are never read). If an actor dies, its shards go back in the queue and a replacement
 takes its place (same placement-group bundle); actors that Ray can restart retry their in-flight
 calls themselves.
+
+The bar counts examples as the gradient actors featurize them, batch by batch (``ActorProgress``: each
+shard in flight reports to a small board actor, the driver polls it while it waits); a requeued shard's
+examples leave the bar until they are featurized again, and the final count is the committed rows.
 """
 
 from __future__ import annotations
@@ -32,15 +36,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
 from lorif_ray.data import InputPlan, InputShard, plan_input
+from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows
+from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (
     announce,
@@ -128,30 +133,34 @@ class GradientWorker:
         return {"kind": f.kind, "columns": f.columns,
                 "meta": index_meta(self.cfg, f, self.identity, data_sha256, num_examples)}
 
-    def featurize_input(self, shard: int, rows: InputShard, fused: bool) -> tuple[dict, tuple | None]:
+    def featurize_input(self, shard: int, rows: InputShard, fused: bool, progress=None) -> tuple[dict, tuple | None]:
         """``featurize`` of one shard of the training input, read and tokenized here from its rows; rank 0
         writes the shard's K-FAC statistics (before the driver can commit the shard)."""
-        out = self.featurize(shard, tokenized_shard(rows, self.tokenizer, self.cfg.data.max_length), fused)
+        chunk = tokenized_shard(rows, self.tokenizer, self.cfg.data.max_length)
+        out = self.featurize(shard, chunk, fused, progress=progress)
         if self.rank == 0 and self.shard_stats is not None:
             write_shard_stats(self.cfg.index_path, shard, self.shard_stats)
         return out
 
-    def featurize(self, shard: int, chunk: list, fused: bool, measurement: str = "loss") -> tuple[dict, tuple | None]:
+    def featurize(self, shard: int, chunk: list, fused: bool, measurement: str = "loss",
+                  progress=None) -> tuple[dict, tuple | None]:
         """One shard → (status, payload); payload is ("columns", ids, {column: (n, width)}) or, not
         fused, ("captured", [(batch ids, {layer: (A, B)})]) for the pool to factorize; None on
         tensor-parallel ranks other than 0. ``measurement`` (``query.measurement``, for queries; training
-        shards keep "loss") applies to this call only, so a restarted actor needs no state."""
+        shards keep "loss") applies to this call only, so a restarted actor needs no state. ``progress``
+        (a ``Reporter``, or None) gets each batch's example count."""
         start = time.perf_counter()
         batch_size, kind = self.cfg.data.batch_size, self.featurizer.kind
         previous, self.featurizer.measurement = self.featurizer.measurement, measurement
         try:
             if fused or kind == "hidden":
                 if self.tp_size == 1 or kind == "hidden":
-                    payload = ("columns", *featurize_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+                    payload = ("columns", *featurize_chunk(self.featurizer, chunk, batch_size, self.pad_token_id,
+                                                           progress))
                 else:
-                    payload = self._featurize_tensor_parallel(chunk)
+                    payload = self._featurize_tensor_parallel(chunk, progress)
             else:
-                payload = ("captured", capture_chunk(self.featurizer, chunk, batch_size, self.pad_token_id))
+                payload = ("captured", capture_chunk(self.featurizer, chunk, batch_size, self.pad_token_id, progress))
         finally:
             self.featurizer.measurement = previous
             statistics = self.featurizer.statistics
@@ -160,12 +169,12 @@ class GradientWorker:
                   "seconds": time.perf_counter() - start}
         return status, payload if self.rank == 0 else None
 
-    def _featurize_tensor_parallel(self, chunk: list) -> tuple | None:
+    def _featurize_tensor_parallel(self, chunk: list, progress=None) -> tuple | None:
         """Each rank factorizes its layers of the (identical) captured blocks; rank 0 gathers."""
         from lorif_ray.model.tensor_parallel import gather_columns
 
         ids, columns = featurize_chunk(_RankShare(self.featurizer, self.my_maker), chunk, self.cfg.data.batch_size,
-                                       self.pad_token_id)
+                                       self.pad_token_id, progress)
         columns = gather_columns(columns, self.sharded.group)
         return None if columns is None else ("columns", ids, columns)
 
@@ -288,11 +297,12 @@ class IndexPipeline:
     def writer_actors(self) -> list:
         return [s.actor for s in self.writer_slots]
 
-    def featurize(self, slot: _Slot, shard: int, rows: InputShard) -> tuple:
+    def featurize(self, slot: _Slot, shard: int, rows: InputShard, progress=None) -> tuple:
         """Send shard ``shard``'s row range to every rank of a replica (each reads the same rows): (rank 0's
-        status, its payload, all statuses)."""
-        calls = [rank.featurize_input.options(num_returns=2).remote(shard, rows, self.cfg.cluster.fused)
-                 for rank in slot.actors]
+        status, its payload, all statuses); rank 0 reports its batches to ``progress`` (a ``Reporter``)."""
+        calls = [rank.featurize_input.options(num_returns=2).remote(shard, rows, self.cfg.cluster.fused,
+                                                                     progress if i == 0 else None)
+                 for i, rank in enumerate(slot.actors)]
         return calls[0][0], calls[0][1], [status for status, _ in calls]
 
     def replace(self, slot: _Slot, error: Exception) -> None:
@@ -351,9 +361,13 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         todo = shards_left(plan, writer)
         skipped = len(plan.ranges) - len(todo)
         start = time.perf_counter()
-        with tqdm(total=plan.num_rows, unit="ex", desc="stage 1: index (ray)", disable=not cfg.progress) as bar:
+        with progress_bar(plan.num_rows, "stage 1: index (ray)", "ex", cfg.progress) as bar:
             bar.update(plan.num_rows - sum(plan.ranges[i].rows for i in todo))
-            computed = _schedule(cfg, pipeline, writer, plan, todo, bar, on_commit)
+            progress = ActorProgress(bar.update if cfg.progress else None)
+            try:
+                computed = _schedule(cfg, pipeline, writer, plan, todo, progress, on_commit)
+            finally:
+                progress.close()
         return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=skipped,
                             seconds=time.perf_counter() - start, gradient_actors=len(pipeline.gradient_slots),
                             writer_actors=len(pipeline.writer_slots), fused=cfg.cluster.fused,
@@ -378,9 +392,10 @@ def _plan_in_a_task(train_path, shard_size: int) -> InputPlan:
         raise error.as_instanceof_cause() from None
 
 
-def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: InputPlan, todo: list[int], bar,
-              on_commit) -> int:
-    """The driver loop: hand out shards, route payloads to the pool, commit records. Returns rows computed."""
+def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: InputPlan, todo: list[int],
+              progress: ActorProgress, on_commit) -> int:
+    """The driver loop: hand out shards, route payloads to the pool, commit records. Returns rows computed.
+    ``progress`` follows each shard from its hand-out (batches reported by the actor) to its featurized rows."""
     import ray
     from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
@@ -402,22 +417,31 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: I
         for slot in pipeline.gradient_slots:
             while pending and len(slot.inflight) < cluster.inflight_per_actor and waiting_payloads < payload_budget:
                 shard = pending.popleft()
-                status, payload, statuses = pipeline.featurize(slot, shard, plan.shard(shard))
+                reporter = progress.start(shard, plan.ranges[shard].rows)
+                status, payload, statuses = pipeline.featurize(slot, shard, plan.shard(shard), reporter)
                 slot.inflight.add(status)
                 featurizing[status] = (slot, shard, payload, statuses)
                 waiting_payloads += 1
-        (ready,), _ = ray.wait(list(featurizing) + list(writing), num_returns=1)
+        done, _ = ray.wait(list(featurizing) + list(writing), num_returns=1, timeout=progress.wait_s)
+        progress.poll()
+        if not done:
+            continue
+        (ready,) = done
         if ready in featurizing:
             slot, shard, payload, statuses = featurizing.pop(ready)
             slot.inflight.discard(ready)
             try:
                 ray.get(statuses)  # every rank of the replica finished the shard
             except RayActorError as error:  # an actor died for good: redo its shards elsewhere
-                pending.extendleft(entry[1] for entry in _drop(featurizing, slot) + [(slot, shard)])
+                lost = [entry[1] for entry in _drop(featurizing, slot) + [(slot, shard)]]
+                for unit in lost:
+                    progress.drop(unit)
+                pending.extendleft(lost)
                 pipeline.replace(slot, error)
                 continue
             except RayTaskError as error:
                 raise error.as_instanceof_cause() from None  # e.g. NaN gradients, named by example
+            progress.finish(shard)  # featurized: its rows count, exactly (a lost payload drops them again)
             to_write.append((shard, payload))
         else:
             slot, shard, payload = writing.pop(ready)
@@ -429,6 +453,7 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: I
                 pipeline.replace(slot, error)
                 continue
             except ObjectLostError:  # the payload died with its gradient actor's node: featurize again
+                progress.retract(plan.ranges[shard].rows)
                 pending.appendleft(shard)
                 continue
             except RayTaskError as error:
@@ -436,7 +461,6 @@ def _schedule(cfg: Config, pipeline: IndexPipeline, writer: ShardWriter, plan: I
             writer.commit(record)
             fold_now_and_then(writer.directory, writer.is_done)
             computed += record.rows
-            bar.update(record.rows)
             if on_commit:
                 on_commit(record, pipeline)
     return computed

@@ -11,8 +11,10 @@ import torch
 
 from lorif_ray.config import Config
 from lorif_ray.distributed.index_pipeline import IndexPipeline
+from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer
+from lorif_ray.progress import progress_bar
 from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import QueryRows, query_examples
 
@@ -42,7 +44,7 @@ class RemoteQueryFeaturizer:
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]
-        self.per_token = cfg.query.per_token
+        self.per_token, self.progress = cfg.query.per_token, cfg.progress
         one_replica = replace(cfg, cluster=replace(cfg.cluster, gradient_actors=1, fused=True))
         self.pipeline = IndexPipeline(one_replica, str(model_path))
         try:
@@ -56,16 +58,21 @@ class RemoteQueryFeaturizer:
             raise
 
     def __call__(self, queries_path: Path) -> QueryRows:
-        """The featurized queries of a file (``query.per_token``: and their tokens)."""
+        """The featurized queries of a file (``query.per_token``: and their tokens); rank 0 reports each batch."""
         import ray
 
         queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
-        # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
-        calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement)
-                 for rank in self.pipeline.gradient_slots[0].actors]
-        payload, statuses = calls[0][1], [status for status, _ in calls]
-        ray.get(statuses)
+        with progress_bar(len(queries), "stage 3: query gradients (ray)", "query", self.progress) as bar:
+            progress = ActorProgress(bar.update if self.progress else None)
+            reporter = progress.start("queries", len(queries))
+            # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
+            calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement,
+                                                                  reporter if i == 0 else None)
+                     for i, rank in enumerate(self.pipeline.gradient_slots[0].actors)]
+            payload, statuses = calls[0][1], [status for status, _ in calls]
+            list(progress.results(statuses[:1], ["queries"]))
+            ray.get(statuses)
         _, ids, columns = ray.get(payload)
         return QueryRows(ids[:len(ids) - len(tokens)], {k: v.float().cpu() for k, v in columns.items()},
                          time.perf_counter() - start, tokens)

@@ -8,6 +8,9 @@ Each worker returns its top-k per query with *global* row indices and writes its
 score matrix straight into the shared ``scores.npy``; the driver only merges top-k. The service stays
 alive across query batches (``serve``).
 
+The driver's bars move as the actors report each batch of query gradients and each block of scored rows
+(``lorif_ray.distributed.progress``).
+
 No worker holds all of V_r unless a batch needs it: each holds V_r of a share of the layers (balanced
 by D·r) and a batch whose route is "stored" or "query" (``choose_route``, decided by the driver) takes
 two scatter-gathers, one in which every worker projects the queries for its layers (g'_q, and h_q for
@@ -32,12 +35,14 @@ import torch
 
 from lorif_ray.config import Config
 from lorif_ray.distributed.curvature import DEFAULT_ACTOR_OPTIONS, shard_groups
+from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.errors import LorifError
 from lorif_ray.math.scoring import ScoreLayout
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
+from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import (OutputFiles, QueryBackend, TopK, answer, open_query, prepare_query,
@@ -60,6 +65,7 @@ class QueryWorker:
         shards: the consecutive shard indices this worker owns (rows keep their global index).
         projection_layers: the low-rank layers whose V_r this worker holds to project queries.
         stored: score against the stored g'_t of its rows.
+        progress: a ``Reporter`` (or None) given the row count of each block of rows it loads.
 
     Example:
         >>> worker = QueryWorker(cfg, [0, 1])
@@ -68,7 +74,7 @@ class QueryWorker:
     """
 
     def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] = (),
-                 stored: bool = False):
+                 stored: bool = False, progress=None):
         self.cfg, self.shards = cfg, list(shards)
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
@@ -82,7 +88,8 @@ class QueryWorker:
             stored_rows = StoredCoordinates(cfg)
             coordinates = lambda start, stop: stored_rows.rows(start, stop, dtype=self.precision.math)  # noqa: E731
         self.index = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
-                                              dtype=self.precision.math, coordinates=coordinates, shards=self.shards)
+                                              dtype=self.precision.math, coordinates=coordinates, shards=self.shards,
+                                              on_rows=progress)
         self.loads, self.all_vectors = 1, False
 
     def info(self) -> dict:
@@ -104,13 +111,14 @@ class QueryWorker:
         return {"coordinates": {n: c.cpu() for n, c in coordinates.items()},
                 "terms": {n: t.cpu() for n, t in terms.items()}}
 
-    def score(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, payload: dict, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of one query batch against this worker's rows.
 
         Args:
             payload: {"columns": query columns {column: (nq, width)}, "route": ``choose_route``'s choice,
                 "coordinates": {layer: g'_q} and "terms": {layer: h_q} (routes "stored" / "query"),
                 "k": top-k, "files": the shared ``OutputFiles`` to write this worker's columns of, or None}.
+            progress: a ``Reporter`` (or None) given each scored block's row count.
 
         Returns:
             (scores (nq, k'), global row indices (nq, k')) on the CPU, with k' = min(k, rows).
@@ -125,7 +133,7 @@ class QueryWorker:
                                  query_coordinates=payload.get("coordinates") if route != "recompute" else None,
                                  query_side_terms=payload.get("terms") if route == "query" else None)
         topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.index.ids)), self.device)
-        score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, payload.get("files"))
+        score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, payload.get("files"), progress)
         return topk.scores.cpu(), topk.index.cpu()
 
 
@@ -154,19 +162,23 @@ class QueryService:
         self.cfg = cfg
         self.manifest = open_index(cfg.index_path)
         self.groups = shard_groups(self.manifest, num_workers)
+        self.rows = [stop - start for start, stop in (self.manifest.row_range(group) for group in self.groups)]
         self.ranks = ranks(curvature_header(cfg.curvature_path))
         self.stored = stored
         dims = {s.name: s.dim for s in layer_specs(self.manifest)}
         self.projection_layers = divide_layers({n: dims[n] * r for n, r in self.ranks.items()}, len(self.groups))
         remote = ray.remote(**(actor_options or DEFAULT_ACTOR_OPTIONS))(QueryWorker)
-        self.workers = [remote.remote(cfg, group, share, stored)
-                        for group, share in zip(self.groups, self.projection_layers)]
-        self.info = {"workers": len(self.workers)}
-        try:  # surface a constructor's error (e.g. a stale curvature file) here, named
-            self.stats()
-        except ray.exceptions.RayActorError as error:
-            self.close()
-            raise LorifError(f"a query actor failed to start: {error}") from error
+        self.info = {"workers": len(self.groups)}
+        with progress_bar(self.manifest.num_rows, "stage 3: load rows (ray)", "ex", cfg.progress) as bar:
+            progress = ActorProgress(bar.update if cfg.progress else None)
+            self.workers = [remote.remote(cfg, group, share, stored, progress.start(i, self.rows[i]))
+                            for i, (group, share) in enumerate(zip(self.groups, self.projection_layers))]
+            try:  # surface a constructor's error (e.g. a stale curvature file) here, named
+                progress.wait([w.info.remote() for w in self.workers], range(len(self.workers)))
+                self.stats()
+            except ray.exceptions.RayActorError as error:
+                self.close()
+                raise LorifError(f"a query actor failed to start: {error}") from error
 
     def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +194,11 @@ class QueryService:
             for key in ("coordinates", "terms"):
                 payload[key] = {name: t for part in parts for name, t in part[key].items()}
         payload = ray.put(payload)
-        return merge_topk(ray.get([w.score.remote(payload) for w in self.workers]), k)
+        with progress_bar(self.manifest.num_rows, "stage 3: score (ray)", "ex", self.cfg.progress) as bar:
+            progress = ActorProgress(bar.update if self.cfg.progress else None)
+            refs = [w.score.remote(payload, progress.start(i, self.rows[i])) for i, w in enumerate(self.workers)]
+            progress.wait(refs, range(len(refs)))
+        return merge_topk(ray.get(refs), k)
 
     def stats(self) -> list[dict]:
         """Each worker's ``info()``: shards, rows, load count, pid, device, layers whose V_r it holds."""

@@ -1,10 +1,11 @@
 """Training the embedded default model: a small GPT-2 that memorizes the facts corpus on CPU.
 
 `make demo` with no arguments attributes queries of this model, so it needs no download. The first
-call trains it (about 10 s on two cores) and caches it under a directory named by the recipe's
-digest; later calls return the cached model at once.
+call trains it (about 10 s on two idle cores) and caches it under a directory named by the recipe's
+digest, in the user's cache (``Config.embedded_cache_path``: ``~/.cache/lorif-ray/embedded``, whatever
+the current folder); later calls return the cached model at once.
 
-    >>> assets = ensure_embedded(Path(".cache/embedded"))  # doctest: +SKIP
+    >>> assets = ensure_embedded(Config().embedded_cache_path)  # doctest: +SKIP
     >>> assets.metrics["query_accuracy"]  # doctest: +SKIP
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorif_ray.data import IGNORE_INDEX, Example, iter_batches, load_examples, tokenize_examples
 from lorif_ray.embedded.facts import build_facts_corpus, write_corpus
 from lorif_ray.embedded.tokenizer import build_tokenizer
 from lorif_ray.errors import ConfigError
+from lorif_ray.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,6 +118,8 @@ def ensure_embedded(
     digest = recipe.digest()
     entry = Path(cache_dir) / digest
     if not (entry / "DONE").exists():
+        log.info("the embedded model is not cached yet: training it once (%d steps); it is kept in %s",
+                 recipe.steps, entry)
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=entry.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; the entry is an ordinary shared cache.
@@ -204,7 +210,7 @@ def _train(
     )
     generator = torch.Generator().manual_seed(recipe.seed)
     model.train()
-    bar = tqdm(total=recipe.steps, desc="training embedded model", disable=not progress)
+    bar = progress_bar(recipe.steps, "training the embedded model (once)", "step", progress)
     step = 0
     while step < recipe.steps:
         order = torch.randperm(len(tokenized), generator=generator).tolist()

@@ -95,6 +95,12 @@ class Curvature:
         raise NotImplementedError
 
     @classmethod
+    def row_passes(cls, dim: int, settings: FitSettings) -> int:
+        """How many passes over the rows ``steps`` asks for (known before fitting, for the progress bar): one
+        (GᵀG or EK-FAC's eigenvalues) when it reads rows, else none; Woodbury's randomized SVD more."""
+        return int(cls.reads_rows)
+
+    @classmethod
     def fit(cls, gram: GramOperatorLike | None, dim: int, name: str, settings: FitSettings,
             stats: KroneckerStats | None = None) -> "Curvature":
         """The curvature of layer ``name`` (D = ``dim``) from its Gram operator (and statistics, K-FAC/EK-FAC)."""
@@ -233,10 +239,19 @@ class Woodbury(Curvature):
     vectors: torch.Tensor | None = None
     kind: ClassVar[str] = "woodbury"
 
+    @staticmethod
+    def _whole_spectrum(dim: int, settings: FitSettings) -> bool:
+        """Whether r + p reaches D: the whole spectrum (one GᵀG pass) is then as cheap as a sketch of it."""
+        return min(settings.rank, dim) + settings.oversample >= dim
+
+    @classmethod
+    def row_passes(cls, dim, settings) -> int:
+        return 1 if cls._whole_spectrum(dim, settings) else settings.power_iters + 1
+
     @classmethod
     def steps(cls, dim, name, settings):
         rank = min(settings.rank, dim)
-        if rank + settings.oversample >= dim:  # the whole spectrum is as cheap as a sketch of it
+        if cls._whole_spectrum(dim, settings):
             spectrum = eigh_spectrum((yield ("gram", torch.float64)), rank, settings.oversample)
         else:
             spectrum = yield from randomized_steps(dim, rank, oversample=settings.oversample,

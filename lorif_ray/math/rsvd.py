@@ -57,6 +57,12 @@ def _dense(rows: Rows) -> torch.Tensor:
     return rows.dense() if isinstance(rows, GradientBlock) else rows
 
 
+def _batch_rows(batch: dict[str, Rows]) -> int:
+    """The number of examples in a batch {layer: rows} (every layer's rows are the same examples)."""
+    first = next(iter(batch.values()), None)
+    return 0 if first is None else len(first) if isinstance(first, GradientBlock) else first.shape[0]
+
+
 def _slice(rows: Rows, start: int, stop: int) -> Rows:
     if not isinstance(rows, GradientBlock):
         return rows[start:stop]
@@ -94,6 +100,9 @@ class GramPass:
         matmul_dtype: dtype of the GEMMs' inputs for GᵀG Q (e.g. bfloat16 on a GPU; None = Q's dtype);
             results accumulate in Q's dtype.
 
+    Attributes:
+        on_rows: called with each batch's row count as a pass goes (a progress bar's ``update``), or None.
+
     Example:
         >>> gram = GramPass(TensorRows({"a": ga, "b": gb}))
         >>> out = gram(applies={"a": qa}, grams={"b": torch.float64})   # one pass: GaᵀGa qa and GbᵀGb
@@ -102,6 +111,7 @@ class GramPass:
     def __init__(self, rows: RowSource, matmul_dtype: torch.dtype | None = None):
         self.rows, self.matmul_dtype = rows, matmul_dtype
         self.device = rows.device
+        self.on_rows: Callable[[int], None] | None = None
 
     def __call__(self, applies: dict[str, torch.Tensor] | None = None,
                  grams: dict[str, torch.dtype] | None = None,
@@ -126,6 +136,8 @@ class GramPass:
                 out[name] = part if out[name] is None else out[name].add_(part)
             for name, (basis_a, basis_s) in bases.items():
                 out[name] += eigenvalue_sums(batch[name], basis_a, basis_s)
+            if self.on_rows is not None:
+                self.on_rows(_batch_rows(batch))
         missing = [n for n in grams if out[n] is None]
         if missing:
             raise ValueError(f"the row source yielded no rows for {missing}")
@@ -138,6 +150,8 @@ class GramPass:
         for batch in self.rows.batches():
             for name, v in vectors.items():
                 parts[name].append(_dense(batch[name]).to(v.dtype) @ v)
+            if self.on_rows is not None:
+                self.on_rows(_batch_rows(batch))
         return {n: torch.cat(p) for n, p in parts.items()}
 
 

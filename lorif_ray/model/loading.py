@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorif_ray.config import user_cache_dir
 from lorif_ray.errors import ConfigError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
@@ -235,11 +236,9 @@ def checkpoint_sampler(path: str | Path, dtype: torch.dtype, base_prefix: str | 
 
 
 def weights_cache_path() -> Path:
-    """The small JSON file of cached checkpoint digests: ``$LORIF_RAY_CACHE_DIR`` or ``~/.cache/lorif-ray``."""
-    root = os.environ.get("LORIF_RAY_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorif-ray"
-    return Path(root) / "weights-sha256.json"
+    """The small JSON file of cached checkpoint digests, in ``user_cache_dir()`` (``$LORIF_RAY_CACHE_DIR`` or
+    ``~/.cache/lorif-ray``)."""
+    return user_cache_dir() / "weights-sha256.json"
 
 
 def _file_digests(files: list[Path], dtype: torch.dtype) -> dict[Path, dict[str, tuple[int, str]]]:

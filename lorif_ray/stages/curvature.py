@@ -14,6 +14,10 @@ With ``query.store_coordinates`` every low-rank layer's g'_t = V_rᵀ g_t is wri
 (``lorif_ray.stages.coordinates``), in ``precision.coordinates``, by one more pass per group. A curvature
 made with the same settings from the same index is reused; one interrupted part-way keeps its finished
 layers.
+
+The progress bar counts rows over every pass of every group, per row block (on Ray, as the Gram actors
+report them); its total is known up front, as each curvature says how many passes it asks for
+(``Curvature.row_passes``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import logging
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
 from lorif_ray.math.curvature import FitSettings, curvature_class, fit_layers
 from lorif_ray.math.rsvd import GramPass, RowSource
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
+from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, coordinates_match, write_rows
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
@@ -69,10 +73,13 @@ class LocalGram:
         self.cfg, self.manifest, self.precision, self.device = cfg, manifest, precision, device
         self.resident = resident
 
-    def layers(self, specs: list[LayerSpec]) -> LayerGram:
+    def layers(self, specs: list[LayerSpec], on_rows=None) -> LayerGram:
+        """The pass over these layers' rows; ``on_rows`` gets each row block's size, on every pass."""
         rows = layer_rows(self.cfg.index_path, self.manifest, specs, dtype=self.precision.math, device=self.device,
                           batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
-        return LayerGram(rows, self.precision.matmul)
+        gram = LayerGram(rows, self.precision.matmul)
+        gram.on_rows = on_rows
+        return gram
 
     def close(self) -> None:
         pass
@@ -122,6 +129,13 @@ def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
     return manifest, meta, reusable
 
 
+def group_passes(group: list[LayerSpec], cfg: Config, settings: FitSettings) -> int:
+    """Passes over a group's rows: the most any of its layers' fits asks for (they run in lockstep), and one
+    more to write g'_t."""
+    fit = max(curvature_class(cfg.curvature_kind).row_passes(s.dim, settings) for s in group)
+    return fit + int(stores_coordinates(cfg))
+
+
 def stores_coordinates(cfg: Config) -> bool:
     """Whether stage 2 writes g'_t: asked for, and the curvature has a low-rank term."""
     return cfg.query.store_coordinates and cfg.curvature_kind == "woodbury"
@@ -131,9 +145,12 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     """Fit and save the curvature of every layer at ``cfg.curvature_path``; returns the stage report.
 
     Args:
-        backend_class: ``(cfg, manifest, precision, device) →`` where the rows are: ``layers(specs)`` gives
-            a ``LayerGram``-like pass over those layers' rows, ``close()`` releases it; default
-            ``LocalGram`` (this process).
+        backend_class: ``(cfg, manifest, precision, device) →`` where the rows are: ``layers(specs, on_rows)``
+            gives a ``LayerGram``-like pass over those layers' rows (``on_rows``: the bar's ``update``, called
+            per row block of every pass, or None), ``close()`` releases it; default ``LocalGram`` (this process).
+
+    The bar counts rows over all passes of all groups (``group_passes``), or layers when the curvature reads
+    no rows (K-FAC, identity).
     """
     manifest, meta, reusable = prepare_curvature(cfg)
     if reusable:
@@ -157,11 +174,18 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
         stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], [s.name for s in todo])
     reads_rows = bool(todo) and curvature_class(kind).reads_rows
     backend = backend_class(cfg, manifest, precision, device) if reads_rows else None
+    groups = layer_groups(todo, cfg)
+    if reads_rows:
+        total, unit = sum(group_passes(g, cfg, settings) for g in groups) * manifest.num_rows, "row"
+    else:
+        total, unit = len(todo), "layer"
     start = time.perf_counter()
     try:
-        with tqdm(total=len(todo), desc="stage 2: curvature", unit="layer", disable=not cfg.progress) as bar:
-            for group in layer_groups(todo, cfg):
-                gram = backend.layers(group) if backend is not None else None
+        with progress_bar(total, "stage 2: curvature", unit, cfg.progress) as bar:
+            on_rows = bar.update if cfg.progress else None
+            for number, group in enumerate(groups, 1):
+                bar.set_postfix_str(f"layer group {number}/{len(groups)}", refresh=False)
+                gram = backend.layers(group, on_rows) if backend is not None else None
                 steps = {s.name: curvature_class(kind).steps(s.dim, s.name, settings) for s in group}
                 fitted = fit_layers(steps, gram, stats)
                 for name, curvature in fitted.items():
@@ -173,7 +197,8 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
                     for name in fitted:
                         coordinates.commit(name)
                 del gram, fitted
-                bar.update(len(group))
+                if not reads_rows:
+                    bar.update(len(group))
     finally:
         if backend is not None:
             backend.close()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
 from lorif_ray.data import InputPlan, TokenizedExample, plan_input
@@ -27,6 +26,7 @@ from lorif_ray.errors import ConfigError
 from lorif_ray.math.capture import check_finite_all
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.loading import check_context_length, load_model, model_identity
+from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import TokenizedShards, require, resolve_inputs
 from lorif_ray.stages.kronecker_stats import fold_now_and_then, fold_stats, write_shard_stats
@@ -154,7 +154,8 @@ def shard_chunks(examples: list, shard_size: int) -> list[list]:
 
 def featurize_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int, pad_token_id: int,
                     on_batch: Callable[[int], None] | None = None) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """One shard's ids and store columns {column: (n, width)} on the CPU (fused capture + factorization).
+    """One shard's ids and store columns {column: (n, width)} on the CPU (fused capture + factorization);
+    ``on_batch`` gets each batch's example count (a progress bar's ``update``).
 
     The host waits for the device once per shard, not per batch: the batches' columns stay on the
     device and their NaN/Inf checks run together at the end (errors name the same layer and examples).
@@ -171,13 +172,17 @@ def featurize_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch
     return ids, {k: torch.cat([p[k] for p in parts]).cpu() for k in featurizer.columns}
 
 
-def capture_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int,
-                  pad_token_id: int) -> list[tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
-    """One shard's captured (A, B) pairs per batch, on the CPU (for a separate factorization step)."""
+def capture_chunk(featurizer: Featurizer, chunk: list[TokenizedExample], batch_size: int, pad_token_id: int,
+                  on_batch: Callable[[int], None] | None = None
+                  ) -> list[tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """One shard's captured (A, B) pairs per batch, on the CPU (for a separate factorization step);
+    ``on_batch`` gets each batch's example count."""
     out = []
     for batch_ids, batch in token_batches(chunk, batch_size, pad_token_id):
         captured = featurizer.capture(batch_ids, batch)
         out.append((batch_ids, {k: (a.detach().cpu(), b.detach().cpu()) for k, (a, b) in captured.items()}))
+        if on_batch:
+            on_batch(len(batch_ids))
     return out
 
 
@@ -214,7 +219,7 @@ def run_index(cfg: Config) -> dict:
     announce(cfg, plan.num_rows, featurizer.columns, featurizer.kind)
     todo = shards_left(plan, writer)
     start = time.perf_counter()
-    with tqdm(total=plan.num_rows, unit="ex", desc="stage 1: index", disable=not cfg.progress) as bar:
+    with progress_bar(plan.num_rows, "stage 1: index", "ex", cfg.progress) as bar:
         bar.update(plan.num_rows - sum(plan.ranges[shard].rows for shard in todo))
         computed = write_shards(featurizer, writer, TokenizedShards(plan, todo, tokenizer, cfg.data.max_length),
                                 cfg.data.batch_size, tokenizer.pad_token_id, bar.update)

@@ -26,7 +26,7 @@ def resolve_inputs(cfg: Config) -> Inputs:
     if cfg.model.path is None:
         from lorif_ray.embedded import ensure_embedded
 
-        assets = ensure_embedded(Path(cfg.embedded_cache), progress=cfg.progress)
+        assets = ensure_embedded(cfg.embedded_cache_path, progress=cfg.progress)
         return Inputs(Path(assets.model_dir), Path(cfg.data.train or assets.train_path),
                       Path(cfg.data.queries or assets.queries_path))
     return Inputs(Path(cfg.model.path), _opt(cfg.data.train), _opt(cfg.data.queries))

@@ -26,7 +26,6 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
 from lorif_ray.data import IGNORE_INDEX, TokenizedExample
@@ -35,6 +34,7 @@ from lorif_ray.errors import ConfigError
 from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
+from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_dir, coordinates_match
 from lorif_ray.stages.index import build_featurizer, quiet_transformers
 from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_inputs, tokenized
@@ -197,14 +197,17 @@ class QueryFeaturizer:
                                            layer_names=[s.name for s in layer_specs(manifest)])
         self.featurizer.measurement = measurement or cfg.query.measurement
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
-        self.per_token = cfg.query.per_token
+        self.per_token, self.progress = cfg.query.per_token, cfg.progress
 
     def __call__(self, queries_path: Path) -> QueryRows:
-        """The featurized queries of a file (``query.per_token``: and their tokens)."""
+        """The featurized queries of a file (``query.per_token``: and their tokens); the bar moves per batch."""
         queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
-        parts = [self.featurizer(ids, batch)
-                 for ids, batch in token_batches(queries, self.batch_size, self.tokenizer.pad_token_id)]
+        parts = []
+        with progress_bar(len(queries), "stage 3: query gradients", "query", self.progress) as bar:
+            for ids, batch in token_batches(queries, self.batch_size, self.tokenizer.pad_token_id):
+                parts.append(self.featurizer(ids, batch))
+                bar.update(len(ids))
         columns = {k: torch.cat([p[k] for p in parts]).float().cpu() for k in parts[0]}
         return QueryRows([q.id for q in queries[:len(queries) - len(tokens)]], columns, time.perf_counter() - start,
                          tokens)
@@ -238,8 +241,10 @@ class LocalScorer:
         self.info: dict = {}
         if cfg.query.resident:
             start = time.perf_counter()
-            self.resident = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
-                                                     dtype=self.precision.math, coordinates=self._stored_rows())
+            with progress_bar(manifest.num_rows, "stage 3: load rows", "ex", cfg.progress) as bar:
+                self.resident = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
+                                                         dtype=self.precision.math, coordinates=self._stored_rows(),
+                                                         on_rows=bar.update)
             self.info = {"load_seconds": time.perf_counter() - start, "resident_bytes": self.resident.nbytes()}
 
     def _stored_rows(self):
@@ -261,7 +266,7 @@ class LocalScorer:
             blocks = streamed_blocks(self.cfg.index_path, self.manifest, self.layout, dtype=self.precision.math,
                                      device=self.device, batch_rows=self.cfg.query.train_batch_rows,
                                      coordinates=self._stored_rows() if route == "stored" else None)
-        with tqdm(total=num_train, unit="ex", desc="stage 3: score", disable=not self.cfg.progress) as bar:
+        with progress_bar(num_train, "stage 3: score", "ex", self.cfg.progress) as bar:
             score_blocks(query, blocks, topk, files, bar.update)
         return topk.scores, topk.index
 

@@ -167,12 +167,12 @@ class ResidentIndex:
     @classmethod
     def from_index(cls, index_path, manifest: Manifest, layout: ScoreLayout | None, *, device, dtype,
                    coordinates=None, batch_rows: int = 8192, shards: list[int] | None = None,
-                   pin: bool = True) -> "ResidentIndex":
+                   pin: bool = True, on_rows=None) -> "ResidentIndex":
         """Read the shards (all, or a consecutive run ``shards``) into the stacked layout on ``device``.
 
         ``layout`` None reads a "hidden" store (RepSim) as ``block.dense``; ``coordinates`` as in
         ``streamed_blocks``. Batches are staged in page-locked memory so host→device copies run
-        asynchronously on a GPU.
+        asynchronously on a GPU. ``on_rows`` gets each batch's row count (a progress bar's ``update``).
         """
         start, stop = manifest.row_range(shards) if shards is not None else (0, manifest.num_rows)
         n = stop - start
@@ -206,6 +206,8 @@ class ResidentIndex:
             if coords is not None:
                 coords[at:at + take].copy_(part.coordinates, non_blocking=pinned)
             ids.extend(batch_ids)
+            if on_rows is not None:
+                on_rows(take)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return cls(ids, TrainBlock(factors, dense, coords), start, dtype)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lorif_ray import Attributor
+from lorif_ray.config import Config
 from lorif_ray.embedded import ensure_embedded
 from lorif_ray.stages.summary import expected_sources, source_hits
 
@@ -31,7 +32,7 @@ def negative_margin(outputs, batch):
 
 
 def main(output_dir: str | None = None) -> dict[str, tuple[int, int]]:
-    assets = ensure_embedded(Path(".cache/embedded"), progress=False)
+    assets = ensure_embedded(Config().embedded_cache_path, progress=False)
     out = Path(output_dir or tempfile.mkdtemp(prefix="facts-measurement-"))
     attributor = Attributor(None, output_dir=out, f=4, c=1, r=64)
     attributor.index()

@@ -41,8 +41,9 @@ def test_the_readme_example_prints_proponent_texts(tiny_assets, tmp_path):
     assert "query 0" in printed and "query 1" in printed
 
 
-def test_api_scores_equal_the_cli_path(tiny_assets, tmp_path):
-    """Attributor and run_attribute (what jobs/attribute.py cluster=none runs) on the same config and files."""
+def test_api_scores_equal_the_cli_path(tiny_assets, tmp_path, recording_bars):
+    """Attributor and run_attribute (what jobs/attribute.py cluster=none runs) on the same config and files; the
+    API draws its bars by default (the config here has them off)."""
     from lorif_ray.stages.attribute import run_attribute
     from tests.stages.helpers import make_config
 
@@ -50,7 +51,7 @@ def test_api_scores_equal_the_cli_path(tiny_assets, tmp_path):
     run_attribute(cfg)
     attributor = Attributor(str(tiny_assets["model"]), output_dir=tmp_path / "api", r=16, max_length=32,
                             device="cpu", top_k=5)
-    assert attributor.config.to_dict() == {**cfg.to_dict(), "output_dir": str(tmp_path / "api"),
+    assert attributor.config.to_dict() == {**cfg.to_dict(), "output_dir": str(tmp_path / "api"), "progress": True,
                                            "data": {**cfg.to_dict()["data"], "train": None, "queries": None,
                                                     "batch_size": 8}}
     attributor.index(tiny_assets["train"])
@@ -64,6 +65,9 @@ def test_api_scores_equal_the_cli_path(tiny_assets, tmp_path):
     first = results.proponents("q0")
     assert [p["rank"] for p in first] == [1, 2, 3, 4, 5]
     assert first[0]["train_id"] == results.train_ids[int(np.argmax(cli[0]))]
+    for stage in ("stage 1: index", "stage 2: curvature", "stage 3: score"):
+        cli_bar, api_bar = recording_bars[stage]
+        assert not cli_bar.enabled and api_bar.enabled and api_bar.n == api_bar.total > 0, stage
 
 
 def test_in_memory_model_lists_and_measurements(tiny_assets, tmp_path):

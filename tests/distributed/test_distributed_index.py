@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,11 +131,18 @@ def _expected_ids(tiny_assets) -> list[str]:
 
 
 @pytest.mark.parametrize("which", ["gradient", "writer"])
-def test_an_actor_killed_mid_index_loses_and_duplicates_nothing(tiny_assets, baseline, ray_cluster, which):
+def test_an_actor_killed_mid_index_loses_and_duplicates_nothing(tiny_assets, baseline, ray_cluster, which,
+                                                                 recording_bars):
     """Kill an actor for good after the first committed shard: the driver requeues its work on a
-    replacement; every training id is in the store exactly once."""
-    cfg = _config(tiny_assets, baseline["root"], f"killed_{which}", inflight_per_actor=1)
-    killed = []
+    replacement; every training id is in the store exactly once. With progress (the gradient case) the actors
+    report every batch and the bar never counts a requeued shard twice: it ends at 48 and never shows more; without
+    (the writer case) nothing is reported."""
+    from lorif_ray.distributed.progress import progress_board
+
+    progress = which == "gradient"
+    cfg = replace(_config(tiny_assets, baseline["root"], f"killed_{which}", inflight_per_actor=1), progress=progress)
+    reports = lambda: ray_cluster.get(progress_board().received.remote())  # noqa: E731
+    before, killed = reports(), []
 
     def kill_first(record, pipeline):
         if not killed:
@@ -148,6 +156,12 @@ def test_an_actor_killed_mid_index_loses_and_duplicates_nothing(tiny_assets, bas
     assert sorted(ids) == sorted(_expected_ids(tiny_assets)) and len(ids) == len(set(ids)) == 48
     assert ids == _expected_ids(tiny_assets)  # in input order: shard i holds rows [10 i, 10 i + 10)
     _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
+    (bar,) = recording_bars["stage 1: index (ray)"]
+    if progress:
+        assert (bar.total, bar.n, bar.peak) == (48, 48, 48)
+        assert reports() - before >= 4 * 2 + 1  # a report per batch: 2 batches of 8 per shard of 10, 1 of the last 8
+    else:
+        assert not bar.enabled and reports() == before
 
 
 def test_ray_restarts_a_crashed_actor_and_retries_its_calls(tiny_assets, baseline, ray_cluster):
@@ -182,8 +196,6 @@ def test_a_pipeline_a_joined_cluster_cannot_place_fails_after_the_placement_time
                                                                                     ray_cluster):
     """A joined cluster may still be booting nodes, so it is waited for (cluster.placement_timeout_s), then
     refused in one line: what was asked, what the cluster has."""
-    from dataclasses import replace
-
     cfg = _config(tiny_assets, baseline["root"], "too_big", cpus_per_actor=3.0, placement_timeout_s=2.0)
     cfg = replace(cfg, cluster=replace(cfg.cluster, address="auto"))  # as under `ray job submit` (already connected)
     with pytest.raises(ConfigError, match=r"cannot place a model replica .*\(3 CPUs, 0 GPUs in 1 bundle.*within 2 s: "
@@ -195,8 +207,6 @@ def test_ray_pipeline_with_a_lora_adapter_equals_the_one_process_pipeline(tiny_a
                                                                            tmp_path):
     """model.adapter through gradient actors, Gram actors and query actors (the query gradients on a
     replica that attaches it too): the one-process index and top-k."""
-    from dataclasses import replace
-
     from transformers import AutoModelForCausalLM
 
     from tests.model.test_adapters import TARGETS, write_adapter
