@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from lorif_ray.config import Config
+from lorif_ray.data import Example
 from lorif_ray.distributed.index_pipeline import IndexPipeline
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer
@@ -55,11 +57,11 @@ class RemoteQueryFeaturizer:
             self.close()
             raise
 
-    def __call__(self, queries_path: Path) -> QueryRows:
-        """The featurized queries of a file (``query.per_token``: and their tokens)."""
+    def __call__(self, queries: Path | Sequence[Example]) -> QueryRows:
+        """The featurized queries of a file, or of examples in memory (``query.per_token``: and their tokens)."""
         import ray
 
-        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
+        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
         # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
         calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement)

@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.data import IGNORE_INDEX, TokenizedExample
+from lorif_ray.data import IGNORE_INDEX, Example, TokenizedExample, tokenize_examples
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
@@ -145,17 +145,21 @@ class QueryRows:
         return self.ids + [f"{query}@{position}" for query, position, _ in self.tokens]
 
 
-def query_examples(path: Path, tokenizer, max_length: int, per_token: bool
+def query_examples(source: Path | Sequence[Example], tokenizer, max_length: int, per_token: bool
                    ) -> tuple[list[TokenizedExample], list[tuple[str, int, str]]]:
-    """The tokenized queries of a file and, with ``per_token``, after them one copy of each query per target
-    token whose labels keep that token only (its loss alone), with (query id, position, token text) each.
+    """The tokenized queries of a file (or of examples already read, e.g. a request's) and, with ``per_token``,
+    after them one copy of each query per target token whose labels keep that token only (its loss alone),
+    with (query id, position, token text) each.
 
     Raises:
-        ConfigError: the file holds no queries.
+        ConfigError: the file holds no queries (or no examples are given).
     """
-    queries = tokenized(Path(path), tokenizer, max_length)
+    if isinstance(source, (str, Path)):
+        queries = tokenized(Path(source), tokenizer, max_length)
+    else:
+        queries = tokenize_examples(list(source), tokenizer, max_length)
     if not queries:
-        raise ConfigError(f"{path} holds no queries")
+        raise ConfigError(f"{source if isinstance(source, (str, Path)) else 'the request'} holds no queries")
     if not per_token:
         return queries, []
     rows, tokens = [], []
@@ -199,9 +203,9 @@ class QueryFeaturizer:
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
         self.per_token = cfg.query.per_token
 
-    def __call__(self, queries_path: Path) -> QueryRows:
-        """The featurized queries of a file (``query.per_token``: and their tokens)."""
-        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
+    def __call__(self, queries: Path | Sequence[Example]) -> QueryRows:
+        """The featurized queries of a file, or of examples in memory (``query.per_token``: and their tokens)."""
+        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
         parts = [self.featurizer(ids, batch)
                  for ids, batch in token_batches(queries, self.batch_size, self.tokenizer.pad_token_id)]
@@ -323,8 +327,7 @@ def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_p
     check_outputs(cfg, manifest)
     queries = backend.featurize(queries_path)
     row_ids = queries.row_ids
-    route = choose_route(len(row_ids), list(ranks(header).values()), stored=stored,
-                         train_self=cfg.query.normalize or cfg.query.self_influence)
+    route = query_route(cfg, header, stored, len(row_ids))
     start = time.perf_counter()
     layers = [layer["name"] for layer in manifest.meta["layers"]]
     with output_files(cfg, manifest, len(row_ids)) as files:
@@ -334,6 +337,12 @@ def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_p
         report = write_query_outputs(cfg, manifest, header, queries, scores, index, layers, files, **facts)
     return {**report, **backend.info, **facts, "query_gradient_seconds": queries.seconds,
             "score_seconds": time.perf_counter() - start}
+
+
+def query_route(cfg: Config, header: dict, stored: bool, num_rows: int) -> str:
+    """The curvature term's route for a batch of ``num_rows`` query rows (``choose_route``)."""
+    return choose_route(num_rows, list(ranks(header).values()), stored=stored,
+                        train_self=cfg.query.normalize or cfg.query.self_influence)
 
 
 def check_outputs(cfg: Config, manifest) -> None:
