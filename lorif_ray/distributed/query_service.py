@@ -23,10 +23,7 @@ Example (needs a running Ray):
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import replace
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -40,8 +37,7 @@ from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
 from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import (OutputFiles, QueryBackend, TopK, answer, open_query, prepare_query,
-                                    score_blocks)
+from lorif_ray.stages.query import OutputFiles, QueryBackend, TopK, prepare_query, score_blocks
 from lorif_ray.stages.rows import ResidentIndex
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import open_index
@@ -214,34 +210,3 @@ def ray_query(cfg: Config, manifest, stored: bool, *, num_workers: int, actor_op
         featurize.close()
         raise
 
-
-def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_options: dict | None = None
-          ) -> Iterator[dict]:
-    """Answer query files one after another with one long-lived backend (model and shards loaded once).
-
-    Batch n's outputs go to ``<output_dir>/serve/<n>-<file stem>/``. A bad query file yields an
-    error report and the service goes on.
-
-    Yields:
-        per batch {"batch", "queries", "topk_path", "queries_count", "route", "seconds", "shard_loads"} or
-        {"batch", "queries", "error"}.
-    """
-    cfg, manifest, header, stored = open_query(cfg)
-    backend = ray_query(cfg, manifest, stored, num_workers=num_workers, actor_options=actor_options)
-    try:
-        for batch, line in enumerate(q.strip() for q in query_files):
-            if not line:
-                continue
-            start = time.perf_counter()
-            out = replace(cfg, output_dir=str(Path(cfg.output_dir) / "serve" / f"{batch}-{Path(line).stem}"))
-            try:
-                report = answer(out, manifest, header, stored, backend, Path(line))
-            except Exception as error:  # a bad file must not end the service: report it, answer the next
-                yield {"batch": batch, "queries": line, "error": f"{type(error).__name__}: {error}"}
-                continue
-            yield {"batch": batch, "queries": line, "topk_path": report["topk_path"],
-                   "queries_count": report["queries"], "route": report["route"],
-                   "seconds": time.perf_counter() - start,
-                   "shard_loads": sum(s["loads"] for s in backend.scorer.stats())}
-    finally:
-        backend.close()

@@ -1,0 +1,63 @@
+"""The Ray Serve query service on a cluster it did not start (here the session's, as with cluster.address=auto):
+one replica that reserves no CPU, and nothing of it left once it stops."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+from lorif_ray.config import QueryConfig, ServeConfig
+from lorif_ray.distributed.serving import APP_NAME
+from lorif_ray.distributed.stages import run_service
+from tests.distributed.conftest import NUM_WORKERS
+from tests.jobs.test_ray_job_submit import _free_port
+
+
+def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body else None)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {}
+    except (ConnectionError, urllib.error.URLError):
+        return 0, {}
+
+
+def test_the_serve_app_is_one_cpu_free_replica_and_is_gone_after_the_service_stops(baseline, ray_cluster):
+    ray = ray_cluster
+    from ray import serve
+
+    port = _free_port()
+    cfg = baseline["config"]("serve_app", with_curvature=True, query=QueryConfig(top_k=3), serve=ServeConfig(port=port))
+    free_before = ray.available_resources().get("CPU", 0)
+    stop, failures = threading.Event(), []
+    thread = threading.Thread(target=lambda: _run(cfg, stop, failures), daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 180
+        while _get(f"http://127.0.0.1:{port}/health")[0] != 200:
+            assert time.time() < deadline and thread.is_alive(), failures
+            time.sleep(0.2)
+        status, body = _get(f"http://127.0.0.1:{port}/query", {"queries": [{"text": "the cat sat on a mat"}]})
+        assert status == 200 and len(body["results"][0]["proponents"]) == 3
+        app = serve.status().applications[APP_NAME]
+        assert {name: d.replica_states for name, d in app.deployments.items()} == {"QueryDeployment": {"RUNNING": 1}}
+        held = free_before - ray.available_resources().get("CPU", 0)
+        assert held == (NUM_WORKERS + 1) * cfg.cluster.cpus_per_actor  # query actors + the query-gradient replica
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not thread.is_alive() and not failures, failures
+    status = serve.status()
+    assert APP_NAME not in status.applications and not status.proxies  # the app deleted; Serve, which it started, too
+    assert _get(f"http://127.0.0.1:{port}/health")[0] == 0
+
+
+def _run(cfg, stop: threading.Event, failures: list) -> None:
+    try:
+        run_service(cfg, stop)
+    except BaseException as error:  # noqa: BLE001 - reported by the test
+        failures.append(error)
