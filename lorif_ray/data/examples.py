@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorif_ray.data.rows import BATCH_ROWS, RowRange, iter_rows
+from lorif_ray.data.rows import BATCH_ROWS, RowRange, iter_rows, rows_at
 from lorif_ray.errors import DataError
 
 # How many offending ids an error message lists before it only counts the rest.
@@ -142,6 +142,18 @@ def _checked_batch(path: str | Path, start: int, batch: list[dict[str, Any]], co
                         f"column; found {sorted(columns)}")
     schema = schema or _row_schema(path, start, batch[0])
     return schema, [_example(path, start + i, row, schema) for i, row in enumerate(batch)]
+
+
+def examples_at(path: str | Path, rows: list[RowRange], schema: str) -> list[Example]:
+    """The checked examples of single-row ranges ``rows`` (with their JSON Lines offsets), in the given order,
+    reading only those rows (``rows_at``); ``schema`` is the file's (one of ``SCHEMAS``).
+
+    Raises:
+        DataError: as ``iter_examples``.
+    """
+    path = Path(path)
+    values = rows_at(path, rows, columns=["id", "text", "prompt", "response", "messages"])
+    return [_example(path, row.start, value, schema) for row, value in zip(rows, values)]
 
 
 def check_unique_ids(path: str | Path, ids) -> None:

@@ -16,7 +16,7 @@ V_r, once; otherwise the whole curvature (253 GiB at 70B f=64 r=4096) is never i
 
 Example (needs a running Ray):
     >>> with QueryService(cfg, num_workers=2) as service:
-    ...     scores, index = service.score(query_columns, "query", k=10)   # workers load their shards once
+    ...     ends = service.score(query_columns, "query", k=10)   # workers load their shards once; ends.scores, .index
     ...     again = service.score(other_columns, "query", k=10)           # reuses the resident shards
 """
 
@@ -59,8 +59,8 @@ class QueryWorker:
 
     Example:
         >>> worker = QueryWorker(cfg, [0, 1])
-        >>> scores, rows = worker.score({"columns": query_columns, "k": 5, "route": "recompute"})
-        >>> scores.shape, rows.shape            # (nq, 5) each; rows are global row indices
+        >>> ends = worker.score({"columns": query_columns, "k": 5, "route": "recompute"})
+        >>> ends.index.shape, ends.low_index.shape   # (nq, 5) each: global rows of the top-k and the bottom-k
     """
 
     def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] = (),
@@ -100,8 +100,8 @@ class QueryWorker:
         return {"coordinates": {n: c.cpu() for n, c in coordinates.items()},
                 "terms": {n: t.cpu() for n, t in terms.items()}}
 
-    def score(self, payload: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of one query batch against this worker's rows.
+    def score(self, payload: dict) -> TopK:
+        """Top-k and bottom-k of one query batch against this worker's rows.
 
         Args:
             payload: {"columns": query columns {column: (nq, width)}, "route": ``choose_route``'s choice,
@@ -109,7 +109,7 @@ class QueryWorker:
                 "k": top-k, "files": the shared ``OutputFiles`` to write this worker's columns of, or None}.
 
         Returns:
-            (scores (nq, k'), global row indices (nq, k')) on the CPU, with k' = min(k, rows).
+            ``TopK`` on the CPU: both ends' scores and global row indices (nq, k'), with k' = min(k, rows).
         """
         columns = {k: v.to(device=self.device, dtype=self.precision.math) for k, v in payload["columns"].items()}
         route = payload.get("route", "recompute")
@@ -122,15 +122,15 @@ class QueryWorker:
                                  query_side_terms=payload.get("terms") if route == "query" else None)
         topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.index.ids)), self.device)
         score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, payload.get("files"))
-        return topk.scores.cpu(), topk.index.cpu()
+        return topk.cpu()
 
 
-def merge_topk(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge per-worker (scores (nq, k_w), global index (nq, k_w)) into the overall top-k."""
-    scores = torch.cat([s for s, _ in parts], dim=1)
-    index = torch.cat([i for _, i in parts], dim=1)
-    best = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    return best.values, torch.gather(index, 1, best.indices)
+def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
+    """Merge per-worker ends (of disjoint rows, global indices) into the overall top-k and bottom-k, exactly."""
+    merged = TopK(parts[0].scores.shape[0], k, "cpu")
+    for part in parts:
+        merged.merge(part)
+    return merged
 
 
 class QueryService:
@@ -165,9 +165,9 @@ class QueryService:
             raise LorifError(f"a query actor failed to start: {error}") from error
 
     def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores (nq, k), global row indices (nq, k)) of one query batch against every shard; the
-        workers write their columns of the asked-for ``files`` (files every node sees)."""
+              ) -> TopK:
+        """The top-k and bottom-k (``TopK``, (nq, k) each) of one query batch against every shard, in one pass;
+        the workers write their columns of the asked-for ``files`` (files every node sees)."""
         import ray
 
         columns = {c: v.cpu() for c, v in query_columns.items()}
