@@ -37,7 +37,7 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.data import Example, examples_of_rows, tokenize_examples
 from lorif_ray.errors import ConfigError, DataError, LorifError, RequestError
-from lorif_ray.stages.query import QueryBackend, local_query, open_query, query_route
+from lorif_ray.stages.query import QueryBackend, TopK, local_query, open_query, open_train_texts, query_route
 from lorif_ray.store import ids_of_rows
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class QueryHandler:
         self.cfg, self.make_backend = service_config(cfg), make_backend
         self.status, self.error = "loading", None
         self.backend: QueryBackend | None = None
+        self.texts = None  # TrainTexts of the index's rows, once loaded
         self.answered = self.passes = 0  # queries answered, passes over the rows
         self._lock = threading.Lock()  # one pass over the rows at a time
 
@@ -123,6 +124,7 @@ class QueryHandler:
             self.query_cfg, self.manifest, self.header, self.stored = open_query(self.cfg)
             self.backend = self.make_backend(self.query_cfg, self.manifest, self.stored)
             self.tokenizer, self.max_length = self.backend.featurize.tokenizer, self.backend.featurize.max_length
+            self.texts = open_train_texts(self.query_cfg, self.manifest)  # None: answers without training texts
             self.status = "ready"
             log.info("query backend loaded: %d training examples of %s", self.manifest.num_rows, self.cfg.index_path)
         except Exception as error:  # noqa: BLE001 - reported by health() and the transport's start-up
@@ -138,8 +140,8 @@ class QueryHandler:
     def health(self) -> Reply:
         body = {"status": self.status, "index": str(self.cfg.index_path)}
         if self.status == "ready":
-            return Reply(200, {**body, "train": self.manifest.num_rows, "answered": self.answered,
-                               "passes": self.passes})
+            return Reply(200, {**body, "train": self.manifest.num_rows, "train_texts": self.texts is not None,
+                               "answered": self.answered, "passes": self.passes})
         return Reply(503, {**body, **({"error": self.error} if self.error else {})})
 
     # requests
@@ -236,19 +238,21 @@ class QueryHandler:
         return replies
 
     def _results(self, examples: list[Example], top_k: int) -> list[dict]:
-        """Each example's answer with ``top_k`` proponents (best first) and opponents (most negative first)."""
+        """Each example's answer with ``top_k`` proponents (best first) and opponents (most negative first),
+        both ends from the same pass, with the training rows' ids and texts."""
         queries = self.backend.featurize(examples)
         route = query_route(self.query_cfg, self.header, self.stored, len(queries.row_ids))
-        k = min(top_k, self.manifest.num_rows)
-        scores, rows = self.backend.score(queries.columns, route, k)
-        return [{"query_id": e.id, "query_text": e.text,
-                 "proponents": self._ranked(scores[i], rows[i]), "opponents": []}
-                for i, e in enumerate(examples)]
+        ends: TopK = self.backend.score(queries.columns, route, min(top_k, self.manifest.num_rows))
+        rows = ends.index.reshape(-1).tolist() + ends.low_index.reshape(-1).tolist()
+        ids = ids_of_rows(self.cfg.index_path, self.manifest, rows)
+        texts = self.texts.texts(rows) if self.texts is not None else {}
 
-    def _ranked(self, scores: torch.Tensor, rows: torch.Tensor) -> list[dict]:
-        ids = ids_of_rows(self.cfg.index_path, self.manifest, rows.tolist())
-        return [{"rank": rank, "train_id": ids[int(row)], "train_text": None, "score": float(score)}
-                for rank, (score, row) in enumerate(zip(scores.tolist(), rows.tolist()), start=1)]
+        def ranked(scores: torch.Tensor, index: torch.Tensor) -> list[dict]:
+            return [{"rank": rank, "train_id": ids[row], "train_text": texts.get(row), "score": score}
+                    for rank, (score, row) in enumerate(zip(scores.tolist(), index.tolist()), start=1)]
+
+        return [{"query_id": e.id, "query_text": e.text, "proponents": ranked(ends.scores[i], ends.index[i]),
+                 "opponents": ranked(ends.low_scores[i], ends.low_index[i])} for i, e in enumerate(examples)]
 
     def close(self) -> None:
         if self.backend is not None:

@@ -53,12 +53,15 @@ def _health_until_ready(port: int, process: subprocess.Popen, log, seconds: floa
     raise TimeoutError(f"no 200 from /health within {seconds}s: {seen}\n{log.read_text()[-3000:]}")
 
 
-def _expected(baseline) -> dict[str, list[tuple[str, float]]]:
-    """{query id: [(train id, score)] best first} from the baseline's topk.parquet (what jobs/query.py writes)."""
-    table = pq.read_table(baseline["cfg"].output_dir + "/topk.parquet").to_pylist()
-    out: dict[str, list] = {}
-    for row in sorted(table, key=lambda r: (r["query_id"], r["rank"])):
-        out.setdefault(row["query_id"], []).append((row["train_id"], row["score"]))
+def _expected(baseline) -> dict[str, dict[str, list[tuple[str, str, float]]]]:
+    """{query id: {"proponents" | "opponents": [(train id, train text, score)] by rank}} from the baseline's
+    topk.parquet and opponents.parquet (what jobs/query.py writes)."""
+    out: dict[str, dict] = {}
+    for end, name in (("proponents", "topk"), ("opponents", "opponents")):
+        table = pq.read_table(f"{baseline['cfg'].output_dir}/{name}.parquet").to_pylist()
+        for row in sorted(table, key=lambda r: (r["query_id"], r["rank"])):
+            ranked = out.setdefault(row["query_id"], {}).setdefault(end, [])
+            ranked.append((row["train_id"], row["train_text"], row["score"]))
     return out
 
 
@@ -66,11 +69,12 @@ def _check_answers(results: list[dict], queries: list[dict], expected: dict, k: 
     assert [r["query_id"] for r in results] == [q["id"] for q in queries]
     for result, query in zip(results, queries):
         assert result["query_text"] == query["prompt"] + query["response"]
-        proponents = result["proponents"]
-        assert [p["rank"] for p in proponents] == list(range(1, k + 1))
-        assert [p["train_id"] for p in proponents] == [t for t, _ in expected[query["id"]][:k]]
-        assert [p["score"] for p in proponents] == pytest.approx([s for _, s in expected[query["id"]][:k]],
-                                                                 rel=1e-5, abs=1e-6)
+        for end in ("proponents", "opponents"):
+            answered, wanted = result[end], expected[query["id"]][end][:k]
+            assert [p["rank"] for p in answered] == list(range(1, k + 1))
+            assert [(p["train_id"], p["train_text"]) for p in answered] == [(i, t) for i, t, _ in wanted]
+            assert [p["score"] for p in answered] == pytest.approx([s for _, _, s in wanted], rel=1e-5, abs=1e-6)
+        assert all(p["train_text"] for p in result["proponents"])
 
 
 BAD_BODIES = [  # (body, status, words the one-line error holds)
