@@ -8,9 +8,12 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from lorif_ray.config import QueryConfig, ServeConfig
 from lorif_ray.distributed.serving import APP_NAME
 from lorif_ray.distributed.stages import run_service
+from lorif_ray.errors import ConfigError
 from tests.distributed.conftest import NUM_WORKERS
 from tests.jobs.test_ray_job_submit import _free_port
 
@@ -61,3 +64,20 @@ def _run(cfg, stop: threading.Event, failures: list) -> None:
         run_service(cfg, stop)
     except BaseException as error:  # noqa: BLE001 - reported by the test
         failures.append(error)
+
+
+def test_serve_listening_elsewhere_on_the_cluster_is_refused_by_name(baseline, ray_cluster):
+    """Serve's HTTP options are fixed per cluster: a service asked for another port says where Serve listens."""
+    from ray import serve
+
+    running, asked = _free_port(), _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": running})
+    try:
+        cfg = baseline["config"]("serve_elsewhere", with_curvature=True, query=QueryConfig(top_k=3),
+                                 serve=ServeConfig(port=asked))
+        with pytest.raises(ConfigError, match=rf"serve.port={asked}: Serve on this cluster already listens on "
+                                              rf"127.0.0.1:{running}"):
+            run_service(cfg, threading.Event())
+        assert not serve.status().applications
+    finally:
+        serve.shutdown()
