@@ -27,13 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lorif_ray.config import ClusterConfig, Config, DataConfig, MethodConfig, ModelConfig, QueryConfig
-from lorif_ray.data import load_examples
+from lorif_ray.data import TrainTexts, load_examples
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.capture import MEASUREMENTS
 from lorif_ray.stages.index import quiet_transformers
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.outputs import claim_output_dir
-from lorif_ray.stages.summary import with_texts
 from lorif_ray.store import read_table_meta
 
 log = logging.getLogger(__name__)
@@ -227,7 +226,7 @@ class Results:
     def __init__(self, output_dir: str | Path, train_path: str | Path, queries_path: str | Path):
         output_dir = Path(output_dir)
         self.meta = read_table_meta(output_dir / "topk.parquet")
-        self.topk = with_texts(pq.read_table(output_dir / "topk.parquet"), Path(train_path), Path(queries_path))
+        self.topk = pq.read_table(output_dir / "topk.parquet")
         self.scores = None
         self.query_ids: list[str] = []
         self.train_ids: list[str] = []
@@ -235,13 +234,15 @@ class Results:
             self.scores = np.load(output_dir / "scores.npy", mmap_mode="r")  # (nq, N)
             ids = json.loads((output_dir / "scores.json").read_text())
             self.query_ids, self.train_ids = ids["query_ids"], ids["train_ids"]
-        train, queries = Path(train_path), Path(queries_path)
         self.token_topk = self.self_influence = self.layer_scores = None
         self.layers: list[str] = []
         if (output_dir / "topk_per_token.parquet").exists():
-            self.token_topk = with_texts(pq.read_table(output_dir / "topk_per_token.parquet"), train, queries)
+            self.token_topk = pq.read_table(output_dir / "topk_per_token.parquet")
         if (output_dir / "self_influence.parquet").exists():
-            self.self_influence = with_texts(pq.read_table(output_dir / "self_influence.parquet"), train, queries)
+            table = pq.read_table(output_dir / "self_influence.parquet")
+            texts = TrainTexts(self.meta["index"], train_path).texts(range(table.num_rows))
+            self.self_influence = table.add_column(1, "train_text", pa.array([texts[i] for i in range(table.num_rows)],
+                                                                            pa.string()))
         if (output_dir / "layer_scores.npy").exists():
             self.layer_scores = np.load(output_dir / "layer_scores.npy", mmap_mode="r")
             self.layers = json.loads((output_dir / "layer_scores.json").read_text())["layers"]

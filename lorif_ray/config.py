@@ -152,6 +152,22 @@ class ClusterConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``jobs/serve.py``: the HTTP query service (README "Query service")."""
+
+    host: str = "127.0.0.1"  # address to listen on; loopback = this machine only (0.0.0.0: every interface)
+    port: int = 8000  # TCP port of POST /query and GET /health
+    # if set, POST /query needs the header "Authorization: Bearer <token>" (set it from the environment:
+    # serve.token='${oc.env:LORIF_SERVE_TOKEN}', so it is not in the shell history or .hydra/)
+    token: Optional[str] = None
+    max_queries: int = 64  # queries in one request; more is refused (413)
+    max_body_bytes: int = 1048576  # bytes of one request body; more is refused (413)
+    max_top_k: int = 100  # largest top_k a request may ask (the default is query.top_k)
+    max_batch_size: int = 16  # concurrent requests answered together in one pass over the training rows
+    batch_wait_s: float = 0.01  # how long a request waits for others to join its pass
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +175,7 @@ class Config:
     query: QueryConfig = field(default_factory=QueryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     f: int = 4  # projection factor: d1 = I/f, d2 = O/f
     c: int = 1  # factor rank (LoRIF); capped at min(d1, d2), where factors are exact
     r: int = 64  # truncation rank of the curvature (LoRIF); capped at D = d1·d2
@@ -206,7 +223,10 @@ class Config:
         return Path(self.output_dir) / "curvature"  # one file per layer + _curvature.json
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as plain data (recorded in artifacts), ``serve.token`` redacted."""
+        values = asdict(self)
+        values["serve"]["token"] = "<redacted>" if self.serve.token else None
+        return values
 
 
 def user_cache_dir() -> Path:
@@ -263,6 +283,10 @@ def validate(cfg: Config) -> None:
         (not cfg.query.per_token or cfg.query.measurement in ("loss", "logprob"),
          f"query.per_token: the token scores of a query sum to its score for a sum over tokens (loss, logprob), "
          f"not for query.measurement={cfg.query.measurement!r}"),
+        (1 <= cfg.serve.port <= 65535, f"serve.port={cfg.serve.port}: choose a TCP port in 1..65535"),
+        (min(cfg.serve.max_queries, cfg.serve.max_body_bytes, cfg.serve.max_top_k, cfg.serve.max_batch_size) >= 1,
+         "serve.max_queries, serve.max_body_bytes, serve.max_top_k and serve.max_batch_size must be >= 1"),
+        (cfg.serve.batch_wait_s >= 0, f"serve.batch_wait_s={cfg.serve.batch_wait_s}: must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -43,3 +43,12 @@ class NonFiniteGradientError(LorifError, FloatingPointError):
 
 class ClusterLostError(LorifError, RuntimeError):
     """Ray lost the driver's own node (its raylet died) mid-stage; finished work is kept for a re-run."""
+
+
+class RequestError(LorifError, ValueError):
+    """A request to the query service that cannot be answered (bad JSON, wrong types, too large, no token);
+    ``status`` is its HTTP status (4xx)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

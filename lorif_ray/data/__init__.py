@@ -8,19 +8,25 @@ from lorif_ray.data.batching import (
     iter_batches,
     tokenize_examples,
 )
-from lorif_ray.data.examples import Example, iter_examples, load_examples
+from lorif_ray.data.examples import Example, examples_of_rows, iter_examples, load_examples
+from lorif_ray.data.row_table import ROWS_NAME, TrainTexts, commit_row_table, discard_row_table, row_table_path
 from lorif_ray.data.rows import RowRange, data_sha256, iter_rows, read_rows
 from lorif_ray.data.shards import InputPlan, InputShard, plan_input, read_shard
 
 __all__ = [
     "IGNORE_INDEX",
     "Example",
+    "examples_of_rows",
     "InputPlan",
     "InputShard",
+    "ROWS_NAME",
     "RowRange",
     "TokenizedExample",
+    "TrainTexts",
     "collate",
+    "commit_row_table",
     "data_sha256",
+    "discard_row_table",
     "iter_batches",
     "iter_examples",
     "iter_rows",
@@ -28,5 +34,6 @@ __all__ = [
     "plan_input",
     "read_rows",
     "read_shard",
+    "row_table_path",
     "tokenize_examples",
 ]

@@ -5,17 +5,18 @@ on the response tokens only), or a `messages` column of chat turns ({"role", "co
 the tokenizer's chat template, loss on the assistant turns only). One file holds one schema: every row
 is checked as it is read, and the first row of another schema is named. An optional `id` column names
 each example; without it the id is the row index. Other columns are ignored. Rows are read in batches
-(``lorif_ray.data.rows``), so checking a file holds one batch of rows as Python objects at a time.
+(``lorif_ray.data.rows``), so checking a file holds one batch of rows as Python objects at a time. Rows
+already in memory (a request's queries) go through the same checks (``examples_of_rows``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorif_ray.data.rows import BATCH_ROWS, RowRange, iter_rows
+from lorif_ray.data.rows import BATCH_ROWS, RowRange, iter_rows, rows_at
 from lorif_ray.errors import DataError
 
 # How many offending ids an error message lists before it only counts the rest.
@@ -108,11 +109,51 @@ def iter_examples(path: str | Path, rows: RowRange = RowRange(), schema: str | N
     columns: set[str] = set()
     for where, batch, batch_columns in iter_rows(path, rows, batch_rows):
         columns |= batch_columns
-        if not ({"prompt", "response"} <= columns or "text" in columns or "messages" in columns):
-            raise DataError(f"{path}: expected a 'text' column, 'prompt' and 'response' columns, or a 'messages' "
-                            f"column; found {sorted(columns)}")
-        schema = schema or _row_schema(path, where.start, batch[0])
-        yield where, [_example(path, where.start + i, row, schema) for i, row in enumerate(batch)]
+        schema, examples = _checked_batch(path, where.start, batch, columns, schema)
+        yield where, examples
+
+
+def examples_of_rows(source: str, rows: Sequence[Any]) -> list[Example]:
+    """The checked examples of rows already in memory (e.g. the queries of an HTTP request), exactly as
+    if they were the rows of a file named ``source``: the same schemas, checks and messages.
+
+    Raises:
+        DataError: as ``load_examples``, naming ``source`` and the row; also a row that is not an object.
+    """
+    import pyarrow as pa
+
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}, row {index}: expected an object, got {type(row).__name__}")
+    if not rows:
+        raise DataError(f"{source}: holds no examples")
+    columns = {key for row in rows for key in row}
+    _, examples = _checked_batch(source, 0, list(rows), columns, None)
+    check_unique_ids(source, pa.array([e.id for e in examples], pa.string()))
+    return examples
+
+
+def _checked_batch(path: str | Path, start: int, batch: list[dict[str, Any]], columns: set[str],
+                   schema: str | None) -> tuple[str, list[Example]]:
+    """(the schema, the examples) of rows start, start + 1, ... of ``path`` whose columns so far are
+    ``columns``; ``schema`` None: the first row's."""
+    if not ({"prompt", "response"} <= columns or "text" in columns or "messages" in columns):
+        raise DataError(f"{path}: expected a 'text' column, 'prompt' and 'response' columns, or a 'messages' "
+                        f"column; found {sorted(columns)}")
+    schema = schema or _row_schema(path, start, batch[0])
+    return schema, [_example(path, start + i, row, schema) for i, row in enumerate(batch)]
+
+
+def examples_at(path: str | Path, rows: list[RowRange], schema: str) -> list[Example]:
+    """The checked examples of single-row ranges ``rows`` (with their JSON Lines offsets), in the given order,
+    reading only those rows (``rows_at``); ``schema`` is the file's (one of ``SCHEMAS``).
+
+    Raises:
+        DataError: as ``iter_examples``.
+    """
+    path = Path(path)
+    values = rows_at(path, rows, columns=["id", "text", "prompt", "response", "messages"])
+    return [_example(path, row.start, value, schema) for row, value in zip(rows, values)]
 
 
 def check_unique_ids(path: str | Path, ids) -> None:
@@ -132,7 +173,7 @@ def check_unique_ids(path: str | Path, ids) -> None:
         raise DataError(f"{path}: duplicate ids {shown}{more}")
 
 
-def _example(path: Path, index: int, row: dict[str, Any], first: str) -> Example:
+def _example(path: str | Path, index: int, row: dict[str, Any], first: str) -> Example:
     """Row ``index`` as an Example, refused when its schema is not the file's (``first``)."""
     schema = _row_schema(path, index, row)
     if schema != first:
@@ -143,7 +184,7 @@ def _example(path: Path, index: int, row: dict[str, Any], first: str) -> Example
     return _MAKERS[schema](path, index, row)
 
 
-def _row_schema(path: Path, index: int, row: dict[str, Any]) -> str:
+def _row_schema(path: str | Path, index: int, row: dict[str, Any]) -> str:
     """The schema of one row: messages, prompt + response (either key set), or text."""
     if row.get("messages") is not None:
         return "messages"
@@ -159,7 +200,7 @@ def _id_note(row: dict[str, Any]) -> str:
     return f" (id {row['id']!r})" if row.get("id") is not None else ""
 
 
-def _example_id(path: Path, index: int, row: dict[str, Any]) -> str:
+def _example_id(path: str | Path, index: int, row: dict[str, Any]) -> str:
     if "id" not in row:
         return str(index)
     value = row["id"]
@@ -168,7 +209,7 @@ def _example_id(path: Path, index: int, row: dict[str, Any]) -> str:
     return str(value)
 
 
-def _string_field(path: Path, index: int, row: dict[str, Any], name: str) -> str:
+def _string_field(path: str | Path, index: int, row: dict[str, Any], name: str) -> str:
     value = row.get(name)
     if not isinstance(value, str):
         raise DataError(
@@ -177,17 +218,17 @@ def _string_field(path: Path, index: int, row: dict[str, Any], name: str) -> str
     return value
 
 
-def _text_example(path: Path, index: int, row: dict[str, Any]) -> Example:
+def _text_example(path: str | Path, index: int, row: dict[str, Any]) -> Example:
     return Example(id=_example_id(path, index, row), text=_string_field(path, index, row, "text"))
 
 
-def _prompt_response_example(path: Path, index: int, row: dict[str, Any]) -> Example:
+def _prompt_response_example(path: str | Path, index: int, row: dict[str, Any]) -> Example:
     prompt = _string_field(path, index, row, "prompt")
     response = _string_field(path, index, row, "response")
     return Example(id=_example_id(path, index, row), text=prompt + response, prompt=prompt)
 
 
-def _messages_example(path: Path, index: int, row: dict[str, Any]) -> Example:
+def _messages_example(path: str | Path, index: int, row: dict[str, Any]) -> Example:
     messages = row["messages"]
     where = f"{path}, row {index}{_id_note(row)}"
     if not isinstance(messages, (list, tuple)) or not messages:

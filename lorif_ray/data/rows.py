@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ BATCH_ROWS = 8192
 @dataclass(frozen=True)
 class RowRange:
     """Rows [start, stop) of an input (stop None: to its end). In a JSON Lines file row ``start`` is on
-    line ``line`` (1-based), at byte ``offset``; other kinds ignore both.
+    line ``line`` (1-based), at byte ``offset``; other kinds ignore both. A JSON Lines batch read by
+    ``iter_rows`` also carries ``offsets`` and ``lines``: each of its rows' byte offset and line (None
+    otherwise; not compared).
 
     Example:
         >>> RowRange(1024, 2048).rows
@@ -40,6 +42,8 @@ class RowRange:
     stop: int | None = None
     offset: int = 0
     line: int = 1
+    offsets: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+    lines: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -92,6 +96,67 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], set[str]]:
     return rows, columns
 
 
+def rows_at(path: str | Path, rows: list[RowRange], columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows (dicts) of single-row ranges ``rows`` of an input, in the given order, reading only those rows:
+    a JSON Lines row from its byte ``offset`` (its ``line`` names it in errors), a Parquet row from its row
+    group (each touched group read once, ``columns`` only), an Arrow row from the memory map.
+
+    Raises:
+        DataError: as ``iter_rows``; a row past the input's end.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        out = []
+        with path.open("rb") as f:
+            for row in rows:
+                f.seek(row.offset)
+                value = _json_row(path, row.line, f.readline())
+                if value is None:
+                    raise DataError(f"{path}, line {row.line}: blank where row {row.start} was; the file changed")
+                out.append(value)
+        return out
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        return _parquet_rows_at(path, [r.start for r in rows], columns)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".arrow"):
+        table = _saved_dataset_table(path) if path.is_dir() else _arrow_table(path)
+        wanted = [r.start for r in rows]
+        if wanted and max(wanted) >= table.num_rows:
+            raise DataError(f"{path}: row {max(wanted)} asked for, the input has {table.num_rows} rows")
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        return table.take(wanted).to_pylist() if wanted else []
+    return [row for _, batch, _ in iter_rows(path, RowRange(0, 0)) for row in batch]  # names the path's fault
+
+
+def _parquet_rows_at(path: Path, wanted: list[int], columns: list[str] | None) -> list[dict[str, Any]]:
+    """Rows ``wanted`` of a Parquet file, one row group read at a time (each group that holds one, once)."""
+    import bisect
+
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+        sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+        names = file.schema_arrow.names
+    except Exception as e:  # pyarrow raises several types for unreadable files.
+        raise DataError(f"{path}: cannot read Parquet ({e})") from e
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    if wanted and max(wanted) >= starts[-1]:
+        raise DataError(f"{path}: row {max(wanted)} asked for, the input has {starts[-1]} rows")
+    by_group: dict[int, list[int]] = {}
+    for row in sorted(set(wanted)):
+        by_group.setdefault(bisect.bisect_right(starts, row) - 1, []).append(row)
+    found: dict[int, dict[str, Any]] = {}
+    selected = None if columns is None else [c for c in columns if c in names]
+    for group, group_rows in by_group.items():
+        table = file.read_row_group(group, columns=selected)
+        values = table.take([r - starts[group] for r in group_rows]).to_pylist()
+        found.update(zip(group_rows, values))
+    return [found[r] for r in wanted]
+
+
 def data_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a data file's bytes (equal to ``lorif_ray.store.file_sha256``), or of a folder's
     data files (name and bytes of each ``*.arrow``/``*.parquet``/``*.jsonl``, in name order); streamed
@@ -113,25 +178,31 @@ def _jsonl_batches(path: Path, rows: RowRange, batch_rows: int):
     """JSON Lines rows (one object per non-blank line) from byte ``rows.offset``, line ``rows.line``."""
     batch: list[dict[str, Any]] = []
     keys: set[str] = set()
+    offsets: list[int] = []
+    lines: list[int] = []
     index, offset, line_number = rows.start, rows.offset, rows.line
+
+    def where() -> RowRange:
+        return RowRange(index - len(batch), index, offsets[0], lines[0], tuple(offsets), tuple(lines))
+
     with path.open("rb") as f:
         f.seek(rows.offset)
         for raw in f:
             row = _json_row(path, line_number, raw)
             if row is not None:
-                if not batch:
-                    first = RowRange(index, None, offset, line_number)
                 batch.append(row)
+                offsets.append(offset)
+                lines.append(line_number)
                 keys.update(row)
                 index += 1
                 if len(batch) == batch_rows or index == rows.stop:
-                    yield RowRange(first.start, index, first.offset, first.line), batch, keys
-                    batch, keys = [], set()
+                    yield where(), batch, keys
+                    batch, keys, offsets, lines = [], set(), [], []
                     if index == rows.stop:
                         return
             offset, line_number = offset + len(raw), line_number + 1
     if batch:
-        yield RowRange(first.start, index, first.offset, first.line), batch, keys
+        yield where(), batch, keys
 
 
 def _json_row(path: Path, line_number: int, raw: bytes) -> dict[str, Any] | None:

@@ -7,17 +7,23 @@ byte offset and line of each shard's first row, so ``read_shard`` starts there a
 another shard. Converting JSON Lines to a Parquet cache would give the same random access, but the
 pass over the file is needed anyway (hash, ids, schema), and offsets write nothing: read-only inputs
 and index folders work, and no second copy of a large input appears on disk. The plan holds O(shards)
-numbers; stage 1 on Ray makes it in a task, so its driver never reads the input.
+numbers; stage 1 on Ray makes it in a task, so its driver never reads the input. Asked for, the same pass
+writes the index's row table (``lorif_ray.data.row_table``: each row's id and position in the input, one
+shard of rows at a time), so results read the texts of their rows without another pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorif_ray.data.examples import Example, check_unique_ids, iter_examples
+from lorif_ray.data.row_table import open_row_table
 from lorif_ray.data.rows import RowRange, data_sha256
 from lorif_ray.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,9 @@ class InputPlan:
         sha256: ``data_sha256`` of the input.
         schema: Its rows' schema (one of ``lorif_ray.data.examples.SCHEMAS``).
         ranges: The row range of each shard, in order.
+        rows_table: The row table this pass wrote, under a temporary name for the stage to commit
+            (``commit_row_table``) once the index accepts the input; None: none asked for, the one there
+            already records this input, or the folder is not writable.
 
     Example:
         >>> plan = plan_input("train.jsonl", shard_size=1024)  # doctest: +SKIP
@@ -49,6 +58,7 @@ class InputPlan:
     sha256: str
     schema: str
     ranges: tuple[RowRange, ...]
+    rows_table: str | None = None
 
     @property
     def num_rows(self) -> int:
@@ -58,8 +68,12 @@ class InputPlan:
         return InputShard(self.path, self.schema, self.ranges[index])
 
 
-def plan_input(path: str | Path, shard_size: int) -> InputPlan:
+def plan_input(path: str | Path, shard_size: int, rows_table: str | Path | None = None) -> InputPlan:
     """Check a training input and cut it into shards of ``shard_size`` rows (one streaming pass, plus the hash).
+
+    Args:
+        rows_table: where the index keeps its row table (``row_table_path``); written in the same pass, a
+            shard of rows at a time, under a temporary name (``InputPlan.rows_table``). None: not written.
 
     Raises:
         ConfigError: shard_size < 1.
@@ -71,15 +85,37 @@ def plan_input(path: str | Path, shard_size: int) -> InputPlan:
     if shard_size < 1:
         raise ConfigError(f"shard_size={shard_size}: must be >= 1")
     path = Path(path)
+    sha256 = data_sha256(path) if rows_table is not None and path.exists() else None
+    table = open_row_table(rows_table, path, sha256) if sha256 is not None else None
     ranges, ids, schema = [], [], None
-    for rows, examples in iter_examples(path, batch_rows=shard_size):
-        schema = schema or examples[0].schema
-        ranges.append(rows)
-        ids.append(pa.array([e.id for e in examples], pa.string()))
-    if not ranges:
-        raise DataError(f"{path}: the file holds no examples")
-    check_unique_ids(path, pa.chunked_array(ids, pa.string()))
-    return InputPlan(str(path), data_sha256(path), schema, tuple(ranges))
+    try:
+        for rows, examples in iter_examples(path, batch_rows=shard_size):
+            schema = schema or examples[0].schema
+            ranges.append(replace(rows, offsets=None, lines=None))  # the plan holds O(shards) numbers
+            batch_ids = [e.id for e in examples]
+            ids.append(pa.array(batch_ids, pa.string()))
+            if table is not None:
+                table = _add_rows(table, rows, batch_ids, schema)
+        if not ranges:
+            raise DataError(f"{path}: the file holds no examples")
+        check_unique_ids(path, pa.chunked_array(ids, pa.string()))
+    except BaseException:
+        if table is not None:
+            table.abort()
+        raise
+    written = table.close() if table is not None else None
+    return InputPlan(str(path), sha256 or data_sha256(path), schema, tuple(ranges), written)
+
+
+def _add_rows(table, rows: RowRange, ids: list[str], schema: str):
+    """``table.add``; on a full disk the table is dropped (logged) and the plan goes on without it."""
+    try:
+        table.add(rows, ids, schema)
+        return table
+    except OSError as error:
+        log.warning("cannot write the row table %s (%s): results will show ids only", table.tmp, error)
+        table.abort()
+        return None
 
 
 def read_shard(shard: InputShard) -> list[Example]:

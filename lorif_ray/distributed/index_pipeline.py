@@ -40,7 +40,7 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
-from lorif_ray.data import InputPlan, InputShard, plan_input
+from lorif_ray.data import InputPlan, InputShard, commit_row_table, discard_row_table, plan_input, row_table_path
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
@@ -344,18 +344,27 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         >>> ray.init(num_cpus=2)
         >>> run_index_distributed(cfg)["examples_per_second"]
     """
+    model_path, train_path = train_input(cfg)
+    plan = _plan_in_a_task(train_path, cfg.shard_size, str(row_table_path(cfg.index_path)))
+    try:
+        return _index_on(cfg, model_path, plan, on_commit)
+    finally:
+        discard_row_table(plan.rows_table)  # committed once the index accepted the input; else dropped
+
+
+def _index_on(cfg: Config, model_path, plan: InputPlan, on_commit) -> dict:
     import ray
 
-    model_path, train_path = train_input(cfg)
-    plan = _plan_in_a_task(train_path, cfg.shard_size)
     pipeline = IndexPipeline(cfg, str(model_path), max_replicas=len(plan.ranges))
     try:
         layout = ray.get(pipeline.gradient_actors[0].describe.remote(plan.sha256, plan.num_rows))
         layout.update(dtype=cfg.dtype, shard_size=cfg.shard_size)
         reused = reuse_finished_index(cfg, layout["kind"], layout["columns"], layout["meta"], plan.num_rows)
-        if reused is not None:  # complete and intact: no lock, no writes (read-only storage is fine)
+        if reused is not None:  # complete and intact: no lock, no shard writes (read-only storage is fine)
+            commit_row_table(plan.rows_table)  # a finished index without its row table gets it (a rename)
             return reused
         writer = ShardWriter(cfg.index_path, **layout)  # creates the manifest, or checks the existing one
+        commit_row_table(plan.rows_table)  # the index accepted this input: the task's table moves into place
         pipeline.start_writers(str(cfg.index_path), layout)
         announce(cfg, plan.num_rows, layout["columns"], layout["kind"])
         todo = shards_left(plan, writer)
@@ -376,9 +385,10 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         pipeline.close()
 
 
-def _plan_in_a_task(train_path, shard_size: int) -> InputPlan:
+def _plan_in_a_task(train_path, shard_size: int, rows_table: str | None = None) -> InputPlan:
     """``plan_input`` run by a Ray task where the data is (every node sees the path), not by the driver:
-    the driver receives the hash and each shard's row range, never a row.
+    the driver receives the hash and each shard's row range, never a row; the task writes the row table
+    (``rows_table``) itself, a shard of rows at a time, and the driver only renames it into place.
 
     Raises:
         DataError: as ``plan_input`` (the task's error, unwrapped).
@@ -387,7 +397,7 @@ def _plan_in_a_task(train_path, shard_size: int) -> InputPlan:
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size))
+        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size, rows_table))
     except RayTaskError as error:
         raise error.as_instanceof_cause() from None
 

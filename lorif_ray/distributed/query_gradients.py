@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from lorif_ray.config import Config
+from lorif_ray.data import Example
 from lorif_ray.distributed.index_pipeline import IndexPipeline
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import ConfigError, IndexMismatchError
@@ -57,11 +59,12 @@ class RemoteQueryFeaturizer:
             self.close()
             raise
 
-    def __call__(self, queries_path: Path) -> QueryRows:
-        """The featurized queries of a file (``query.per_token``: and their tokens); rank 0 reports each batch."""
+    def __call__(self, queries: Path | Sequence[Example]) -> QueryRows:
+        """The featurized queries of a file, or of examples in memory (``query.per_token``: and their tokens);
+        rank 0 reports each batch."""
         import ray
 
-        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
+        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
         with progress_bar(len(queries), "stage 3: query gradients (ray)", "query", self.progress) as bar:
             progress = ActorProgress(bar.update if self.progress else None)

@@ -19,17 +19,14 @@ V_r, once; otherwise the whole curvature (253 GiB at 70B f=64 r=4096) is never i
 
 Example (needs a running Ray):
     >>> with QueryService(cfg, num_workers=2) as service:
-    ...     scores, index = service.score(query_columns, "query", k=10)   # workers load their shards once
+    ...     ends = service.score(query_columns, "query", k=10)   # workers load their shards once; ends.scores, .index
     ...     again = service.score(other_columns, "query", k=10)           # reuses the resident shards
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import replace
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -45,8 +42,7 @@ from lorif_ray.precision import Precision
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import (OutputFiles, QueryBackend, TopK, answer, open_query, prepare_query,
-                                    score_blocks)
+from lorif_ray.stages.query import OutputFiles, QueryBackend, TopK, prepare_query, score_blocks
 from lorif_ray.stages.rows import ResidentIndex
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import open_index
@@ -69,8 +65,8 @@ class QueryWorker:
 
     Example:
         >>> worker = QueryWorker(cfg, [0, 1])
-        >>> scores, rows = worker.score({"columns": query_columns, "k": 5, "route": "recompute"})
-        >>> scores.shape, rows.shape            # (nq, 5) each; rows are global row indices
+        >>> ends = worker.score({"columns": query_columns, "k": 5, "route": "recompute"})
+        >>> ends.index.shape, ends.low_index.shape   # (nq, 5) each: global rows of the top-k and the bottom-k
     """
 
     def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] = (),
@@ -111,8 +107,8 @@ class QueryWorker:
         return {"coordinates": {n: c.cpu() for n, c in coordinates.items()},
                 "terms": {n: t.cpu() for n, t in terms.items()}}
 
-    def score(self, payload: dict, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of one query batch against this worker's rows.
+    def score(self, payload: dict, progress=None) -> TopK:
+        """Top-k and bottom-k of one query batch against this worker's rows.
 
         Args:
             payload: {"columns": query columns {column: (nq, width)}, "route": ``choose_route``'s choice,
@@ -121,7 +117,7 @@ class QueryWorker:
             progress: a ``Reporter`` (or None) given each scored block's row count.
 
         Returns:
-            (scores (nq, k'), global row indices (nq, k')) on the CPU, with k' = min(k, rows).
+            ``TopK`` on the CPU: both ends' scores and global row indices (nq, k'), with k' = min(k, rows).
         """
         columns = {k: v.to(device=self.device, dtype=self.precision.math) for k, v in payload["columns"].items()}
         route = payload.get("route", "recompute")
@@ -134,15 +130,15 @@ class QueryWorker:
                                  query_side_terms=payload.get("terms") if route == "query" else None)
         topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.index.ids)), self.device)
         score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, payload.get("files"), progress)
-        return topk.scores.cpu(), topk.index.cpu()
+        return topk.cpu()
 
 
-def merge_topk(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge per-worker (scores (nq, k_w), global index (nq, k_w)) into the overall top-k."""
-    scores = torch.cat([s for s, _ in parts], dim=1)
-    index = torch.cat([i for _, i in parts], dim=1)
-    best = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    return best.values, torch.gather(index, 1, best.indices)
+def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
+    """Merge per-worker ends (of disjoint rows, global indices) into the overall top-k and bottom-k, exactly."""
+    merged = TopK(parts[0].scores.shape[0], k, "cpu")
+    for part in parts:
+        merged.merge(part)
+    return merged
 
 
 class QueryService:
@@ -181,9 +177,9 @@ class QueryService:
                 raise LorifError(f"a query actor failed to start: {error}") from error
 
     def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores (nq, k), global row indices (nq, k)) of one query batch against every shard; the
-        workers write their columns of the asked-for ``files`` (files every node sees)."""
+              ) -> TopK:
+        """The top-k and bottom-k (``TopK``, (nq, k) each) of one query batch against every shard, in one pass;
+        the workers write their columns of the asked-for ``files`` (files every node sees)."""
         import ray
 
         columns = {c: v.cpu() for c, v in query_columns.items()}
@@ -230,34 +226,3 @@ def ray_query(cfg: Config, manifest, stored: bool, *, num_workers: int, actor_op
         featurize.close()
         raise
 
-
-def serve(cfg: Config, query_files: Iterable[str], num_workers: int, *, actor_options: dict | None = None
-          ) -> Iterator[dict]:
-    """Answer query files one after another with one long-lived backend (model and shards loaded once).
-
-    Batch n's outputs go to ``<output_dir>/serve/<n>-<file stem>/``. A bad query file yields an
-    error report and the service goes on.
-
-    Yields:
-        per batch {"batch", "queries", "topk_path", "queries_count", "route", "seconds", "shard_loads"} or
-        {"batch", "queries", "error"}.
-    """
-    cfg, manifest, header, stored = open_query(cfg)
-    backend = ray_query(cfg, manifest, stored, num_workers=num_workers, actor_options=actor_options)
-    try:
-        for batch, line in enumerate(q.strip() for q in query_files):
-            if not line:
-                continue
-            start = time.perf_counter()
-            out = replace(cfg, output_dir=str(Path(cfg.output_dir) / "serve" / f"{batch}-{Path(line).stem}"))
-            try:
-                report = answer(out, manifest, header, stored, backend, Path(line))
-            except Exception as error:  # a bad file must not end the service: report it, answer the next
-                yield {"batch": batch, "queries": line, "error": f"{type(error).__name__}: {error}"}
-                continue
-            yield {"batch": batch, "queries": line, "topk_path": report["topk_path"],
-                   "queries_count": report["queries"], "route": report["route"],
-                   "seconds": time.perf_counter() - start,
-                   "shard_loads": sum(s["loads"] for s in backend.scorer.stats())}
-    finally:
-        backend.close()

@@ -2,10 +2,12 @@
 
 The jobs call ``run_stage``; with the Ray backend it starts or joins Ray (``cluster.address``) first. Stages
 2 and 3 run their one driver (``run_curvature``, ``run_query``) with the Ray backends of their rows.
+``run_service`` is the HTTP query service on the same two backends (Ray Serve, or a server in this process).
 """
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 
 from lorif_ray.config import Config
@@ -37,3 +39,15 @@ def run_stage(name: str, cfg: Config) -> dict:
             restartable = actor_options(cluster, gpu=True, restartable=True)
             return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=restartable))
         return run_query(cfg, partial(ray_query, num_workers=cluster.query_actors, actor_options=options))
+
+
+def run_service(cfg: Config, stop: threading.Event | None = None) -> None:
+    """The HTTP query service of ``cfg``'s index until SIGINT/SIGTERM (or ``stop``): on Ray Serve, or with
+    ``cluster.backend=none`` on a plain HTTP server in this process (``lorif_ray.stages.service``)."""
+    if cfg.cluster.backend == "none":
+        from lorif_ray.stages.service import serve_local
+
+        return serve_local(cfg, stop)
+    from lorif_ray.distributed.serving import serve_on_ray
+
+    return serve_on_ray(cfg, stop)

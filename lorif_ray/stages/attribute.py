@@ -67,7 +67,7 @@ def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_lo
              query["queries"], query["train"], query["score_seconds"], query["query_gradient_seconds"],
              query["topk_path"])
     inputs = resolve_inputs(cfg)
-    log.info("%s", describe_proponents(Path(query["topk_path"]), inputs.train_path, inputs.queries_path))
+    log.info("%s", describe_proponents(Path(query["topk_path"]), inputs.queries_path))
     report = {"index": index, "curvature": curvature, "query": query}
     write_json(Path(cfg.output_dir) / "report.json", report)
     return report

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.data import InputPlan, TokenizedExample, plan_input
+from lorif_ray.data import InputPlan, TokenizedExample, commit_row_table, discard_row_table, plan_input, row_table_path
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.capture import check_finite_all
@@ -205,7 +205,14 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 def run_index(cfg: Config) -> dict:
     """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
     model_path, train_path = train_input(cfg)  # before loading the model
-    plan = plan_input(train_path, cfg.shard_size)  # data errors before any model work
+    plan = plan_input(train_path, cfg.shard_size, row_table_path(cfg.index_path))  # data errors before model work
+    try:
+        return _index(cfg, model_path, plan)
+    finally:
+        discard_row_table(plan.rows_table)  # committed once the index accepted the input; else dropped
+
+
+def _index(cfg: Config, model_path: Path, plan: InputPlan) -> dict:
     with quiet_transformers():
         model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
                                       adapter=cfg.model.adapter)
@@ -213,9 +220,11 @@ def run_index(cfg: Config) -> dict:
     meta = index_meta(cfg, featurizer, model_identity(model), plan.sha256, plan.num_rows)
     reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, plan.num_rows)
     if reused is not None:
+        commit_row_table(plan.rows_table)  # a finished index without its row table gets it here
         return reused
     writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
                          shard_size=cfg.shard_size, meta=meta)
+    commit_row_table(plan.rows_table)  # the index (new, or checked equal) accepted this input
     announce(cfg, plan.num_rows, featurizer.columns, featurizer.kind)
     todo = shards_left(plan, writer)
     start = time.perf_counter()

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 MARKER = ".lorif-ray-output"
 # what may already be in a fresh output folder: Hydra's record of the run (written before the job starts)
 HYDRA_ENTRIES = (".hydra",)
-INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock")
+INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", "_rows.parquet")
+ROW_TABLE_TEMPORARY = "._rows.parquet.tmp-"  # a row table stage 1 wrote before it stopped (lorif_ray.data.row_table)
 
 
 def _foreign(directory: Path) -> list[str]:
@@ -44,7 +45,8 @@ def claim_output_dir(cfg: Config) -> None:
                               "overwrite=true to write into it anyway")
     index = cfg.index_path
     if index.is_dir() and not (index / "_manifest.json").exists():
-        stray = [n for n in sorted(p.name for p in index.iterdir()) if n not in INDEX_ENTRIES]
+        stray = [n for n in sorted(p.name for p in index.iterdir())
+                 if n not in INDEX_ENTRIES and not n.startswith(ROW_TABLE_TEMPORARY)]
         if stray:
             raise ConfigError(f"the index folder {index} holds files but no index ({', '.join(stray[:5])}): an index "
                               "folder holds nothing but the index; choose another output_dir or index_dir")

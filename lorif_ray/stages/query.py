@@ -10,7 +10,8 @@ rows in this process (streamed shard by shard, or resident with ``query.resident
 ``lorif_ray.distributed.query_service.ray_query`` does the same across query actors.
 
 Outputs in ``output_dir``: ``topk.parquet`` (query_id, rank, train_id, score; its metadata holds the
-config used, the route and the precision) and, with ``query.full_scores``, ``scores.npy`` (float32,
+config used, the route and the precision), ``opponents.parquet`` (the same columns for the bottom-k, kept
+in the same pass: rank 1 = the most negative score) and, with ``query.full_scores``, ``scores.npy`` (float32,
 queries × train, input order, written by whoever scores the rows) + ``scores.json``.
 """
 
@@ -21,16 +22,16 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.data import IGNORE_INDEX, TokenizedExample
+from lorif_ray.data import IGNORE_INDEX, Example, TokenizedExample, TrainTexts, load_examples, tokenize_examples
 from lorif_ray.data import iter_batches as token_batches
-from lorif_ray.errors import ConfigError
+from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
@@ -48,20 +49,44 @@ log = logging.getLogger(__name__)
 
 
 class TopK:
-    """Running top-k per query over streamed blocks of scores."""
+    """Running top-k and bottom-k per query over streamed blocks of scores: ``scores``, ``index`` (nq, k') the
+    largest scores and their global rows, best first (proponents); ``low_scores``, ``low_index`` the smallest,
+    most negative first (opponents); k' = min(k, rows seen). Parts over disjoint rows merge exactly
+    (``merge``): each end of the whole is within the union of the parts' ends."""
 
     def __init__(self, num_queries: int, k: int, device):
         self.k = k
         self.scores = torch.full((num_queries, 0), float("-inf"), device=device)
         self.index = torch.zeros((num_queries, 0), dtype=torch.long, device=device)
+        self.low_scores, self.low_index = self.scores.clone(), self.index.clone()
 
     def update(self, scores: torch.Tensor, offset: int) -> None:
         """Merge (nq, nb) scores of training rows offset … offset + nb − 1."""
         columns = torch.arange(offset, offset + scores.shape[1], device=scores.device).expand_as(scores)
-        merged = torch.cat([self.scores.to(scores.dtype), scores], dim=1)
-        merged_index = torch.cat([self.index, columns], dim=1)
-        best = torch.topk(merged, min(self.k, merged.shape[1]), dim=1)
-        self.scores, self.index = best.values, torch.gather(merged_index, 1, best.indices)
+        self._merge(scores, columns, scores, columns)
+
+    def merge(self, other: "TopK") -> None:
+        """Merge another part's ends (of other rows) into these."""
+        self._merge(other.scores.to(self.scores.device), other.index.to(self.scores.device),
+                    other.low_scores.to(self.scores.device), other.low_index.to(self.scores.device))
+
+    def _merge(self, high, high_index, low, low_index) -> None:
+        self.scores, self.index = _best(torch.cat([self.scores.to(high.dtype), high], dim=1),
+                                        torch.cat([self.index, high_index], dim=1), self.k, largest=True)
+        self.low_scores, self.low_index = _best(torch.cat([self.low_scores.to(low.dtype), low], dim=1),
+                                                torch.cat([self.low_index, low_index], dim=1), self.k, largest=False)
+
+    def cpu(self) -> "TopK":
+        """These ends on the CPU (what a query actor returns)."""
+        out = TopK(0, self.k, "cpu")
+        out.scores, out.index = self.scores.cpu(), self.index.cpu()
+        out.low_scores, out.low_index = self.low_scores.cpu(), self.low_index.cpu()
+        return out
+
+
+def _best(scores: torch.Tensor, index: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    best = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest)
+    return best.values, torch.gather(index, 1, best.indices)
 
 
 @dataclass(frozen=True)
@@ -145,17 +170,21 @@ class QueryRows:
         return self.ids + [f"{query}@{position}" for query, position, _ in self.tokens]
 
 
-def query_examples(path: Path, tokenizer, max_length: int, per_token: bool
+def query_examples(source: Path | Sequence[Example], tokenizer, max_length: int, per_token: bool
                    ) -> tuple[list[TokenizedExample], list[tuple[str, int, str]]]:
-    """The tokenized queries of a file and, with ``per_token``, after them one copy of each query per target
-    token whose labels keep that token only (its loss alone), with (query id, position, token text) each.
+    """The tokenized queries of a file (or of examples already read, e.g. a request's) and, with ``per_token``,
+    after them one copy of each query per target token whose labels keep that token only (its loss alone),
+    with (query id, position, token text) each.
 
     Raises:
-        ConfigError: the file holds no queries.
+        ConfigError: the file holds no queries (or no examples are given).
     """
-    queries = tokenized(Path(path), tokenizer, max_length)
+    if isinstance(source, (str, Path)):
+        queries = tokenized(Path(source), tokenizer, max_length)
+    else:
+        queries = tokenize_examples(list(source), tokenizer, max_length)
     if not queries:
-        raise ConfigError(f"{path} holds no queries")
+        raise ConfigError(f"{source if isinstance(source, (str, Path)) else 'the request'} holds no queries")
     if not per_token:
         return queries, []
     rows, tokens = [], []
@@ -199,9 +228,10 @@ class QueryFeaturizer:
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
         self.per_token, self.progress = cfg.query.per_token, cfg.progress
 
-    def __call__(self, queries_path: Path) -> QueryRows:
-        """The featurized queries of a file (``query.per_token``: and their tokens); the bar moves per batch."""
-        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
+    def __call__(self, queries: Path | Sequence[Example]) -> QueryRows:
+        """The featurized queries of a file, or of examples in memory (``query.per_token``: and their tokens);
+        the bar moves per batch."""
+        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token)
         start = time.perf_counter()
         parts = []
         with progress_bar(len(queries), "stage 3: query gradients", "query", self.progress) as bar:
@@ -253,8 +283,9 @@ class LocalScorer:
         return lambda start, stop: self.coordinates.rows(start, stop, dtype=self.precision.math)
 
     def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores (nq, k), global row indices (nq, k)) of one query batch; the asked-for ``files`` written."""
+              ) -> TopK:
+        """The top-k and bottom-k (``TopK``: scores and global rows, (nq, k) each) of one query batch, in one pass;
+        the asked-for ``files`` written."""
         columns = {c: v.to(device=self.device, dtype=self.precision.math) for c, v in query_columns.items()}
         query, _ = prepare_query(self.manifest, columns, self.curvature, route=route,
                                  normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul)
@@ -268,7 +299,7 @@ class LocalScorer:
                                      coordinates=self._stored_rows() if route == "stored" else None)
         with progress_bar(num_train, "stage 3: score", "ex", self.cfg.progress) as bar:
             score_blocks(query, blocks, topk, files, bar.update)
-        return topk.scores, topk.index
+        return topk
 
     def close(self) -> None:
         pass
@@ -281,7 +312,7 @@ class QueryBackend:
     def __init__(self, featurize, scorer):
         self.featurize, self.scorer, self.info = featurize, scorer, scorer.info
 
-    def score(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, *args, **kwargs) -> TopK:
         return self.scorer.score(*args, **kwargs)
 
     def close(self) -> None:
@@ -326,19 +357,37 @@ def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_p
 ) -> dict:
     """One query file through ``backend``: featurize, choose the route, score, write the outputs."""
     check_outputs(cfg, manifest)
+    texts = open_train_texts(cfg, manifest)
+    query_texts = {e.id: e.text for e in load_examples(queries_path)}
     queries = backend.featurize(queries_path)
     row_ids = queries.row_ids
-    route = choose_route(len(row_ids), list(ranks(header).values()), stored=stored,
-                         train_self=cfg.query.normalize or cfg.query.self_influence)
+    route = query_route(cfg, header, stored, len(row_ids))
     start = time.perf_counter()
     layers = [layer["name"] for layer in manifest.meta["layers"]]
     with output_files(cfg, manifest, len(row_ids)) as files:
-        scores, index = backend.score(queries.columns, route, min(cfg.query.top_k, manifest.num_rows), files)
+        ends = backend.score(queries.columns, route, min(cfg.query.top_k, manifest.num_rows), files)
         precision = Precision.of(cfg, resolve_device(cfg.model.device)).describe()
         facts = {"route": route, "precision": precision}
-        report = write_query_outputs(cfg, manifest, header, queries, scores, index, layers, files, **facts)
+        report = write_query_outputs(cfg, manifest, header, queries, ends, layers, files, texts, query_texts, **facts)
     return {**report, **backend.info, **facts, "query_gradient_seconds": queries.seconds,
             "score_seconds": time.perf_counter() - start}
+
+
+def query_route(cfg: Config, header: dict, stored: bool, num_rows: int) -> str:
+    """The curvature term's route for a batch of ``num_rows`` query rows (``choose_route``)."""
+    return choose_route(num_rows, list(ranks(header).values()), stored=stored,
+                        train_self=cfg.query.normalize or cfg.query.self_influence)
+
+
+def open_train_texts(cfg: Config, manifest) -> TrainTexts | None:
+    """The texts of the index's training rows (``TrainTexts``, from the row table stage 1 wrote), or None
+    with a warning that says why (an index without its row table, a training input that moved or changed):
+    the results then hold ids without training texts."""
+    try:
+        return TrainTexts(cfg.index_path, resolve_inputs(cfg).train_path, sha256=manifest.meta["data"]["sha256"])
+    except DataError as error:
+        log.warning("no training texts in the results: %s", error)
+        return None
 
 
 def check_outputs(cfg: Config, manifest) -> None:
@@ -348,22 +397,29 @@ def check_outputs(cfg: Config, manifest) -> None:
         raise ConfigError(f"query.{asked[0]}: a RepSim index holds hidden states, not gradients")
 
 
-def write_query_outputs(cfg: Config, manifest, header: dict, queries: QueryRows, scores: torch.Tensor,
-                        index: torch.Tensor, layers: list[str], files: OutputFiles, **facts) -> dict:
-    """``topk.parquet`` from the queries' rows of (n, k) scores and row indices (``topk_per_token.parquet`` from
-    the token rows), ``self_influence.parquet``, and JSON sidecars of the ``.npy`` outputs; each records the
-    config used and ``facts`` (route, precision). Reads the ids of the top-k rows only (all N ids only for the
-    sidecars of the full-score files, which are O(N) themselves)."""
+def write_query_outputs(cfg: Config, manifest, header: dict, queries: QueryRows, ends: TopK, layers: list[str],
+                        files: OutputFiles, texts: TrainTexts | None, query_texts: dict[str, str], **facts) -> dict:
+    """``topk.parquet`` and ``opponents.parquet`` from the queries' rows of the two ends (``topk_per_token.parquet``
+    from the token rows' top-k), ``self_influence.parquet``, and JSON sidecars of the ``.npy`` outputs; each
+    records the config used and ``facts`` (route, precision). Reads the ids of the ends' rows only (all N ids
+    only for the sidecars of the full-score files, which are O(N) themselves)."""
     output_dir = Path(cfg.output_dir)
     meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
     meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "score": meaning, **facts}
     nq = len(queries.ids)
-    train_ids = ids_of_rows(cfg.index_path, manifest, index.reshape(-1).tolist())
-    write_table(output_dir / "topk.parquet", topk_table(queries.ids, train_ids, scores[:nq], index[:nq]), meta)
-    report = {"topk_path": str(output_dir / "topk.parquet"), "scores_path": None, "queries": nq,
-              "train": manifest.num_rows}
+    scores, index = ends.scores, ends.index
+    rows = index.reshape(-1).tolist() + ends.low_index[:nq].reshape(-1).tolist()
+    train_ids = ids_of_rows(cfg.index_path, manifest, rows)
+    train_texts = texts.texts(rows) if texts is not None else {}
+    named = dict(train_ids=train_ids, train_texts=train_texts, query_texts=query_texts)
+    write_table(output_dir / "topk.parquet", topk_table(queries.ids, scores[:nq], index[:nq], **named), meta)
+    write_table(output_dir / "opponents.parquet",
+                topk_table(queries.ids, ends.low_scores[:nq], ends.low_index[:nq], **named),
+                {**meta, "ranks": "rank 1 = the most negative score (the strongest opponent)"})
+    report = {"topk_path": str(output_dir / "topk.parquet"), "opponents_path": str(output_dir / "opponents.parquet"),
+              "scores_path": None, "queries": nq, "train": manifest.num_rows}
     if queries.tokens:
-        table = token_topk_table(queries.tokens, train_ids, scores[nq:], index[nq:])
+        table = token_topk_table(queries.tokens, scores[nq:], index[nq:], **named)
         write_table(output_dir / "topk_per_token.parquet", table, meta)
         report.update(topk_per_token_path=str(output_dir / "topk_per_token.parquet"), tokens=len(queries.tokens))
     sidecars = {"scores": files.scores, "layer_scores": files.layer_scores}
@@ -412,28 +468,35 @@ SELF_INFLUENCE_MEANING = ("I(t,t) = g_t^T H^-1 g_t, the example's influence on i
                           "unlike the rest (outlier, mislabel or memorized)")
 
 
-def topk_table(query_ids: list[str], train_ids, scores: torch.Tensor, index: torch.Tensor) -> pa.Table:
-    """One row per (query, rank) from (nq, k) scores and training row indices (``train_ids[row]``: an id)."""
+def topk_table(query_ids: list[str], scores: torch.Tensor, index: torch.Tensor, *, train_ids, train_texts: dict,
+               query_texts: dict) -> pa.Table:
+    """One row per (query, rank) from (nq, k) scores and training row indices: query_id, query_text, rank,
+    train_id, train_text, score (``train_ids[row]``, ``train_texts[row]``, ``query_texts[id]``; a text not
+    given is null)."""
     scores, index = scores.float().cpu().numpy(), index.cpu().numpy()
     k = scores.shape[1]
+    ids = np.repeat(np.array(query_ids, dtype=object), k).tolist()
+    rows = index.reshape(-1).tolist()
     return pa.table({
-        "query_id": pa.array(np.repeat(query_ids, k).tolist(), pa.string()),
+        "query_id": pa.array(ids, pa.string()),
+        "query_text": pa.array([query_texts.get(q) for q in ids], pa.string()),
         "rank": pa.array(np.tile(np.arange(1, k + 1), len(query_ids)), pa.int32()),
-        "train_id": pa.array([train_ids[i] for i in index.reshape(-1)], pa.string()),
+        "train_id": pa.array([train_ids[i] for i in rows], pa.string()),
+        "train_text": pa.array([train_texts.get(i) for i in rows], pa.string()),
         "score": pa.array(scores.reshape(-1), pa.float32()),
     })
 
 
-def token_topk_table(tokens: list[tuple[str, int, str]], train_ids, scores: torch.Tensor,
-                     index: torch.Tensor) -> pa.Table:
+def token_topk_table(tokens: list[tuple[str, int, str]], scores: torch.Tensor, index: torch.Tensor,
+                     **texts) -> pa.Table:
     """``topk_table`` of the token rows, with each row's query id, token position and token text."""
     k = scores.shape[1]
-    table = topk_table([f"{query}@{position}" for query, position, _ in tokens], train_ids, scores, index)
+    table = topk_table([query for query, _, _ in tokens], scores, index, **texts)
     repeat = lambda values, kind: pa.array(np.repeat(np.array(values, dtype=object), k).tolist(), kind)  # noqa: E731
-    return pa.table({"query_id": repeat([t[0] for t in tokens], pa.string()),
+    return pa.table({"query_id": table["query_id"], "query_text": table["query_text"],
                      "position": repeat([t[1] for t in tokens], pa.int32()),
                      "token": repeat([t[2] for t in tokens], pa.string()),
-                     **{name: table[name] for name in ("rank", "train_id", "score")}})
+                     **{name: table[name] for name in ("rank", "train_id", "train_text", "score")}})
 
 
 @contextmanager

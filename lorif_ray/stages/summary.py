@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lorif_ray.data import iter_examples, load_examples, read_rows
+from lorif_ray.data import load_examples, read_rows
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 
@@ -35,29 +34,6 @@ def expected_sources(path: Path) -> dict[str, str]:
             if r.get("id") is not None and r.get("source_id") is not None}
 
 
-def with_texts(table: pa.Table, train_path: Path, queries_path: Path) -> pa.Table:
-    """A results table (``topk.parquet``: query_id, rank, train_id, score; or the per-token and self-influence
-    tables) with ``query_text`` after ``query_id`` and ``train_text`` after ``train_id``, where it has them. A
-    prompt + response query reads ``prompt`` + ``response`` as one text; a chat one "role: content" lines."""
-    for column, path in (("query_id", queries_path), ("train_id", train_path)):
-        if column not in table.column_names:
-            continue
-        texts = texts_of(path, set(table.column(column).to_pylist()))
-        at = table.column_names.index(column) + 1
-        table = table.add_column(at, column.replace("_id", "_text"),
-                                 pa.array([texts[i] for i in table.column(column).to_pylist()], pa.string()))
-    return table
-
-
-def texts_of(path: Path, ids: set[str]) -> dict[str, str]:
-    """{id: text} of the examples of a data file with the given ids, read in a stream: the texts of a top-k
-    without holding the training set."""
-    out = {}
-    for _, examples in iter_examples(path):
-        out.update((e.id, e.text) for e in examples if e.id in ids)
-    return out
-
-
 def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, int]:
     """(queries whose known source is in their top-k, queries with a known source)."""
     table = pq.read_table(topk_path).to_pylist()
@@ -65,13 +41,12 @@ def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, 
     return len(found), len(sources)
 
 
-def describe_proponents(topk_path: Path, train_path: Path, queries_path: Path, *, show: int = 3, k: int = 5) -> str:
-    """The top-k proponents, with their text, of the first ``show`` queries (and the known-source hit rate);
-    k is capped at the ranks ``topk.parquet`` holds (``query.top_k``)."""
+def describe_proponents(topk_path: Path, queries_path: Path, *, show: int = 3, k: int = 5) -> str:
+    """The top-k proponents, with their text (``topk.parquet``'s ``train_text``), of the first ``show`` queries
+    (and the known-source hit rate); k is capped at the ranks ``topk.parquet`` holds (``query.top_k``)."""
     queries = {e.id: e for e in load_examples(queries_path)}
     sources = expected_sources(queries_path)
     rows = pq.read_table(topk_path).to_pylist()
-    text = texts_of(train_path, {r["train_id"] for r in rows})
     k = min(k, max((r["rank"] for r in rows), default=k))
     lines = []
     for query_id in list(queries)[:show]:
@@ -80,7 +55,7 @@ def describe_proponents(topk_path: Path, train_path: Path, queries_path: Path, *
         lines.append(f"query {query_id}: {prompt!r} -> {q.text[len(prompt):]!r}")
         for r in (r for r in rows if r["query_id"] == query_id and r["rank"] <= k):
             mark = "  <- known source" if sources.get(query_id) == r["train_id"] else ""
-            lines.append(f"  {r['rank']}. {r['score']:+.4g}  [{r['train_id']}] {text[r['train_id']]}{mark}")
+            lines.append(f"  {r['rank']}. {r['score']:+.4g}  [{r['train_id']}] {r.get('train_text') or ''}{mark}")
     if sources:
         for top in sorted({1, k}):
             hit, total = source_hits(topk_path, sources, top)

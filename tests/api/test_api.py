@@ -137,14 +137,13 @@ def test_summary_counts_known_sources_within_the_stored_ranks(tmp_path):
 
     from lorif_ray.stages.summary import describe_proponents
 
-    train = [{"id": f"t{i}", "text": f"w{i}"} for i in range(4)]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in train))
     query = {"id": "q", "prompt": "a", "response": " b", "source_id": "t2"}
     (tmp_path / "q.jsonl").write_text(json.dumps(query) + "\n")
     pq.write_table(pa.table({"query_id": ["q"] * 3, "rank": [1, 2, 3], "train_id": ["t0", "t1", "t2"],
-                             "score": [3.0, 2.0, 1.0]}), tmp_path / "topk.parquet")
-    text = describe_proponents(tmp_path / "topk.parquet", tmp_path / "train.jsonl", tmp_path / "q.jsonl")
+                             "train_text": ["w0", "w1", "w2"], "score": [3.0, 2.0, 1.0]}), tmp_path / "topk.parquet")
+    text = describe_proponents(tmp_path / "topk.parquet", tmp_path / "q.jsonl")
     assert "known source in the top-3: 1/1" in text and "top-5" not in text
+    assert "3. +1  [t2] w2  <- known source" in text  # the text from topk.parquet
     assert "known source in the top-1: 0/1" in text
 
 

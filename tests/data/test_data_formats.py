@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lorif_ray.data import IGNORE_INDEX, Example, data_sha256, load_examples, read_rows, tokenize_examples
+from lorif_ray.data import (IGNORE_INDEX, Example, data_sha256, examples_of_rows, load_examples, read_rows,
+                            tokenize_examples)
 from lorif_ray.embedded.tokenizer import build_tokenizer
 from lorif_ray.errors import DataError
 from lorif_ray.store import file_sha256
@@ -148,3 +149,21 @@ def test_read_rows_serves_every_kind(tmp_path):
     directory = save_to_disk_layout(tmp_path / "saved", pa.Table.from_pylist(ROWS), shards=1)
     rows, columns = read_rows(directory)
     assert [r["id"] for r in rows] == ["a", "b"] and columns == {"id", "prompt", "response"}
+
+
+def test_rows_in_memory_are_checked_like_a_file(tmp_path):
+    """A request's rows (``examples_of_rows``) give the file's examples, and each bad row the file's error with
+    the request named instead of the file."""
+    assert examples_of_rows("request", ROWS) == EXPECTED
+    bad_sets = [ROWS + [{"id": "c", "text": "a cat"}], [{"id": "a", "prompt": "x"}], ROWS + [ROWS[0]],
+                [{"id": "a", "text": 3}], [{"messages": [{"role": "user", "content": "hi"}]}]]
+    for rows in bad_sets:
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(DataError) as from_file:
+            load_examples(path)
+        with pytest.raises(DataError) as from_memory:
+            examples_of_rows("request", rows)
+        assert str(from_memory.value) == str(from_file.value).replace(str(path), "request")
+    with pytest.raises(DataError, match=r"request, row 1: expected an object, got str"):
+        examples_of_rows("request", [ROWS[0], "the cat"])

@@ -16,7 +16,7 @@ import pytest
 
 import lorif_ray.data.examples as examples_module
 from lorif_ray.config import ClusterConfig, QueryConfig
-from lorif_ray.data import load_examples
+from lorif_ray.data import ROWS_NAME, load_examples
 from lorif_ray.errors import ConfigError
 from lorif_ray.distributed.index_pipeline import run_index_distributed
 from lorif_ray.distributed.stages import run_stage
@@ -40,6 +40,8 @@ def _assert_same_index(actual_dir, expected_dir, rtol=1e-6):
         scale = float(expected[name].abs().max())
         assert float((actual[name] - expected[name]).abs().max()) <= rtol * scale, name
     assert read_ids(actual_dir) == read_ids(expected_dir)
+    rows = [pq.read_table(Path(d) / ROWS_NAME) for d in (actual_dir, expected_dir)]  # written by the plan's task
+    assert rows[0].equals(rows[1]) and rows[0].column("example_id").to_pylist() == read_ids(expected_dir)
     _assert_same_statistics(actual_dir, expected_dir, rtol)
 
 

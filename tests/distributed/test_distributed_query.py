@@ -37,8 +37,10 @@ def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseli
     full = np.load(tmp_path / "full.npy")
     expected = np.load(baseline["cfg"].output_dir + "/scores.npy")
     assert _relative_error(full, expected) <= 1e-5
-    scores, index = merge_topk(results, 5)
-    np.testing.assert_array_equal(index.numpy(), np.argsort(-full, axis=1, kind="stable")[:, :5])
+    merged = merge_topk(results, 5)
+    np.testing.assert_array_equal(merged.index.numpy(), np.argsort(-full, axis=1, kind="stable")[:, :5])
+    np.testing.assert_array_equal(merged.low_index.numpy(), np.argsort(full, axis=1, kind="stable")[:, :5])
+    assert torch.all(merged.low_scores[:, :-1] <= merged.low_scores[:, 1:]) and torch.all(merged.low_scores[:, 0] < 0)
     assert [w.loads for w in workers] == [1, 1]
 
 
@@ -54,13 +56,17 @@ def test_the_ray_backend_equals_run_query(baseline, ray_cluster, monkeypatch):
     dist = baseline["config"]("dist_query", with_curvature=True)
     report = run_query(dist, partial(ray_query, num_workers=NUM_WORKERS))
     assert report["workers"] == NUM_WORKERS and report["route"] == "query" and not read
-    expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
-    actual = pq.read_table(dist.output_dir + "/topk.parquet").to_pydict()
-    for column in ("query_id", "rank", "train_id"):
-        assert actual[column] == expected[column], column
-    np.testing.assert_allclose(actual["score"], expected["score"], rtol=1e-5)
     scores, expected_scores = np.load(dist.output_dir + "/scores.npy"), np.load(one.output_dir + "/scores.npy")
     assert scores.shape == expected_scores.shape and _relative_error(scores, expected_scores) <= 1e-5
+    train_ids = json.loads(open(one.output_dir + "/scores.json").read())["train_ids"]
+    for name, order in (("topk.parquet", -expected_scores), ("opponents.parquet", expected_scores)):
+        expected = pq.read_table(f"{one.output_dir}/{name}").to_pydict()
+        actual = pq.read_table(f"{dist.output_dir}/{name}").to_pydict()
+        for column in ("query_id", "rank", "train_id"):
+            assert actual[column] == expected[column], (name, column)
+        np.testing.assert_allclose(actual["score"], expected["score"], rtol=1e-5)
+        ranked = np.argsort(order, axis=1, kind="stable")[:, :5]  # both ends are the full matrix's, sorted
+        assert expected["train_id"] == [train_ids[i] for i in ranked.reshape(-1)], name
     saved, expected_saved = (json.loads(open(d + "/scores.json").read()) for d in (dist.output_dir, one.output_dir))
     assert (saved["query_ids"], saved["train_ids"]) == (expected_saved["query_ids"], expected_saved["train_ids"])
 
@@ -96,9 +102,10 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
     assert [s["shards"] for s in after] == [[0, 1, 2], [3, 4]]
     assert [s["loads"] for s in after] == [1, 1] and [s["pid"] for s in after] == [s["pid"] for s in before]
     assert sum(s["rows"] for s in after) == manifest.num_rows
-    torch.testing.assert_close(second[1], first[1][3:])
-    torch.testing.assert_close(second[0], first[0][3:], rtol=1e-6, atol=0)
-    assert second[0].shape == (3, 5)
+    torch.testing.assert_close(second.index, first.index[3:])
+    torch.testing.assert_close(second.scores, first.scores[3:], rtol=1e-6, atol=0)
+    torch.testing.assert_close(second.low_index, first.low_index[3:])
+    assert second.scores.shape == second.low_scores.shape == (3, 5)
 
 
 def test_a_service_without_curvature_fails_at_start_naming_it(baseline, ray_cluster):

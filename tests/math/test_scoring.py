@@ -128,8 +128,9 @@ def test_chunked_topk_equals_full_topk():
     topk = TopK(full.shape[0], 6, "cpu")
     score_blocks(stacked, ((s, [""] * (min(s + 7, 50) - s), block.rows(s, min(s + 7, 50))) for s in range(0, 50, 7)),
                  topk)
-    best = torch.topk(full, 6, dim=1)
+    best, worst = torch.topk(full, 6, dim=1), torch.topk(full, 6, dim=1, largest=False)
     assert torch.equal(topk.index, best.indices) and torch.allclose(topk.scores, best.values, rtol=1e-12)
+    assert torch.equal(topk.low_index, worst.indices) and torch.allclose(topk.low_scores, worst.values, rtol=1e-12)
 
 
 def test_bf16_matmuls_stay_close():

@@ -30,7 +30,8 @@ def test_lorif_with_full_rank_equals_logra_through_the_cli(tiny_assets, tmp_path
     lorif, logra = (np.load(tmp_path / m / "scores.npy") for m in ("lorif", "logra"))
     assert lorif.shape == (6, 48) and lorif.dtype == np.float32
     assert np.linalg.norm(lorif - logra) / np.linalg.norm(logra) <= 1e-4
-    assert pq.read_table(tmp_path / "lorif" / "topk.parquet").column_names == ["query_id", "rank", "train_id", "score"]
+    columns = pq.read_table(tmp_path / "lorif" / "topk.parquet").column_names
+    assert columns == ["query_id", "query_text", "rank", "train_id", "train_text", "score"]
 
 
 def test_stages_as_separate_jobs_and_a_multirun(tiny_assets, tmp_path):

@@ -1,14 +1,18 @@
 """Stage 1 in one process reads its input shard by shard: any input kind gives the index of the JSON Lines
-file, and a resumed run reads the rows of the missing shards only."""
+file, a resumed run reads the rows of the missing shards only, and the same pass writes the row table."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 import lorif_ray.stages.inputs as inputs
+from lorif_ray.data import ROWS_NAME, TrainTexts
+from lorif_ray.errors import IndexMismatchError
 from lorif_ray.stages.index import run_index
 from lorif_ray.store import Manifest, read_ids
 from tests.conftest import SHARD_SIZE
@@ -41,3 +45,24 @@ def test_a_resumed_run_reads_only_the_missing_shards_rows(tiny_assets, tmp_path,
     assert (report["computed"], report["skipped_shards"]) == (SHARD_SIZE, 4)
     assert [(r.start, r.stop) for r in read] == [(30, 40)]
     assert read_ids(cfg.index_path) == [f"t{i}" for i in range(48)]
+
+
+def test_stage_1_writes_the_row_table_beside_the_shards(tiny_assets, tmp_path):
+    """Stage 1 writes ``_rows.parquet`` (the ids in index order; the dataset reader still sees the shards only); a
+    finished index without it gets it on the next run, and a run refused for another input leaves it alone."""
+    cfg = make_config(tiny_assets, tmp_path, shard_size=SHARD_SIZE)
+    run_index(cfg)
+    table = cfg.index_path / ROWS_NAME
+    assert pq.read_table(table).column("example_id").to_pylist() == read_ids(cfg.index_path)
+    assert pq.read_table(cfg.index_path).num_rows == 48 and "example_id" in pq.read_table(cfg.index_path).column_names
+    last = json.loads(tiny_assets["train"].read_text().splitlines()[47])["text"]
+    assert TrainTexts(cfg.index_path).texts([47]) == {47: last}
+    table.unlink()
+    assert run_index(cfg)["computed"] == 0 and table.is_file()  # reused, and the table written again
+    before = table.read_bytes()
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"id": f"o{i}", "text": "the cat"}) + "\n" for i in range(48)))
+    with pytest.raises(IndexMismatchError):
+        run_index(replace(cfg, data=replace(cfg.data, train=str(other))))
+    assert table.read_bytes() == before
+    assert sorted(p.name for p in cfg.index_path.iterdir() if "_rows" in p.name) == [ROWS_NAME]  # no temporary

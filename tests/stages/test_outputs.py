@@ -49,7 +49,8 @@ def test_the_token_scores_of_a_query_sum_to_its_score(exact_factors):
         assert tokens and _relative_error(scores[tokens].sum(axis=0), scores[q]) < 1e-4, query
     table = pq.read_table(f"{cfg.output_dir}/topk_per_token.parquet").to_pylist()
     first = table[0]
-    assert set(first) == {"query_id", "position", "token", "rank", "train_id", "score"} and first["rank"] == 1
+    assert set(first) == {"query_id", "query_text", "position", "token", "rank", "train_id", "train_text", "score"}
+    assert first["rank"] == 1
     row = row_ids.index(f"{first['query_id']}@{first['position']}")
     assert first["train_id"] == f"t{int(np.argmax(scores[row]))}"
 
