@@ -8,12 +8,13 @@ from lorif_ray.data.batching import (
     iter_batches,
     tokenize_examples,
 )
-from lorif_ray.data.examples import Example, iter_examples, load_examples
+from lorif_ray.data.examples import Columns, Example, iter_examples, load_examples
 from lorif_ray.data.rows import RowRange, data_sha256, iter_rows, read_rows
 from lorif_ray.data.shards import InputPlan, InputShard, plan_input, read_shard
 
 __all__ = [
     "IGNORE_INDEX",
+    "Columns",
     "Example",
     "InputPlan",
     "InputShard",

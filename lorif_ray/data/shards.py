@@ -15,18 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorif_ray.data.examples import Example, check_unique_ids, iter_examples
+from lorif_ray.data.examples import DEFAULT_COLUMNS, Columns, Example, check_unique_ids, iter_examples
 from lorif_ray.data.rows import RowRange, data_sha256
 from lorif_ray.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
 class InputShard:
-    """One shard of a training input: rows ``rows`` of ``path``, of the file's schema ``schema``."""
+    """One shard of a training input: rows ``rows`` of ``path``, of the file's schema ``schema``, its fields in
+    ``columns`` (what a Ray worker needs to read it)."""
 
     path: str
     schema: str
     rows: RowRange
+    columns: Columns = DEFAULT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class InputPlan:
         sha256: ``data_sha256`` of the input.
         schema: Its rows' schema (one of ``lorif_ray.data.examples.SCHEMAS``).
         ranges: The row range of each shard, in order.
+        columns: The columns of the schema's fields (``data.*_column``).
 
     Example:
         >>> plan = plan_input("train.jsonl", shard_size=1024)  # doctest: +SKIP
@@ -49,16 +52,17 @@ class InputPlan:
     sha256: str
     schema: str
     ranges: tuple[RowRange, ...]
+    columns: Columns = DEFAULT_COLUMNS
 
     @property
     def num_rows(self) -> int:
         return self.ranges[-1].stop
 
     def shard(self, index: int) -> InputShard:
-        return InputShard(self.path, self.schema, self.ranges[index])
+        return InputShard(self.path, self.schema, self.ranges[index], self.columns)
 
 
-def plan_input(path: str | Path, shard_size: int) -> InputPlan:
+def plan_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_COLUMNS) -> InputPlan:
     """Check a training input and cut it into shards of ``shard_size`` rows (one streaming pass, plus the hash).
 
     Raises:
@@ -72,14 +76,14 @@ def plan_input(path: str | Path, shard_size: int) -> InputPlan:
         raise ConfigError(f"shard_size={shard_size}: must be >= 1")
     path = Path(path)
     ranges, ids, schema = [], [], None
-    for rows, examples in iter_examples(path, batch_rows=shard_size):
+    for rows, examples in iter_examples(path, batch_rows=shard_size, columns=columns):
         schema = schema or examples[0].schema
         ranges.append(rows)
         ids.append(pa.array([e.id for e in examples], pa.string()))
     if not ranges:
         raise DataError(f"{path}: the file holds no examples")
     check_unique_ids(path, pa.chunked_array(ids, pa.string()))
-    return InputPlan(str(path), data_sha256(path), schema, tuple(ranges))
+    return InputPlan(str(path), data_sha256(path), schema, tuple(ranges), columns)
 
 
 def read_shard(shard: InputShard) -> list[Example]:
@@ -90,7 +94,8 @@ def read_shard(shard: InputShard) -> list[Example]:
             ``plan_input``).
     """
     rows = shard.rows
-    examples = [e for _, batch in iter_examples(shard.path, rows, shard.schema, batch_rows=rows.rows) for e in batch]
+    examples = [e for _, batch in iter_examples(shard.path, rows, shard.schema, batch_rows=rows.rows,
+                                                columns=shard.columns) for e in batch]
     if len(examples) != rows.rows:
         raise DataError(f"{shard.path}: rows [{rows.start}, {rows.stop}) were planned, {len(examples)} read; the "
                         "file changed after stage 1 planned its shards: run stage 1 again")

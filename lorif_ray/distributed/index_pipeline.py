@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
-from lorif_ray.data import InputPlan, InputShard, plan_input
+from lorif_ray.data import Columns, InputPlan, InputShard, plan_input
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows
@@ -337,7 +337,7 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
     import ray
 
     model_path, train_path = train_input(cfg)
-    plan = _plan_in_a_task(train_path, cfg.shard_size)
+    plan = _plan_in_a_task(train_path, cfg.shard_size, cfg.data.columns)
     pipeline = IndexPipeline(cfg, str(model_path), max_replicas=len(plan.ranges))
     try:
         layout = ray.get(pipeline.gradient_actors[0].describe.remote(plan.sha256, plan.num_rows))
@@ -362,7 +362,7 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         pipeline.close()
 
 
-def _plan_in_a_task(train_path, shard_size: int) -> InputPlan:
+def _plan_in_a_task(train_path, shard_size: int, columns: Columns) -> InputPlan:
     """``plan_input`` run by a Ray task where the data is (every node sees the path), not by the driver:
     the driver receives the hash and each shard's row range, never a row.
 
@@ -373,7 +373,7 @@ def _plan_in_a_task(train_path, shard_size: int) -> InputPlan:
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size))
+        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size, columns))
     except RayTaskError as error:
         raise error.as_instanceof_cause() from None
 

@@ -42,7 +42,7 @@ class RemoteQueryFeaturizer:
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]
-        self.per_token = cfg.query.per_token
+        self.per_token, self.columns = cfg.query.per_token, cfg.data.columns
         one_replica = replace(cfg, cluster=replace(cfg.cluster, gradient_actors=1, fused=True))
         self.pipeline = IndexPipeline(one_replica, str(model_path))
         try:
@@ -59,7 +59,7 @@ class RemoteQueryFeaturizer:
         """The featurized queries of a file (``query.per_token``: and their tokens)."""
         import ray
 
-        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
+        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token, self.columns)
         start = time.perf_counter()
         # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
         calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement)

@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lorif_ray.config import Config
-from lorif_ray.data import IGNORE_INDEX, TokenizedExample
+from lorif_ray.data import IGNORE_INDEX, Columns, TokenizedExample
+from lorif_ray.data.examples import DEFAULT_COLUMNS
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
@@ -145,7 +146,7 @@ class QueryRows:
         return self.ids + [f"{query}@{position}" for query, position, _ in self.tokens]
 
 
-def query_examples(path: Path, tokenizer, max_length: int, per_token: bool
+def query_examples(path: Path, tokenizer, max_length: int, per_token: bool, columns: Columns = DEFAULT_COLUMNS
                    ) -> tuple[list[TokenizedExample], list[tuple[str, int, str]]]:
     """The tokenized queries of a file and, with ``per_token``, after them one copy of each query per target
     token whose labels keep that token only (its loss alone), with (query id, position, token text) each.
@@ -153,7 +154,7 @@ def query_examples(path: Path, tokenizer, max_length: int, per_token: bool
     Raises:
         ConfigError: the file holds no queries.
     """
-    queries = tokenized(Path(path), tokenizer, max_length)
+    queries = tokenized(Path(path), tokenizer, max_length, columns)
     if not queries:
         raise ConfigError(f"{path} holds no queries")
     if not per_token:
@@ -197,11 +198,11 @@ class QueryFeaturizer:
                                            layer_names=[s.name for s in layer_specs(manifest)])
         self.featurizer.measurement = measurement or cfg.query.measurement
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
-        self.per_token = cfg.query.per_token
+        self.per_token, self.columns = cfg.query.per_token, cfg.data.columns
 
     def __call__(self, queries_path: Path) -> QueryRows:
         """The featurized queries of a file (``query.per_token``: and their tokens)."""
-        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token)
+        queries, tokens = query_examples(queries_path, self.tokenizer, self.max_length, self.per_token, self.columns)
         start = time.perf_counter()
         parts = [self.featurizer(ids, batch)
                  for ids, batch in token_batches(queries, self.batch_size, self.tokenizer.pad_token_id)]
