@@ -43,3 +43,8 @@ class NonFiniteGradientError(LorifError, FloatingPointError):
 
 class ClusterLostError(LorifError, RuntimeError):
     """Ray lost the driver's own node (its raylet died) mid-stage; finished work is kept for a re-run."""
+
+
+class CorruptModelError(LorifError, ValueError):
+    """A model file that cannot be read (a config.json or safetensors file cut short, a bad header): the file is
+    named, with what is wrong."""
