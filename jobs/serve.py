@@ -16,13 +16,8 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
-import hydra
+from lorif_ray.cli import run_job
 
-from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.distributed.cluster import actor_options, connect
-from lorif_ray.distributed.query_service import serve
-
-register_configs()
 logger = logging.getLogger(__name__)
 
 
@@ -67,9 +62,10 @@ def answer_each(serve_batches: Callable[[Iterable[str]], Iterator[dict]], lines:
             yield {"batch": source.count - 1, "queries": source.last, "error": f"{type(error).__name__}: {error}"}
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    cfg = from_hydra(cfg)
+    from lorif_ray.distributed.cluster import actor_options, connect
+    from lorif_ray.distributed.query_service import serve
+
     connect(cfg.cluster)
     options = actor_options(cfg.cluster, gpu=True)
     batches = lambda files: serve(cfg, files, cfg.cluster.query_actors, actor_options=options)  # noqa: E731
@@ -78,4 +74,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, stages=("serve",), doc=__doc__)
