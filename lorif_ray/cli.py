@@ -112,8 +112,9 @@ def _run_hydra(task, config_name: str, stages: Sequence[str], job: str, argv: li
         except (Exception, KeyboardInterrupt) as error:
             raise _JobFailed(error) from error
 
-    body.__module__ = "__main__"  # Hydra names the job after the calling file (sys.argv[0])
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its composition errors; this module reports them
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv = [*argv, f"hydra.job.name={job}"]  # Hydra would name the job after this module
     saved = sys.argv
     sys.argv = [saved[0], *argv]
     try:

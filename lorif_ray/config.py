@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from lorif_ray.errors import ConfigError
-from lorif_ray.store.schema import STORAGE_DTYPES
 
 # method → (what stage 1 stores per example, the curvature of stage 2): the only place a method name means
 # anything; stages ask the method for these two parts
@@ -239,6 +238,8 @@ class Config:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first invalid value."""
+    from lorif_ray.store.schema import STORAGE_DTYPES  # here: importing the store loads torch (a key check does not)
+
     checks = [
         (cfg.method.name in METHODS, f"method={cfg.method.name!r}: choose one of {METHODS}"),
         (cfg.f >= 1, f"f={cfg.f}: the projection factor must be >= 1"),

@@ -120,3 +120,25 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def write_hub_cache(cache_dir, repo_id: str, model_dir, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A pre-filled Hugging Face Hub cache holding ``model_dir``'s files as ``repo_id``, in the layout that
+    huggingface_hub writes: ``models--<org>--<name>/blobs/<hash>`` (the bytes), ``snapshots/<revision>/<file>``
+    (relative links to the blobs) and ``refs/main`` (the revision). Returns the snapshot folder."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(Path(model_dir).iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

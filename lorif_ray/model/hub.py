@@ -1,13 +1,14 @@
 """``model.path`` as a local folder or a Hugging Face Hub id, resolved through the local Hub cache only.
 
 A Hub id (``gpt2``, ``org/name``) is looked up in the cache that ``huggingface_hub`` uses (``HF_HUB_CACHE``,
-else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``): the snapshot of its ``refs/main`` is the model
-folder. Nothing is downloaded; the driver resolves the id once and every stage and Ray actor gets the folder.
+else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; layout ``models--org--name/refs/main`` holding a
+commit, ``snapshots/<commit>/`` the files): the snapshot of ``refs/main`` is the model folder. Nothing is downloaded; the driver resolves the id once and every stage and Ray actor gets the folder.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -20,10 +21,16 @@ _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face Hub cache this process reads (``huggingface_hub.constants.HF_HUB_CACHE``)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
+    """The Hugging Face Hub cache, by huggingface_hub's documented precedence, read now (not at import):
+    ``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``$HF_HOME/hub``, ``$XDG_CACHE_HOME/huggingface/hub``,
+    ``~/.cache/huggingface/hub``."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "huggingface" / "hub"
 
 
 def is_hub_id(text: str) -> bool:
