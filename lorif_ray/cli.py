@@ -15,8 +15,8 @@ What it adds to ``hydra.main``:
 - A job over an output folder (``stages``) checks its inputs (``check_before_work``: model folder or Hub id,
   data files, index and curvature) and a local Ray layout before Ray starts or a model loads, then claims the
   folder (``claim_output_dir``). Only then does anything go into ``output_dir``: Hydra's record of the run
-  (``.hydra/``) and the run's own log file ``logs/<job>-<YYYYmmdd-HHMMSS>.log``, with ``<job>.log`` a link to
-  the newest one. Hydra itself writes nothing there (``hydra.output_subdir: null``, console-only job logging).
+  (``.hydra/``) and the run's own log file ``logs/<job>-<YYYYmmdd-HHMMSS-mmm>.log``, with ``<job>.log`` a link
+  to the newest one. Hydra itself writes nothing there (``hydra.output_subdir: null``, console-only job logging).
 
 This module is the terminal front end of the package: it writes the error line and ``--help`` itself.
 """
@@ -44,6 +44,7 @@ _TRUE = ("true", "1", "yes", "on")
 _BOOLEAN = _TRUE + ("false", "0", "no", "off")
 
 log = logging.getLogger(__name__)
+_run_log: logging.FileHandler | None = None  # the log file of the job running in this process
 
 
 class _JobFailed(BaseException):
@@ -156,20 +157,25 @@ def record_run(output_dir: Path, dict_config) -> None:
 
 
 def start_run_log(output_dir: Path, job: str) -> Path:
-    """Log this run to its own file ``<output_dir>/logs/<job>-<YYYYmmdd-HHMMSS>.log`` (root logger, INFO, Hydra's
-    format) and point ``<output_dir>/<job>.log`` at it, so the newest run's log is always at the same path
+    """Log this run to its own file ``<output_dir>/logs/<job>-<YYYYmmdd-HHMMSS-mmm>.log`` (root logger, INFO,
+    Hydra's format) and point ``<output_dir>/<job>.log`` at it, so the newest run's log is always at the same path
     (``ls <output_dir>/logs`` lists every run's, oldest first). A ``<job>.log`` of an older version (one file
     appended by every run) moves into ``logs/`` first."""
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}"
     path, n = logs / f"{job}-{stamp}.log", 1
-    while path.exists():
+    while path.exists():  # names sort by time; two runs in one millisecond get a count
         n += 1
-        path = logs / f"{job}-{stamp}-{n}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        path = logs / f"{job}-{stamp}{n}.log"
+    global _run_log
     root = logging.getLogger()
+    if _run_log is not None:  # the previous job of a multirun: its file ends here
+        root.removeHandler(_run_log)
+        _run_log.close()
+    handler = _run_log = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
@@ -202,9 +208,8 @@ def _exit(error: BaseException, debug: bool, command_line: bool = False) -> typi
         traceback.print_exception(type(error), error, error.__traceback__)
     if message is None:
         sys.exit(1)
-    for handler in logging.getLogger().handlers:  # the run's log file (if started) records the error too
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.LogRecord("lorif_ray.cli", logging.ERROR, __file__, 0, message, None, None))
+    if _run_log is not None:  # the run's log file (if started) records the error too
+        _run_log.emit(logging.LogRecord("lorif_ray.cli", logging.ERROR, __file__, 0, message, None, None))
     sys.stderr.write(f"error: {message}\n")
     sys.exit(EXIT_ERROR)
 

@@ -117,7 +117,8 @@ class PrecisionConfig:
     a query whose policy differs from its curvature's is refused (``lorif_ray.precision``).
     """
 
-    # stored g'_t: float32 unless overridden knowingly (bf16 g'_t gave relative score errors of 0.1 at σ₁²/λ ≈ 500)
+    # stored g'_t: float32 unless overridden knowingly (bf16 g'_t gave relative score errors of 0.1 at
+    # σ₁²/λ ≈ 500)
     coordinates: str = setting("float32", "dtype of the stored g'_t (query.store_coordinates): float32 | float16 | "
                                           "bfloat16")
     # eigensolves and the final k×D step of the randomized SVD always run in float64
@@ -138,8 +139,8 @@ class QueryConfig:
     resident: bool = setting(False, "cluster=none: hold the whole index in memory instead of streaming shards")
     # more disk, much less query time; on Ray the query actors then hold no V_r for scoring, only a share of the
     # layers' V_r to project the queries
-    store_coordinates: bool = setting(False, "stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per example) "
-                                             "so queries skip recomputing them")
+    store_coordinates: bool = setting(False, "stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per "
+                                             "example) so queries skip recomputing them")
     # training examples: always the summed loss. logprob's gradient is minus the loss's and it is scored with that
     # sign flipped, so > 0 still means proponent; "custom:<name>" records a function passed to the Python API
     measurement: str = setting("loss", "what a query's gradient is taken of: loss (summed over target tokens) | "
@@ -198,8 +199,8 @@ class Config:
     curvature: Optional[str] = setting(None, "stage 2's curvature: woodbury | exact | identity | kfac | ekfac; null = "
                                              "the method's (lorif: woodbury, logra: exact, graddot: identity)")
     damping: Optional[float] = setting(None, "λ; null = damping_scale x a mean eigenvalue (per curvature, README)")
-    damping_scale: Optional[float] = setting(None, "the default λ's scale (λ = scale x a mean eigenvalue); null = the "
-                                                   "curvature's default (0.1 for woodbury and exact)")
+    damping_scale: Optional[float] = setting(None, "the default λ's scale (λ = scale x a mean eigenvalue); null = "
+                                                   "the curvature's default (0.1 for woodbury and exact)")
     seed: int = setting(0, "seed of the projections, factor start blocks and rSVD start")
     # (Ã, S̃; curvature=kfac|ekfac). "sampled" is how Kronfluence fits its factors (one more forward+backward per
     # batch); the stored rows are the same.

@@ -91,11 +91,13 @@ def baseline(tiny_assets, tmp_path_factory):
     from lorif_ray.config import ClusterConfig, QueryConfig
     from lorif_ray.stages.curvature import run_curvature
     from lorif_ray.stages.index import run_index
+    from lorif_ray.stages.outputs import claim_output_dir
     from lorif_ray.stages.query import run_query
     from tests.stages.helpers import make_config
     root = tmp_path_factory.mktemp("dist")
     cfg = make_config(tiny_assets, root / "one", shard_size=SHARD_SIZE, query=QueryConfig(**QUERY_CONFIG),
                       cluster=ClusterConfig(backend="none"))
+    claim_output_dir(cfg)  # this tool's folder, as the jobs make it (jobs/serve.py writes into it)
     run_index(cfg)
     run_curvature(cfg)
     run_query(cfg)

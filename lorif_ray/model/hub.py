@@ -2,7 +2,8 @@
 
 A Hub id (``gpt2``, ``org/name``) is looked up in the cache that ``huggingface_hub`` uses (``HF_HUB_CACHE``,
 else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; layout ``models--org--name/refs/main`` holding a
-commit, ``snapshots/<commit>/`` the files): the snapshot of ``refs/main`` is the model folder. Nothing is downloaded; the driver resolves the id once and every stage and Ray actor gets the folder.
+commit, ``snapshots/<commit>/`` the files): the snapshot of ``refs/main`` is the model folder. Nothing is
+downloaded; the driver resolves the id once and every stage and Ray actor gets the folder.
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def load_tokenizer(path: str | Path):
 
 
 # what a model folder may hold as weights, and as its tokenizer (any one of them)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # safetensors refuses headers above 100 MB; a longer length is a corrupt file
 MAX_SAFETENSORS_HEADER = 100_000_000
@@ -143,7 +144,8 @@ def safetensors_files(path: Path) -> list[Path]:
             raise CorruptModelError(f"{index}: not a safetensors index (JSON with a weight_map): {e}") from e
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise ConfigError(f"{index} names {len(missing)} weight file(s) that are not there: {', '.join(missing[:3])}")
+            raise ConfigError(f"{index} names {len(missing)} weight file(s) that are not there: "
+                              f"{', '.join(missing[:3])}")
         return [path / n for n in names]
     single = path / "model.safetensors"
     return [single] if single.is_file() else []

@@ -124,3 +124,15 @@ def test_every_field_has_a_one_line_help_text():
     for schema in (Config, SweepConfig, PlanConfig):
         for key in schema_keys(schema):
             assert key.help and "\n" not in key.help, f"{schema.__name__}.{key.name}"
+
+
+def test_a_layout_the_local_instance_cannot_hold_fails_before_ray_starts(tiny_assets, tmp_path, env):
+    """The stage-1 layout is checked against the local instance the job would start (its size is known before
+    it starts): one line, asked vs available, instead of starting Ray (this check used to need a running one)."""
+    result = run("index", f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}",
+                 "data.max_length=32", "cluster.num_cpus=2", "cluster.gradient_actors=8",
+                 f"output_dir={tmp_path / 'out'}", env=env)
+    line = _error_line(result)
+    assert line.startswith("error: the stage-1 layout does not fit this Ray cluster: it asks 8 replica(s)")
+    assert "the cluster has 2 CPUs" in line
+    assert not ray_started(tmp_path) and not (tmp_path / "out").exists()
