@@ -103,10 +103,9 @@ class Attributor:
                           method=MethodConfig(name=method), query=QueryConfig(top_k=top_k, full_scores=True),
                           cluster=_cluster_config(cluster), f=f, c=c, r=r, damping=damping, seed=seed, dtype=dtype,
                           output_dir=str(output_dir), progress=progress, **config)
+        path = None if in_memory or model is None else str(resolve_model_path(model))  # before writing anything
         claim_output_dir(self.cfg)
-        if not in_memory:
-            path = None if model is None else str(resolve_model_path(model))
-        else:
+        if in_memory:
             path = str(self._save_model(model, tokenizer))
         self.cfg = replace(self.cfg, model=replace(self.cfg.model, path=path))
 
