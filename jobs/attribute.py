@@ -1,4 +1,4 @@
-"""All three stages: index → curvature → query. With no arguments it runs the embedded default
+r"""All three stages: index → curvature → query. With no arguments it runs the embedded default
 (a tiny GPT-2 the project trains once on its synthetic facts corpus, cached in ~/.cache/lorif-ray/embedded).
 
     python jobs/attribute.py                                   # the embedded demo
@@ -8,22 +8,19 @@
     python jobs/attribute.py cluster=none                      # all stages in this process, no Ray
     ray job submit --working-dir . -- python jobs/attribute.py cluster=gpu_nodes model.path=... # a running cluster
 
-By default (cluster=local) the stages run on Ray actors of a local instance this job starts.
+By default (cluster=local) the stages run on Ray actors of a local instance this job starts. `--help` lists
+every key; an error is one line (debug=true shows its traceback); the run's log is <output_dir>/attribute.log.
 """
 
-import hydra
-
-from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.distributed.stages import run_stage
-from lorif_ray.stages.attribute import run_attribute
-
-register_configs()
+from lorif_ray.cli import run_job
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    run_attribute(from_hydra(cfg), run_stage)
+    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.stages.attribute import run_attribute
+
+    run_attribute(cfg, run_stage)
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, stages=("index", "curvature", "query"), doc=__doc__)

@@ -5,20 +5,17 @@
 
 import logging
 
-import hydra
+from lorif_ray.cli import run_job
 
-from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.distributed.stages import run_stage
-
-register_configs()
-log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
+log = logging.getLogger(__name__)  # the console, and the run's log file in output_dir (lorif_ray.cli)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    report = run_stage("curvature", from_hydra(cfg))
+    from lorif_ray.distributed.stages import run_stage
+
+    report = run_stage("curvature", cfg)
     log.info("curvature: %s%s", report["path"], " (reused)" if report["reused"] else f" in {report['seconds']:.1f}s")
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, stages=("curvature",), doc=__doc__)

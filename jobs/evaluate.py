@@ -10,22 +10,18 @@ eval.scores=<scores.npy> also the LDS of those scores (any method; ids in the sc
 import json
 from pathlib import Path
 
-import hydra
-import numpy as np
-import torch
-
-from lorif_ray.config import from_hydra
-from lorif_ray.eval.config import register_sweep_configs
-from lorif_ray.eval.groundtruth import ensure_setup, ground_truth
-from lorif_ray.eval.stats import MeanSE, lds_per_query
-from lorif_ray.eval.sweep import write_ground_truth_summary
-
-register_sweep_configs()
+from lorif_ray.cli import run_job
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="sweep")
 def main(cfg) -> None:
-    ev = from_hydra(cfg).eval
+    import numpy as np
+    import torch
+
+    from lorif_ray.eval.groundtruth import ensure_setup, ground_truth
+    from lorif_ray.eval.stats import MeanSE, lds_per_query
+    from lorif_ray.eval.sweep import write_ground_truth_summary
+
+    ev = cfg.eval
     torch.set_num_threads(ev.threads)
     setup = ensure_setup(ev)
     gt = ground_truth(ev, setup)
@@ -42,4 +38,4 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, config_name="sweep", doc=__doc__)

@@ -7,20 +7,17 @@
 
 import logging
 
-import hydra
+from lorif_ray.cli import run_job
 
-from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.distributed.stages import run_stage
-from lorif_ray.stages.summary import describe_index
-
-register_configs()
-log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
+log = logging.getLogger(__name__)  # the console, and the run's log file in output_dir (lorif_ray.cli)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    log.info("%s", describe_index(run_stage("index", from_hydra(cfg))))
+    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.stages.summary import describe_index
+
+    log.info("%s", describe_index(run_stage("index", cfg)))
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, stages=("index",), doc=__doc__)

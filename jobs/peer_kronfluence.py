@@ -8,23 +8,17 @@ score queries × train, then LDS (same ground truth) and tail-patch; one row in 
     nice -n 10 .venv/bin/python jobs/peer_kronfluence.py eval.kronfluence.fisher=empirical
 """
 
-import hydra
-
-from lorif_ray.config import from_hydra
-from lorif_ray.eval.config import register_sweep_configs
-
-register_sweep_configs()
+from lorif_ray.cli import run_job
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="sweep")
 def main(cfg) -> None:
     from lorif_ray.eval.kronfluence_peer import run_kronfluence
 
-    row = run_kronfluence(from_hydra(cfg))
+    row = run_kronfluence(cfg)
     print(f"{row['method']} (damping {row['damping']}): LDS {row['lds']:.3f} ± {row['lds_se']:.3f}, "
           f"tail-patch {row['tail_patch']:.4f} ± {row['tail_patch_se']:.4f}, factors fit "
           f"{row['curvature_seconds']:.1f} s, scoring {row['query_seconds']:.1f} s; {row['note']}")
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, config_name="sweep", doc=__doc__)

@@ -8,18 +8,14 @@ each saying whether it is exact or an estimate and from what.
     python jobs/plan.py model=apertus_70b f=64 tp_size=4 batch_size=4 max_length=2048
 """
 
-import hydra
-from omegaconf import OmegaConf
-
-from lorif_ray.plan import format_plan, make_plan, register_plan_config
-
-register_plan_config()
+from lorif_ray.cli import run_job
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="plan")
 def main(cfg) -> None:
-    print(format_plan(make_plan(OmegaConf.to_object(cfg))))
+    from lorif_ray.plan import format_plan, make_plan
+
+    print(format_plan(make_plan(cfg)))
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, config_name="plan", doc=__doc__)

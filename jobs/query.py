@@ -5,21 +5,18 @@
 
 import logging
 
-import hydra
+from lorif_ray.cli import run_job
 
-from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.distributed.stages import run_stage
-
-register_configs()
-log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
+log = logging.getLogger(__name__)  # the console, and the run's log file in output_dir (lorif_ray.cli)
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    report = run_stage("query", from_hydra(cfg))
+    from lorif_ray.distributed.stages import run_stage
+
+    report = run_stage("query", cfg)
     log.info("scored %d queries x %d training examples in %.2fs -> %s", report["queries"], report["train"],
              report["score_seconds"], report["topk_path"])
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, stages=("query",), doc=__doc__)

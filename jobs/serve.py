@@ -12,18 +12,14 @@ and answers each query's proponents and opponents with their training texts; ``G
 until the service is loaded. On Ray it is a Ray Serve app, deleted when the job ends.
 """
 
-import hydra
-
-from lorif_ray.config import from_hydra, register_configs
-from lorif_ray.distributed.stages import run_service
-
-register_configs()
+from lorif_ray.cli import run_job
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    run_service(from_hydra(cfg))
+    from lorif_ray.distributed.stages import run_service
+
+    run_service(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main, stages=("serve",), doc=__doc__)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,6 +32,7 @@ from lorif_ray.config import ClusterConfig, Config, DataConfig, MethodConfig, Mo
 from lorif_ray.data import TrainTexts, load_examples
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.capture import MEASUREMENTS
+from lorif_ray.model.hub import resolve_model_path
 from lorif_ray.stages.index import quiet_transformers
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.outputs import claim_output_dir
@@ -38,18 +41,29 @@ from lorif_ray.store import read_table_meta
 log = logging.getLogger(__name__)
 
 Data = Any
-"""A data path (``.jsonl``, ``.parquet``, ``.arrow``, a ``save_to_disk`` folder), a ``datasets.Dataset``, a
-``pyarrow.Table``, a list of dicts (``text``, ``prompt`` + ``response`` or ``messages``) or a list of strings."""
+"""A data path (``.jsonl``, ``.parquet``, ``.arrow``, a ``save_to_disk`` folder, of a Dataset or a DatasetDict), a
+``datasets.Dataset``, a ``datasets.DatasetDict`` (or any mapping of split name → data: pick one with ``split=``),
+a ``pyarrow.Table``, a list of dicts (``text``, ``prompt`` + ``response`` or ``messages``, or the columns named by
+``columns=``), a list of strings, or any other iterable of such rows or strings (a ``datasets.IterableDataset``, a
+generator: written once to Parquet in bounded memory, ``shard_size`` rows at a time)."""
+
+COLUMN_ROLES = ("text", "prompt", "response", "messages", "id")
 
 
 class Attributor:
     """Training-data attribution for one model, writing everything to ``output_dir``.
 
     Args:
-        model: a local Hugging Face model folder, a model object already in memory (then ``tokenizer`` is
-            required: both are saved with ``save_pretrained`` to ``<output_dir>/model`` and loaded from there,
+        model: a local Hugging Face model folder, a Hub id in the local Hugging Face cache (resolved here, once,
+            to its snapshot folder; nothing is downloaded), a model object already in memory (then ``tokenizer``
+            is required: both are saved with ``save_pretrained`` to ``<output_dir>/model`` and loaded from there,
             since the stages and Ray actors load models from folders), or None for the embedded default.
         tokenizer: the tokenizer of an in-memory model (a folder holds its own).
+        model_dtype: the model's compute dtype (``model.dtype``: float32, bfloat16, float16, float64); None =
+            float32 for a folder, the object's own dtype for a model object (a bf16 model stays bf16; a
+            model_dtype other than the object's, or an object of mixed or other dtypes, is refused by name).
+        columns: the data's column names where they are not the defaults, e.g. ``{"text": "content", "id":
+            "doc_id"}`` (roles: text, prompt, response, messages, id; the ``data.*_column`` keys).
         method: ``lorif``, ``logra``, ``graddot`` or ``repsim``.
         f, c, r, damping, seed, dtype: as the job keys of the same names (README, *Your model and data*).
         output_dir: where the index, the curvature and the results go (a folder this tool made, or a new one).
@@ -74,20 +88,24 @@ class Attributor:
                  r: int = 64, damping: float | None = None, seed: int = 0, dtype: str = "float32",
                  output_dir: str | Path = "outputs/api", cluster: str | ClusterConfig | None = None,
                  max_length: int | None = None, batch_size: int | None = None, top_k: int = 10,
-                 measurement: str | Callable = "loss", device: str = "auto", progress: bool = True, **config):
+                 measurement: str | Callable = "loss", device: str = "auto", progress: bool = True,
+                 model_dtype: str | None = None, columns: Mapping[str, str] | None = None, **config):
         self.measurement = _check_measurement(measurement)
         embedded = model is None  # the job's data defaults (conf/data/embedded.yaml) for the embedded model
         max_length = max_length or (64 if embedded else 128)
         batch_size = batch_size or (16 if embedded else 8)
-        self.cfg = Config(model=ModelConfig(device=device),
-                          data=DataConfig(max_length=max_length, batch_size=batch_size),
+        in_memory = not (model is None or isinstance(model, (str, Path)))
+        if in_memory:
+            _check_model_object(model, tokenizer)
+        model_dtype = _model_dtype(model, model_dtype) if in_memory else (model_dtype or "float32")
+        self.cfg = Config(model=ModelConfig(device=device, dtype=model_dtype),
+                          data=DataConfig(max_length=max_length, batch_size=batch_size, **_column_keys(columns)),
                           method=MethodConfig(name=method), query=QueryConfig(top_k=top_k, full_scores=True),
                           cluster=_cluster_config(cluster), f=f, c=c, r=r, damping=damping, seed=seed, dtype=dtype,
                           output_dir=str(output_dir), progress=progress, **config)
+        path = None if in_memory or model is None else str(resolve_model_path(model))  # before writing anything
         claim_output_dir(self.cfg)
-        if model is None or isinstance(model, (str, Path)):
-            path = None if model is None else str(model)
-        else:
+        if in_memory:
             path = str(self._save_model(model, tokenizer))
         self.cfg = replace(self.cfg, model=replace(self.cfg.model, path=path))
 
@@ -96,20 +114,23 @@ class Attributor:
         """The config of the next stage call (the same object the jobs build from the command line)."""
         return self.cfg
 
-    def index(self, train: Data | None = None) -> dict:
+    def index(self, train: Data | None = None, *, split: str | None = None) -> dict:
         """Stage 1: store the projected gradient of every training example (resumes, or reuses a finished index).
 
         Args:
             train: the training data (see ``Data``); None = the embedded default's (with ``model=None``).
+            split: the split of a DatasetDict (object or ``save_to_disk`` folder).
 
         Returns:
             The stage report (examples, bytes per example, seconds, ...).
 
         Raises:
-            DataError: the data's schema, naming the offending row, before any model work.
+            DataError: the data's schema, naming the offending row, before any model work; a DatasetDict
+                without ``split`` (its splits named).
         """
         if train is not None:
-            self.cfg = replace(self.cfg, data=replace(self.cfg.data, train=str(self._data_path(train, "train"))))
+            path, split = self._data_path(train, "train", split)
+            self.cfg = replace(self.cfg, data=replace(self.cfg.data, train=str(path), split=split))
         train_path = resolve_inputs(self.cfg).train_path
         if train_path is None:
             raise ConfigError("index(train): give the training data (a path, a datasets.Dataset or a list)")
@@ -120,11 +141,13 @@ class Attributor:
         return self._run("curvature")
 
     def query(self, queries: Data, *, measurement: str | Callable | None = None, top_k: int | None = None,
-              self_influence: bool = False, per_layer: bool = False, per_token: bool = False) -> "Results":
+              self_influence: bool = False, per_layer: bool = False, per_token: bool = False,
+              split: str | None = None) -> "Results":
         """Stage 3: score every query against every indexed training example.
 
         Args:
             queries: the queries (see ``Data``); ``prompt`` + ``response`` rows attribute the response.
+            split: the split of a DatasetDict (object or ``save_to_disk`` folder).
             measurement: overrides the constructor's for this call.
             top_k: overrides the constructor's for this call.
             self_influence: also I(t, t) of every training example (``Results.self_influence``).
@@ -145,13 +168,13 @@ class Attributor:
                               f"{tuple(MEASUREMENTS)}")
         query = replace(self.cfg.query, measurement=name, top_k=top_k or self.cfg.query.top_k, full_scores=True,
                         self_influence=self_influence, per_layer=per_layer, per_token=per_token)
-        self.cfg = replace(self.cfg, query=query,
-                           data=replace(self.cfg.data, queries=str(self._data_path(queries, "queries"))))
+        path, split = self._data_path(queries, "queries", split)
+        self.cfg = replace(self.cfg, query=query, data=replace(self.cfg.data, queries=str(path), query_split=split))
         inputs = resolve_inputs(self.cfg)
         if inputs.train_path is None:
             raise ConfigError("query: call index(train) first (a finished index is reused, not recomputed), so "
                               "the results can show the training texts")
-        load_examples(inputs.queries_path)
+        load_examples(inputs.queries_path, self.cfg.data.columns)
         self._run("query", measure if callable(measure) else None)
         return Results(self.cfg.output_dir, inputs.train_path, inputs.queries_path)
 
@@ -174,10 +197,6 @@ class Attributor:
 
     def _save_model(self, model, tokenizer) -> Path:
         """An in-memory model and its tokenizer saved to ``<output_dir>/model`` (what every stage loads)."""
-        if tokenizer is None:
-            raise ConfigError("a model object needs its tokenizer: Attributor(model, tokenizer, ...)")
-        if not hasattr(model, "save_pretrained"):
-            raise ConfigError(f"model: expected a folder path or a Hugging Face model, got {type(model).__name__}")
         path = Path(self.cfg.output_dir) / "model"
         with quiet_transformers():
             model.save_pretrained(path)
@@ -185,14 +204,22 @@ class Attributor:
         log.info("the in-memory model and tokenizer saved to %s (the stages load it from there)", path)
         return path
 
-    def _data_path(self, data: Data, name: str) -> Path:
-        """A path the stages can read: a path as it is, anything else written to a content-named Parquet file
-        in ``<output_dir>/inputs``."""
-        if isinstance(data, (str, Path)):
-            return Path(data)
-        table = _as_table(data)
+    def _data_path(self, data: Data, name: str, split: str | None = None) -> tuple[Path, str | None]:
+        """(a path the stages can read, the split of a DatasetDict folder there): a path as it is (with
+        ``split``), one split of a DatasetDict object, anything else written to a content-named Parquet file in
+        ``<output_dir>/inputs`` (an iterable of rows streamed there ``shard_size`` rows at a time)."""
+        if isinstance(data, (str, os.PathLike)):
+            return Path(data), split
+        if isinstance(data, Mapping):  # a DatasetDict, or any mapping of split name → data
+            data = _one_split(data, split, name)
+        elif split is not None:
+            raise ConfigError(f"{name}: split={split!r} picks a split of a DatasetDict; got a "
+                              f"{type(data).__name__}")
         directory = Path(self.cfg.output_dir) / "inputs"
         directory.mkdir(parents=True, exist_ok=True)
+        if _is_stream(data):
+            return _write_stream(data, directory, name, self.cfg.shard_size), None
+        table = _as_table(data)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         payload = sink.getvalue()
@@ -202,7 +229,7 @@ class Attributor:
             tmp.write_bytes(payload.to_pybytes())
             tmp.replace(path)
             log.info("%s: %d rows written to %s", name, table.num_rows, path)
-        return path
+        return path, None
 
 
 class Results:
@@ -297,12 +324,136 @@ def _cluster_config(cluster) -> ClusterConfig:
     raise ConfigError(f"cluster={cluster!r}: None (one process), 'local', a Ray address, or a ClusterConfig")
 
 
+def _check_model_object(model, tokenizer) -> None:
+    """A model object the stages can use: a Hugging Face model (``save_pretrained``) with its tokenizer.
+
+    Raises:
+        ConfigError: no tokenizer, or not a Hugging Face model.
+    """
+    if tokenizer is None:
+        raise ConfigError("a model object needs its tokenizer: Attributor(model, tokenizer, ...)")
+    if not hasattr(model, "save_pretrained"):
+        raise ConfigError(f"model: expected a folder path or a Hugging Face model, got {type(model).__name__}")
+
+
+def _model_dtype(model, asked: str | None) -> str:
+    """The compute dtype of a model object: its parameters' one dtype, which ``asked`` (if given) must equal.
+
+    Raises:
+        ConfigError: mixed or unsupported parameter dtypes, or ``asked`` differs from the object's dtype.
+    """
+    from lorif_ray.model.loading import DTYPES
+
+    held = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}) if hasattr(
+        model, "parameters") else []
+    if len(held) != 1 or held[0] not in DTYPES:
+        raise ConfigError(f"model: the object's parameters are of dtype(s) {', '.join(held) or 'none'}; the stages "
+                          f"load one of {', '.join(DTYPES)}: convert it first, e.g. model.to(torch.bfloat16)")
+    own = held[0]
+    if asked is not None and asked != own:
+        raise ConfigError(f"model_dtype={asked!r}: the model object holds {own} weights; pass model_dtype={own!r} "
+                          f"(or None: the object's own), or convert the model first (model.to(torch.{asked}))")
+    return own
+
+
+def _column_keys(columns: Mapping[str, str] | None) -> dict:
+    """``columns={"text": "content"}`` as ``DataConfig`` keys (``text_column="content"``).
+
+    Raises:
+        ConfigError: a role that is not one of ``COLUMN_ROLES``.
+    """
+    unknown = sorted(set(columns or {}) - set(COLUMN_ROLES))
+    if unknown:
+        raise ConfigError(f"columns: unknown role(s) {unknown}; the roles are {', '.join(COLUMN_ROLES)} (e.g. "
+                          "columns={'text': 'content'})")
+    return {f"{role}_column": str(column) for role, column in (columns or {}).items()}
+
+
+def _one_split(data: Mapping, split: str | None, name: str) -> Data:
+    """Split ``split`` of a DatasetDict (or a mapping of split name → data).
+
+    Raises:
+        DataError: no ``split`` given, or one the mapping lacks (its splits named).
+    """
+    splits = ", ".join(map(str, data))
+    if split is None:
+        raise DataError(f"{name}: a {type(data).__name__} with splits {splits}: choose one, e.g. "
+                        f"{'index' if name == 'train' else 'query'}(..., split={next(iter(data), 'train')!r})")
+    if split not in data:
+        raise DataError(f"{name}: split={split!r} is not among the splits {splits}")
+    return data[split]
+
+
+def _is_stream(data: Data) -> bool:
+    """An iterable of rows that is not held as a table (a ``datasets.IterableDataset``, a generator, ...)."""
+    if isinstance(data, (pa.Table, Sequence, Mapping, bytes)) or _is_dataset(data):
+        return False
+    return isinstance(data, Iterable)
+
+
+def _is_dataset(data: Data) -> bool:
+    """A ``datasets.Dataset`` (rows held, random access; an ``IterableDataset`` has none), without importing
+    datasets."""
+    return hasattr(data, "with_format") and hasattr(data, "column_names") and hasattr(data, "__getitem__")
+
+
+def _write_stream(rows: Iterable, directory: Path, name: str, batch_rows: int) -> Path:
+    """An iterable of rows (dicts, or strings: the ``text`` column) written once to a Parquet file of
+    ``batch_rows``-row groups (stage 1's shards read their own groups), holding one group at a time; named by
+    its content.
+
+    Raises:
+        DataError: no rows, a row that is neither a dict nor a string, or rows that do not fit the first
+            group's columns and types (the row is named).
+    """
+    import itertools
+
+    tmp = directory / f".{name}-{os.getpid()}.parquet.tmp"
+    writer, schema, count = None, None, 0
+    iterator = iter(rows)
+    try:
+        while batch := list(itertools.islice(iterator, batch_rows)):
+            records = [_stream_row(row, count + i, name) for i, row in enumerate(batch)]
+            try:
+                table = pa.Table.from_pylist(records, schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise DataError(f"{name}: rows {count}-{count + len(batch) - 1} do not fit the columns and types "
+                                f"of the first rows ({e})") from e
+            if writer is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(table, row_group_size=batch_rows)
+            count += len(batch)
+    finally:
+        if writer is not None:
+            writer.close()
+    if count == 0:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{name}: the iterable yielded no rows")
+    digest = hashlib.sha256()
+    with tmp.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    path = directory / f"{name}-{digest.hexdigest()[:16]}.parquet"
+    tmp.replace(path)
+    log.info("%s: %d streamed rows written to %s", name, count, path)
+    return path
+
+
+def _stream_row(row, index: int, name: str) -> dict:
+    if isinstance(row, str):
+        return {"text": row}
+    if isinstance(row, Mapping):
+        return dict(row)
+    raise DataError(f"{name}: row {index} is a {type(row).__name__}; rows are dicts (or strings: the text)")
+
+
 def _as_table(data: Data) -> pa.Table:
     """In-memory data as an Arrow table: a pyarrow Table, a ``datasets.Dataset`` (its rows, in order), a list
     of dicts or a list of strings (the ``text`` column)."""
     if isinstance(data, pa.Table):
         return data
-    if hasattr(data, "with_format") and hasattr(data, "column_names"):  # datasets.Dataset, without importing it
+    if _is_dataset(data):  # datasets.Dataset, without importing it
         return data.with_format("arrow")[:]
     if isinstance(data, Sequence) and data and all(isinstance(x, str) for x in data):
         return pa.table({"text": pa.array(list(data), pa.string())})

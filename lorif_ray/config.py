@@ -1,19 +1,19 @@
 """Structured configs: one dataclass per part, registered with Hydra so typos fail at start-up.
 
 The keys are the public contract: ``model.path``, ``data.train``, ``data.queries``,
-``data.max_length``, ``method=lorif|logra|graddot|repsim``, ``f``, ``c``, ``r``, ``damping``,
-``seed``, ``dtype`` (storage), ``precision.*``, ``query.top_k``, ``query.full_scores``, ``output_dir``.
+``data.max_length``, ``data.split``, ``data.*_column``, ``method=lorif|logra|graddot|repsim``, ``f``, ``c``,
+``r``, ``damping``, ``seed``, ``dtype`` (storage), ``precision.*``, ``query.top_k``, ``query.full_scores``,
+``output_dir``. Each field carries its one-line meaning (``setting``), which every job's ``--help`` lists.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from lorif_ray.errors import ConfigError
-from lorif_ray.store.schema import STORAGE_DTYPES
 
 # method → (what stage 1 stores per example, the curvature of stage 2): the only place a method name means
 # anything; stages ask the method for these two parts
@@ -25,17 +25,31 @@ METHODS = tuple(METHOD_PARTS)
 CURVATURE_KINDS = ("woodbury", "exact", "identity", "kfac", "ekfac", "none")
 
 
+def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None):
+    """A dataclass field with its one-line meaning, which every job's ``--help`` lists (``lorif_ray.cli``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(f) -> str:
+    """The one-line meaning of a dataclass field (``setting``'s help), or ""."""
+    return f.metadata.get("help", "")
+
+
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None  # local Hugging Face model dir; None = the embedded default (built on first use)
-    layers: Optional[List[str]] = None  # fnmatch patterns on module names; None = every linear in the blocks
-    # (with an adapter: its LoRA A/B layers)
-    adapter: Optional[str] = None  # local PEFT LoRA adapter dir: attached to the model, its A/B layers attributed
-    dtype: str = "float32"  # compute dtype of the model
-    device: str = "auto"  # auto = cuda if available, else cpu
-    # Hugging Face config fields (model_type, hidden_size, ...) of a model known only by its shape:
-    # used by the capacity planner and by benchmarks that build random-weight models; None = read path
-    arch: Optional[Dict[str, Any]] = None
+    path: Optional[str] = setting(None, "a local Hugging Face model folder, or a Hub id (org/name) found in the local "
+                                        "Hugging Face cache (HF_HUB_CACHE); null = the embedded default")
+    layers: Optional[List[str]] = setting(None, "fnmatch patterns on module names of the layers to attribute; "
+                                                "null = every linear in the blocks (with an adapter: its LoRA layers)")
+    adapter: Optional[str] = setting(None, "a local PEFT LoRA adapter folder: attached to the model, its A/B layers "
+                                           "attributed")
+    dtype: str = setting("float32", "compute dtype of the model: float32 | bfloat16 | float16 | float64")
+    device: str = setting("auto", "auto = cuda if available, else cpu; or cpu, cuda, cuda:1, ...")
+    arch: Optional[Dict[str, Any]] = setting(None, "Hugging Face config fields (model_type, hidden_size, ...) of a "
+                                                   "model known only by its shape (planner, benchmarks); null = read "
+                                                   "model.path")
 
     @property
     def layer_patterns(self) -> Optional[List[str]]:
@@ -49,17 +63,34 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # .jsonl, .parquet, .arrow or a `datasets` save_to_disk folder, with `text`, `prompt` + `response`, or chat
-    # `messages`; optional `id`
-    train: Optional[str] = None
-    queries: Optional[str] = None  # same format; an optional `source_id` column is checked against the top-k
-    max_length: int = 128
-    batch_size: int = 8  # examples per forward+backward
+    train: Optional[str] = setting(None, "training data: .jsonl, .parquet, .arrow or a datasets save_to_disk folder "
+                                         "(a DatasetDict with data.split) with text, prompt + response or messages")
+    queries: Optional[str] = setting(None, "query data, same formats (DatasetDict: data.query_split); an optional "
+                                           "source_id column is checked against the top-k")
+    max_length: int = setting(128, "tokens kept per example")
+    batch_size: int = setting(8, "examples per forward+backward")
+    split: Optional[str] = setting(None, "the split of data.train when it is a DatasetDict save_to_disk folder")
+    query_split: Optional[str] = setting(None, "the split of data.queries when it is a DatasetDict save_to_disk "
+                                               "folder")
+    text_column: str = setting("text", "the column holding an example's text (loss on every token)")
+    prompt_column: str = setting("prompt", "the column holding the prompt of prompt + response rows (no loss)")
+    response_column: str = setting("response", "the column holding the response of prompt + response rows (the loss)")
+    messages_column: str = setting("messages", "the column holding chat turns [{role, content}] (loss on the "
+                                               "assistant turns)")
+    id_column: str = setting("id", "the column naming each example (optional; default: the row number)")
+
+    @property
+    def columns(self):
+        """The column names of the data (``lorif_ray.data.Columns``)."""
+        from lorif_ray.data.examples import Columns
+
+        return Columns(text=self.text_column, prompt=self.prompt_column, response=self.response_column,
+                       messages=self.messages_column, id=self.id_column)
 
 
 @dataclass
 class MethodConfig:
-    name: str = "lorif"
+    name: str = setting("lorif", "lorif | logra | graddot | repsim (the group method=... sets it)")
 
     @property
     def store_kind(self) -> str:
@@ -87,42 +118,41 @@ class PrecisionConfig:
     a query whose policy differs from its curvature's is refused (``lorif_ray.precision``).
     """
 
-    # stored g'_t (query.store_coordinates): r numbers per layer per example, float32 unless overridden
-    # knowingly (bf16 g'_t gave relative score errors of 0.1 at σ₁²/λ ≈ 500)
-    coordinates: str = "float32"
-    # curvature fit and scoring arithmetic: auto = float64 on CPU, float32 on accelerators (eigensolves
-    # and the final k×D step of the randomized SVD always run in float64)
-    math: str = "auto"
-    # inputs of the large products (Gram passes, scoring GEMMs): auto = the math dtype; bfloat16/float16
-    # trade accuracy for speed on a GPU, products accumulate in the math dtype
-    matmul: str = "auto"
+    # stored g'_t: float32 unless overridden knowingly (bf16 g'_t gave relative score errors of 0.1 at
+    # σ₁²/λ ≈ 500)
+    coordinates: str = setting("float32", "dtype of the stored g'_t (query.store_coordinates): float32 | float16 | "
+                                          "bfloat16")
+    # eigensolves and the final k×D step of the randomized SVD always run in float64
+    math: str = setting("auto", "curvature fit and scoring arithmetic: auto = float64 on CPU, float32 on "
+                                "accelerators; or float64 | float32")
+    # bfloat16/float16 trade accuracy for speed on a GPU, products accumulate in the math dtype
+    matmul: str = setting("auto", "inputs of the large products (Gram passes, scoring GEMMs): auto = the math dtype; "
+                                  "or float64 | float32 | bfloat16 | float16")
 
 
 @dataclass
 class QueryConfig:
-    top_k: int = 10
-    full_scores: bool = False  # also write scores.npy (float32, queries × train, input order)
-    normalize: bool = False  # cosine-style: I(t,q) / sqrt(I(t,t) I(q,q)), in [-1, 1]
-    train_batch_rows: int = 2048  # training rows scored per step
-    # One process (cluster=none): hold the whole index in memory instead of streaming shards (the same
-    # scorer and numbers; Ray query actors always keep their shards resident)
-    resident: bool = False
-    # Stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per example, in precision.coordinates) so
-    # queries skip recomputing them: more disk, much less query time; on Ray the query actors then
-    # hold no V_r for scoring, only a share of the layers' V_r to project the queries
-    store_coordinates: bool = False
-    # what a query's gradient is taken of (training examples: always the summed loss): loss (summed over the
-    # target tokens), logprob (summed log-probability of the target tokens; its gradient is minus the loss's and
-    # it is scored with that sign flipped, so > 0 still means proponent), mean_loss (loss / target tokens);
-    # "custom:<name>" records a function passed to the Python API
-    measurement: str = "loss"
-    # Outputs next to topk.parquet (README "Score convention"): self_influence.parquet (I(t, t) of every
-    # training example), layer_scores.npy (float32, layers × queries × train: each layer's share of the score,
-    # summing to it; not with normalize), and per-token attribution: each target token of a query scored on
-    # its own as well (topk_per_token.parquet; the token scores of a query sum to its score; loss or logprob)
-    self_influence: bool = False
-    per_layer: bool = False
-    per_token: bool = False
+    top_k: int = setting(10, "proponents kept per query")
+    full_scores: bool = setting(False, "also write scores.npy (float32, queries x train, input order)")
+    normalize: bool = setting(False, "cosine-style scores I(t,q) / sqrt(I(t,t) I(q,q)), in [-1, 1]")
+    train_batch_rows: int = setting(2048, "training rows scored per step")
+    # the same scorer and numbers; Ray query actors always keep their shards resident
+    resident: bool = setting(False, "cluster=none: hold the whole index in memory instead of streaming shards")
+    # more disk, much less query time; on Ray the query actors then hold no V_r for scoring, only a share of the
+    # layers' V_r to project the queries
+    store_coordinates: bool = setting(False, "stage 2 also stores g'_t = V_r^T g_t (r numbers per layer per "
+                                             "example) so queries skip recomputing them")
+    # training examples: always the summed loss. logprob's gradient is minus the loss's and it is scored with that
+    # sign flipped, so > 0 still means proponent; "custom:<name>" records a function passed to the Python API
+    measurement: str = setting("loss", "what a query's gradient is taken of: loss (summed over target tokens) | "
+                                       "logprob | mean_loss")
+    # Outputs next to topk.parquet (README "Score convention")
+    self_influence: bool = setting(False, "also write self_influence.parquet: I(t, t) of every training example")
+    # not with normalize
+    per_layer: bool = setting(False, "also write layer_scores.npy: each layer's share of every score (float32, "
+                                     "layers x queries x train)")
+    # the token scores of a query sum to its score (loss or logprob)
+    per_token: bool = setting(False, "also score each target token of a query on its own (topk_per_token.parquet)")
 
 
 MEASUREMENT_NAMES = ("loss", "logprob", "mean_loss")
@@ -131,75 +161,82 @@ BACKENDS = ("ray", "none")
 
 @dataclass
 class ClusterConfig:
-    backend: str = "ray"  # ray = stages run on Ray actors; none = all three stages in this process, no Ray
-    address: Optional[str] = None  # None = start a local Ray instance; "auto" = join the running cluster
-    num_cpus: Optional[int] = None  # CPUs of a local instance (None = all of this machine)
-    # model replicas streaming stage 1 (each loads the model once); null = as many replicas of tp_size ranks
-    # as the cluster can place beside the factorization pool
-    gradient_actors: Optional[int] = None
-    tp_size: int = 1  # tensor-parallel ranks per replica (DeepSpeed AutoTP); one Ray actor per rank
-    writer_actors: int = 1  # factorization pool: turns captured gradients into factors, writes shards
-    fused: bool = True  # gradient actors factorize in place; false ships the captured (A, B) to the pool
-    gram_actors: int = 2  # stage 2: shard-group actors summing Gram products
-    query_actors: int = 2  # stage 3: actors keeping their shards resident
-    cpus_per_actor: float = 0.5  # small, so several actors and the driver share a laptop
-    gpus_per_actor: Optional[float] = None  # None = 1 when the cluster has GPUs, else 0
-    inflight_per_actor: int = 2  # shards queued per gradient actor (backpressure on the pool)
-    max_restarts: int = 2  # Ray restarts of a crashed actor (its in-flight tasks are retried); not for TP ranks
-    # how long to wait for the cluster to place a replica or the pool: on an autoscaling cluster, at least a
-    # node's boot and image pull (a local instance is checked at once instead)
-    placement_timeout_s: float = 120.0
+    backend: str = setting("ray", "ray = stages run on Ray actors; none = all three stages in this process, no Ray")
+    address: Optional[str] = setting(None, "null = start a local Ray instance; auto = join the running cluster; or a "
+                                           "Ray address")
+    num_cpus: Optional[int] = setting(None, "CPUs of a local Ray instance (null = all of this machine)")
+    gradient_actors: Optional[int] = setting(None, "stage-1 model replicas (each loads the model once); null = as "
+                                                   "many as the cluster places beside the factorization pool")
+    tp_size: int = setting(1, "tensor-parallel ranks per replica (DeepSpeed AutoTP); one Ray actor per rank")
+    writer_actors: int = setting(1, "factorization pool: actors turning captured gradients into factors and "
+                                    "writing shards")
+    fused: bool = setting(True, "gradient actors factorize in place; false ships the captured (A, B) to the pool")
+    gram_actors: int = setting(2, "stage 2: shard-group actors summing Gram products")
+    query_actors: int = setting(2, "stage 3: actors keeping their shards resident")
+    cpus_per_actor: float = setting(0.5, "CPUs each actor asks for (small, so several actors and the driver share "
+                                         "a laptop)")
+    gpus_per_actor: Optional[float] = setting(None, "GPUs each actor asks for; null = 1 when the cluster has GPUs, "
+                                                    "else 0")
+    inflight_per_actor: int = setting(2, "shards queued per gradient actor (backpressure on the pool)")
+    max_restarts: int = setting(2, "Ray restarts of a crashed actor (its in-flight tasks are retried); not for TP "
+                                   "ranks")
+    # on an autoscaling cluster, at least a node's boot and image pull (a local instance is checked at once instead)
+    placement_timeout_s: float = setting(120.0, "seconds to wait for the cluster to place a replica or the pool")
 
 
 @dataclass
 class ServeConfig:
     """``jobs/serve.py``: the HTTP query service (README "Query service")."""
 
-    host: str = "127.0.0.1"  # address to listen on; loopback = this machine only (0.0.0.0: every interface)
-    port: int = 8000  # TCP port of POST /query and GET /health
-    # if set, POST /query needs the header "Authorization: Bearer <token>" (set it from the environment:
-    # serve.token='${oc.env:LORIF_SERVE_TOKEN}', so it is not in the shell history or .hydra/)
-    token: Optional[str] = None
-    max_queries: int = 64  # queries in one request; more is refused (413)
-    max_body_bytes: int = 1048576  # bytes of one request body; more is refused (413)
-    max_top_k: int = 100  # largest top_k a request may ask (the default is query.top_k)
-    max_batch_size: int = 16  # concurrent requests answered together in one pass over the training rows
-    batch_wait_s: float = 0.01  # how long a request waits for others to join its pass
+    host: str = setting("127.0.0.1", "address to listen on; loopback = this machine only (0.0.0.0: every interface)")
+    port: int = setting(8000, "TCP port of POST /query and GET /health")
+    # set it from the environment: serve.token='${oc.env:LORIF_SERVE_TOKEN}', so it is not in the shell history
+    # or .hydra/
+    token: Optional[str] = setting(None, "if set, POST /query needs the header 'Authorization: Bearer <token>'")
+    max_queries: int = setting(64, "queries in one request; more is refused (413)")
+    max_body_bytes: int = setting(1048576, "bytes of one request body; more is refused (413)")
+    max_top_k: int = setting(100, "largest top_k a request may ask (the default is query.top_k)")
+    max_batch_size: int = setting(16, "concurrent requests answered together in one pass over the training rows")
+    batch_wait_s: float = setting(0.01, "seconds a request waits for others to join its pass")
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    query: QueryConfig = field(default_factory=QueryConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    f: int = 4  # projection factor: d1 = I/f, d2 = O/f
-    c: int = 1  # factor rank (LoRIF); capped at min(d1, d2), where factors are exact
-    r: int = 64  # truncation rank of the curvature (LoRIF); capped at D = d1·d2
-    # stage 2's curvature, independent of what stage 1 stores: woodbury | exact | identity | kfac | ekfac; None =
-    # the method's (lorif: woodbury, logra: exact, graddot: identity); e.g. method=lorif curvature=ekfac
-    curvature: Optional[str] = None
-    damping: Optional[float] = None  # λ; None = damping_scale × a mean eigenvalue (per curvature, README)
-    damping_scale: Optional[float] = None  # None = the curvature's default (0.1 for woodbury and exact)
-    seed: int = 0  # projections, factor start blocks and rSVD start are all derived from it
-    # labels of stage 1's K-FAC statistics (Ã, S̃; curvature=kfac|ekfac): "training" = the training labels
-    # (empirical Fisher) | "sampled" = y ~ softmax(logits) at the same loss positions (true Fisher, as
-    # Kronfluence fits its factors; one more forward+backward per batch). The stored rows are the same.
-    kfac_labels: str = "training"
-    dtype: str = "float32"  # storage dtype of the index: float32 | float16 | bfloat16
-    factor_iters: Optional[int] = None  # None = 8 for c = 1, 16 for c > 1
-    svd_power_iters: int = 3
-    oversample: int = 10
-    shard_size: int = 1024  # examples per Parquet shard (the unit of resumption)
-    output_dir: str = "outputs/run"
-    index_dir: Optional[str] = None  # None = <output_dir>/index; share one across runs that differ in r
-    # where the embedded default model is trained once and kept; None = <user cache>/embedded (user_cache_dir)
-    embedded_cache: Optional[str] = None
-    progress: bool = True  # a bar (count, rate, ETA) for every long step; false = none (and no Ray actor for them)
-    overwrite: bool = False  # write into a non-empty output_dir that this tool did not create
+    model: ModelConfig = setting(factory=ModelConfig, help="the model (model=<preset> picks a conf/model/ file)")
+    data: DataConfig = setting(factory=DataConfig, help="the training and query data")
+    method: MethodConfig = setting(factory=MethodConfig, help="the attribution method (method=lorif|logra|graddot|"
+                                                              "repsim)")
+    query: QueryConfig = setting(factory=QueryConfig, help="stage 3: scoring the queries")
+    cluster: ClusterConfig = setting(factory=ClusterConfig, help="where the stages run (cluster=local|none|gpu_nodes)")
+    precision: PrecisionConfig = setting(factory=PrecisionConfig, help="every dtype that shapes a result")
+    serve: ServeConfig = setting(factory=ServeConfig, help="jobs/serve.py: the HTTP query service")
+    f: int = setting(4, "projection factor: d1 = I/f, d2 = O/f")
+    c: int = setting(1, "factor rank (LoRIF); capped at min(d1, d2), where factors are exact")
+    r: int = setting(64, "truncation rank of the curvature (LoRIF); capped at D = d1·d2")
+    # independent of what stage 1 stores, e.g. method=lorif curvature=ekfac
+    curvature: Optional[str] = setting(None, "stage 2's curvature: woodbury | exact | identity | kfac | ekfac; null = "
+                                             "the method's (lorif: woodbury, logra: exact, graddot: identity)")
+    damping: Optional[float] = setting(None, "λ; null = damping_scale x a mean eigenvalue (per curvature, README)")
+    damping_scale: Optional[float] = setting(None, "the default λ's scale (λ = scale x a mean eigenvalue); null = "
+                                                   "the curvature's default (0.1 for woodbury and exact)")
+    seed: int = setting(0, "seed of the projections, factor start blocks and rSVD start")
+    # (Ã, S̃; curvature=kfac|ekfac). "sampled" is how Kronfluence fits its factors (one more forward+backward per
+    # batch); the stored rows are the same.
+    kfac_labels: str = setting("training", "labels of stage 1's K-FAC statistics: training (empirical Fisher) | "
+                                           "sampled (y ~ softmax(logits): true Fisher)")
+    dtype: str = setting("float32", "storage dtype of the index: float32 | float16 | bfloat16")
+    factor_iters: Optional[int] = setting(None, "factorization iterations; null = 8 for c = 1, 16 for c > 1")
+    svd_power_iters: int = setting(3, "power iterations of the randomized SVD")
+    oversample: int = setting(10, "oversampling p of the randomized SVD (k = r + p columns)")
+    shard_size: int = setting(1024, "examples per Parquet shard (the unit of resumption)")
+    output_dir: str = setting("outputs/run", "where everything goes (a folder this tool made, or a new or empty one)")
+    index_dir: Optional[str] = setting(None, "null = <output_dir>/index; share one across runs that differ in r")
+    embedded_cache: Optional[str] = setting(None, "where the embedded default model and corpus are trained once and "
+                                                  "kept; null = <user cache>/embedded (~/.cache/lorif-ray, or "
+                                                  "$LORIF_RAY_CACHE_DIR)")
+    progress: bool = setting(True, "a bar (count, rate, ETA) for every long step; false = none (and no Ray actor "
+                                   "for them; logs stay)")
+    overwrite: bool = setting(False, "write into a non-empty output_dir that this tool did not create")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -240,6 +277,8 @@ def user_cache_dir() -> Path:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first invalid value."""
+    from lorif_ray.store.schema import STORAGE_DTYPES  # here: importing the store loads torch (a key check does not)
+
     checks = [
         (cfg.method.name in METHODS, f"method={cfg.method.name!r}: choose one of {METHODS}"),
         (cfg.f >= 1, f"f={cfg.f}: the projection factor must be >= 1"),
@@ -260,6 +299,8 @@ def validate(cfg: Config) -> None:
         (cfg.shard_size >= 1, f"shard_size={cfg.shard_size}: must be >= 1"),
         (cfg.data.max_length >= 2, f"data.max_length={cfg.data.max_length}: must be >= 2"),
         (cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: must be >= 1"),
+        *((bool(getattr(cfg.data, f"{role}_column")), f"data.{role}_column: must name a column")
+          for role in ("text", "prompt", "response", "messages", "id")),
         (cfg.query.top_k >= 1, f"query.top_k={cfg.query.top_k}: must be >= 1"),
         (cfg.cluster.backend in BACKENDS, f"cluster.backend={cfg.cluster.backend!r}: choose one of {BACKENDS}"),
         (min(cfg.cluster.gradient_actors or 1, cfg.cluster.writer_actors, cfg.cluster.gram_actors,

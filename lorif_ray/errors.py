@@ -52,3 +52,8 @@ class RequestError(LorifError, ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class CorruptModelError(LorifError, ValueError):
+    """A model file that cannot be read (a config.json or safetensors file cut short, a bad header): the file is
+    named, with what is wrong."""

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lorif_ray.config import (COORDINATE_DTYPES, CURVATURE_KINDS, MATH_DTYPES, MATMUL_DTYPES, METHODS, Config,
-                              MethodConfig, ModelConfig, PrecisionConfig)
+                              MethodConfig, ModelConfig, PrecisionConfig, setting)
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.curvature import curvature_class
 from lorif_ray.math.factorize import default_iterations, effective_rank
@@ -66,46 +66,48 @@ DEVICES = ("cpu", "cuda")
 class PlanConfig:
     """What to plan for. Registered with Hydra as ``plan_schema`` (conf/plan.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)  # model.arch (or model.path) gives the shape
-    method: MethodConfig = field(default_factory=MethodConfig)
-    curvature: Optional[str] = None  # curvature= (woodbury, exact, identity, kfac, ekfac); None = the method's
-    f: int = 4
-    c: int = 1
-    r: int = 4096
-    oversample: int = 10  # p of the randomized SVD: k = min(r + p, D) columns per layer
-    dtype: str = "bfloat16"  # storage dtype of the index (the paper stores 16-bit values)
-    # precision.coordinates (stored g'_t), .math, .matmul: as in conf/config.yaml, resolved per device
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    # Tokens per example, every example counted as full (an upper bound); None = min(512, the model's
-    # max positions).
-    max_length: Optional[int] = None
-    batch_size: int = 16  # examples per forward+backward on one replica
-    num_examples: int = 1_000_000  # N, training examples indexed
-    num_queries: int = 1000  # Nq, queries scored in one batch against all N
-    num_gpus: int = 8  # GPUs sharing stages 1 and 3 (perfect scaling assumed)
-    gpu_memory_gib: float = 80.0
-    headroom: float = 0.1  # fraction of GPU memory kept free (CUDA context, allocator, NCCL buffers)
-    tp_size: Optional[int] = None  # tensor-parallel ranks per replica; None = the smallest that fits
+    model: ModelConfig = setting(factory=ModelConfig, help="the model; model.arch (or model.path) gives the shape")
+    method: MethodConfig = setting(factory=MethodConfig, help="the attribution method (method=lorif|logra|...)")
+    curvature: Optional[str] = setting(None, "woodbury | exact | identity | kfac | ekfac; null = the method's")
+    f: int = setting(4, "projection factor: d1 = I/f, d2 = O/f")
+    c: int = setting(1, "factor rank (LoRIF)")
+    r: int = setting(4096, "truncation rank of the curvature (LoRIF)")
+    oversample: int = setting(10, "p of the randomized SVD: k = min(r + p, D) columns per layer")
+    dtype: str = setting("bfloat16", "storage dtype of the index (the paper stores 16-bit values)")
+    # as in conf/config.yaml, resolved per device
+    precision: PrecisionConfig = setting(factory=PrecisionConfig, help="precision.coordinates (stored g'_t), "
+                                                                       ".math, .matmul")
+    # every example counted as full (an upper bound)
+    max_length: Optional[int] = setting(None, "tokens per example; null = min(512, the model's max positions)")
+    batch_size: int = setting(16, "examples per forward+backward on one replica")
+    num_examples: int = setting(1_000_000, "N, training examples indexed")
+    num_queries: int = setting(1000, "Nq, queries scored in one batch against all N")
+    num_gpus: int = setting(8, "GPUs sharing stages 1 and 3 (perfect scaling assumed)")
+    gpu_memory_gib: float = setting(80.0, "memory of one GPU (GiB)")
+    headroom: float = setting(0.1, "fraction of GPU memory kept free (CUDA context, allocator, NCCL buffers)")
+    tp_size: Optional[int] = setting(None, "tensor-parallel ranks per replica; null = the smallest that fits")
     # Stage-1 throughput reference (REFERENCE_PROVENANCE). Parameter count: all parameters of
     # GPT-2 small incl. token and position embeddings, the tied LM head counted once (124,439,808).
-    ref_examples_per_s: float = 249.0
-    ref_params: int = 124_439_808
-    ref_tokens_per_example: int = 512
-    h2d_gb_per_s: float = 54.0  # stage-3 index reads (H2D_PROVENANCE), per GPU, GB = 1e9 bytes
+    ref_examples_per_s: float = setting(249.0, "stage-1 reference throughput (examples/s, REFERENCE_PROVENANCE)")
+    ref_params: int = setting(124_439_808, "parameters of the reference model")
+    ref_tokens_per_example: int = setting(512, "tokens per example of the reference")
+    h2d_gb_per_s: float = setting(54.0, "stage-3 index reads per GPU, host to device (GB/s, H2D_PROVENANCE)")
     # What shapes the memory of stages 2 and 3 (the run config's keys of the same names)
-    shard_size: int = 1024  # examples per shard
-    train_batch_rows: int = 2048  # query.train_batch_rows: rows per Gram-pass batch and per scoring block
-    store_coordinates: bool = False  # query.store_coordinates: stage 2 stores g'_t, stage 3 scores against them
-    normalize: bool = False  # query.normalize (never the query-side route)
-    top_k: int = 10  # query.top_k
-    fused: bool = True  # cluster.fused: gradient actors factorize; false ships captured (A, B) to the writers
-    writer_actors: int = 1  # cluster.writer_actors
-    inflight_per_actor: int = 2  # cluster.inflight_per_actor
-    gram_actors: Optional[int] = None  # cluster.gram_actors; None = num_gpus (one per GPU)
-    query_actors: Optional[int] = None  # cluster.query_actors; None = num_gpus
-    driver_device: str = "cpu"  # where the driver runs (a Ray head without a GPU: float64 math)
-    actor_device: str = "cuda"  # where Gram and query actors run (one GPU each); cpu = host memory
-    host_memory_gib: float = 512.0  # RAM of one node: the budget of the driver, writers and CPU actors
+    shard_size: int = setting(1024, "examples per shard")
+    train_batch_rows: int = setting(2048, "query.train_batch_rows: rows per Gram-pass batch and per scoring block")
+    store_coordinates: bool = setting(False, "query.store_coordinates: stage 2 stores g'_t, stage 3 scores "
+                                             "against them")
+    normalize: bool = setting(False, "query.normalize (never the query-side route)")
+    top_k: int = setting(10, "query.top_k")
+    fused: bool = setting(True, "cluster.fused: gradient actors factorize; false ships captured (A, B) to the "
+                                "writers")
+    writer_actors: int = setting(1, "cluster.writer_actors")
+    inflight_per_actor: int = setting(2, "cluster.inflight_per_actor")
+    gram_actors: Optional[int] = setting(None, "cluster.gram_actors; null = num_gpus (one per GPU)")
+    query_actors: Optional[int] = setting(None, "cluster.query_actors; null = num_gpus")
+    driver_device: str = setting("cpu", "where the driver runs: cpu (a Ray head without a GPU: float64 math) | cuda")
+    actor_device: str = setting("cuda", "where Gram and query actors run (one GPU each): cuda | cpu (host memory)")
+    host_memory_gib: float = setting(512.0, "RAM of one node: the budget of the driver, writers and CPU actors")
 
     def __post_init__(self) -> None:
         checks = [
@@ -178,10 +180,15 @@ def hf_config(model: ModelConfig):
             raise ConfigError(f"model.arch.model_type={model_type!r} is not a model type of "
                               f"transformers {transformers.__version__}") from e
     if model.path is not None:
+        from lorif_ray.model.hub import resolve_model_path
+        from lorif_ray.model.loading import read_model_config
+
+        folder = resolve_model_path(model.path)  # a folder, or a Hub id in the local cache
+        read_model_config(folder)  # a missing or damaged config.json, named
         try:
-            return AutoConfig.from_pretrained(model.path, local_files_only=True)
-        except OSError as e:
-            raise ConfigError(f"model.path={model.path}: no local Hugging Face config ({e})") from e
+            return AutoConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.path={model.path}: no usable Hugging Face config ({e})") from e
     return embedded_config()
 
 

@@ -91,11 +91,13 @@ def baseline(tiny_assets, tmp_path_factory):
     from lorif_ray.config import ClusterConfig, QueryConfig
     from lorif_ray.stages.curvature import run_curvature
     from lorif_ray.stages.index import run_index
+    from lorif_ray.stages.outputs import claim_output_dir
     from lorif_ray.stages.query import run_query
     from tests.stages.helpers import make_config
     root = tmp_path_factory.mktemp("dist")
     cfg = make_config(tiny_assets, root / "one", shard_size=SHARD_SIZE, query=QueryConfig(**QUERY_CONFIG),
                       cluster=ClusterConfig(backend="none"))
+    claim_output_dir(cfg)  # this tool's folder, as the jobs make it (jobs/serve.py writes into it)
     run_index(cfg)
     run_curvature(cfg)
     run_query(cfg)
@@ -147,3 +149,23 @@ def recording_bars(monkeypatch):
 
     monkeypatch.setattr(progress, "Bar", RecordingBar)
     return made
+def write_hub_cache(cache_dir, repo_id: str, model_dir, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A pre-filled Hugging Face Hub cache holding ``model_dir``'s files as ``repo_id``, in the layout that
+    huggingface_hub writes: ``models--<org>--<name>/blobs/<hash>`` (the bytes), ``snapshots/<revision>/<file>``
+    (relative links to the blobs) and ``refs/main`` (the revision). Returns the snapshot folder."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(Path(model_dir).iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

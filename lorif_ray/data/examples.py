@@ -4,9 +4,11 @@ Three schemas are accepted: a `text` column (loss on every token), `prompt` + `r
 on the response tokens only), or a `messages` column of chat turns ({"role", "content"}; rendered with
 the tokenizer's chat template, loss on the assistant turns only). One file holds one schema: every row
 is checked as it is read, and the first row of another schema is named. An optional `id` column names
-each example; without it the id is the row index. Other columns are ignored. Rows are read in batches
-(``lorif_ray.data.rows``), so checking a file holds one batch of rows as Python objects at a time. Rows
-already in memory (a request's queries) go through the same checks (``examples_of_rows``).
+each example; without it the id is the row index. Other columns are ignored. The five names are those of
+``Columns`` (``data.text_column``, ``data.prompt_column``, ``data.response_column``, ``data.messages_column``,
+``data.id_column``), so a dataset whose text is in ``content`` is read with ``Columns(text="content")``. Rows
+are read in batches (``lorif_ray.data.rows``), so checking a file holds one batch of rows as Python objects at
+a time. Rows already in memory (a request's queries) go through the same checks (``examples_of_rows``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,41 @@ class Example:
 SCHEMAS = ("text", "prompt + response", "messages")
 
 
-def load_examples(path: str | Path) -> list[Example]:
+@dataclass(frozen=True)
+class Columns:
+    """The columns that hold each schema's fields (``data.*_column``); every other column is ignored.
+
+    Example:
+        >>> Columns(text="content").expected()
+        "a 'content' column, 'prompt' and 'response' columns, or a 'messages' column"
+    """
+
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    id: str = "id"
+
+    def expected(self) -> str:
+        """The accepted column sets, for error messages."""
+        return (f"a {self.text!r} column, {self.prompt!r} and {self.response!r} columns, or a {self.messages!r} "
+                "column")
+
+    def renamed(self) -> dict[str, str]:
+        """{field: column} of the names that differ from the defaults (what an index records)."""
+        default = Columns()
+        return {k: v for k, v in vars(self).items() if getattr(default, k) != v}
+
+    def hint(self) -> str:
+        """How to name other columns (for an error whose file has none of the expected ones)."""
+        return ("; map your columns with data.text_column, data.prompt_column, data.response_column, "
+                "data.messages_column (Python API: columns={'text': ...})")
+
+
+DEFAULT_COLUMNS = Columns()
+
+
+def load_examples(path: str | Path, columns: Columns = DEFAULT_COLUMNS) -> list[Example]:
     """Reads every example of a `.jsonl`, `.parquet` or `.arrow` file or a `save_to_disk` folder (for
     small sets: queries, evaluation; stage 1 reads its input by shard, ``lorif_ray.data.shards``).
 
@@ -63,6 +99,7 @@ def load_examples(path: str | Path) -> list[Example]:
             response), or a `messages` column (a list of {"role", "content"} with at least one
             "assistant" turn); optional `id` column of scalars (turned into strings), default the row
             index. A row with both `text` and `prompt` + `response` counts as prompt + response.
+        columns: the names of those columns (default: as above).
 
     Returns:
         The examples in file order.
@@ -81,7 +118,7 @@ def load_examples(path: str | Path) -> list[Example]:
     import pyarrow as pa  # Deferred: JSON Lines inputs need pyarrow only for the id check.
 
     path = Path(path)
-    examples = [example for _, batch in iter_examples(path) for example in batch]
+    examples = [example for _, batch in iter_examples(path, columns=columns) for example in batch]
     if not examples:
         raise DataError(f"{path}: the file holds no examples")
     check_unique_ids(path, pa.array([e.id for e in examples], pa.string()))
@@ -89,13 +126,15 @@ def load_examples(path: str | Path) -> list[Example]:
 
 
 def iter_examples(path: str | Path, rows: RowRange = RowRange(), schema: str | None = None,
-                  batch_rows: int = BATCH_ROWS) -> Iterator[tuple[RowRange, list[Example]]]:
+                  batch_rows: int = BATCH_ROWS, columns: Columns = DEFAULT_COLUMNS,
+                  ) -> Iterator[tuple[RowRange, list[Example]]]:
     """The checked examples of a row range, in batches (``iter_rows``'s batches).
 
     Args:
         rows: The rows to read (default: all).
         schema: The file's schema (row 0's; one of ``SCHEMAS``); None: the first row read's, for a
             range that starts at row 0.
+        columns: the columns of the schemas' fields.
 
     Yields:
         (the batch's range, its examples).
@@ -106,14 +145,14 @@ def iter_examples(path: str | Path, rows: RowRange = RowRange(), schema: str | N
             schema's columns is refused naming those rows' columns.
     """
     path = Path(path)
-    columns: set[str] = set()
+    found: set[str] = set()
     for where, batch, batch_columns in iter_rows(path, rows, batch_rows):
-        columns |= batch_columns
-        schema, examples = _checked_batch(path, where.start, batch, columns, schema)
+        found |= batch_columns
+        schema, examples = _checked_batch(path, where.start, batch, found, schema, columns)
         yield where, examples
 
 
-def examples_of_rows(source: str, rows: Sequence[Any]) -> list[Example]:
+def examples_of_rows(source: str, rows: Sequence[Any], columns: Columns = DEFAULT_COLUMNS) -> list[Example]:
     """The checked examples of rows already in memory (e.g. the queries of an HTTP request), exactly as
     if they were the rows of a file named ``source``: the same schemas, checks and messages.
 
@@ -127,24 +166,24 @@ def examples_of_rows(source: str, rows: Sequence[Any]) -> list[Example]:
             raise DataError(f"{source}, row {index}: expected an object, got {type(row).__name__}")
     if not rows:
         raise DataError(f"{source}: holds no examples")
-    columns = {key for row in rows for key in row}
-    _, examples = _checked_batch(source, 0, list(rows), columns, None)
+    found = {key for row in rows for key in row}
+    _, examples = _checked_batch(source, 0, list(rows), found, None, columns)
     check_unique_ids(source, pa.array([e.id for e in examples], pa.string()))
     return examples
 
 
-def _checked_batch(path: str | Path, start: int, batch: list[dict[str, Any]], columns: set[str],
-                   schema: str | None) -> tuple[str, list[Example]]:
+def _checked_batch(path: str | Path, start: int, batch: list[dict[str, Any]], found: set[str],
+                   schema: str | None, names: Columns) -> tuple[str, list[Example]]:
     """(the schema, the examples) of rows start, start + 1, ... of ``path`` whose columns so far are
-    ``columns``; ``schema`` None: the first row's."""
-    if not ({"prompt", "response"} <= columns or "text" in columns or "messages" in columns):
-        raise DataError(f"{path}: expected a 'text' column, 'prompt' and 'response' columns, or a 'messages' "
-                        f"column; found {sorted(columns)}")
-    schema = schema or _row_schema(path, start, batch[0])
-    return schema, [_example(path, start + i, row, schema) for i, row in enumerate(batch)]
+    ``found``; ``schema`` None: the first row's."""
+    if not ({names.prompt, names.response} <= found or names.text in found or names.messages in found):
+        raise DataError(f"{path}: expected {names.expected()}; found {sorted(found)}{names.hint()}")
+    schema = schema or _row_schema(path, start, batch[0], names)
+    return schema, [_example(path, start + i, row, schema, names) for i, row in enumerate(batch)]
 
 
-def examples_at(path: str | Path, rows: list[RowRange], schema: str) -> list[Example]:
+def examples_at(path: str | Path, rows: list[RowRange], schema: str,
+                columns: Columns = DEFAULT_COLUMNS) -> list[Example]:
     """The checked examples of single-row ranges ``rows`` (with their JSON Lines offsets), in the given order,
     reading only those rows (``rows_at``); ``schema`` is the file's (one of ``SCHEMAS``).
 
@@ -152,8 +191,9 @@ def examples_at(path: str | Path, rows: list[RowRange], schema: str) -> list[Exa
         DataError: as ``iter_examples``.
     """
     path = Path(path)
-    values = rows_at(path, rows, columns=["id", "text", "prompt", "response", "messages"])
-    return [_example(path, row.start, value, schema) for row, value in zip(rows, values)]
+    names = [columns.id, columns.text, columns.prompt, columns.response, columns.messages]
+    values = rows_at(path, rows, columns=list(dict.fromkeys(names)))
+    return [_example(path, row.start, value, schema, columns) for row, value in zip(rows, values)]
 
 
 def check_unique_ids(path: str | Path, ids) -> None:
@@ -173,39 +213,40 @@ def check_unique_ids(path: str | Path, ids) -> None:
         raise DataError(f"{path}: duplicate ids {shown}{more}")
 
 
-def _example(path: str | Path, index: int, row: dict[str, Any], first: str) -> Example:
+def _example(path: str | Path, index: int, row: dict[str, Any], first: str, columns: Columns) -> Example:
     """Row ``index`` as an Example, refused when its schema is not the file's (``first``)."""
-    schema = _row_schema(path, index, row)
+    schema = _row_schema(path, index, row, columns)
     if schema != first:
         raise DataError(
-            f"{path}, row {index}{_id_note(row)}: {schema} where row 0 has {first}; one file holds one schema "
-            f"({', '.join(SCHEMAS)}): split it into one file per schema"
+            f"{path}, row {index}{_id_note(row, columns)}: {schema} where row 0 has {first}; one file holds one "
+            f"schema ({', '.join(SCHEMAS)}): split it into one file per schema"
         )
-    return _MAKERS[schema](path, index, row)
+    return _MAKERS[schema](path, index, row, columns)
 
 
-def _row_schema(path: str | Path, index: int, row: dict[str, Any]) -> str:
+def _row_schema(path: str | Path, index: int, row: dict[str, Any], columns: Columns) -> str:
     """The schema of one row: messages, prompt + response (either key set), or text."""
-    if row.get("messages") is not None:
+    if row.get(columns.messages) is not None:
         return "messages"
-    if row.get("prompt") is not None or row.get("response") is not None:
+    if row.get(columns.prompt) is not None or row.get(columns.response) is not None:
         return "prompt + response"
-    if row.get("text") is not None:
+    if row.get(columns.text) is not None:
         return "text"
-    raise DataError(f"{path}, row {index}{_id_note(row)}: no 'text', 'prompt' + 'response' or 'messages' "
-                    f"value (keys {sorted(k for k, v in row.items() if v is not None)})")
+    raise DataError(f"{path}, row {index}{_id_note(row, columns)}: no {columns.text!r}, {columns.prompt!r} + "
+                    f"{columns.response!r} or {columns.messages!r} value "
+                    f"(keys {sorted(k for k, v in row.items() if v is not None)})")
 
 
-def _id_note(row: dict[str, Any]) -> str:
-    return f" (id {row['id']!r})" if row.get("id") is not None else ""
+def _id_note(row: dict[str, Any], columns: Columns) -> str:
+    return f" (id {row[columns.id]!r})" if row.get(columns.id) is not None else ""
 
 
-def _example_id(path: str | Path, index: int, row: dict[str, Any]) -> str:
-    if "id" not in row:
+def _example_id(path: str | Path, index: int, row: dict[str, Any], columns: Columns) -> str:
+    if columns.id not in row:
         return str(index)
-    value = row["id"]
+    value = row[columns.id]
     if value is None or isinstance(value, (dict, list, tuple, bytes)):
-        raise DataError(f"{path}, row {index}: id must be a scalar, got {value!r}")
+        raise DataError(f"{path}, row {index}: {columns.id} must be a scalar, got {value!r}")
     return str(value)
 
 
@@ -218,21 +259,21 @@ def _string_field(path: str | Path, index: int, row: dict[str, Any], name: str) 
     return value
 
 
-def _text_example(path: str | Path, index: int, row: dict[str, Any]) -> Example:
-    return Example(id=_example_id(path, index, row), text=_string_field(path, index, row, "text"))
+def _text_example(path: str | Path, index: int, row: dict[str, Any], columns: Columns) -> Example:
+    return Example(id=_example_id(path, index, row, columns), text=_string_field(path, index, row, columns.text))
 
 
-def _prompt_response_example(path: str | Path, index: int, row: dict[str, Any]) -> Example:
-    prompt = _string_field(path, index, row, "prompt")
-    response = _string_field(path, index, row, "response")
-    return Example(id=_example_id(path, index, row), text=prompt + response, prompt=prompt)
+def _prompt_response_example(path: str | Path, index: int, row: dict[str, Any], columns: Columns) -> Example:
+    prompt = _string_field(path, index, row, columns.prompt)
+    response = _string_field(path, index, row, columns.response)
+    return Example(id=_example_id(path, index, row, columns), text=prompt + response, prompt=prompt)
 
 
-def _messages_example(path: str | Path, index: int, row: dict[str, Any]) -> Example:
-    messages = row["messages"]
-    where = f"{path}, row {index}{_id_note(row)}"
+def _messages_example(path: str | Path, index: int, row: dict[str, Any], columns: Columns) -> Example:
+    messages = row[columns.messages]
+    where = f"{path}, row {index}{_id_note(row, columns)}"
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}}")
+        raise DataError(f"{where}: {columns.messages!r} must be a non-empty list of {{'role', 'content'}}")
     turns = []
     for j, turn in enumerate(messages):
         if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
@@ -241,7 +282,7 @@ def _messages_example(path: str | Path, index: int, row: dict[str, Any]) -> Exam
     if not any(role == "assistant" for role, _ in turns):
         raise DataError(f"{where}: no 'assistant' message (the loss is on the assistant turns)")
     text = "\n".join(f"{role}: {content}" for role, content in turns)
-    return Example(id=_example_id(path, index, row), text=text, messages=tuple(turns))
+    return Example(id=_example_id(path, index, row, columns), text=text, messages=tuple(turns))
 
 
 _MAKERS = {"text": _text_example, "prompt + response": _prompt_response_example, "messages": _messages_example}

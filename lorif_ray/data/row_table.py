@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from lorif_ray.data.examples import Example, examples_at
+from lorif_ray.data.examples import DEFAULT_COLUMNS, Columns, Example, examples_at
 from lorif_ray.data.rows import RowRange, data_sha256, rows_at
 from lorif_ray.errors import DataError
 
@@ -67,12 +67,13 @@ class RowTableWriter:
         OSError: the folder is not writable (or the disk is full).
     """
 
-    def __init__(self, path: str | os.PathLike, input_path: str | os.PathLike, sha256: str):
+    def __init__(self, path: str | os.PathLike, input_path: str | os.PathLike, sha256: str,
+                 columns: Columns = DEFAULT_COLUMNS):
         from lorif_ray.store.artifacts import temporary_path
 
         size, mtime_ns = input_stat(input_path)
         self.meta = {"format": ROWS_FORMAT, "path": str(Path(input_path).resolve()), "sha256": sha256,
-                     "size": size, "mtime_ns": mtime_ns, "kind": _kind(input_path)}
+                     "size": size, "mtime_ns": mtime_ns, "kind": _kind(input_path), "columns": columns.renamed()}
         self.tmp = temporary_path(path)
         self.writer = None
 
@@ -106,7 +107,8 @@ class RowTableWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def open_row_table(path: str | os.PathLike | None, input_path: Path, sha256: str) -> RowTableWriter | None:
+def open_row_table(path: str | os.PathLike | None, input_path: Path, sha256: str,
+                   columns: Columns = DEFAULT_COLUMNS) -> RowTableWriter | None:
     """A writer of ``input_path``'s row table at ``path``; None when none is asked for, the one there already
     records this input (same sha256 and size), or the folder cannot be written (logged)."""
     if path is None:
@@ -118,10 +120,10 @@ def open_row_table(path: str | os.PathLike | None, input_path: Path, sha256: str
         except DataError:
             meta = {}
         if (meta.get("format") == ROWS_FORMAT and meta.get("sha256") == sha256
-                and meta.get("size") == input_stat(input_path)[0]):
+                and meta.get("size") == input_stat(input_path)[0] and meta.get("columns", {}) == columns.renamed()):
             return None
     try:
-        return RowTableWriter(path, input_path, sha256)
+        return RowTableWriter(path, input_path, sha256, columns)
     except OSError as error:
         log.info("cannot write the row table %s (%s): the index works without it, results show ids only", path, error)
         return None
@@ -248,7 +250,8 @@ class TrainTexts:
         if rows and (rows[0] < 0 or rows[-1] >= self.num_rows):
             raise DataError(f"{self.table}: rows {rows[0]}…{rows[-1]} asked for, the index has {self.num_rows}")
         positions = self._positions(rows)
-        found = examples_at(self.path, [positions[r].rows for r in rows], self.meta["schema"])
+        found = examples_at(self.path, [positions[r].rows for r in rows], self.meta["schema"],
+                            Columns(**self.meta.get("columns", {})))
         out = {}
         for row, example in zip(rows, found):
             if example.id != positions[row].example_id:

@@ -275,13 +275,40 @@ def _recut(batches, first: int, rows: RowRange, batch_rows: int):
         yield RowRange(at, at + held.num_rows), held.to_pylist(), set(held.column_names)
 
 
+def dataset_split(path: str | Path, split: str | None, key: str = "data.split") -> Path:
+    """The folder of split ``split`` of a ``datasets.DatasetDict.save_to_disk`` folder (``dataset_dict.json`` and
+    one ``save_to_disk`` folder per split); any other path as it is, when no split is asked for.
+
+    Raises:
+        DataError: a DatasetDict folder without ``split`` (its splits are named), or with a split it lacks; a
+            split asked of a path that is not a DatasetDict folder (``key`` names the setting).
+    """
+    path = Path(path)
+    listing = path / "dataset_dict.json"
+    if not listing.is_file():
+        if split is not None:
+            raise DataError(f"{key}={split}: {path} is not a DatasetDict save_to_disk folder (no dataset_dict.json); "
+                            f"drop {key} or point at the DatasetDict folder")
+        return path
+    try:
+        splits = list(json.loads(listing.read_text())["splits"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{listing}: unreadable DatasetDict listing ({e})") from e
+    if split is None:
+        raise DataError(f"{path} is a DatasetDict with splits {', '.join(splits)}: choose one with "
+                        f"{key}={splits[0] if splits else '<split>'}")
+    if split not in splits or not (path / split).is_dir():
+        raise DataError(f"{key}={split}: {path} has the splits {', '.join(splits)}")
+    return path / split
+
+
 def _saved_dataset_table(path: Path):
     """A `datasets.Dataset.save_to_disk` folder: its `data-*.arrow` files (Arrow IPC streams) in name order."""
     import pyarrow as pa  # Deferred: only Arrow inputs need pyarrow here.
 
     files = sorted(path.glob("data-*.arrow")) or sorted(path.glob("*.arrow"))
     if not files:
-        hint = " (a DatasetDict: pass one split's folder)" if (path / "dataset_dict.json").exists() else ""
+        hint = " (a DatasetDict: choose a split with data.split)" if (path / "dataset_dict.json").exists() else ""
         raise DataError(f"{path}: a folder without data-*.arrow files; expected a datasets save_to_disk "
                         f"folder{hint}")
     return pa.concat_tables([_arrow_table(f) for f in files])

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorif_ray.data.examples import Example, check_unique_ids, iter_examples
+from lorif_ray.data.examples import DEFAULT_COLUMNS, Columns, Example, check_unique_ids, iter_examples
 from lorif_ray.data.row_table import open_row_table
 from lorif_ray.data.rows import RowRange, data_sha256
 from lorif_ray.errors import ConfigError, DataError
@@ -28,11 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InputShard:
-    """One shard of a training input: rows ``rows`` of ``path``, of the file's schema ``schema``."""
+    """One shard of a training input: rows ``rows`` of ``path``, of the file's schema ``schema``, its fields in
+    ``columns`` (what a Ray worker needs to read it)."""
 
     path: str
     schema: str
     rows: RowRange
+    columns: Columns = DEFAULT_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class InputPlan:
         sha256: ``data_sha256`` of the input.
         schema: Its rows' schema (one of ``lorif_ray.data.examples.SCHEMAS``).
         ranges: The row range of each shard, in order.
+        columns: The columns of the schema's fields (``data.*_column``).
         rows_table: The row table this pass wrote, under a temporary name for the stage to commit
             (``commit_row_table``) once the index accepts the input; None: none asked for, the one there
             already records this input, or the folder is not writable.
@@ -58,6 +61,7 @@ class InputPlan:
     sha256: str
     schema: str
     ranges: tuple[RowRange, ...]
+    columns: Columns = DEFAULT_COLUMNS
     rows_table: str | None = None
 
     @property
@@ -65,13 +69,15 @@ class InputPlan:
         return self.ranges[-1].stop
 
     def shard(self, index: int) -> InputShard:
-        return InputShard(self.path, self.schema, self.ranges[index])
+        return InputShard(self.path, self.schema, self.ranges[index], self.columns)
 
 
-def plan_input(path: str | Path, shard_size: int, rows_table: str | Path | None = None) -> InputPlan:
+def plan_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_COLUMNS,
+               rows_table: str | Path | None = None) -> InputPlan:
     """Check a training input and cut it into shards of ``shard_size`` rows (one streaming pass, plus the hash).
 
     Args:
+        columns: the columns of the schema's fields (``data.*_column``), recorded in the row table too.
         rows_table: where the index keeps its row table (``row_table_path``); written in the same pass, a
             shard of rows at a time, under a temporary name (``InputPlan.rows_table``). None: not written.
 
@@ -86,10 +92,10 @@ def plan_input(path: str | Path, shard_size: int, rows_table: str | Path | None 
         raise ConfigError(f"shard_size={shard_size}: must be >= 1")
     path = Path(path)
     sha256 = data_sha256(path) if rows_table is not None and path.exists() else None
-    table = open_row_table(rows_table, path, sha256) if sha256 is not None else None
+    table = open_row_table(rows_table, path, sha256, columns) if sha256 is not None else None
     ranges, ids, schema = [], [], None
     try:
-        for rows, examples in iter_examples(path, batch_rows=shard_size):
+        for rows, examples in iter_examples(path, batch_rows=shard_size, columns=columns):
             schema = schema or examples[0].schema
             ranges.append(replace(rows, offsets=None, lines=None))  # the plan holds O(shards) numbers
             batch_ids = [e.id for e in examples]
@@ -104,7 +110,7 @@ def plan_input(path: str | Path, shard_size: int, rows_table: str | Path | None 
             table.abort()
         raise
     written = table.close() if table is not None else None
-    return InputPlan(str(path), sha256 or data_sha256(path), schema, tuple(ranges), written)
+    return InputPlan(str(path), sha256 or data_sha256(path), schema, tuple(ranges), columns, written)
 
 
 def _add_rows(table, rows: RowRange, ids: list[str], schema: str):
@@ -126,7 +132,8 @@ def read_shard(shard: InputShard) -> list[Example]:
             ``plan_input``).
     """
     rows = shard.rows
-    examples = [e for _, batch in iter_examples(shard.path, rows, shard.schema, batch_rows=rows.rows) for e in batch]
+    examples = [e for _, batch in iter_examples(shard.path, rows, shard.schema, batch_rows=rows.rows,
+                                                columns=shard.columns) for e in batch]
     if len(examples) != rows.rows:
         raise DataError(f"{shard.path}: rows [{rows.start}, {rows.stop}) were planned, {len(examples)} read; the "
                         "file changed after stage 1 planned its shards: run stage 1 again")

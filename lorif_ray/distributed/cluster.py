@@ -12,6 +12,7 @@ all-reduce every batch), so a replacement replica reuses the same bundles.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -72,24 +73,87 @@ def replica_count(cluster: ClusterConfig, limit: int | None = None) -> int:
     import ray
 
     total = ray.cluster_resources()
-    cpus, gpus = cluster.cpus_per_actor * cluster.tp_size, gpus_per_actor(cluster) * cluster.tp_size
+    fits = replicas_that_fit(cluster, total)
+    check_layout(cluster, "index", total)
+    wanted = cluster.gradient_actors
+    if wanted is None:
+        wanted = int(min(max(fits, 1), 1024))
+    return max(1, min(wanted, limit or wanted))
+
+
+def replicas_that_fit(cluster: ClusterConfig, total: dict) -> float:
+    """How many stage-1 replicas of ``tp_size`` ranks a cluster of ``total`` resources holds beside the
+    factorization pool (inf when a replica asks for nothing)."""
+    cpus, gpus = cluster.cpus_per_actor * cluster.tp_size, _gpus_per_actor(cluster, total) * cluster.tp_size
     pool = cluster.writer_actors * cluster.cpus_per_actor
     fits = math.inf
     if cpus > 0:
         fits = math.floor((total.get("CPU", 0) - pool) / cpus + 1e-9)
     if gpus > 0:
         fits = min(fits, math.floor(total.get("GPU", 0) / gpus + 1e-9))
-    wanted = cluster.gradient_actors
-    asked = (f"{wanted or 1} replica(s) x {cluster.tp_size} rank(s) x ({cluster.cpus_per_actor:g} CPU, "
-             f"{gpus_per_actor(cluster):g} GPU) + a pool of {cluster.writer_actors} x {cluster.cpus_per_actor:g} CPU")
+    return fits
+
+
+def _gpus_per_actor(cluster: ClusterConfig, total: dict) -> float:
+    """``gpus_per_actor`` of a cluster of ``total`` resources (``gpus_per_actor`` without asking Ray)."""
+    if cluster.gpus_per_actor is not None:
+        return cluster.gpus_per_actor
+    return 1.0 if total.get("GPU", 0) > 0 else 0.0
+
+
+def local_resources(cluster: ClusterConfig) -> dict:
+    """What a local Ray instance started for ``cluster`` will hold, known before it starts: ``num_cpus`` (or
+    this machine's CPUs: at least what Ray counts, so nothing is refused that Ray would hold) and the GPUs this
+    process sees."""
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch or no driver: Ray finds no GPU either
+        pass
+    return {"CPU": float(cluster.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def check_layout(cluster: ClusterConfig, stage: str, total: dict, shards: int | None = None) -> None:
+    """Refuse, in one line, a layout that a local Ray instance of ``total`` resources cannot hold for ``stage``
+    (it never grows, so its actors would wait forever); a joined cluster (``cluster.address``) may still be
+    adding nodes and is not checked.
+
+    Args:
+        stage: "index" (the replicas beside the pool), "curvature" (the Gram actors) or "query"/"serve" (one
+            replica for the query gradients and the query actors).
+        shards: the index's shard count where known (stages 2 and 3 start at most one actor per shard);
+            None for stages 2 and 3 = not checked yet.
+
+    Raises:
+        ConfigError: what the layout asks and what the instance has, and which keys to lower.
+    """
+    if cluster.address:
+        return
+    cpa, gpa = cluster.cpus_per_actor, _gpus_per_actor(cluster, total)
     hint = "lower cluster.tp_size, cluster.gradient_actors (null = as many as fit), cluster.cpus_per_actor"
-    fixed = not cluster.address  # a local instance never grows; a joined cluster may still be adding nodes
-    if fixed and (fits < 1 or (wanted is not None and wanted > fits)):
+    if stage == "index":
+        fits, wanted = replicas_that_fit(cluster, total), cluster.gradient_actors
+        if fits >= 1 and (wanted is None or wanted <= fits):
+            return
+        asked = (f"{wanted or 1} replica(s) x {cluster.tp_size} rank(s) x ({cpa:g} CPU, {gpa:g} GPU) + a pool of "
+                 f"{cluster.writer_actors} x {cpa:g} CPU")
         raise ConfigError(f"the stage-1 layout does not fit this Ray cluster: it asks {asked}; the cluster has "
                           f"{_resources(total)}; {hint}")
-    if wanted is None:
-        wanted = int(min(max(fits, 1), 1024))
-    return max(1, min(wanted, limit or wanted))
+    if shards is None:
+        return
+    if stage == "curvature":
+        actors, extra, keys = min(cluster.gram_actors, shards), 0, "cluster.gram_actors"
+    else:
+        actors, extra, keys = min(cluster.query_actors, shards), cluster.tp_size, "cluster.query_actors"
+    need = {"CPU": (actors + extra) * cpa, "GPU": (actors + extra) * gpa}
+    if all(need[r] <= total.get(r, 0) + 1e-9 for r in need):
+        return
+    what = f"{actors} actor(s)" + (f" + a query-gradient replica of {extra} rank(s)" if extra else "")
+    raise ConfigError(f"the stage-{2 if stage == 'curvature' else 3} layout does not fit this Ray cluster: {what} x "
+                      f"({cpa:g} CPU, {gpa:g} GPU) = {_resources(need)}; the cluster has {_resources(total)}; lower "
+                      f"{keys} or cluster.cpus_per_actor")
 
 
 def replica_placement_group(cluster: ClusterConfig, options: dict):

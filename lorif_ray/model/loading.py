@@ -7,13 +7,14 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorif_ray.config import user_cache_dir
-from lorif_ray.errors import ConfigError, ModelMismatchError
+from lorif_ray.errors import ConfigError, CorruptModelError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "auto"
 
     hf_logging.disable_progress_bar()  # our stages draw their own bars
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={path} is not a local Hugging Face model directory (no config.json)")
+    check_model_folder(path)
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    with named_model_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     if adapter is not None:
         from lorif_ray.model.adapters import attach_lora
 
@@ -64,7 +65,8 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
+    with named_model_errors(Path(path), "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         for role in ("eos", "bos", "unk"):
             token = getattr(tokenizer, f"{role}_token")
@@ -81,10 +83,119 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+# what a model folder may hold as weights, and as its tokenizer (any one of them)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# safetensors refuses headers above 100 MB; a longer length is a corrupt file
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def read_model_config(path: str | Path, key: str = "model.path") -> dict:
+    """The parsed config.json of a model folder.
+
+    Raises:
+        ConfigError: the folder has no config.json (not a Hugging Face model folder).
+        CorruptModelError: config.json is not a JSON object (e.g. cut short), naming the file and the position.
+    """
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{key}={path}: no config.json there, so not a Hugging Face model folder; give the folder "
+                          "that save_pretrained wrote (config.json, weights, tokenizer files)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptModelError(f"{file}: not valid JSON ({e}); the file is damaged or cut short: restore it "
+                                "(save_pretrained or download it again)") from e
+    if not isinstance(config, dict):
+        raise CorruptModelError(f"{file}: a JSON {type(config).__name__}, not an object of config fields")
+    return config
+
+
+def check_model_folder(path: str | Path, key: str = "model.path") -> None:
+    """A model folder checked without loading it: config.json parses, a tokenizer is there, weights are there
+    and every safetensors file's header agrees with its size (header reads only: seconds for any model).
+
+    Raises:
+        ConfigError: a missing config.json, tokenizer or weights (the folder and what it lacks).
+        CorruptModelError: a config.json or safetensors file that cannot be read (the file, what is wrong).
+    """
+    path = Path(path)
+    read_model_config(path, key)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{key}={path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)}); save the "
+                          "tokenizer next to the model (tokenizer.save_pretrained)")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"{key}={path}: no weights there ({', '.join(WEIGHT_FILES)})")
+    for file in safetensors_files(path):
+        check_safetensors_file(file)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: those its index names, or model.safetensors.
+
+    Raises:
+        CorruptModelError: an unreadable index; ConfigError: a file the index names is missing.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptModelError(f"{index}: not a safetensors index (JSON with a weight_map): {e}") from e
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise ConfigError(f"{index} names {len(missing)} weight file(s) that are not there: "
+                              f"{', '.join(missing[:3])}")
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def check_safetensors_file(file: Path) -> None:
+    """A safetensors file's 8-byte header length, header and tensor extents against the file's size.
+
+    Raises:
+        CorruptModelError: naming the file: too short, a header length beyond the file, an unreadable header,
+            or tensors that end before or after the file does (cut short, or not one file).
+    """
+    import struct
+
+    size = file.stat().st_size
+    again = "; the file is damaged or cut short: download or save it again"
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptModelError(f"{file}: {size} bytes, too short for a safetensors file{again}")
+        length = struct.unpack("<Q", head)[0]
+        if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+            raise CorruptModelError(f"{file}: its header length says {length} bytes, the file holds {size}{again}")
+        try:
+            header = json.loads(f.read(length))
+            ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise CorruptModelError(f"{file}: unreadable safetensors header ({e}){again}") from e
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        raise CorruptModelError(f"{file}: its tensors end at byte {expected}, the file holds {size}{again}")
+
+
+@contextmanager
+def named_model_errors(path: Path, what: str = "model"):
+    """Errors of transformers' loading turned into ``CorruptModelError`` naming the folder (a file that the
+    checks above cannot see, e.g. a damaged tensor payload or tokenizer file)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptModelError(f"{path}: the {what} files cannot be read ({type(e).__name__}: {e})") from e
+
+
 def context_length(path: str | Path) -> int | None:
     """The most positions the model at ``path`` takes (``n_positions``, ``max_position_embeddings``, ...,
     from its config.json alone; no weights); None if the config names none."""
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = read_model_config(path)
     for section in (config, config.get("text_config") or {}):
         for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
             if isinstance(section.get(key), int) and section[key] > 0:
@@ -160,12 +271,12 @@ def load_model_for_sharding(path: str | Path, *, dtype: str = "bfloat16"):
 
     hf_logging.disable_progress_bar()
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={path} is not a local Hugging Face model directory (no config.json)")
+    check_model_folder(path)
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
-                                                 low_cpu_mem_usage=True)
+    with named_model_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
+                                                     low_cpu_mem_usage=True)
     return model.eval()
 
 

@@ -469,12 +469,11 @@ def meta_model(model_path: str | Path, dtype: str = "bfloat16") -> nn.Module:
     """The causal LM of a local checkpoint with its parameters on the meta device and real buffers (eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorif_ray.model.loading import DTYPES
     from lorif_ray.errors import ConfigError
+    from lorif_ray.model.loading import DTYPES, check_model_folder
 
     path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path={path} is not a local Hugging Face model directory (no config.json)")
+    check_model_folder(path)
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(path, local_files_only=True)

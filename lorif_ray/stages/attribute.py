@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 from lorif_ray.config import Config
-from lorif_ray.data import load_examples
 from lorif_ray.errors import ConfigError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.outputs import claim_output_dir
+from lorif_ray.stages.preflight import check_before_work
 from lorif_ray.stages.query import run_query
 from lorif_ray.stages.summary import describe_index, describe_proponents
 from lorif_ray.store import write_json
@@ -24,28 +24,28 @@ STAGES = ("index", "curvature", "query")
 
 def run_local_stage(name: str, cfg: Config) -> dict:
     """Stage ``name`` in this process (stage 2 holds each layer's rows resident when they fit, stage 3
-    streams them unless ``query.resident``)."""
+    streams them unless ``query.resident``), after ``check_before_work``."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
+    cfg = check_before_work(cfg, (name,))
     claim_output_dir(cfg)
     return {"index": run_index, "curvature": run_curvature, "query": run_query}[name](cfg)
 
 
-def check_data(cfg: Config) -> None:
-    """Load (and so schema-check) the queries before stage 1, so a bad query file fails before any model work
-    instead of after indexing and curvature (stage 1 checks the training data, in a stream, before it loads
-    the model).
+def check_data(cfg: Config) -> Config:
+    """Every check of the three stages' inputs before stage 1 (``check_before_work``: the model folder, the
+    training data's first rows, the whole query file), so a bad query file fails before any model work
+    instead of after indexing and curvature; returns ``cfg`` with the model resolved.
 
     Raises:
         DataError: naming the file and the offending row.
-        ConfigError: ``query.measurement`` names a function (only the Python API can pass one).
+        ConfigError: ``query.measurement`` names a function (only the Python API can pass one), or as
+            ``check_before_work``.
     """
     if cfg.query.measurement.startswith("custom:"):
         raise ConfigError(f"query.measurement={cfg.query.measurement}: a function is passed through the Python API "
                           "(lorif_ray.Attributor.query); choose one of loss, logprob, mean_loss")
-    queries_path = resolve_inputs(cfg).queries_path
-    if queries_path is not None:
-        load_examples(queries_path)
+    return check_before_work(cfg, STAGES)
 
 
 def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_local_stage) -> dict:
@@ -56,7 +56,7 @@ def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_lo
         run_stage: runs one stage by name (``lorif_ray.distributed.stages.run_stage`` puts them on Ray);
             by default in this process.
     """
-    check_data(cfg)
+    cfg = check_data(cfg)
     index = run_stage("index", cfg)
     log.info("%s", describe_index(index))
     curvature = run_stage("curvature", cfg)
@@ -67,7 +67,7 @@ def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_lo
              query["queries"], query["train"], query["score_seconds"], query["query_gradient_seconds"],
              query["topk_path"])
     inputs = resolve_inputs(cfg)
-    log.info("%s", describe_proponents(Path(query["topk_path"]), inputs.queries_path))
+    log.info("%s", describe_proponents(Path(query["topk_path"]), inputs.queries_path, columns=cfg.data.columns))
     report = {"index": index, "curvature": curvature, "query": query}
     write_json(Path(cfg.output_dir) / "report.json", report)
     return report

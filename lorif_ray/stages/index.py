@@ -79,6 +79,8 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
         "data": {"sha256": data_sha256, "num_examples": num_examples},
         "kronecker_stats": featurizer.statistics is not None,  # <index>/_kronecker.safetensors (stage 2's K-FAC)
     }
+    if cfg.data.columns.renamed():  # the columns read shape the rows; absent = the default names (older indexes)
+        meta["data"]["columns"] = cfg.data.columns.renamed()
     if featurizer.statistics is not None and featurizer.statistics_labels != "training":
         meta["kfac_labels"] = featurizer.statistics_labels  # absent = training (indexes before the key stay valid)
     return meta
@@ -205,7 +207,8 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
 def run_index(cfg: Config) -> dict:
     """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
     model_path, train_path = train_input(cfg)  # before loading the model
-    plan = plan_input(train_path, cfg.shard_size, row_table_path(cfg.index_path))  # data errors before model work
+    # data errors before model work
+    plan = plan_input(train_path, cfg.shard_size, cfg.data.columns, row_table_path(cfg.index_path))
     try:
         return _index(cfg, model_path, plan)
     finally:

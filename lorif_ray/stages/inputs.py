@@ -7,7 +7,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorif_ray.config import Config
-from lorif_ray.data import InputPlan, InputShard, TokenizedExample, load_examples, read_shard, tokenize_examples
+from lorif_ray.data import (Columns, InputPlan, InputShard, TokenizedExample, load_examples, read_shard,
+                            tokenize_examples)
+from lorif_ray.data.examples import DEFAULT_COLUMNS
+from lorif_ray.data.rows import dataset_split
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.math.factorize import default_iterations
 from lorif_ray.stages.featurize import LayerSpec
@@ -22,18 +25,22 @@ class Inputs:
 
 
 def resolve_inputs(cfg: Config) -> Inputs:
-    """Paths from the config; with ``model.path`` unset, the embedded default (trained and cached on first use)."""
+    """Paths from the config; with ``model.path`` unset, the embedded default (trained and cached on first use).
+    A DatasetDict folder gives the folder of its split ``data.split`` (training) or ``data.query_split``."""
     if cfg.model.path is None:
         from lorif_ray.embedded import ensure_embedded
 
         assets = ensure_embedded(cfg.embedded_cache_path, progress=cfg.progress)
-        return Inputs(Path(assets.model_dir), Path(cfg.data.train or assets.train_path),
-                      Path(cfg.data.queries or assets.queries_path))
-    return Inputs(Path(cfg.model.path), _opt(cfg.data.train), _opt(cfg.data.queries))
+        train, queries = cfg.data.train or assets.train_path, cfg.data.queries or assets.queries_path
+        model = Path(assets.model_dir)
+    else:
+        train, queries, model = cfg.data.train, cfg.data.queries, Path(cfg.model.path)
+    return Inputs(model, _split(train, cfg.data.split, "data.split"),
+                  _split(queries, cfg.data.query_split, "data.query_split"))
 
 
-def _opt(path: str | None) -> Path | None:
-    return Path(path) if path else None
+def _split(path: str | Path | None, split: str | None, key: str) -> Path | None:
+    return dataset_split(path, split, key) if path else None
 
 
 def require(path: Path | None, key: str) -> Path:
@@ -42,9 +49,9 @@ def require(path: Path | None, key: str) -> Path:
     return path
 
 
-def tokenized(path: Path, tokenizer, max_length: int):
+def tokenized(path: Path, tokenizer, max_length: int, columns: Columns = DEFAULT_COLUMNS):
     """Load and tokenize a whole data file, e.g. queries (errors name the file and the offending ids)."""
-    return tokenize_examples(load_examples(path), tokenizer, max_length)
+    return tokenize_examples(load_examples(path, columns), tokenizer, max_length)
 
 
 def tokenized_shard(shard: InputShard, tokenizer, max_length: int) -> list[TokenizedExample]:

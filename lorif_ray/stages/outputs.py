@@ -18,15 +18,17 @@ from lorif_ray.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MARKER = ".lorif-ray-output"
-# what may already be in a fresh output folder: Hydra's record of the run (written before the job starts)
+# what an unmarked output folder may hold and still be taken: what older versions wrote before the check (Hydra's
+# record of the run and the job's log; the jobs now write both only after claiming the folder, lorif_ray.cli)
 HYDRA_ENTRIES = (".hydra",)
+JOB_LOGS = tuple(f"{job}.log" for job in ("attribute", "index", "curvature", "query", "serve"))
 INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", "_rows.parquet")
 ROW_TABLE_TEMPORARY = "._rows.parquet.tmp-"  # a row table stage 1 wrote before it stopped (lorif_ray.data.row_table)
 
 
 def _foreign(directory: Path) -> list[str]:
     names = sorted(p.name for p in directory.iterdir())
-    return [n for n in names if n not in HYDRA_ENTRIES and n != MARKER and not n.endswith(".log")]
+    return [n for n in names if n not in HYDRA_ENTRIES and n != MARKER and n not in JOB_LOGS]
 
 
 def claim_output_dir(cfg: Config) -> None:

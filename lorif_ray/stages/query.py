@@ -29,7 +29,8 @@ import pyarrow as pa
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.data import IGNORE_INDEX, Example, TokenizedExample, TrainTexts, load_examples, tokenize_examples
+from lorif_ray.data import IGNORE_INDEX, Columns, Example, TokenizedExample, TrainTexts, load_examples, tokenize_examples
+from lorif_ray.data.examples import DEFAULT_COLUMNS
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
@@ -170,7 +171,8 @@ class QueryRows:
         return self.ids + [f"{query}@{position}" for query, position, _ in self.tokens]
 
 
-def query_examples(source: Path | Sequence[Example], tokenizer, max_length: int, per_token: bool
+def query_examples(source: Path | Sequence[Example], tokenizer, max_length: int, per_token: bool,
+                   columns: Columns = DEFAULT_COLUMNS
                    ) -> tuple[list[TokenizedExample], list[tuple[str, int, str]]]:
     """The tokenized queries of a file (or of examples already read, e.g. a request's) and, with ``per_token``,
     after them one copy of each query per target token whose labels keep that token only (its loss alone),
@@ -180,7 +182,7 @@ def query_examples(source: Path | Sequence[Example], tokenizer, max_length: int,
         ConfigError: the file holds no queries (or no examples are given).
     """
     if isinstance(source, (str, Path)):
-        queries = tokenized(Path(source), tokenizer, max_length)
+        queries = tokenized(Path(source), tokenizer, max_length, columns)
     else:
         queries = tokenize_examples(list(source), tokenizer, max_length)
     if not queries:
@@ -226,12 +228,12 @@ class QueryFeaturizer:
                                            layer_names=[s.name for s in layer_specs(manifest)])
         self.featurizer.measurement = measurement or cfg.query.measurement
         self.max_length, self.batch_size = manifest.meta["config"]["max_length"], cfg.data.batch_size
-        self.per_token, self.progress = cfg.query.per_token, cfg.progress
+        self.per_token, self.progress, self.columns = cfg.query.per_token, cfg.progress, cfg.data.columns
 
     def __call__(self, queries: Path | Sequence[Example]) -> QueryRows:
         """The featurized queries of a file, or of examples in memory (``query.per_token``: and their tokens);
         the bar moves per batch."""
-        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token)
+        queries, tokens = query_examples(queries, self.tokenizer, self.max_length, self.per_token, self.columns)
         start = time.perf_counter()
         parts = []
         with progress_bar(len(queries), "stage 3: query gradients", "query", self.progress) as bar:
@@ -358,7 +360,7 @@ def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_p
     """One query file through ``backend``: featurize, choose the route, score, write the outputs."""
     check_outputs(cfg, manifest)
     texts = open_train_texts(cfg, manifest)
-    query_texts = {e.id: e.text for e in load_examples(queries_path)}
+    query_texts = {e.id: e.text for e in load_examples(queries_path, cfg.data.columns)}
     queries = backend.featurize(queries_path)
     row_ids = queries.row_ids
     route = query_route(cfg, header, stored, len(row_ids))

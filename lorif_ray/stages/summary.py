@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from lorif_ray.data import load_examples, read_rows
+from lorif_ray.data import Columns, load_examples, read_rows
+from lorif_ray.data.examples import DEFAULT_COLUMNS
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 
@@ -27,11 +28,12 @@ def describe_index(report: dict) -> str:
     return "\n".join(lines)
 
 
-def expected_sources(path: Path) -> dict[str, str]:
-    """{query id: source id} from queries with ``id`` and ``source_id`` columns ({} otherwise); any input kind."""
+def expected_sources(path: Path, columns: Columns = DEFAULT_COLUMNS) -> dict[str, str]:
+    """{query id: source id} from queries with id (``columns.id``) and ``source_id`` columns ({} otherwise); any
+    input kind."""
     rows, _ = read_rows(path)
-    return {str(r["id"]): str(r["source_id"]) for r in rows
-            if r.get("id") is not None and r.get("source_id") is not None}
+    return {str(r[columns.id]): str(r["source_id"]) for r in rows
+            if r.get(columns.id) is not None and r.get("source_id") is not None}
 
 
 def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, int]:
@@ -41,11 +43,12 @@ def source_hits(topk_path: Path, sources: dict[str, str], k: int) -> tuple[int, 
     return len(found), len(sources)
 
 
-def describe_proponents(topk_path: Path, queries_path: Path, *, show: int = 3, k: int = 5) -> str:
+def describe_proponents(topk_path: Path, queries_path: Path, *, show: int = 3, k: int = 5,
+                        columns: Columns = DEFAULT_COLUMNS) -> str:
     """The top-k proponents, with their text (``topk.parquet``'s ``train_text``), of the first ``show`` queries
     (and the known-source hit rate); k is capped at the ranks ``topk.parquet`` holds (``query.top_k``)."""
-    queries = {e.id: e for e in load_examples(queries_path)}
-    sources = expected_sources(queries_path)
+    queries = {e.id: e for e in load_examples(queries_path, columns)}
+    sources = expected_sources(queries_path, columns)
     rows = pq.read_table(topk_path).to_pylist()
     k = min(k, max((r["rank"] for r in rows), default=k))
     lines = []

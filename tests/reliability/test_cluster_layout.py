@@ -53,3 +53,19 @@ def test_replicas_follow_the_cluster(ray_cluster):
     assert replica_count(ClusterConfig()) == 3  # (2 CPUs − 0.5 for the pool) / 0.5
     assert replica_count(ClusterConfig(), limit=2) == 2  # no more replicas than shards
     assert replica_count(ClusterConfig(gradient_actors=2)) == 2
+
+
+def test_stages_2_and_3_refuse_a_layout_a_local_instance_cannot_hold():
+    """Gram and query actors are not placed in groups: on a fixed local instance too many of them waited forever;
+    the check counts the actors a stage starts (at most one per shard) and, for stage 3, its gradient replica."""
+    from lorif_ray.distributed.cluster import check_layout
+
+    two_cpus = {"CPU": 2.0}
+    check_layout(ClusterConfig(gram_actors=4), "curvature", two_cpus, shards=4)  # 4 x 0.5 CPU
+    check_layout(ClusterConfig(query_actors=8), "query", two_cpus, shards=2)  # capped at the 2 shards + 1 replica
+    with pytest.raises(ConfigError, match=r"^the stage-2 layout does not fit this Ray cluster: 5 actor\(s\) x "
+                                          r"\(0.5 CPU, 0 GPU\) = 2.5 CPUs, 0 GPUs; the cluster has 2 CPUs"):
+        check_layout(ClusterConfig(gram_actors=5), "curvature", two_cpus, shards=10)
+    with pytest.raises(ConfigError, match=r"stage-3 layout .* 4 actor\(s\) \+ a query-gradient replica of 1 rank"):
+        check_layout(ClusterConfig(query_actors=4), "query", two_cpus, shards=10)
+    check_layout(ClusterConfig(address="auto", gram_actors=64), "curvature", two_cpus, shards=64)  # may grow

@@ -1,9 +1,11 @@
 """Cases 7, 8 and 12 of issue 12: a max_length beyond the model's context, a tokenizer without pad and
-eos tokens, and an f wider than the layers, each handled before any work starts."""
+eos tokens, and an f wider than the layers, each handled before any work starts; issue 21 row 8 (damaged model
+files named) and the model folder's checks and Hub ids of issue 20 (rows 3 and 9)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 
 import pytest
@@ -82,3 +84,64 @@ def test_f_wider_than_every_layer_is_refused(tiny_assets, tmp_path):
     with pytest.raises(ConfigError, match=r"f=512 is larger than both widths .* of every layer"):
         run_index(cfg)
     assert not cfg.index_path.exists()
+
+
+def _copy_model(tiny_assets, tmp_path, name="model"):
+    folder = tmp_path / name
+    shutil.copytree(tiny_assets["model"], folder)
+    return folder
+
+
+def test_damaged_model_files_are_named_where_the_model_loads(tiny_assets, tmp_path):
+    """Issue 21 row 8, where every process loads the model (the driver's checks and each Ray actor's
+    ``load_model``): a config.json cut short, a model.safetensors cut short or with a header length beyond the
+    file is a CorruptModelError naming the file (was a bare JSONDecodeError / SafetensorError)."""
+    from lorif_ray.errors import CorruptModelError
+    from lorif_ray.model.loading import check_model_folder, load_model
+
+    config = _copy_model(tiny_assets, tmp_path, "config") / "config.json"
+    config.write_text(config.read_text()[:-20])
+    short = _copy_model(tiny_assets, tmp_path, "short") / "model.safetensors"
+    size = short.stat().st_size
+    short.write_bytes(short.read_bytes()[:size // 2])
+    huge = _copy_model(tiny_assets, tmp_path, "huge") / "model.safetensors"
+    huge.write_bytes((10**12).to_bytes(8, "little") + huge.read_bytes()[8:])
+    cases = {config: r"not valid JSON", short: rf"its tensors end at byte {size}, the file holds "
+             rf"{size // 2}", huge: r"its header length says 1000000000000 bytes"}
+    for file, message in cases.items():
+        for check in (check_model_folder, lambda folder: load_model(folder, device="cpu")):
+            with pytest.raises(CorruptModelError, match=f"^{re.escape(str(file))}: {message}"):
+                check(file.parent)
+
+
+def test_a_missing_config_tokenizer_or_weights_is_named_by_key(tiny_assets, tmp_path):
+    from lorif_ray.model.loading import check_model_folder
+
+    for missing, message in (("config.json", "no config.json there"), ("tokenizer.json", "no tokenizer files"),
+                             ("model.safetensors", "no weights there")):
+        folder = _copy_model(tiny_assets, tmp_path, missing)
+        for name in ((missing,) if missing != "tokenizer.json" else ("tokenizer.json", "tokenizer_config.json")):
+            (folder / name).unlink()
+        with pytest.raises(ConfigError, match=f"^model.path={re.escape(str(folder))}: {message}"):
+            check_model_folder(folder)
+
+
+def test_a_hub_id_resolves_in_the_local_cache_only(tiny_assets, tmp_path, monkeypatch):
+    """A Hub id is the snapshot of refs/main in the cache (HF_HUB_CACHE, read when resolving); an id not in the
+    cache, or an incomplete one, is one line saying where it looked and how to fetch it."""
+    from lorif_ray.model.hub import resolve_model_path
+    from tests.conftest import write_hub_cache
+
+    cache = tmp_path / "hub"
+    snapshot = write_hub_cache(cache, "org/tiny", tiny_assets["model"], revision="a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert resolve_model_path("org/tiny") == snapshot and (snapshot / "config.json").is_symlink()
+    assert resolve_model_path(str(tiny_assets["model"])) == tiny_assets["model"]
+    with pytest.raises(ConfigError, match=rf"^model.path=org/other: no such folder, and the Hugging Face cache at "
+                                          rf"{re.escape(str(cache))} does not hold it .*`hf download org/other`"):
+        resolve_model_path("org/other")
+    (snapshot / "config.json").unlink()
+    with pytest.raises(ConfigError, match="holds it without a config.json in its main snapshot"):
+        resolve_model_path("org/tiny")
+    with pytest.raises(ConfigError, match=r"^model.path=/no/such: no such folder$"):
+        resolve_model_path("/no/such")
