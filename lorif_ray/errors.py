@@ -43,3 +43,8 @@ class NonFiniteGradientError(LorifError, FloatingPointError):
 
 class ClusterLostError(LorifError, RuntimeError):
     """Ray lost the driver's own node (its raylet died) mid-stage; finished work is kept for a re-run."""
+
+
+class QueryRunError(LorifError, ValueError):
+    """A query run's folder that cannot be read: no run there, a format this version does not read, or files
+    of another run."""
