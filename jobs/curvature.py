@@ -9,6 +9,7 @@ import hydra
 
 from lorif_ray.config import from_hydra, register_configs
 from lorif_ray.distributed.stages import run_stage
+from lorif_ray.stages.summary import describe_curvature
 
 register_configs()
 log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
@@ -16,8 +17,7 @@ log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg) -> None:
-    report = run_stage("curvature", from_hydra(cfg))
-    log.info("curvature: %s%s", report["path"], " (reused)" if report["reused"] else f" in {report['seconds']:.1f}s")
+    log.info("%s", describe_curvature(run_stage("curvature", from_hydra(cfg))))
 
 
 if __name__ == "__main__":

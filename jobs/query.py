@@ -9,6 +9,7 @@ import hydra
 
 from lorif_ray.config import from_hydra, register_configs
 from lorif_ray.distributed.stages import run_stage
+from lorif_ray.stages.summary import describe_results
 
 register_configs()
 log = logging.getLogger(__name__)  # Hydra's job logging: console and <job>.log in output_dir
@@ -19,6 +20,7 @@ def main(cfg) -> None:
     report = run_stage("query", from_hydra(cfg))
     log.info("scored %d queries x %d training examples in %.2fs -> %s", report["queries"], report["train"],
              report["score_seconds"], report["topk_path"])
+    log.info("%s", describe_results(report))
 
 
 if __name__ == "__main__":
