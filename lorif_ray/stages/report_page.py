@@ -108,7 +108,7 @@ def _header(run: QueryRun, queries: list[dict], top: dict) -> str:
 
 
 def _footer(run: QueryRun) -> str:
-    files = ", ".join(sorted({FILES[name] for name in run.record["files"]} | {FILES["report"]}))
+    files = ", ".join(sorted(set(run.record["files"]) | {FILES["report"]}))
     made = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.record.get("created", time.time())))
     return (f'<footer>query run {escape(run.run_id, None)} · written {escape(made, None)} · files: '
             f'{escape(files, None)}</footer>')
@@ -123,13 +123,13 @@ def _query_section(query: dict, top: list[dict], bottom: list[dict], tokens: lis
     marks = [(r["score"], "#ca8a04", f"the known source [{source}], rank {r['rank']}") for r in top + bottom
              if source is not None and r["train_id"] == source]
     plots = [f'<div class="plot"><div class="caption">scores against all {run.record.get("train", "?")} training '
-             f'examples (bar height: log count{"; ▲ the known source" if marks else ""})</div>'
+             f'examples (height: log count{"; ▲ known source" if marks else ""})</div>'
              f'{histogram_svg(query["score_bins"], low, high, marks)}</div>', _facts(query, top, bottom, run)]
     if layers is not None:
-        plots.append(f'<div class="plot"><div class="caption">share of each layer in the top {len(top[:MAX_ROWS])} '
+        plots.append(f'<div class="plot layers"><div class="caption">share of each layer in the top {len(top[:MAX_ROWS])} '
                      f'proponents\' scores</div>{layers_svg(layers)}</div>')
     elif not run.has("layer_scores"):
-        plots.append('<div class="plot hint">per-layer split: run the query with query.per_layer=true</div>')
+        plots.append('<div class="plot layers hint">per-layer split: run the query with query.per_layer=true</div>')
     scale = max([abs(r["score"]) for r in top[:MAX_ROWS] + bottom[:MAX_ROWS]] + [1e-30])
     sides = (_rows_table("proponents", "pro", top[:MAX_ROWS], source, scale)
              + _rows_table("opponents", "con", bottom[:MAX_ROWS], source, scale))
@@ -204,8 +204,8 @@ def _rows_table(title: str, kind: str, rows: list[dict], source: str | None, sca
 
 
 def _full_text(text) -> str:
-    """A title attribute with the whole text (up to 2,000 characters) where the cell shows it cut."""
-    return f' title="{escape(text, 2000)}"' if text is not None and len(text) > MAX_TEXT else ""
+    """A title attribute with the whole text (up to 1,000 characters) where the cell shows it cut."""
+    return f' title="{escape(text, 1000)}"' if text is not None and len(text) > MAX_TEXT else ""
 
 
 def linear_histogram(counts, low: float, high: float, bins: int = HISTOGRAM_BINS) -> np.ndarray:
@@ -337,8 +337,8 @@ background:#f1f5f9;margin:0;padding:20px 28px}header{margin-bottom:14px}h1{font-
 section.query{background:#fff;border:1px solid #e2e8f0;border-radius:8px;padding:12px 16px;margin:12px 0;
 box-shadow:0 1px 2px rgba(0,0,0,.04)}h2{font-size:16px;font-weight:500;margin:0 0 8px}.qid{display:inline-block;
 background:#e2e8f0;color:#334155;border-radius:4px;padding:0 6px;margin-right:8px;font:12px/20px ui-monospace,monospace}
-.prompt{color:#64748b}.tokens{font-size:14px;margin:-4px 0 8px;color:#64748b}.target{font-weight:650}.tok{display:inline-block;border-radius:3px;padding:0 3px;margin:0 1px;
-font-weight:600}.plots{display:flex;gap:28px;align-items:flex-start;margin-bottom:6px}.caption,.hint{font-size:11px;
+.prompt{color:#64748b}.tokens{font-size:14px;margin:-4px 0 8px;color:#64748b}.target{font-weight:650}.tok{display:inline-block;border-radius:3px;padding:0 3px;margin:0 1px;color:#0f172a;
+font-weight:600}.plots{display:flex;gap:24px;align-items:flex-start;margin-bottom:6px}.plot{flex:none;width:430px}.plot.layers{width:380px}.caption,.hint{font-size:11px;
 color:#64748b}.hint{font-style:italic}svg text{font:10px system-ui,sans-serif;fill:#475569}.sides{display:flex;gap:18px}
 .side{flex:1;min-width:0}h3{font-size:13px;margin:4px 0;text-transform:uppercase;letter-spacing:.04em}h3.pro{color:#15803d}
 h3.con{color:#b91c1c}table{border-collapse:collapse;width:100%;table-layout:fixed}th{font-size:11px;color:#64748b;
@@ -346,7 +346,7 @@ text-align:left;font-weight:500;border-bottom:1px solid #e2e8f0}td{padding:2px 4
 vertical-align:top}td.rank{width:26px;color:#64748b}th:first-child{width:26px}th:nth-child(2),td.score{width:74px}
 td.score{font:12px ui-monospace,monospace;position:relative}.bar{height:3px;border-radius:2px;margin-top:1px}
 .bar.pro{background:#16a34a}.bar.con{background:#dc2626}td.text{overflow-wrap:anywhere}.tid{color:#94a3b8;font-size:11px}
-tr.source td{background:#fef9c3}.facts{font-size:12px;color:#334155;line-height:1.6;padding-top:14px}.star{color:#ca8a04}footer{color:#94a3b8;font-size:11px;margin-top:16px}
+tr.source td{background:#fef9c3}.facts{flex:none;width:300px;font-size:12px;color:#334155;line-height:1.6;padding-top:14px}.star{color:#ca8a04}footer{color:#94a3b8;font-size:11px;margin-top:16px}
 """
 
 _PAGE = """<!DOCTYPE html>

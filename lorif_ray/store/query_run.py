@@ -84,7 +84,8 @@ class QueryRun:
 
     Attributes:
         directory: the output folder.
-        record: the run record (``query_run.json``): format, run_id, files, and what ``commit`` was given.
+        record: the run record (``query_run.json``): format, run_id, created, the files this run wrote (their
+            names), the counts ``begin`` was given (queries, tokens, train, top_k, texts) and ``meta``.
     """
 
     def __init__(self, directory: str | os.PathLike, record: dict):
@@ -116,8 +117,8 @@ class QueryRun:
         return {**self.meta, **(extra or {}), "format": QUERY_RUN_FORMAT, "run_id": self.run_id}
 
     def _wrote(self, name: str) -> None:
-        if name not in self.record["files"]:
-            self.record["files"].append(name)
+        if FILES[name] not in self.record["files"]:
+            self.record["files"].append(FILES[name])
 
     def write_table(self, name: str, table: pa.Table, meta: dict | None = None) -> None:
         """A Parquet file of the run, atomically, with the run's meta (+ ``meta``) under ``lorif.meta``."""
@@ -165,8 +166,8 @@ class QueryRun:
         Returns the record."""
         previous = _read_record(self.directory)
         write_json(self.directory / RECORD_NAME, self.record)
-        stale = set(FILES) - set(self.record["files"])
-        removed = [FILES[n] for n in sorted(stale) if self.path(n).is_file()]
+        stale = set(FILES.values()) - set(self.record["files"])
+        removed = [file for file in sorted(stale) if (self.directory / file).is_file()]
         for file in removed:
             (self.directory / file).unlink()
         if removed:
@@ -199,7 +200,7 @@ class QueryRun:
 
     def has(self, name: str) -> bool:
         """Whether this run wrote ``name``."""
-        return name in self.record["files"]
+        return FILES[name] in self.record["files"]
 
     def _check(self, name: str, meta: dict) -> None:
         if meta.get("run_id") != self.run_id:
