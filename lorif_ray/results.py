@@ -85,7 +85,10 @@ class Results:
         table = self.run.table("self_influence")
         if table is None:
             return None
-        texts = TrainTexts(self.meta["index"]).texts(range(table.num_rows))
+        index = Path(self.meta["index"])  # as the run saw it: relative to its working folder, perhaps
+        if not index.is_dir() and (self.output_dir / "index").is_dir():
+            index = self.output_dir / "index"
+        texts = TrainTexts(index).texts(range(table.num_rows))
         return table.add_column(1, "train_text", pa.array([texts[i] for i in range(table.num_rows)], pa.string()))
 
     @cached_property
