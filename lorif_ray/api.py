@@ -1,7 +1,7 @@
 """The Python API: index a model's training data, fit the curvature, and ask which training examples
-most influenced a query, from a notebook or a script (the answers: ``lorif_ray.results.Results``). It composes the same stage calls as the jobs
-(``run_index``, ``run_curvature``, ``run_query`` in this process; ``lorif_ray.distributed.stages.run_stage``
-on Ray), so it writes the same files and gives the same scores.
+most influenced a query, from a notebook or a script (the answers: ``lorif_ray.results.Results``). It
+composes the same stage calls as the jobs (``run_index``, ``run_curvature``, ``run_query`` in this process;
+``lorif_ray.distributed.stages.run_stage`` on Ray), so it writes the same files and gives the same scores.
 
 Example:
     >>> from lorif_ray import Attributor

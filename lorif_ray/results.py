@@ -143,8 +143,8 @@ class Results:
             cells = [f"<td><code>{escape(query_id, 60)}</code></td><td>{escape(text, 120)}</td>"]
             for row in (best, worst):
                 cells.append("<td>—</td><td></td>" if row is None else
-                             f"<td style='text-align:right'>{format_score(row['score'])}</td>"
-                             f"<td>{escape(row['train_text'], 120)} <small>[{escape(row['train_id'], 40)}]</small></td>")
+                             f"<td style='text-align:right'>{format_score(row['score'])}</td><td>"
+                             f"{escape(row['train_text'], 120)} <small>[{escape(row['train_id'], 40)}]</small></td>")
             rows.append(f"<tr>{''.join(cells)}</tr>")
         more = len(self.query_ids) - SHOWN
         note = f"; the first {SHOWN} shown" if more > 0 else ""

@@ -383,8 +383,9 @@ def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_p
     facts = {"route": route, "precision": Precision.of(cfg, resolve_device(cfg.model.device)).describe()}
     meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
     top_k = min(cfg.query.top_k, manifest.num_rows)
-    run = QueryRun.begin(cfg.output_dir, {"config": cfg.to_dict(), "index": str(cfg.index_path), "score": meaning,
-                                          **facts}, queries=len(queries.ids), tokens=len(queries.tokens),
+    meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "curvature": cfg.curvature_kind, "score": meaning,
+            **facts}
+    run = QueryRun.begin(cfg.output_dir, meta, queries=len(queries.ids), tokens=len(queries.tokens),
                          train=manifest.num_rows, top_k=top_k, texts=texts is not None)
     with output_files(cfg, manifest, len(queries.ids), len(queries.tokens), run) as files:
         ends = backend.score(queries.columns, route, top_k, files)

@@ -76,9 +76,8 @@ def render_report(run: QueryRun) -> str:
 def _header(run: QueryRun, queries: list[dict], top: dict) -> str:
     cfg = run.meta.get("config", {})
     method = cfg.get("method", {}).get("name", "?")
-    curvature = cfg.get("curvature") or {"lorif": "woodbury", "logra": "exact", "graddot": "identity",
-                                         "repsim": "none"}.get(method, "?")
-    settings = (f"method {method} · curvature {curvature} · f={cfg.get('f')} c={cfg.get('c')} r={cfg.get('r')} · "
+    settings = (f"method {method} · curvature {run.meta.get('curvature', '?')} · "
+                f"f={cfg.get('f')} c={cfg.get('c')} r={cfg.get('r')} · "
                 f"measurement {cfg.get('query', {}).get('measurement', 'loss')} · route {run.meta.get('route')} · "
                 f"{run.record.get('train', '?')} training examples · {len(queries)} queries")
     k = run.record.get("top_k", 0)
@@ -126,7 +125,8 @@ def _query_section(query: dict, top: list[dict], bottom: list[dict], tokens: lis
              f'examples (height: log count{"; ▲ known source" if marks else ""})</div>'
              f'{histogram_svg(query["score_bins"], low, high, marks)}</div>', _facts(query, top, bottom, run)]
     if layers is not None:
-        plots.append(f'<div class="plot layers"><div class="caption">share of each layer in the top {len(top[:MAX_ROWS])} '
+        shown = len(top[:MAX_ROWS])
+        plots.append(f'<div class="plot layers"><div class="caption">share of each layer in the top {shown} '
                      f'proponents\' scores</div>{layers_svg(layers)}</div>')
     elif not run.has("layer_scores"):
         plots.append('<div class="plot layers hint">per-layer split: run the query with query.per_layer=true</div>')
@@ -177,7 +177,8 @@ def tokens_html(tokens: list[dict]) -> str:
     for t in shown:
         value = t[key]
         alpha = min(1.0, abs(value) / scale)
-        colour = f"rgba(22,163,74,{0.12 + 0.6 * alpha:.2f})" if value >= 0 else f"rgba(220,38,38,{0.12 + 0.6 * alpha:.2f})"
+        rgb = "22,163,74" if value >= 0 else "220,38,38"
+        colour = f"rgba({rgb},{0.12 + 0.6 * alpha:.2f})"
         title = f"position {t['position']}: {what} {format_score(value)}; best proponent [{t['best_train_id']}]"
         chips.append(f'<span class="tok" style="background:{colour}" title="{escape(title, None)}">'
                      f'{escape(t["token"], 40)}</span>')
@@ -336,17 +337,20 @@ background:#f1f5f9;margin:0;padding:20px 28px}header{margin-bottom:14px}h1{font-
 .settings,.meaning,.notes{margin:2px 0;color:#475569;font-size:13px}.summary{margin:6px 0;font-size:15px}
 section.query{background:#fff;border:1px solid #e2e8f0;border-radius:8px;padding:12px 16px;margin:12px 0;
 box-shadow:0 1px 2px rgba(0,0,0,.04)}h2{font-size:16px;font-weight:500;margin:0 0 8px}.qid{display:inline-block;
-background:#e2e8f0;color:#334155;border-radius:4px;padding:0 6px;margin-right:8px;font:12px/20px ui-monospace,monospace}
-.prompt{color:#64748b}.tokens{font-size:14px;margin:-4px 0 8px;color:#64748b}.target{font-weight:650}.tok{display:inline-block;border-radius:3px;padding:0 3px;margin:0 1px;color:#0f172a;
-font-weight:600}.plots{display:flex;gap:24px;align-items:flex-start;margin-bottom:6px}.plot{flex:none;width:430px}.plot.layers{width:380px}.caption,.hint{font-size:11px;
-color:#64748b}.hint{font-style:italic}svg text{font:10px system-ui,sans-serif;fill:#475569}.sides{display:flex;gap:18px}
-.side{flex:1;min-width:0}h3{font-size:13px;margin:4px 0;text-transform:uppercase;letter-spacing:.04em}h3.pro{color:#15803d}
-h3.con{color:#b91c1c}table{border-collapse:collapse;width:100%;table-layout:fixed}th{font-size:11px;color:#64748b;
-text-align:left;font-weight:500;border-bottom:1px solid #e2e8f0}td{padding:2px 4px;border-bottom:1px solid #f1f5f9;
+background:#e2e8f0;color:#334155;border-radius:4px;padding:0 6px;margin-right:8px;
+font:12px/20px ui-monospace,monospace}.prompt{color:#64748b}.tokens{font-size:14px;margin:-4px 0 8px;color:#64748b}
+.target{font-weight:650}.tok{display:inline-block;border-radius:3px;padding:0 3px;margin:0 1px;color:#0f172a;
+font-weight:600}.plots{display:flex;gap:24px;align-items:flex-start;margin-bottom:6px}.plot{flex:none;width:430px}
+.plot.layers{width:380px}.caption,.hint{font-size:11px;color:#64748b}.hint{font-style:italic}svg text{
+font:10px system-ui,sans-serif;fill:#475569}.sides{display:flex;gap:18px}.side{flex:1;min-width:0}h3{font-size:13px;
+margin:4px 0;text-transform:uppercase;letter-spacing:.04em}h3.pro{color:#15803d}h3.con{color:#b91c1c}table{
+border-collapse:collapse;width:100%;table-layout:fixed}th{font-size:11px;color:#64748b;text-align:left;
+font-weight:500;border-bottom:1px solid #e2e8f0}td{padding:2px 4px;border-bottom:1px solid #f1f5f9;
 vertical-align:top}td.rank{width:26px;color:#64748b}th:first-child{width:26px}th:nth-child(2),td.score{width:74px}
 td.score{font:12px ui-monospace,monospace;position:relative}.bar{height:3px;border-radius:2px;margin-top:1px}
-.bar.pro{background:#16a34a}.bar.con{background:#dc2626}td.text{overflow-wrap:anywhere}.tid{color:#94a3b8;font-size:11px}
-tr.source td{background:#fef9c3}.facts{flex:none;width:300px;font-size:12px;color:#334155;line-height:1.6;padding-top:14px}.star{color:#ca8a04}footer{color:#94a3b8;font-size:11px;margin-top:16px}
+.bar.pro{background:#16a34a}.bar.con{background:#dc2626}td.text{overflow-wrap:anywhere}.tid{color:#94a3b8;
+font-size:11px}tr.source td{background:#fef9c3}.facts{flex:none;width:300px;font-size:12px;color:#334155;
+line-height:1.6;padding-top:14px}.star{color:#ca8a04}footer{color:#94a3b8;font-size:11px;margin-top:16px}
 """
 
 _PAGE = """<!DOCTYPE html>

@@ -181,8 +181,8 @@ def marked_up_run(tiny_assets, tmp_path_factory):
     """A query run whose training texts and queries (ids too) all carry markup, with every extra output."""
     root = tmp_path_factory.mktemp("markup")
     lines = tiny_assets["train"].read_text().splitlines()
-    (root / "train.jsonl").write_text("".join(json.dumps({**json.loads(line), "text": json.loads(line)["text"] + MARKUP})
-                                              + "\n" for line in lines[:32]))
+    rows = [json.loads(line) for line in lines[:32]]
+    (root / "train.jsonl").write_text("".join(json.dumps({**row, "text": row["text"] + MARKUP}) + "\n" for row in rows))
     queries = [json.loads(line) for line in tiny_assets["queries"].read_text().splitlines()]
     (root / "queries.jsonl").write_text("".join(json.dumps({**q, "id": f"<{q['id']}>", "prompt": "<b>" + q["prompt"]})
                                                 + "\n" for q in queries))
