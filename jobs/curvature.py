@@ -12,9 +12,9 @@ log = logging.getLogger(__name__)  # the console, and the run's log file in outp
 
 def main(cfg) -> None:
     from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.stages.summary import describe_curvature
 
-    report = run_stage("curvature", cfg)
-    log.info("curvature: %s%s", report["path"], " (reused)" if report["reused"] else f" in {report['seconds']:.1f}s")
+    log.info("%s", describe_curvature(run_stage("curvature", cfg)))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ log = logging.getLogger(__name__)  # the console, and the run's log file in outp
 
 def main(cfg) -> None:
     from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.stages.summary import describe_results
 
     report = run_stage("query", cfg)
     log.info("scored %d queries x %d training examples in %.2fs -> %s", report["queries"], report["train"],
              report["score_seconds"], report["topk_path"])
+    log.info("%s", describe_results(report))
 
 
 if __name__ == "__main__":

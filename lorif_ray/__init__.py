@@ -1,6 +1,7 @@
 """lorif-ray: training-data attribution for causal language models with low-rank influence functions.
 
-The Python API (``lorif_ray.api``) is re-exported lazily, so importing a submodule stays light:
+The Python API (``lorif_ray.api.Attributor``, ``lorif_ray.results.Results``) is re-exported lazily, so
+importing a submodule stays light:
 
     >>> from lorif_ray import Attributor, Results  # doctest: +SKIP
 """
@@ -9,8 +10,12 @@ __all__ = ["Attributor", "Results"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from lorif_ray import api
+    if name == "Attributor":
+        from lorif_ray.api import Attributor
 
-        return getattr(api, name)
+        return Attributor
+    if name == "Results":
+        from lorif_ray.results import Results
+
+        return Results
     raise AttributeError(f"module 'lorif_ray' has no attribute {name!r}")

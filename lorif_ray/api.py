@@ -1,7 +1,7 @@
 """The Python API: index a model's training data, fit the curvature, and ask which training examples
-most influenced a query, from a notebook or a script. It composes the same stage calls as the jobs
-(``run_index``, ``run_curvature``, ``run_query`` in this process; ``lorif_ray.distributed.stages.run_stage``
-on Ray), so it writes the same files and gives the same scores.
+most influenced a query, from a notebook or a script (the answers: ``lorif_ray.results.Results``). It
+composes the same stage calls as the jobs (``run_index``, ``run_curvature``, ``run_query`` in this process;
+``lorif_ray.distributed.stages.run_stage`` on Ray), so it writes the same files and gives the same scores.
 
 Example:
     >>> from lorif_ray import Attributor
@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -24,19 +23,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lorif_ray.config import ClusterConfig, Config, DataConfig, MethodConfig, ModelConfig, QueryConfig
-from lorif_ray.data import TrainTexts, load_examples
+from lorif_ray.data import load_examples
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.capture import MEASUREMENTS
 from lorif_ray.model.hub import resolve_model_path
+from lorif_ray.results import Results
 from lorif_ray.stages.index import quiet_transformers
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.outputs import claim_output_dir
-from lorif_ray.store import read_table_meta
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +140,7 @@ class Attributor:
 
     def query(self, queries: Data, *, measurement: str | Callable | None = None, top_k: int | None = None,
               self_influence: bool = False, per_layer: bool = False, per_token: bool = False,
-              split: str | None = None) -> "Results":
+              split: str | None = None) -> Results:
         """Stage 3: score every query against every indexed training example.
 
         Args:
@@ -152,10 +150,11 @@ class Attributor:
             top_k: overrides the constructor's for this call.
             self_influence: also I(t, t) of every training example (``Results.self_influence``).
             per_layer: also each layer's share of every score (``Results.layer_scores``).
-            per_token: also each target token of a query on its own (``Results.token_topk``).
+            per_token: also each target token of a query on its own (``Results.tokens``, ``Results.token_topk``).
 
         Returns:
-            ``Results``: the top-k proponents with their texts, the full score matrix, the metadata.
+            ``Results``: the top-k proponents and opponents with their texts, the full score matrix, the metadata
+            (the run's files in ``output_dir``, ``report.html`` among them; ``Results.open`` reads them again).
 
         Raises:
             DataError: the queries' schema, naming the offending row.
@@ -176,7 +175,7 @@ class Attributor:
                               "the results can show the training texts")
         load_examples(inputs.queries_path, self.cfg.data.columns)
         self._run("query", measure if callable(measure) else None)
-        return Results(self.cfg.output_dir, inputs.train_path, inputs.queries_path)
+        return Results(self.cfg.output_dir)
 
     def _run(self, stage: str, measurement: Callable | None = None) -> dict:
         """One stage of ``self.cfg``, in this process or on Ray, with transformers' own output silenced."""
@@ -230,79 +229,6 @@ class Attributor:
             tmp.replace(path)
             log.info("%s: %d rows written to %s", name, table.num_rows, path)
         return path, None
-
-
-class Results:
-    """What ``Attributor.query`` (or ``jobs/attribute.py``) wrote to an output folder, with texts.
-
-    Attributes:
-        topk: Arrow table, one row per (query, rank): query_id, query_text, rank, train_id, train_text, score.
-        scores: (query rows, training examples) float32 memory map of ``scores.npy`` (input order; > 0:
-            proponent); with ``per_token`` the token rows (``<query id>@<position>``) follow the queries.
-        query_ids, train_ids: the ids of the rows and columns of ``scores``.
-        token_topk: with ``per_token``, the top-k of each target token: query_id, position, token, rank,
-            train_id, train_text, score; else None.
-        layer_scores, layers: with ``per_layer``, (layers, query rows, training examples) float32 memory map
-            whose sum over layers is ``scores``, and the layer names; else None, [].
-        self_influence: with ``self_influence``, Arrow table train_id, train_text, self_influence (I(t, t));
-            else None.
-        meta: what made the results (``topk.parquet``'s metadata: config incl. ``query.measurement``, route,
-            precision, the score's meaning).
-    """
-
-    def __init__(self, output_dir: str | Path, train_path: str | Path, queries_path: str | Path):
-        output_dir = Path(output_dir)
-        self.meta = read_table_meta(output_dir / "topk.parquet")
-        self.topk = pq.read_table(output_dir / "topk.parquet")
-        self.scores = None
-        self.query_ids: list[str] = []
-        self.train_ids: list[str] = []
-        if (output_dir / "scores.npy").exists() and (output_dir / "scores.json").exists():
-            self.scores = np.load(output_dir / "scores.npy", mmap_mode="r")  # (nq, N)
-            ids = json.loads((output_dir / "scores.json").read_text())
-            self.query_ids, self.train_ids = ids["query_ids"], ids["train_ids"]
-        self.token_topk = self.self_influence = self.layer_scores = None
-        self.layers: list[str] = []
-        if (output_dir / "topk_per_token.parquet").exists():
-            self.token_topk = pq.read_table(output_dir / "topk_per_token.parquet")
-        if (output_dir / "self_influence.parquet").exists():
-            table = pq.read_table(output_dir / "self_influence.parquet")
-            texts = TrainTexts(self.meta["index"], train_path).texts(range(table.num_rows))
-            self.self_influence = table.add_column(1, "train_text", pa.array([texts[i] for i in range(table.num_rows)],
-                                                                            pa.string()))
-        if (output_dir / "layer_scores.npy").exists():
-            self.layer_scores = np.load(output_dir / "layer_scores.npy", mmap_mode="r")
-            self.layers = json.loads((output_dir / "layer_scores.json").read_text())["layers"]
-
-    @property
-    def measurement(self) -> str:
-        """What the queries' gradients were taken of (``query.measurement``)."""
-        return self.meta.get("config", {}).get("query", {}).get("measurement", "loss")
-
-    def proponents(self, query_id: str, k: int | None = None) -> list[dict]:
-        """The top proponents of one query, best first: [{rank, train_id, train_text, score}].
-
-        Raises:
-            KeyError: no such query id.
-        """
-        rows = [r for r in self.topk.to_pylist() if r["query_id"] == str(query_id)]
-        if not rows:
-            raise KeyError(f"no query {query_id!r} in the results (ids: {self.topk.column('query_id').unique()[:5]})")
-        rows = sorted(rows, key=lambda r: r["rank"])[:k]
-        return [{key: r[key] for key in ("rank", "train_id", "train_text", "score")} for r in rows]
-
-    def to_pandas(self):
-        """``topk`` as a pandas DataFrame (pandas is optional: ``pip install pandas``)."""
-        try:
-            import pandas  # noqa: F401
-        except ImportError as e:
-            raise ImportError("Results.to_pandas needs pandas, which lorif-ray does not install; "
-                              "`pip install pandas`, or use Results.topk (a pyarrow Table)") from e
-        return self.topk.to_pandas()
-
-    def __repr__(self) -> str:
-        shape = None if self.scores is None else tuple(self.scores.shape)
-        return f"Results({self.topk.num_rows} top-k rows, scores {shape}, measurement={self.measurement!r})"
 
 
 def _check_measurement(measurement):

@@ -57,3 +57,6 @@ class RequestError(LorifError, ValueError):
 class CorruptModelError(LorifError, ValueError):
     """A model file that cannot be read (a config.json or safetensors file cut short, a bad header): the file is
     named, with what is wrong."""
+class QueryRunError(LorifError, ValueError):
+    """A query run's folder that cannot be read: no run there, a format this version does not read, or files
+    of another run."""

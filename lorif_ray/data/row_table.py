@@ -144,9 +144,15 @@ def commit_row_table(temporary: str | None) -> None:
 
 
 def discard_row_table(temporary: str | None) -> None:
-    """Remove an uncommitted row table (a stage that stopped before the index accepted its input)."""
-    if temporary is not None:
-        Path(temporary).unlink(missing_ok=True)
+    """Remove an uncommitted row table (a stage that stopped before the index accepted its input), and the index
+    folder with it when nothing else is in it (the table's writer made it: a refused run leaves no folder)."""
+    if temporary is None or not Path(temporary).exists():
+        return
+    Path(temporary).unlink()
+    try:
+        Path(temporary).parent.rmdir()
+    except OSError:  # not empty: an index (or anything else) is there
+        pass
 
 
 def _kind(path: str | os.PathLike) -> str:

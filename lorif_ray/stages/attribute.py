@@ -14,7 +14,7 @@ from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.outputs import claim_output_dir
 from lorif_ray.stages.preflight import check_before_work
 from lorif_ray.stages.query import run_query
-from lorif_ray.stages.summary import describe_index, describe_proponents
+from lorif_ray.stages.summary import describe_curvature, describe_index, describe_proponents, describe_results
 from lorif_ray.store import write_json
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,14 @@ def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_lo
     index = run_stage("index", cfg)
     log.info("%s", describe_index(index))
     curvature = run_stage("curvature", cfg)
-    log.info("curvature: %s -> %s", "reused" if curvature["reused"] else f"{curvature['seconds']:.1f}s",
-             curvature["path"])
+    log.info("%s", describe_curvature(curvature))
     query = run_stage("query", cfg)
     log.info("query: %d queries x %d training examples scored in %.2fs (+%.2fs query gradients) -> %s",
              query["queries"], query["train"], query["score_seconds"], query["query_gradient_seconds"],
              query["topk_path"])
     inputs = resolve_inputs(cfg)
     log.info("%s", describe_proponents(Path(query["topk_path"]), inputs.queries_path, columns=cfg.data.columns))
+    log.info("%s", describe_results(query))
     report = {"index": index, "curvature": curvature, "query": query}
     write_json(Path(cfg.output_dir) / "report.json", report)
     return report

@@ -141,6 +141,15 @@ def stores_coordinates(cfg: Config) -> bool:
     return cfg.query.store_coordinates and cfg.curvature_kind == "woodbury"
 
 
+def reused_curvature_report(cfg: Config) -> dict:
+    """The report of a saved curvature this run reuses: its kind and the timing the run that fitted it recorded
+    (``seconds`` None for a curvature saved before headers kept it)."""
+    header = curvature_header(cfg.curvature_path)
+    return {"reused": True, "path": str(cfg.curvature_path), "kind": header.get("kind"),
+            "seconds": header.get("seconds"), "layers": header.get("layers", {}),
+            "precision": header.get("precision")}
+
+
 def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     """Fit and save the curvature of every layer at ``cfg.curvature_path``; returns the stage report.
 
@@ -155,7 +164,7 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     manifest, meta, reusable = prepare_curvature(cfg)
     if reusable:
         log.info("stage 2: reusing %s (same settings, same index)", cfg.curvature_path)
-        return {"reused": True, "path": str(cfg.curvature_path)}
+        return reused_curvature_report(cfg)
     warn_if_unsafe(cfg)
     device = resolve_device(cfg.model.device)
     precision = Precision.of(cfg, device)
@@ -203,7 +212,7 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
         if backend is not None:
             backend.close()
     seconds = time.perf_counter() - start
-    layers = writer.finish({"precision": precision.describe()})
+    layers = writer.finish({"precision": precision.describe(), "seconds": seconds})  # a reuse reports these seconds
     saved = sum(f.stat().st_size for f in cfg.curvature_path.glob("*.safetensors"))
     report = {"reused": False, "path": str(cfg.curvature_path), "kind": kind, "seconds": seconds, "layers": layers,
               "fitted_layers": len(todo), "bytes": saved, "precision": precision.describe()}

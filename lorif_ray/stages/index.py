@@ -8,6 +8,7 @@ after a crash skips it (without reading its rows) and resumes.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -141,12 +142,28 @@ def reuse_finished_index(cfg: Config, kind: str, columns: dict[str, int], meta: 
 
 
 def reused_report(cfg: Config, manifest: Manifest) -> dict:
-    """``finish_index``'s report of a complete index, computed from its manifest (nothing written)."""
+    """``finish_index``'s report of a complete index this run reuses, from its manifest (nothing written):
+    ``reused`` true, nothing computed now, and the timing of the run that built it from its ``_report.json``
+    (``seconds``, ``examples_per_second``, ``built_examples``: what that run computed; None where no report
+    records them)."""
     specs = [LayerSpec(**layer) for layer in manifest.meta["layers"]]
     report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
-    report.update(examples=manifest.num_rows, computed=0, seconds=0.0, examples_per_second=None,
-                  index_dir=str(cfg.index_path), skipped_shards=len(manifest.shards))
+    original = _read_report(cfg.index_path / "_report.json")
+    if original.get("reused"):  # restored by a reuse (after a crash lost it): the builder's timing, if it had it
+        built = {key: original.get(key) for key in ("seconds", "examples_per_second", "built_examples")}
+    else:
+        built = {"seconds": original.get("seconds"), "examples_per_second": original.get("examples_per_second"),
+                 "built_examples": original.get("computed")}
+    report.update(examples=manifest.num_rows, computed=0, index_dir=str(cfg.index_path),
+                  skipped_shards=len(manifest.shards), reused=True, **built)
     return report
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def shard_chunks(examples: list, shard_size: int) -> list[list]:
@@ -275,7 +292,7 @@ def finish_index(cfg: Config, writer: ShardWriter, num_examples: int, *, compute
     report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
     report.update(examples=num_examples, computed=computed, seconds=seconds,
                   examples_per_second=computed / seconds if computed else None, index_dir=str(cfg.index_path),
-                  **extra)
+                  reused=False, **extra)
     write_json(cfg.index_path / "_report.json", report)
     return report
 

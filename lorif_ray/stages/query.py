@@ -9,17 +9,18 @@ the report), and the backend scores every training row with the one batched scor
 rows in this process (streamed shard by shard, or resident with ``query.resident``); on Ray,
 ``lorif_ray.distributed.query_service.ray_query`` does the same across query actors.
 
-Outputs in ``output_dir``: ``topk.parquet`` (query_id, rank, train_id, score; its metadata holds the
-config used, the route and the precision), ``opponents.parquet`` (the same columns for the bottom-k, kept
-in the same pass: rank 1 = the most negative score) and, with ``query.full_scores``, ``scores.npy`` (float32,
-queries × train, input order, written by whoever scores the rows) + ``scores.json``.
+The outputs are one query run (``lorif_ray.store.query_run.QueryRun``, which owns their names, formats and
+the run record): ``topk.parquet`` and ``opponents.parquet`` (the two ends of every query, kept in the same
+pass, with the query and training texts), ``queries.parquet`` (with each query's score distribution),
+``report.html`` and, as asked, the full scores (written by whoever scores the rows), the token rows' tables
+and arrays, the per-layer scores and the self-influence.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -43,8 +44,10 @@ from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
 from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
-from lorif_ray.store import atomic_path, ids_of_rows, open_index, read_ids, write_json, write_table, write_tables
-from lorif_ray.store.artifacts import preallocated_memmap, temporary_path
+from lorif_ray.stages.report_page import write_report_page
+from lorif_ray.stages.summary import expected_sources
+from lorif_ray.store import ids_of_rows, open_index, read_ids
+from lorif_ray.store.query_run import BINS_PER_OCTAVE, HALF, NUM_SCORE_BINS, SCORE_OCTAVES, QueryRun
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +55,30 @@ log = logging.getLogger(__name__)
 class TopK:
     """Running top-k and bottom-k per query over streamed blocks of scores: ``scores``, ``index`` (nq, k') the
     largest scores and their global rows, best first (proponents); ``low_scores``, ``low_index`` the smallest,
-    most negative first (opponents); k' = min(k, rows seen). Parts over disjoint rows merge exactly
-    (``merge``): each end of the whole is within the union of the parts' ends."""
+    most negative first (opponents); k' = min(k, rows seen); ``bins`` (nq, NUM_SCORE_BINS) counts of every score
+    in the fixed signed log bins of ``lorif_ray.store.query_run`` (the score distribution). Parts over disjoint
+    rows merge exactly (``merge``): each end of the whole is within the union of the parts' ends, and the bins
+    add."""
 
     def __init__(self, num_queries: int, k: int, device):
         self.k = k
         self.scores = torch.full((num_queries, 0), float("-inf"), device=device)
         self.index = torch.zeros((num_queries, 0), dtype=torch.long, device=device)
         self.low_scores, self.low_index = self.scores.clone(), self.index.clone()
+        self.bins = torch.zeros((num_queries, NUM_SCORE_BINS), dtype=torch.long, device=device)
 
     def update(self, scores: torch.Tensor, offset: int) -> None:
         """Merge (nq, nb) scores of training rows offset … offset + nb − 1."""
         columns = torch.arange(offset, offset + scores.shape[1], device=scores.device).expand_as(scores)
         self._merge(scores, columns, scores, columns)
+        bins = score_bins(scores)
+        self.bins.scatter_add_(1, bins, torch.ones_like(bins))
 
     def merge(self, other: "TopK") -> None:
         """Merge another part's ends (of other rows) into these."""
         self._merge(other.scores.to(self.scores.device), other.index.to(self.scores.device),
                     other.low_scores.to(self.scores.device), other.low_index.to(self.scores.device))
+        self.bins += other.bins.to(self.bins.device)
 
     def _merge(self, high, high_index, low, low_index) -> None:
         self.scores, self.index = _best(torch.cat([self.scores.to(high.dtype), high], dim=1),
@@ -82,7 +91,15 @@ class TopK:
         out = TopK(0, self.k, "cpu")
         out.scores, out.index = self.scores.cpu(), self.index.cpu()
         out.low_scores, out.low_index = self.low_scores.cpu(), self.low_index.cpu()
+        out.bins = self.bins.cpu()
         return out
+
+
+def score_bins(scores: torch.Tensor) -> torch.Tensor:
+    """The signed log bin (``lorif_ray.store.query_run.score_bin_edges``) of every score: long, same shape."""
+    level = torch.floor((torch.log2(scores.abs().double()) + SCORE_OCTAVES / 2) * BINS_PER_OCTAVE)
+    level = torch.nan_to_num(level, nan=-1.0, neginf=-1.0).clamp(-1, HALF - 1).long()  # -1: |s| < 2^-64
+    return torch.where(level < 0, HALF, torch.where(scores > 0, HALF + 1 + level, HALF - 1 - level))
 
 
 def _best(scores: torch.Tensor, index: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,32 +109,41 @@ def _best(scores: torch.Tensor, index: torch.Tensor, k: int, largest: bool) -> t
 
 @dataclass(frozen=True)
 class OutputFiles:
-    """Preallocated ``.npy`` files (``output_files``) that whoever scores a training row writes its part of:
-    ``scores`` (nq, N) float32, ``layer_scores`` (L, nq, N) float32 in ``layout.names`` order, ``self_influence``
-    (N,) float64; None = not asked for. Any process that sees the files may write its own rows."""
+    """Preallocated ``.npy`` files (``QueryRun.arrays``) that whoever scores a training row writes its part of:
+    of a batch whose first ``queries`` rows are queries and the rest token rows (None: all are queries),
+    ``scores`` (queries, N) float32, ``token_scores`` (token rows, N) float32, ``layer_scores`` (L, queries, N)
+    float32 in ``layout.names`` order, ``self_influence`` (N,) float64; None = not asked for. Any process that
+    sees the files may write its own rows."""
 
     scores: str | None = None
     layer_scores: str | None = None
     self_influence: str | None = None
+    token_scores: str | None = None
+    queries: int | None = None
 
 
 class BlockOutputs:
     """Scores one block of training rows and writes its columns of the ``OutputFiles``."""
 
     def __init__(self, files: OutputFiles | None):
+        files = files or OutputFiles()
+        self.queries = files.queries  # rows [0, queries) are queries, the rest token rows
         self.arrays = {name: np.load(path, mmap_mode="r+")
-                       for name, path in asdict(files or OutputFiles()).items() if path is not None}
+                       for name, path in asdict(files).items() if name != "queries" and path is not None}
 
     def __call__(self, query: StackedQuery | RepSimQuery, block: TrainBlock, offset: int) -> torch.Tensor:
         """The block's scores (nq, nt); its parts of the files at columns offset … offset + nt − 1."""
+        nq, columns = self.queries, slice(offset, offset + len(block))
         if "layer_scores" in self.arrays:
             layers = query.scores(block, per_layer=True)
-            self.arrays["layer_scores"][:, :, offset:offset + len(block)] = layers.float().cpu().numpy()
+            self.arrays["layer_scores"][:, :, columns] = layers[:, :nq].float().cpu().numpy()
             scores = layers.sum(dim=0)
         else:
             scores = query.scores(block)
         if "scores" in self.arrays:
-            self.arrays["scores"][:, offset:offset + len(block)] = scores.float().cpu().numpy()
+            self.arrays["scores"][:, columns] = scores[:nq].float().cpu().numpy()
+        if "token_scores" in self.arrays:
+            self.arrays["token_scores"][:, columns] = scores[nq:].float().cpu().numpy()
         if "self_influence" in self.arrays:
             self_influence = query.train_self_influence(block).double().cpu().numpy()
             self.arrays["self_influence"][offset:offset + len(block)] = self_influence
@@ -357,22 +383,53 @@ def run_query(cfg: Config, make_backend=local_query) -> dict:
 
 def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_path: Path,
 ) -> dict:
-    """One query file through ``backend``: featurize, choose the route, score, write the outputs."""
+    """One query file through ``backend``: featurize, choose the route, score, write the run (``QueryRun``)."""
     check_outputs(cfg, manifest)
     texts = open_train_texts(cfg, manifest)
-    query_texts = {e.id: e.text for e in load_examples(queries_path, cfg.data.columns)}
+    examples = load_examples(queries_path, cfg.data.columns)
     queries = backend.featurize(queries_path)
     row_ids = queries.row_ids
     route = query_route(cfg, header, stored, len(row_ids))
     start = time.perf_counter()
-    layers = [layer["name"] for layer in manifest.meta["layers"]]
-    with output_files(cfg, manifest, len(row_ids)) as files:
-        ends = backend.score(queries.columns, route, min(cfg.query.top_k, manifest.num_rows), files)
-        precision = Precision.of(cfg, resolve_device(cfg.model.device)).describe()
-        facts = {"route": route, "precision": precision}
-        report = write_query_outputs(cfg, manifest, header, queries, ends, layers, files, texts, query_texts, **facts)
-    return {**report, **backend.info, **facts, "query_gradient_seconds": queries.seconds,
-            "score_seconds": time.perf_counter() - start}
+    facts = {"route": route, "precision": Precision.of(cfg, resolve_device(cfg.model.device)).describe()}
+    meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
+    top_k = min(cfg.query.top_k, manifest.num_rows)
+    meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "curvature": cfg.curvature_kind, "score": meaning,
+            **facts}
+    run = QueryRun.begin(cfg.output_dir, meta, queries=len(queries.ids), tokens=len(queries.tokens),
+                         train=manifest.num_rows, top_k=top_k, texts=texts is not None)
+    with output_files(cfg, manifest, len(queries.ids), len(queries.tokens), run) as files:
+        ends = backend.score(queries.columns, route, top_k, files)
+        if files.self_influence is not None:
+            write_self_influence(run, cfg, manifest, np.load(files.self_influence, mmap_mode="r"))
+    report = write_query_outputs(run, cfg, manifest, queries, examples, expected_sources(queries_path, cfg.data.columns),
+                                 ends, texts)
+    write_report_page(run)
+    run.commit()
+    return {**report, "report_path": str(run.path("report")), **backend.info, **facts,
+            "query_gradient_seconds": queries.seconds, "score_seconds": time.perf_counter() - start}
+
+
+@contextmanager
+def output_files(cfg: Config, manifest, num_queries: int, num_tokens: int = 0, run: QueryRun | None = None):
+    """The ``OutputFiles`` of a batch of ``num_queries`` queries (then ``num_tokens`` token rows): each asked-for
+    ``.npy`` of ``run`` (default: a new run of ``output_dir``) preallocated (a full disk fails here, before any
+    work) under a temporary name that replaces the run's file only on success (``QueryRun.arrays``)."""
+    run = run or QueryRun.begin(cfg.output_dir, {})
+    shapes, scratch = output_shapes(cfg, manifest, num_queries, num_tokens)
+    with run.arrays(shapes, scratch) as paths:
+        yield OutputFiles(**paths, queries=num_queries)
+
+
+def output_shapes(cfg: Config, manifest, num_queries: int, num_tokens: int) -> tuple[dict, dict]:
+    """The ``QueryRun.arrays`` a run asks for: {name: (shape, dtype)} of the run's ``.npy`` files, and the
+    scratch file of the self-influence values (in ``self_influence.parquet`` by the end)."""
+    num_train, num_layers = manifest.num_rows, len(manifest.meta["layers"])
+    shapes = {"scores": ((num_queries, num_train), np.float32, cfg.query.full_scores),
+              "token_scores": ((num_tokens, num_train), np.float32, cfg.query.full_scores and num_tokens > 0),
+              "layer_scores": ((num_layers, num_queries, num_train), np.float32, cfg.query.per_layer)}
+    scratch = {"self_influence": ((num_train,), np.float64)} if cfg.query.self_influence else {}
+    return {name: (shape, dtype) for name, (shape, dtype, asked) in shapes.items() if asked}, scratch
 
 
 def query_route(cfg: Config, header: dict, stored: bool, num_rows: int) -> str:
@@ -399,48 +456,46 @@ def check_outputs(cfg: Config, manifest) -> None:
         raise ConfigError(f"query.{asked[0]}: a RepSim index holds hidden states, not gradients")
 
 
-def write_query_outputs(cfg: Config, manifest, header: dict, queries: QueryRows, ends: TopK, layers: list[str],
-                        files: OutputFiles, texts: TrainTexts | None, query_texts: dict[str, str], **facts) -> dict:
-    """``topk.parquet`` and ``opponents.parquet`` from the queries' rows of the two ends (``topk_per_token.parquet``
-    from the token rows' top-k), ``self_influence.parquet``, and JSON sidecars of the ``.npy`` outputs; each
-    records the config used and ``facts`` (route, precision). Reads the ids of the ends' rows only (all N ids
-    only for the sidecars of the full-score files, which are O(N) themselves)."""
-    output_dir = Path(cfg.output_dir)
-    meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
-    meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "score": meaning, **facts}
+def write_query_outputs(run: QueryRun, cfg: Config, manifest, queries: QueryRows, examples: list,
+                        sources: dict[str, str], ends: TopK, texts: TrainTexts | None) -> dict:
+    """The run's tables from the two ends of every row: ``topk``, ``opponents`` and ``queries`` (with each query's
+    score bins) of the queries; ``tokens`` and ``token_topk`` of the token rows; the JSON sidecars of the
+    ``.npy`` files. Reads the ids and texts of the ends' rows only (all N ids only for the sidecars of the
+    full-score files, which are O(N) themselves)."""
     nq = len(queries.ids)
-    scores, index = ends.scores, ends.index
-    rows = index.reshape(-1).tolist() + ends.low_index[:nq].reshape(-1).tolist()
-    train_ids = ids_of_rows(cfg.index_path, manifest, rows)
-    train_texts = texts.texts(rows) if texts is not None else {}
-    named = dict(train_ids=train_ids, train_texts=train_texts, query_texts=query_texts)
-    write_table(output_dir / "topk.parquet", topk_table(queries.ids, scores[:nq], index[:nq], **named), meta)
-    write_table(output_dir / "opponents.parquet",
-                topk_table(queries.ids, ends.low_scores[:nq], ends.low_index[:nq], **named),
-                {**meta, "ranks": "rank 1 = the most negative score (the strongest opponent)"})
-    report = {"topk_path": str(output_dir / "topk.parquet"), "opponents_path": str(output_dir / "opponents.parquet"),
-              "scores_path": None, "queries": nq, "train": manifest.num_rows}
+    rows = ends.index.reshape(-1).tolist() + ends.low_index[:nq].reshape(-1).tolist()
+    named = {"train_ids": ids_of_rows(cfg.index_path, manifest, rows),
+             "train_texts": texts.texts(rows) if texts is not None else {},
+             "query_texts": {e.id: e.text for e in examples}}
+    run.write_table("topk", topk_table(queries.ids, ends.scores[:nq], ends.index[:nq], **named))
+    run.write_table("opponents", topk_table(queries.ids, ends.low_scores[:nq], ends.low_index[:nq], **named),
+                    {"ranks": "rank 1 = the most negative score (the strongest opponent)"})
+    run.write_table("queries", queries_table(queries.ids, examples, sources, ends.bins[:nq]))
+    report = {"topk_path": str(run.path("topk")), "opponents_path": str(run.path("opponents")), "scores_path": None,
+              "queries": nq, "train": manifest.num_rows}
+    if run.has("scores") or run.has("layer_scores"):
+        train_ids = read_ids(cfg.index_path, manifest)
+    if run.has("scores"):
+        run.write_json("scores_ids", {"query_ids": queries.ids, "train_ids": train_ids})
+        report["scores_path"] = str(run.path("scores"))
+    if run.has("layer_scores"):
+        layers = [layer["name"] for layer in manifest.meta["layers"]]
+        run.write_json("layer_scores_ids", {"layers": layers, "query_ids": queries.ids, "train_ids": train_ids})
+        report["layer_scores_path"] = str(run.path("layer_scores"))
     if queries.tokens:
-        table = token_topk_table(queries.tokens, scores[nq:], index[nq:], **named)
-        write_table(output_dir / "topk_per_token.parquet", table, meta)
-        report.update(topk_per_token_path=str(output_dir / "topk_per_token.parquet"), tokens=len(queries.tokens))
-    sidecars = {"scores": files.scores, "layer_scores": files.layer_scores}
-    if any(sidecars.values()):
-        ids = {"query_ids": queries.row_ids, "train_ids": read_ids(cfg.index_path, manifest)}
-    if files.scores is not None:
-        write_json(output_dir / "scores.json", {**meta, **ids})
-        report["scores_path"] = str(output_dir / "scores.npy")
-    if files.layer_scores is not None:
-        write_json(output_dir / "layer_scores.json", {**meta, "layers": layers, **ids})
-        report["layer_scores_path"] = str(output_dir / "layer_scores.npy")
-    if files.self_influence is not None:
-        write_self_influence(cfg, manifest, np.load(files.self_influence, mmap_mode="r"),
-                             {**meta, "score": SELF_INFLUENCE_MEANING})
-        report["self_influence_path"] = str(output_dir / "self_influence.parquet")
+        scores, index = ends.scores[nq:], ends.index[nq:]
+        run.write_table("tokens", tokens_table(queries.tokens, scores, index, ends.index[:nq], named["train_ids"],
+                                               run.array("token_scores"), queries.ids))
+        run.write_table("token_topk", token_topk_table(queries.tokens, scores, index, **named))
+        if run.has("token_scores"):
+            run.write_json("token_scores_ids", {"token_ids": queries.row_ids[nq:], "train_ids": train_ids})
+        report.update(topk_per_token_path=str(run.path("token_topk")), tokens=len(queries.tokens))
+    if run.has("self_influence"):
+        report["self_influence_path"] = str(run.path("self_influence"))
     return report
 
 
-def write_self_influence(cfg: Config, manifest, values: np.ndarray, meta: dict) -> None:
+def write_self_influence(run: QueryRun, cfg: Config, manifest, values: np.ndarray) -> None:
     """``self_influence.parquet`` (train_id, self_influence) from the (N,) values, one shard's ids at a time."""
     schema = pa.schema([("train_id", pa.string()), ("self_influence", pa.float64())])
 
@@ -450,7 +505,7 @@ def write_self_influence(cfg: Config, manifest, values: np.ndarray, meta: dict) 
             ids = read_ids(cfg.index_path, manifest, shards=[record.index])
             yield pa.table([pa.array(ids, pa.string()), pa.array(values[start:start + len(ids)])], schema=schema)
 
-    write_tables(Path(cfg.output_dir) / "self_influence.parquet", schema, tables(), meta)
+    run.write_tables("self_influence", schema, tables(), {"score": SELF_INFLUENCE_MEANING})
 
 
 SCORE_MEANING = {  # by curvature
@@ -491,38 +546,46 @@ def topk_table(query_ids: list[str], scores: torch.Tensor, index: torch.Tensor, 
 
 def token_topk_table(tokens: list[tuple[str, int, str]], scores: torch.Tensor, index: torch.Tensor,
                      **texts) -> pa.Table:
-    """``topk_table`` of the token rows, with each row's query id, token position and token text."""
+    """``topk_table`` of the token rows: token_id (``<query id>@<position>``), query_id, query_text, position,
+    token, rank, train_id, train_text, score."""
     k = scores.shape[1]
     table = topk_table([query for query, _, _ in tokens], scores, index, **texts)
     repeat = lambda values, kind: pa.array(np.repeat(np.array(values, dtype=object), k).tolist(), kind)  # noqa: E731
-    return pa.table({"query_id": table["query_id"], "query_text": table["query_text"],
+    return pa.table({"token_id": repeat([f"{q}@{p}" for q, p, _ in tokens], pa.string()),
+                     "query_id": table["query_id"], "query_text": table["query_text"],
                      "position": repeat([t[1] for t in tokens], pa.int32()),
                      "token": repeat([t[2] for t in tokens], pa.string()),
                      **{name: table[name] for name in ("rank", "train_id", "train_text", "score")}})
 
 
-@contextmanager
-def output_files(cfg: Config, manifest, num_rows: int):
-    """The ``OutputFiles`` of a batch of ``num_rows`` query rows: each asked-for ``.npy`` preallocated (a full disk fails here, before
-    any work) under a temporary name that replaces ``<output_dir>/<name>.npy`` only on success; the
-    self-influence values live in a temporary file that ``write_query_outputs`` turns into Parquet."""
-    num_train, num_layers = manifest.num_rows, len(manifest.meta["layers"])
-    shapes = {"scores": ((num_rows, num_train), np.float32, cfg.query.full_scores),
-              "layer_scores": ((num_layers, num_rows, num_train), np.float32, cfg.query.per_layer),
-              "self_influence": ((num_train,), np.float64, cfg.query.self_influence)}
-    paths = {}
-    with ExitStack() as stack:
-        for name, (shape, dtype, asked) in shapes.items():
-            if not asked:
-                continue
-            path = Path(cfg.output_dir) / f"{name}.npy"
-            if name == "self_influence":  # in self_influence.parquet by the end: the values' file always goes
-                tmp = temporary_path(path)
-                stack.callback(tmp.unlink, missing_ok=True)
-            else:
-                tmp = stack.enter_context(atomic_path(path))
-            array = preallocated_memmap(tmp, dtype, shape)
-            array.flush()
-            del array
-            paths[name] = str(tmp)
-        yield OutputFiles(**paths)
+def tokens_table(tokens: list[tuple[str, int, str]], scores: torch.Tensor, index: torch.Tensor,
+                 query_index: torch.Tensor, train_ids: dict, token_scores: np.ndarray | None,
+                 query_ids: list[str]) -> pa.Table:
+    """One row per token row: token_id, query_id, position, token, best_score and best_train_id (its own top-1),
+    score_on_top_proponent (its score against its query's top-1 row, from ``token_scores``; null without)."""
+    top_of = {q: int(query_index[i, 0]) for i, q in enumerate(query_ids)}
+    on_top = [None] * len(tokens)
+    if token_scores is not None:
+        on_top = [float(token_scores[i, top_of[q]]) for i, (q, _, _) in enumerate(tokens)]
+    return pa.table({
+        "token_id": pa.array([f"{q}@{p}" for q, p, _ in tokens], pa.string()),
+        "query_id": pa.array([q for q, _, _ in tokens], pa.string()),
+        "position": pa.array([p for _, p, _ in tokens], pa.int32()),
+        "token": pa.array([t for _, _, t in tokens], pa.string()),
+        "best_score": pa.array(scores[:, 0].float().cpu().numpy(), pa.float32()),
+        "best_train_id": pa.array([train_ids[int(i)] for i in index[:, 0].tolist()], pa.string()),
+        "score_on_top_proponent": pa.array(on_top, pa.float32()),
+    })
+
+
+def queries_table(query_ids: list[str], examples: list, sources: dict[str, str], bins: torch.Tensor) -> pa.Table:
+    """One row per query: query_id, query_text, query_prompt (null: every token carries loss), source_id (the
+    known source, where the queries name one), score_bins (counts of its scores in ``score_bin_edges``)."""
+    by_id = {e.id: e for e in examples}
+    return pa.table({
+        "query_id": pa.array(query_ids, pa.string()),
+        "query_text": pa.array([by_id[q].text if q in by_id else None for q in query_ids], pa.string()),
+        "query_prompt": pa.array([by_id[q].prompt if q in by_id else None for q in query_ids], pa.string()),
+        "source_id": pa.array([sources.get(q) for q in query_ids], pa.string()),
+        "score_bins": pa.array(bins.cpu().numpy().tolist(), pa.list_(pa.int64())),
+    })

@@ -13,10 +13,16 @@ from lorif_ray.store.schema import BYTES_PER_VALUE
 
 def describe_index(report: dict) -> str:
     rate = report.get("examples_per_second")
+    if report.get("reused"):
+        seconds = report.get("seconds")
+        built = (f"built by an earlier run in {seconds:.1f}s" + (f", {rate:.1f} examples/s" if rate else "")
+                 if seconds is not None else "its build time was not recorded")
+        done = f"reused: complete and intact, nothing computed; {built}"
+    else:
+        done = (f"{report['computed']} computed, {report['skipped_shards']} shards reused"
+                + (f", {rate:.1f} examples/s" if rate else ""))
     lines = [
-        f"index: {report['examples']} examples in {report['index_dir']} "
-        f"({report['computed']} computed, {report['skipped_shards']} shards reused"
-        + (f", {rate:.1f} examples/s" if rate else "") + ")",
+        f"index: {report['examples']} examples in {report['index_dir']} ({done})",
         f"  stored {report['kind']} rows ({report['dtype']}): {report['bytes_per_example'] / 1024:.2f} KiB/example "
         f"on disk; payload {report['payload_bytes_per_example'] / 1024:.2f} KiB = sum over layers of "
         + ("c(d1+d2)" if report["kind"] == "factors" else "D" if report["kind"] == "dense" else "H")
@@ -26,6 +32,22 @@ def describe_index(report: dict) -> str:
     for formula, count in report.get("layer_shapes", {}).items():
         lines.append(f"    {count} layer(s) of {formula} floats x {size} B")
     return "\n".join(lines)
+
+
+def describe_curvature(report: dict) -> str:
+    """One line: the curvature fitted now (its seconds), or reused (and the seconds of the run that fitted it)."""
+    if not report.get("reused"):
+        return f"curvature: {report['seconds']:.1f}s -> {report['path']}"
+    seconds = report.get("seconds")
+    built = f"fitted by an earlier run in {seconds:.1f}s" if seconds is not None else "its fit time was not recorded"
+    return f"curvature: reused ({built}) -> {report['path']}"
+
+
+def describe_results(report: dict) -> str:
+    """Where a query run's results are: the page to open and the tables."""
+    return (f"results: {report['report_path']} (open it in a browser); tables with texts: {report['topk_path']} "
+            f"(proponents) and {report['opponents_path']} (opponents); "
+            "in Python: lorif_ray.Results.open(output_dir)")
 
 
 def expected_sources(path: Path, columns: Columns = DEFAULT_COLUMNS) -> dict[str, str]:

@@ -105,8 +105,9 @@ def test_in_memory_model_lists_and_measurements(tiny_assets, tmp_path):
     assert more.token_topk.column("query_text").to_pylist()[0] == "the cat sat on"
     assert more.self_influence.column_names == ["train_id", "train_text", "self_influence"]
     assert more.self_influence.column("train_text").to_pylist() == train
-    assert more.layer_scores.shape == (len(more.layers), 2 + 3, 48)
-    assert more.query_ids == ["x", "y", "x@3", "x@4", "y@3"]
+    assert more.layer_scores.shape == (len(more.layers), 2, 48)  # the queries' (token rows have their own table)
+    assert more.query_ids == ["x", "y"] and more.token_ids == ["x@3", "x@4", "y@3"]
+    assert more.token_scores.shape == (3, 48) and more.tokens.column("token").to_pylist() == ["sat", "on", "ran"]
 
 
 def test_errors_and_pandas(tiny_assets, tmp_path):

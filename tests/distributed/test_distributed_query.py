@@ -80,13 +80,15 @@ def test_the_ray_backend_writes_the_extra_outputs_of_run_query(baseline, ray_clu
     run_query(one)
     report = run_query(dist, partial(ray_query, num_workers=NUM_WORKERS))
     assert report["route"] == "recompute" and report["tokens"] > report["queries"]
-    for name in ("layer_scores.npy", "scores.npy"):
+    for name in ("layer_scores.npy", "scores.npy", "token_scores.npy"):
         actual, expected = np.load(f"{dist.output_dir}/{name}"), np.load(f"{one.output_dir}/{name}")
         assert actual.shape == expected.shape and _relative_error(actual, expected) <= 1e-5, name
-    for name, column in (("self_influence.parquet", "self_influence"), ("topk_per_token.parquet", "score")):
+    for name, columns in (("self_influence.parquet", ["self_influence"]), ("topk_per_token.parquet", ["score"]),
+                          ("tokens.parquet", ["best_score", "score_on_top_proponent"])):
         actual, expected = (pq.read_table(f"{d}/{name}").to_pydict() for d in (dist.output_dir, one.output_dir))
         assert actual.keys() == expected.keys()
-        np.testing.assert_allclose(actual.pop(column), expected.pop(column), rtol=1e-5)
+        for column in columns:
+            np.testing.assert_allclose(actual.pop(column), expected.pop(column), rtol=1e-5)
         assert actual == expected, name
 
 

@@ -8,7 +8,8 @@ from lorif_ray.math.influence import GradientBlock
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.math.scoring import ScoreLayout, StackedQuery, choose_route
 from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
-from lorif_ray.stages.query import TopK, score_blocks
+from lorif_ray.stages.query import TopK, score_bins, score_blocks
+from lorif_ray.store.query_run import HALF, NUM_SCORE_BINS, score_bin_edges
 from tests.oracles import curvature_inverse, oracle_scores
 
 GEN = torch.Generator().manual_seed(0)
@@ -131,6 +132,13 @@ def test_chunked_topk_equals_full_topk():
     best, worst = torch.topk(full, 6, dim=1), torch.topk(full, 6, dim=1, largest=False)
     assert torch.equal(topk.index, best.indices) and torch.allclose(topk.scores, best.values, rtol=1e-12)
     assert torch.equal(topk.low_index, worst.indices) and torch.allclose(topk.low_scores, worst.values, rtol=1e-12)
+    # the score bins of every row, added block by block, are the whole matrix's; each score lies in its bin
+    edges = torch.from_numpy(score_bin_edges())
+    bins = score_bins(full)
+    assert torch.equal(topk.bins, torch.zeros_like(topk.bins).scatter_add_(1, bins, torch.ones_like(bins)))
+    assert torch.all((edges[bins, 0] <= full) & (full < edges[bins, 1])) and int(topk.bins.sum()) == full.numel()
+    assert torch.equal(score_bins(torch.tensor([[0.0, 1e-30, -3.0, 1e30]])),
+                       torch.tensor([[HALF, HALF, HALF - 1 - 262, NUM_SCORE_BINS - 1]]))  # log2 3 = 1.58: level 262
 
 
 def test_bf16_matmuls_stay_close():

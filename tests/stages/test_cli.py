@@ -38,8 +38,12 @@ def test_stages_as_separate_jobs_and_a_multirun(tiny_assets, tmp_path):
     common = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}", "data.max_length=32",
               f"data.queries={tiny_assets['queries']}", "progress=false", "cluster=none", f"output_dir={tmp_path / 'out'}"]
     assert "index: 48 examples" in _run("jobs/index.py", *common)
+    again = _run("jobs/index.py", *common)  # a reused stage says so, with the timing of the run that built it
+    assert "index: 48 examples" in again and "reused: complete and intact, nothing computed; built by an" in again
     assert "curvature:" in _run("jobs/curvature.py", *common, "r=8")
-    assert "scored 6 queries x 48" in _run("jobs/query.py", *common, "r=8")
+    assert "curvature: reused (fitted by an earlier run in" in _run("jobs/curvature.py", *common, "r=8")
+    out = _run("jobs/query.py", *common, "r=8")
+    assert "scored 6 queries x 48" in out and f"results: {tmp_path / 'out' / 'report.html'}" in out
     assert pq.read_table(tmp_path / "out" / "topk.parquet").num_rows == 6 * 10
     out = _run("jobs/attribute.py", "-m", "method=graddot,repsim", *common[:-1],
                f"output_dir={tmp_path}/sweep_${{method.name}}", f"hydra.sweep.dir={tmp_path / 'multirun'}")

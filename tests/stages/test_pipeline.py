@@ -67,7 +67,13 @@ def test_sweep_over_r_reuses_the_index(tiny_assets, tmp_path):
     b = run_attribute(make_config(tiny_assets, tmp_path / "r8", r=8, index_dir=index_dir))
     assert a["index"]["computed"] == 48 and b["index"]["computed"] == 0
     assert b["curvature"]["layers"]["transformer.h.0.attn.c_attn"]["rank"] == 8
-    assert run_curvature(make_config(tiny_assets, tmp_path / "r8", r=8, index_dir=index_dir))["reused"]
+    # a reused stage says so and reports the timing of the run that made it (issue 20, row 7: not 0 s)
+    assert (a["index"]["reused"], b["index"]["reused"]) == (False, True)
+    assert b["index"]["seconds"] == a["index"]["seconds"] > 0 and b["index"]["built_examples"] == 48
+    again = run_curvature(make_config(tiny_assets, tmp_path / "r8", r=8, index_dir=index_dir))
+    assert again["reused"] and again["seconds"] == b["curvature"]["seconds"] > 0
+    saved = json.loads((tmp_path / "r8" / "report.json").read_text())
+    assert saved["index"]["reused"] and saved["index"]["seconds"] == a["index"]["seconds"]
 
 
 def test_other_config_on_an_existing_index_is_refused(tiny_assets, tmp_path):
