@@ -89,10 +89,12 @@ class GramWorker:
         by one pass, on the CPU."""
         return {n: t.cpu() for n, t in self._gram(layers)(applies, grams, eigens).items()}
 
-    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str) -> int:
-        """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns the row count."""
+    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str,
+                          block_rows: int) -> dict[str, dict[int, int]]:
+        """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns each layer's
+        {block: CRC-32} of the blocks of ``block_rows`` rows written (this group's shards)."""
         vectors = {n: v.to(self.precision.math) for n, v in vectors.items()}
-        return self._gram(layers).write_coordinates(vectors, paths, dtype)
+        return self._gram(layers).write_coordinates(vectors, paths, dtype, block_rows)
 
     def passes(self) -> int:
         """Passes over the current group's rows so far (reads of its shards when streamed)."""
@@ -117,11 +119,14 @@ class RemoteLayerGram:
                 total[name] += part
         return {name: t.to(self.device) for name, t in total.items()}
 
-    def write_coordinates(self, vectors: dict, paths: dict, dtype: str) -> int:
+    def write_coordinates(self, vectors: dict, paths: dict, dtype: str, block_rows: int) -> dict[str, dict[int, int]]:
+        """Every worker writes its rows' g'_t; returns each layer's {block: CRC-32} over all of them."""
         import ray
 
         vectors_ref = ray.put({n: v.cpu() for n, v in vectors.items()})
-        return sum(ray.get([w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype) for w in self.workers]))
+        parts = ray.get([w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype, block_rows)
+                         for w in self.workers])
+        return {name: {block: crc for part in parts for block, crc in part[name].items()} for name in parts[0]}
 
 
 class RayGram:

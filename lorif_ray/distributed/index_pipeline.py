@@ -43,6 +43,7 @@ from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
 from lorif_ray.math.capture import nonfinite_rows
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (
+    INDEX_WRITER,
     announce,
     build_featurizer,
     capture_chunk,
@@ -50,13 +51,14 @@ from lorif_ray.stages.index import (
     featurize_chunk,
     finish_index,
     index_meta,
+    index_writer,
     reuse_finished_index,
     shards_left,
     train_input,
 )
 from lorif_ray.stages.inputs import tokenized_shard
 from lorif_ray.stages.kronecker_stats import fold_now_and_then, write_shard_stats
-from lorif_ray.store import ShardRecord, ShardWriter
+from lorif_ray.store import ShardRecord, ShardWriter, writer_lock
 
 
 class GradientWorker:
@@ -345,19 +347,20 @@ def run_index_distributed(cfg: Config, *, on_commit: Callable[[ShardRecord, Inde
         reused = reuse_finished_index(cfg, layout["kind"], layout["columns"], layout["meta"], plan.num_rows)
         if reused is not None:  # complete and intact: no lock, no writes (read-only storage is fine)
             return reused
-        writer = ShardWriter(cfg.index_path, **layout)  # creates the manifest, or checks the existing one
-        pipeline.start_writers(str(cfg.index_path), layout)
-        announce(cfg, plan.num_rows, layout["columns"], layout["kind"])
-        todo = shards_left(plan, writer)
-        skipped = len(plan.ranges) - len(todo)
-        start = time.perf_counter()
-        with tqdm(total=plan.num_rows, unit="ex", desc="stage 1: index (ray)", disable=not cfg.progress) as bar:
-            bar.update(plan.num_rows - sum(plan.ranges[i].rows for i in todo))
-            computed = _schedule(cfg, pipeline, writer, plan, todo, bar, on_commit)
-        return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=skipped,
-                            seconds=time.perf_counter() - start, gradient_actors=len(pipeline.gradient_slots),
-                            writer_actors=len(pipeline.writer_slots), fused=cfg.cluster.fused,
-                            replaced_actors=pipeline.replaced)
+        with writer_lock(cfg.index_path, *INDEX_WRITER):  # the driver's: its pool writes for this run
+            writer = index_writer(cfg, layout["kind"], layout["columns"], layout["meta"])  # creates or checks it
+            pipeline.start_writers(str(cfg.index_path), layout)
+            announce(cfg, plan.num_rows, layout["columns"], layout["kind"])
+            todo = shards_left(plan, writer)
+            skipped = len(plan.ranges) - len(todo)
+            start = time.perf_counter()
+            with tqdm(total=plan.num_rows, unit="ex", desc="stage 1: index (ray)", disable=not cfg.progress) as bar:
+                bar.update(plan.num_rows - sum(plan.ranges[i].rows for i in todo))
+                computed = _schedule(cfg, pipeline, writer, plan, todo, bar, on_commit)
+            return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=skipped,
+                                seconds=time.perf_counter() - start, gradient_actors=len(pipeline.gradient_slots),
+                                writer_actors=len(pipeline.writer_slots), fused=cfg.cluster.fused,
+                                replaced_actors=pipeline.replaced)
     finally:
         pipeline.close()
 

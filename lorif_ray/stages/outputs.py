@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 MARKER = ".lorif-ray-output"
 # what may already be in a fresh output folder: Hydra's record of the run (written before the job starts)
 HYDRA_ENTRIES = (".hydra",)
-INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock")
+INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", ".index.lock", "_kronecker")
 
 
 def _foreign(directory: Path) -> list[str]:

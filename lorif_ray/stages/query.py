@@ -41,10 +41,13 @@ from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
 from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
-from lorif_ray.store import atomic_path, ids_of_rows, open_index, read_ids, write_json, write_table, write_tables
+from lorif_ray.store import (atomic_path, ids_of_rows, open_index, read_ids, write_json, write_table, write_tables,
+                             writer_lock)
 from lorif_ray.store.artifacts import preallocated_memmap, temporary_path
 
 log = logging.getLogger(__name__)
+
+QUERY_WRITER = ("query", "stage 3 (jobs/query.py)")  # ``writer_lock(cfg.output_dir, *QUERY_WRITER)``
 
 
 class TopK:
@@ -319,8 +322,14 @@ def run_query(cfg: Config, make_backend=local_query) -> dict:
 
 def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_path: Path,
 ) -> dict:
-    """One query file through ``backend``: featurize, choose the route, score, write the outputs."""
+    """One query file through ``backend``: featurize, choose the route, score, write the outputs (holding the
+    output folder's writer lock, ``QUERY_WRITER``: one run writes a folder's query outputs at a time)."""
     check_outputs(cfg, manifest)
+    with writer_lock(cfg.output_dir, *QUERY_WRITER):
+        return _answer(cfg, manifest, header, backend, queries_path, stored)
+
+
+def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, stored: bool) -> dict:
     queries = backend.featurize(queries_path)
     row_ids = queries.row_ids
     route = choose_route(len(row_ids), list(ranks(header).values()), stored=stored,
