@@ -210,7 +210,7 @@ class StoredCoordinates:
             path = contained(directory, layer["file"], source=f"layer {name!r} of {directory / META_NAME}")
             try:
                 array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as error:
+            except Exception as error:  # a damaged header: OSError, ValueError, SyntaxError, tokenize.TokenError ...
                 raise CorruptArtifactError(f"cannot read stored g'_t {path} (corrupt): {error}; {REBUILD}") from error
             expected = ((info["rows"], layer["rank"]), np.dtype(COORDINATE_DTYPES[self.dtype]))
             if (array.shape, array.dtype) != expected:

@@ -34,6 +34,7 @@ def writer_lock(folder, name: str, purpose: str) -> Iterator[Path]:
         folder: the folder this run writes.
         name: which writer (``index``, ``curvature``, ``query``): one lock file per writer and folder.
         purpose: what holds it, for the message of a run that finds it taken (e.g. "stage 1 (jobs/index.py)").
+            Readers take no lock.
 
     Raises:
         FolderLockedError: another process holds it; the message names its pid, host and since when.
@@ -46,8 +47,8 @@ def writer_lock(folder, name: str, purpose: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderLockedError(f"{folder} is being written by another run ({_holder(fd)}): {purpose} takes one "
-                                    "writer per folder; wait for that run to end or stop it, then re-run") from None
+            raise FolderLockedError(f"{folder} is being written by another run: {_holder(fd)}; one run writes a "
+                                    "folder at a time: wait for that run to end or stop it, then re-run") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "purpose": purpose}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
@@ -57,12 +58,12 @@ def writer_lock(folder, name: str, purpose: str) -> Iterator[Path]:
 
 
 def _holder(fd: int) -> str:
-    """'pid P on host H since T (S s ago)' from a lock file's content, or what is known of it."""
+    """'<purpose>, pid P on host H since T (S s ago)' from a lock file's content, or what is known of it."""
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
         since = float(holder["since"])
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
-        return (f"pid {holder['pid']} on host {holder['host']} since {stamp} ({time.time() - since:.0f} s ago), "
-                f"{holder.get('purpose', 'a writer')}")
+        return (f"{holder.get('purpose', 'a writer')}, pid {holder['pid']} on host {holder['host']} since {stamp} "
+                f"({time.time() - since:.0f} s ago)")
     except (OSError, ValueError, KeyError, TypeError):
         return "its holder has not written its pid yet"

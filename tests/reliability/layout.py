@@ -109,7 +109,8 @@ def npy_regions(path: Path) -> dict[str, list[tuple[int, int]]]:
     """{region: ranges} of a .npy file: "preamble" (magic, version, header length), "header" (the dict), "rows"."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        np.lib.format._read_array_header(f, version)  # noqa: SLF001 - moves to the data offset
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read_header(f)  # moves to the data offset
         offset = f.tell()
     preamble = 8 + (2 if version == (1, 0) else 4)
     return {"preamble": [(0, preamble)], "header": [(preamble, offset)], "rows": [(offset, path.stat().st_size)]}
