@@ -134,10 +134,12 @@ def warn_clamped_rank(specs: list[LayerSpec], c: int, kind: str) -> None:
 
 
 def index_writer(cfg: Config, kind: str, columns: dict[str, int], meta: dict) -> ShardWriter:
-    """The writer of ``cfg``'s index; a shard counts as done only with its K-FAC statistics (when collected).
-    Call under the index's writer lock (``INDEX_WRITER``)."""
-    return ShardWriter(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype, shard_size=cfg.shard_size,
-                       meta=meta, also_done=stats_check(cfg.index_path, meta))
+    """The writer of ``cfg``'s index (stale temporaries removed); a shard counts as done only with its K-FAC
+    statistics (when collected). Call under the index's writer lock (``INDEX_WRITER``)."""
+    writer = ShardWriter(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype, shard_size=cfg.shard_size,
+                         meta=meta, also_done=stats_check(cfg.index_path, meta))
+    remove_stale_temporaries(cfg.index_path / SHARDS_DIR)
+    return writer
 
 
 def reuse_finished_index(cfg: Config, kind: str, columns: dict[str, int], meta: dict,
