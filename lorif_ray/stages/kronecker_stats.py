@@ -88,9 +88,10 @@ def folded(index_path: str | Path, *, discard_corrupt: bool = False) -> tuple[di
 
 
 def has_stats(index_path: str | Path, shard: int) -> bool:
-    """Whether shard ``shard``'s statistics are on disk and intact: in the total, or in its own file (each
-    file is read and checked once while its size and mtime stay the same)."""
-    return shard in _held(_total_path(index_path), total=True) or shard in _held(shard_stats_path(index_path, shard))
+    """Whether shard ``shard``'s statistics are on disk: in its own file (its header checked; the fold reads
+    and checks its tensors), or in the total (read and checked whole, once while its size and mtime stay the
+    same: a corrupt total holds no shard)."""
+    return shard in _held(shard_stats_path(index_path, shard)) or shard in _held(_total_path(index_path), total=True)
 
 
 def stats_check(index_path: str | Path, meta: dict) -> Callable[[int], bool] | None:
@@ -100,7 +101,8 @@ def stats_check(index_path: str | Path, meta: dict) -> Callable[[int], bool] | N
 
 
 def _held(path: Path, total: bool = False) -> frozenset:
-    """The shards a statistics file holds, if it is intact (empty if it is missing or corrupt)."""
+    """The shards a statistics file holds (empty if it is missing or corrupt): the total read and checked whole,
+    a shard's file by its header only (it is read whole once, by the fold)."""
     try:
         stat = path.stat()
     except FileNotFoundError:
@@ -108,7 +110,7 @@ def _held(path: Path, total: bool = False) -> frozenset:
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _CHECKED:
         try:
-            meta = load_tensors(path, rebuild=REBUILD)[1]
+            meta = load_tensors(path, names=None if total else (lambda name: False), rebuild=REBUILD)[1]
             held = frozenset(meta["shards"] if total else [meta["shard"]])
         except (CorruptArtifactError, IndexMismatchError, KeyError, TypeError) as error:
             log.warning("%s: the shards it holds count as lacking their statistics", error)
@@ -128,16 +130,24 @@ def fold_stats(index_path: str | Path, is_committed: Callable[[int], bool]) -> i
     remove_stale_temporaries(Path(index_path) / SHARDS_DIR)
     total, shards = folded(index_path, discard_corrupt=True)
     files = _shard_files(index_path)
-    new = sorted(s for s in files if is_committed(s) and s not in shards)
-    for shard in new:
-        tensors, _ = load_tensors(files[shard], rebuild=REBUILD)
+    new, corrupt = [], []
+    for shard in sorted(s for s in files if is_committed(s) and s not in shards):
+        try:
+            tensors, _ = load_tensors(files[shard], rebuild=REBUILD)
+        except (CorruptArtifactError, IndexMismatchError) as error:
+            corrupt.append((shard, error))
+            continue
+        new.append(shard)
         for layer, part in _unflatten(tensors).items():
             total[layer] = total[layer] + part if layer in total else part
     if new:
         save_tensors(_total_path(index_path), _flatten(total), {"shards": sorted(shards | set(new))})
     for shard, path in files.items():
-        if shard in shards or shard in new:
-            path.unlink(missing_ok=True)
+        if shard in shards or shard in new or shard in dict(corrupt):
+            path.unlink(missing_ok=True)  # a corrupt file goes too: its shard is then not done, and is redone
+    if corrupt:
+        raise CorruptArtifactError(f"{corrupt[0][1]} (removed; statistics of shards {[s for s, _ in corrupt]} were "
+                                   "corrupt)")
     return len(new)
 
 
