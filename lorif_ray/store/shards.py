@@ -324,9 +324,18 @@ def _file_key(directory: Path, record: ShardRecord) -> tuple | None:
     return record.index, record.sha256, stat.st_size, stat.st_mtime_ns
 
 
+_written_meta: tuple[dict | None, bytes] = (None, b"")  # the last manifest meta and its JSON as shards hold it
+
+
 def _meta_diff(path: Path, schema: pa.Schema, manifest: Manifest) -> list[str]:
-    """`key: shard's != manifest's` for each meta key where the shard's own `lorif.meta` differs from its index's."""
+    """`key: shard's != manifest's` for each meta key where the shard's own `lorif.meta` differs from its index's
+    (the bytes are compared first: a shard holds exactly ``json.dumps(meta)`` of its index's meta)."""
+    global _written_meta
     raw = (schema.metadata or {}).get(META_KEY.encode())
+    if _written_meta[0] is not manifest.meta:
+        _written_meta = (manifest.meta, json.dumps(manifest.meta).encode())
+    if raw == _written_meta[1]:
+        return []
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError:
