@@ -25,8 +25,28 @@ class MissingShardError(LorifError, FileNotFoundError):
     """A shard listed in a manifest is not on disk."""
 
 
-class CorruptShardError(LorifError, ValueError):
+class CorruptArtifactError(LorifError, ValueError):
+    """A stored artifact (shard, curvature layer, stored g'_t, K-FAC statistics, header) whose bytes do not
+    match the checksum, size or layout written with it; the message names the file and the command that
+    rebuilds it."""
+
+
+class CorruptShardError(CorruptArtifactError):
     """A shard whose checksum, row count or schema does not match its manifest."""
+
+
+class UnsafePathError(LorifError, ValueError):
+    """A path read from a manifest, record, header or meta that resolves outside its folder (``..``, an
+    absolute path, a symlink out of it)."""
+
+
+class FolderLockedError(LorifError, RuntimeError):
+    """Another run holds the writer lock of a folder; the message names its pid, host and start."""
+
+
+class StorageFullError(LorifError, OSError):
+    """A write that found no space left (ENOSPC, EDQUOT) or hit a file-size limit (EFBIG); the message names
+    the path and, where known, the bytes needed."""
 
 
 class IndexMismatchError(LorifError, ValueError):

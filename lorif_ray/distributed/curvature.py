@@ -97,13 +97,15 @@ class GramWorker:
         finally:
             gram.on_rows = None
 
-    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str, progress=None) -> int:
-        """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns the row count."""
+    def write_coordinates(self, layers: Sequence[str], vectors: dict, paths: dict, dtype: str, block_rows: int,
+                          progress=None) -> dict[str, dict[int, int]]:
+        """g'_t = V_rᵀ g_t of this group's rows into their rows of each layer's file; returns each layer's
+        {block: CRC-32} of the blocks of ``block_rows`` rows written (this group's shards)."""
         vectors = {n: v.to(self.precision.math) for n, v in vectors.items()}
         gram = self._gram(layers)
         gram.on_rows = progress
         try:
-            return gram.write_coordinates(vectors, paths, dtype)
+            return gram.write_coordinates(vectors, paths, dtype, block_rows)
         finally:
             gram.on_rows = None
 
@@ -143,12 +145,14 @@ class RemoteLayerGram:
                 total[name] += value
         return {name: t.to(self.device) for name, t in total.items()}
 
-    def write_coordinates(self, vectors: dict, paths: dict, dtype: str) -> int:
+    def write_coordinates(self, vectors: dict, paths: dict, dtype: str, block_rows: int) -> dict[str, dict[int, int]]:
+        """Every worker writes its rows' g'_t; returns each layer's {block: CRC-32} over all of them."""
         import ray
 
         vectors_ref = ray.put({n: v.cpu() for n, v in vectors.items()})
-        return sum(self._pass(lambda w, reporter: w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype,
-                                                                             reporter)))
+        parts = list(self._pass(lambda w, reporter: w.write_coordinates.remote(self.layers, vectors_ref, paths, dtype,
+                                                                               block_rows, reporter)))
+        return {name: {block: crc for part in parts for block, crc in part[name].items()} for name in parts[0]}
 
 
 class RayGram:

@@ -48,6 +48,7 @@ from lorif_ray.math.capture import nonfinite_rows
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (
+    INDEX_WRITER,
     announce,
     build_featurizer,
     capture_chunk,
@@ -55,13 +56,14 @@ from lorif_ray.stages.index import (
     featurize_chunk,
     finish_index,
     index_meta,
+    index_writer,
     reuse_finished_index,
     shards_left,
     train_input,
 )
 from lorif_ray.stages.inputs import tokenized_shard
 from lorif_ray.stages.kronecker_stats import fold_now_and_then, write_shard_stats
-from lorif_ray.store import ShardRecord, ShardWriter
+from lorif_ray.store import ShardRecord, ShardWriter, writer_lock
 
 
 class GradientWorker:
@@ -363,24 +365,25 @@ def _index_on(cfg: Config, model_path, plan: InputPlan, on_commit) -> dict:
         if reused is not None:  # complete and intact: no lock, no shard writes (read-only storage is fine)
             commit_row_table(plan.rows_table)  # a finished index without its row table gets it (a rename)
             return reused
-        writer = ShardWriter(cfg.index_path, **layout)  # creates the manifest, or checks the existing one
-        commit_row_table(plan.rows_table)  # the index accepted this input: the task's table moves into place
-        pipeline.start_writers(str(cfg.index_path), layout)
-        announce(cfg, plan.num_rows, layout["columns"], layout["kind"])
-        todo = shards_left(plan, writer)
-        skipped = len(plan.ranges) - len(todo)
-        start = time.perf_counter()
-        with progress_bar(plan.num_rows, "stage 1: index (ray)", "ex", cfg.progress) as bar:
-            bar.update(plan.num_rows - sum(plan.ranges[i].rows for i in todo))
-            progress = ActorProgress(bar.update if cfg.progress else None)
-            try:
-                computed = _schedule(cfg, pipeline, writer, plan, todo, progress, on_commit)
-            finally:
-                progress.close()
-        return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=skipped,
-                            seconds=time.perf_counter() - start, gradient_actors=len(pipeline.gradient_slots),
-                            writer_actors=len(pipeline.writer_slots), fused=cfg.cluster.fused,
-                            replaced_actors=pipeline.replaced)
+        with writer_lock(cfg.index_path, *INDEX_WRITER):  # the driver's: its pool writes for this run
+            writer = index_writer(cfg, layout["kind"], layout["columns"], layout["meta"])  # creates or checks it
+            commit_row_table(plan.rows_table)  # the index accepted this input: the task's table moves into place
+            pipeline.start_writers(str(cfg.index_path), layout)
+            announce(cfg, plan.num_rows, layout["columns"], layout["kind"])
+            todo = shards_left(plan, writer)
+            skipped = len(plan.ranges) - len(todo)
+            start = time.perf_counter()
+            with progress_bar(plan.num_rows, "stage 1: index (ray)", "ex", cfg.progress) as bar:
+                bar.update(plan.num_rows - sum(plan.ranges[i].rows for i in todo))
+                progress = ActorProgress(bar.update if cfg.progress else None)
+                try:
+                    computed = _schedule(cfg, pipeline, writer, plan, todo, progress, on_commit)
+                finally:
+                    progress.close()
+            return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=skipped,
+                                seconds=time.perf_counter() - start, gradient_actors=len(pipeline.gradient_slots),
+                                writer_actors=len(pipeline.writer_slots), fused=cfg.cluster.fused,
+                                replaced_actors=pipeline.replaced)
     finally:
         pipeline.close()
 

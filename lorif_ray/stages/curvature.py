@@ -12,8 +12,9 @@ and return partial sums. Where the rows live changes the speed, never the number
 
 With ``query.store_coordinates`` every low-rank layer's g'_t = V_rᵀ g_t is written for every row
 (``lorif_ray.stages.coordinates``), in ``precision.coordinates``, by one more pass per group. A curvature
-made with the same settings from the same index is reused; one interrupted part-way keeps its finished
-layers.
+made with the same settings from the same index is reused once every file of it has been read and checked
+against its checksums; one interrupted part-way (or with corrupt layer files) keeps its intact layers and
+refits the others. One run writes a curvature folder at a time (its writer lock, ``CURVATURE_WRITER``).
 
 The progress bar counts rows over every pass of every group, per row block (on Ray, as the Gram actors
 report them); its total is known up front, as each curvature says how many passes it asks for
@@ -28,18 +29,21 @@ import time
 import torch
 
 from lorif_ray.config import Config
+from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
 from lorif_ray.math.curvature import FitSettings, curvature_class, fit_layers
 from lorif_ray.math.rsvd import GramPass, RowSource
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.progress import progress_bar
-from lorif_ray.stages.coordinates import CoordinateWriter, coordinates_dir, coordinates_match, write_rows
+from lorif_ray.stages.coordinates import (CoordinateWriter, StoredCoordinates, coordinates_dir, coordinates_match,
+                                         write_rows)
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
 from lorif_ray.stages.kronecker_stats import read_stats
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.stages.saved_curvature import CurvatureWriter, curvature_exists, curvature_header, curvature_meta
-from lorif_ray.store import Manifest, open_index
+from lorif_ray.stages.saved_curvature import (CURVATURE_WRITER, CurvatureWriter, corrupt_layers, curvature_exists,
+                                             curvature_header, curvature_meta)
+from lorif_ray.store import Manifest, open_index, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +58,12 @@ class LayerGram(GramPass):
         super().__init__(rows, matmul_dtype)
         self.first_row = first_row
 
-    def write_coordinates(self, vectors: dict[str, torch.Tensor], paths: dict[str, str], dtype: str) -> int:
-        """g'_t = V_rᵀ g_t of these rows into their rows of each layer's file (one pass); returns the rows."""
-        coordinates = self.project(vectors)
-        for name, values in coordinates.items():
-            write_rows(paths[name], self.first_row, values, dtype)
-        return next(iter(coordinates.values())).shape[0] if coordinates else 0
+    def write_coordinates(self, vectors: dict[str, torch.Tensor], paths: dict[str, str], dtype: str,
+                          block_rows: int) -> dict[str, dict[int, int]]:
+        """g'_t = V_rᵀ g_t of these rows into their rows of each layer's file (one pass); returns each layer's
+        {block: CRC-32} of the blocks of ``block_rows`` rows written (``write_rows``)."""
+        return {name: write_rows(paths[name], self.first_row, values, dtype, block_rows)
+                for name, values in self.project(vectors).items()}
 
 
 class LocalGram:
@@ -123,10 +127,30 @@ def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg, manifest)
     meta = curvature_meta(cfg, manifest)
-    reusable = curvature_exists(cfg.curvature_path) and curvature_header(cfg.curvature_path).get("method_meta") == meta
-    if reusable and stores_coordinates(cfg):
-        reusable = coordinates_match(cfg, cfg.precision.coordinates)
-    return manifest, meta, reusable
+    return manifest, meta, reusable_curvature(cfg, meta)
+
+
+def reusable_curvature(cfg: Config, meta: dict) -> bool:
+    """Whether the saved curvature (and, if asked, the stored g'_t) was made for ``meta`` and every file of it
+    is intact (each read whole and checked); what is not is logged, and stage 2 rebuilds it."""
+    if not curvature_exists(cfg.curvature_path):
+        return False
+    try:
+        header = curvature_header(cfg.curvature_path)
+        if header.get("method_meta") != meta:
+            return False
+        corrupt = corrupt_layers(cfg.curvature_path, header)
+        if corrupt:
+            log.warning("stage 2: layers %s of %s are missing or corrupt: refitting them", corrupt, cfg.curvature_path)
+            return False
+        if stores_coordinates(cfg):
+            if not coordinates_match(cfg, cfg.precision.coordinates):
+                return False
+            StoredCoordinates(cfg).verify()
+    except (CorruptArtifactError, IndexMismatchError) as error:
+        log.warning("stage 2: %s", error)
+        return False
+    return True
 
 
 def group_passes(group: list[LayerSpec], cfg: Config, settings: FitSettings) -> int:
@@ -150,6 +174,20 @@ def reused_curvature_report(cfg: Config) -> dict:
             "precision": header.get("precision")}
 
 
+def clamped_ranks(cfg: Config, specs: list[LayerSpec]) -> dict:
+    """{"r": {"asked": r, "used": {layer: D}}} of the Woodbury layers narrower than ``r`` (their curvature keeps
+    r = D, the whole spectrum), logged once; {} when none is (or the curvature has no r)."""
+    if cfg.curvature_kind != "woodbury":
+        return {}
+    used = {s.name: s.dim for s in specs if cfg.r > s.dim}
+    if not used:
+        return {}
+    shown = ", ".join(f"{name} (r={dim})" for name, dim in list(used.items())[:10]) + (" ..." if len(used) > 10 else "")
+    log.warning("r=%d is larger than D of %d of %d layers; they keep r = D (the whole spectrum), recorded under "
+                "'clamped' in %s: %s", cfg.r, len(used), len(specs), cfg.curvature_path / "_curvature.json", shown)
+    return {"r": {"asked": cfg.r, "used": used}}
+
+
 def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     """Fit and save the curvature of every layer at ``cfg.curvature_path``; returns the stage report.
 
@@ -165,6 +203,12 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     if reusable:
         log.info("stage 2: reusing %s (same settings, same index)", cfg.curvature_path)
         return reused_curvature_report(cfg)
+    with writer_lock(cfg.curvature_path, *CURVATURE_WRITER):
+        return _fit_curvature(cfg, manifest, meta, backend_class)
+
+
+def _fit_curvature(cfg: Config, manifest: Manifest, meta: dict, backend_class) -> dict:
+    """``run_curvature``'s work, under the curvature folder's writer lock."""
     warn_if_unsafe(cfg)
     device = resolve_device(cfg.model.device)
     precision = Precision.of(cfg, device)
@@ -172,7 +216,9 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     specs = layer_specs(manifest) if kind != "none" else []
     store = stores_coordinates(cfg)
     writer = CurvatureWriter(cfg.curvature_path, meta)
-    coordinates = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.precision.coordinates) if store else None
+    coordinates = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.precision.coordinates,
+                                   manifest.shard_size) if store else None
+    clamped = clamped_ranks(cfg, specs)
     todo = [s for s in specs if store or not writer.done(s.name)]  # g'_t files carry no id: refit them all
     if len(todo) < len(specs):
         log.info("stage 2: %d of %d layers were finished by an earlier run; fitting the others",
@@ -201,10 +247,10 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
                     writer.write(name, curvature)
                 if coordinates is not None:
                     paths = {name: coordinates.begin(name, c.rank) for name, c in fitted.items()}
-                    gram.write_coordinates({name: c.low_rank[0] for name, c in fitted.items()}, paths,
-                                           cfg.precision.coordinates)
+                    checksums = gram.write_coordinates({name: c.low_rank[0] for name, c in fitted.items()}, paths,
+                                                       cfg.precision.coordinates, manifest.shard_size)
                     for name in fitted:
-                        coordinates.commit(name)
+                        coordinates.commit(name, checksums[name])
                 del gram, fitted
                 if not reads_rows:
                     bar.update(len(group))
@@ -212,10 +258,13 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
         if backend is not None:
             backend.close()
     seconds = time.perf_counter() - start
-    layers = writer.finish({"precision": precision.describe(), "seconds": seconds})  # a reuse reports these seconds
+    # a reuse reports these seconds
+    layers = writer.finish({"precision": precision.describe(), "seconds": seconds,
+                            **({"clamped": clamped} if clamped else {})})
     saved = sum(f.stat().st_size for f in cfg.curvature_path.glob("*.safetensors"))
     report = {"reused": False, "path": str(cfg.curvature_path), "kind": kind, "seconds": seconds, "layers": layers,
-              "fitted_layers": len(todo), "bytes": saved, "precision": precision.describe()}
+              "fitted_layers": len(todo), "bytes": saved, "precision": precision.describe(),
+              **({"clamped": clamped} if clamped else {})}
     if coordinates is not None:
         report["coordinates"] = coordinates.finish(cfg.curvature_path)
     return report

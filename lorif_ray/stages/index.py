@@ -3,7 +3,8 @@
 Work is cut into deterministic shards of ``shard_size`` examples in input order (``plan_input``: one
 streaming pass that checks the input and fixes each shard's row range); each shard is read and
 tokenized only when it is computed, and each finished shard is recorded in the manifest, so a re-run
-after a crash skips it (without reading its rows) and resumes.
+after a crash skips it (without reading its rows) and resumes. One run writes an index at a time (the
+index folder's writer lock, ``INDEX_WRITER``); a complete index is reused without it.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from lorif_ray.model.loading import check_context_length, load_model, model_iden
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import TokenizedShards, require, resolve_inputs
-from lorif_ray.stages.kronecker_stats import fold_now_and_then, fold_stats, write_shard_stats
-from lorif_ray.store import Manifest, ShardWriter, finished_index, write_json
+from lorif_ray.stages.kronecker_stats import SHARDS_DIR, fold_now_and_then, fold_stats, stats_check, write_shard_stats
+from lorif_ray.store import Manifest, ShardWriter, finished_index, remove_stale_temporaries, write_json, writer_lock
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 logger = logging.getLogger(__name__)
+
+INDEX_WRITER = ("index", "stage 1 (jobs/index.py)")  # ``writer_lock(cfg.index_path, *INDEX_WRITER)``
 
 
 @contextmanager
@@ -71,6 +74,7 @@ def index_meta(cfg: Config, featurizer: Featurizer, identity: dict, data_sha256:
     """Everything that determines the stored rows (a resumed run must match it exactly); ``identity``
     is ``model_identity`` of the unsharded model. Checks the projection widths first."""
     check_projection_widths(featurizer.specs, cfg.f, featurizer.kind)
+    warn_clamped_rank(featurizer.specs, cfg.c, featurizer.kind)
     meta = {
         "config": {"kind": featurizer.kind, "f": cfg.f, "c": cfg.c, "seed": cfg.seed,
                    "factor_iters": featurizer.iterations, "max_length": cfg.data.max_length,
@@ -122,16 +126,42 @@ def check_projection_widths(specs: list[LayerSpec], f: int, kind: str) -> None:
                    "d = 1 on that side (d1 = in/f, d2 = out/f, at least 1)", f, len(narrow), len(specs), widths, more)
 
 
+def warn_clamped_rank(specs: list[LayerSpec], c: int, kind: str) -> None:
+    """Log once the layers where ``c`` exceeds min(d1, d2): they store rank min(d1, d2) (exact factors), which
+    the manifest records as that layer's ``c``."""
+    clamped = [s for s in specs if kind == "factors" and s.c < c]
+    if clamped:
+        used = ", ".join(f"{s.name} (c={s.c})" for s in clamped[:10]) + (" ..." if len(clamped) > 10 else "")
+        logger.warning("c=%d is larger than min(d1, d2) of %d of %d layers; they store the rank used instead (exact "
+                       "factors), recorded as each layer's c in the manifest: %s", c, len(clamped), len(specs), used)
+
+
+def index_writer(cfg: Config, kind: str, columns: dict[str, int], meta: dict) -> ShardWriter:
+    """The writer of ``cfg``'s index (stale temporaries removed); a shard counts as done only with its K-FAC
+    statistics (when collected). Call under the index's writer lock (``INDEX_WRITER``)."""
+    writer = ShardWriter(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype, shard_size=cfg.shard_size,
+                         meta=meta, also_done=stats_check(cfg.index_path, meta))
+    remove_stale_temporaries(cfg.index_path / SHARDS_DIR)
+    return writer
+
+
 def reuse_finished_index(cfg: Config, kind: str, columns: dict[str, int], meta: dict,
                          num_examples: int) -> dict | None:
-    """The report of an index at ``cfg.index_path`` that is already complete, intact and made with this
-    config; None when work is left. Takes no lock and writes nothing (read-only storage is fine), except
-    a lost ``_report.json`` where it can."""
+    """The report of an index at ``cfg.index_path`` that is already complete, intact (its K-FAC statistics
+    too) and made with this config; None when work is left. Takes no lock and writes nothing (read-only
+    storage is fine), except where it can: a lost ``_report.json`` is restored and stale temporaries are
+    removed."""
     manifest = finished_index(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype,
-                              shard_size=cfg.shard_size, meta=meta, num_rows=num_examples)
+                              shard_size=cfg.shard_size, meta=meta, num_rows=num_examples,
+                              also_done=stats_check(cfg.index_path, meta))
     if manifest is None:
         return None
     logger.info("stage 1: the index at %s is complete and intact; nothing to compute", cfg.index_path)
+    for folder in (cfg.index_path, cfg.index_path / SHARDS_DIR):
+        try:
+            remove_stale_temporaries(folder)
+        except OSError as e:  # read-only storage: they stay hidden from readers (leading ".")
+            logger.info("cannot remove stale temporaries in %s (%s)", folder, e)
     report = reused_report(cfg, manifest)
     if not (cfg.index_path / "_report.json").exists():  # lost after finalize (a crash): restore it if we can
         try:
@@ -242,18 +272,18 @@ def _index(cfg: Config, model_path: Path, plan: InputPlan) -> dict:
     if reused is not None:
         commit_row_table(plan.rows_table)  # a finished index without its row table gets it here
         return reused
-    writer = ShardWriter(cfg.index_path, kind=featurizer.kind, columns=featurizer.columns, dtype=cfg.dtype,
-                         shard_size=cfg.shard_size, meta=meta)
-    commit_row_table(plan.rows_table)  # the index (new, or checked equal) accepted this input
-    announce(cfg, plan.num_rows, featurizer.columns, featurizer.kind)
-    todo = shards_left(plan, writer)
-    start = time.perf_counter()
-    with progress_bar(plan.num_rows, "stage 1: index", "ex", cfg.progress) as bar:
-        bar.update(plan.num_rows - sum(plan.ranges[shard].rows for shard in todo))
-        computed = write_shards(featurizer, writer, TokenizedShards(plan, todo, tokenizer, cfg.data.max_length),
-                                cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
-    return finish_index(cfg, writer, plan.num_rows, computed=computed, skipped_shards=len(plan.ranges) - len(todo),
-                        seconds=time.perf_counter() - start)
+    with writer_lock(cfg.index_path, *INDEX_WRITER):
+        writer = index_writer(cfg, featurizer.kind, featurizer.columns, meta)
+        commit_row_table(plan.rows_table)  # the index (new, or checked equal) accepted this input
+        announce(cfg, plan.num_rows, featurizer.columns, featurizer.kind)
+        todo = shards_left(plan, writer)
+        start = time.perf_counter()
+        with progress_bar(plan.num_rows, "stage 1: index", "ex", cfg.progress) as bar:
+            bar.update(plan.num_rows - sum(plan.ranges[shard].rows for shard in todo))
+            computed = write_shards(featurizer, writer, TokenizedShards(plan, todo, tokenizer, cfg.data.max_length),
+                                    cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
+        return finish_index(cfg, writer, plan.num_rows, computed=computed,
+                            skipped_shards=len(plan.ranges) - len(todo), seconds=time.perf_counter() - start)
 
 
 def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: Mapping[int, Sequence[TokenizedExample]],

@@ -29,6 +29,7 @@ from lorif_ray.stages.index import finish_index, run_index
 from lorif_ray.stages.inputs import require, resolve_inputs
 from lorif_ray.stages.kronecker_stats import TOTAL_NAME as STATS_NAME
 from lorif_ray.store import ShardWriter, file_sha256, iter_batches, open_index
+from lorif_ray.store.manifest import FORMAT_VERSION
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 RUNS: Counter = Counter()  # indexes this process actually built: "index" (model ran), "factors_from_dense"
@@ -39,7 +40,8 @@ def index_key(cfg: Config, identity: dict, data_sha256: str) -> dict:
     kind = cfg.method.store_kind
     key = {"model": identity, "data_sha256": data_sha256, "kind": kind, "seed": cfg.seed,
            "layers": cfg.model.layers, "max_length": cfg.data.max_length, "dtype": cfg.dtype,
-           "model_dtype": cfg.model.dtype, "kronecker_stats": kind != "hidden"}  # indexes before them: rebuilt
+           "model_dtype": cfg.model.dtype, "kronecker_stats": kind != "hidden",  # indexes before them: rebuilt
+           "store_format": FORMAT_VERSION}  # an index of an older format is refused by name: built anew
     if kind != "hidden":
         key["f"] = cfg.f
     if kind == "factors":

@@ -22,7 +22,7 @@ MARKER = ".lorif-ray-output"
 # record of the run and the job's log; the jobs now write both only after claiming the folder, lorif_ray.cli)
 HYDRA_ENTRIES = (".hydra",)
 JOB_LOGS = tuple(f"{job}.log" for job in ("attribute", "index", "curvature", "query", "serve"))
-INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", "_rows.parquet")
+INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", ".index.lock", "_kronecker", "_rows.parquet")
 ROW_TABLE_TEMPORARY = "._rows.parquet.tmp-"  # a row table stage 1 wrote before it stopped (lorif_ray.data.row_table)
 
 

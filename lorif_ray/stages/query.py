@@ -46,10 +46,12 @@ from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
 from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
 from lorif_ray.stages.report_page import write_report_page
 from lorif_ray.stages.summary import expected_sources
-from lorif_ray.store import ids_of_rows, open_index, read_ids
+from lorif_ray.store import ids_of_rows, open_index, read_ids, writer_lock
 from lorif_ray.store.query_run import BINS_PER_OCTAVE, HALF, NUM_SCORE_BINS, SCORE_OCTAVES, QueryRun
 
 log = logging.getLogger(__name__)
+
+QUERY_WRITER = ("query", "stage 3 (jobs/query.py)")  # ``writer_lock(cfg.output_dir, *QUERY_WRITER)``
 
 
 class TopK:
@@ -383,8 +385,14 @@ def run_query(cfg: Config, make_backend=local_query) -> dict:
 
 def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_path: Path,
 ) -> dict:
-    """One query file through ``backend``: featurize, choose the route, score, write the run (``QueryRun``)."""
+    """One query file through ``backend``: featurize, choose the route, score, write the run (``QueryRun``),
+    holding the output folder's writer lock (``QUERY_WRITER``: one run writes a folder's query outputs at a time)."""
     check_outputs(cfg, manifest)
+    with writer_lock(cfg.output_dir, *QUERY_WRITER):
+        return _answer(cfg, manifest, header, backend, queries_path, stored)
+
+
+def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, stored: bool) -> dict:
     texts = open_train_texts(cfg, manifest)
     examples = load_examples(queries_path, cfg.data.columns)
     queries = backend.featurize(queries_path)

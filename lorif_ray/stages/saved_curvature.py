@@ -9,24 +9,38 @@ method's curvature and its fit settings, the precision policy, the index) and it
 whose ``method_meta`` equals what its own config asks for: any differing key is named and refused. A
 stage 2 that stopped part-way keeps its finished layer files, and a re-run with the same settings fits
 only the others.
+
+Integrity (format 2): every layer file records a CRC-32 per tensor and of its meta (``save_tensors``),
+checked whenever it is read; the header carries the CRC-32 of its own content (``integrity.seal``); the
+per-layer info used to score (λ, r) is the layer file's own, checked against the header's. A re-run of
+stage 2 checks every finished layer file whole and refits the corrupt ones. Format 1 (no checksums) is
+refused by name: stage 2 rebuilds it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError
+from lorif_ray.errors import ConfigError, CorruptArtifactError, IndexMismatchError
 from lorif_ray.math.curvature import Curvature, curvature_class
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.store import Manifest, load_tensors, save_tensors, write_json
+from lorif_ray.store import (Manifest, contained, load_tensors, remove_stale_temporaries, save_tensors, seal, unseal,
+                             write_json)
+from lorif_ray.store.integrity import SEAL_KEY
+
+log = logging.getLogger(__name__)
 
 HEADER_NAME = "_curvature.json"
+FORMAT_VERSION = 2  # of the header and layer files: 1 had no checksums
+REBUILD = "re-run stage 2 (jobs/curvature.py) with the same config: it checks every layer file and refits corrupt ones"
+CURVATURE_WRITER = ("curvature", "stage 2 (jobs/curvature.py)")  # ``writer_lock(cfg.curvature_path, *CURVATURE_WRITER)``
 
 # the config keys that change each curvature (its fit settings); RepSim ("none") has no curvature
 FIT_KEYS = {"woodbury": ("r", "damping", "damping_scale", "oversample", "svd_power_iters", "seed"),
@@ -68,8 +82,15 @@ def curvature_id(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
+def layer_path(directory, name: str) -> Path:
+    """``<directory>/<layer>.safetensors``, checked to stay inside ``directory`` (layer names come from the
+    manifest)."""
+    return contained(directory, f"{name}.safetensors", source=f"layer {name!r} of the curvature in {directory}")
+
+
 class CurvatureWriter:
-    """Writes a curvature layer by layer into ``directory`` (removing a previous header first).
+    """Writes a curvature layer by layer into ``directory`` (removing a previous header and stale temporaries
+    first). Call under the curvature folder's writer lock (``CURVATURE_WRITER``).
 
     Example:
         >>> writer = CurvatureWriter(cfg.curvature_path, meta)
@@ -82,45 +103,71 @@ class CurvatureWriter:
         self.directory, self.meta, self.id = Path(directory), meta, curvature_id(meta)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / HEADER_NAME).unlink(missing_ok=True)
+        remove_stale_temporaries(self.directory)
         self.layers: dict[str, dict] = {}
 
     def done(self, name: str) -> bool:
-        """Whether a previous run already wrote this layer for the same curvature (it is then adopted)."""
-        path = self.directory / f"{name}.safetensors"
-        if not path.exists():
+        """Whether a previous run already wrote this layer for the same curvature, intact (every tensor checked
+        against its checksum); it is then adopted. A corrupt file is logged and refitted."""
+        info = _layer_info(layer_path(self.directory, name), self.id)
+        if info is None:
             return False
-        try:
-            meta = load_tensors(path, names=lambda tensor: False)[1]
-        except (CorruptShardError, OSError):
-            return False
-        if meta.get("curvature_id") != self.id:
-            return False
-        self.layers[name] = meta["info"]
+        self.layers[name] = info
         return True
 
     def write(self, name: str, curvature: Curvature) -> None:
         """The layer's file, atomically, tied to this curvature."""
         self.layers[name] = curvature.info()
         tensors = {field: t for field, t in curvature.tensors().items() if t is not None}
-        save_tensors(self.directory / f"{name}.safetensors", tensors,
-                     {"curvature_id": self.id, "info": self.layers[name]})
+        save_tensors(layer_path(self.directory, name), tensors,
+                     {"curvature_id": self.id, "info": self.layers[name], "format_version": FORMAT_VERSION})
 
     def finish(self, extra: dict | None = None) -> dict[str, dict]:
-        """Write the header (last): the curvature is complete. Returns the per-layer info."""
-        write_json(self.directory / HEADER_NAME, {"method_meta": self.meta, "kind": self.meta["curvature"],
-                                                  "layers": self.layers, "curvature_id": self.id, **(extra or {})})
+        """Write the header (last, sealed): the curvature is complete. Returns the per-layer info."""
+        write_json(self.directory / HEADER_NAME, seal({"method_meta": self.meta, "kind": self.meta["curvature"],
+                                                       "layers": self.layers, "curvature_id": self.id,
+                                                       "format_version": FORMAT_VERSION, **(extra or {})}))
         return self.layers
+
+
+def _layer_info(path: Path, curvature: str) -> dict | None:
+    """The info of a layer file of curvature ``curvature`` whose every tensor matches its checksum; None (logged)
+    if the file is missing, of another curvature or format, or corrupt."""
+    if not path.exists():
+        return None
+    try:
+        meta = load_tensors(path, rebuild=REBUILD)[1]
+    except (CorruptArtifactError, IndexMismatchError) as error:
+        log.warning("%s", error)
+        return None
+    if meta.get("curvature_id") != curvature or meta.get("format_version") != FORMAT_VERSION:
+        return None
+    return meta["info"]
+
+
+def corrupt_layers(path, header: dict) -> list[str]:
+    """The layers of a saved curvature whose files are missing, of another curvature or not intact (each file
+    read whole and checked: stage 2 does this before it reuses a curvature)."""
+    return [name for name in header["layers"] if _layer_info(layer_path(path, name), header["curvature_id"]) is None]
 
 
 def curvature_header(path) -> dict:
     """The saved curvature's header (kind, per-layer info, ``method_meta``, ``curvature_id``)."""
-    header = Path(path) / HEADER_NAME
+    header = contained(path, HEADER_NAME, source=f"the curvature folder {path}")
     if not header.exists():
         raise ConfigError(f"no curvature at {path}; run stage 2 (jobs/curvature.py) first")
     try:
-        return json.loads(header.read_text())
+        data = json.loads(header.read_text())
     except ValueError as error:
-        raise CorruptShardError(f"unreadable {header}: {error}") from error
+        raise CorruptArtifactError(f"unreadable {header}: {error}; {REBUILD}") from error
+    if isinstance(data, dict) and "format_version" not in data and SEAL_KEY not in data:  # format 1
+        raise IndexMismatchError(f"{header} has format version 1 (before checksums); this lorif-ray reads format "
+                                 f"{FORMAT_VERSION}: {REBUILD}")
+    data = unseal(data, header, REBUILD)
+    if data.get("format_version") != FORMAT_VERSION:
+        raise IndexMismatchError(f"{header} has format version {data.get('format_version')}; this lorif-ray reads "
+                                 f"format {FORMAT_VERSION}: {REBUILD}")
+    return data
 
 
 def curvature_exists(path) -> bool:
@@ -165,15 +212,19 @@ def load_curvature(cfg: Config, manifest: Manifest, device, dtype, *, vectors: b
     kind = curvature_class(header["kind"])
     out = {}
     for spec in layer_specs(manifest):
-        info = header["layers"].get(spec.name, {"kind": kind.kind, "damping": 0.0, "rank": 0})
         with_vectors = wanted_vectors if isinstance(wanted_vectors, bool) else spec.name in wanted_vectors
-        tensors = {}
-        path = Path(cfg.curvature_path) / f"{spec.name}.safetensors"
-        if path.exists():
-            tensors, meta = load_tensors(path, device=device, names=lambda field: with_vectors or field != "vectors")
-            if meta.get("curvature_id") != header["curvature_id"]:
-                raise IndexMismatchError(f"{path} belongs to another curvature than {cfg.curvature_path}; re-run stage 2")
-        out[spec.name] = kind.from_saved(tensors, info).to(dtype=dtype)
+        path = layer_path(cfg.curvature_path, spec.name)
+        if spec.name not in header["layers"] or not path.exists():
+            raise CorruptArtifactError(f"the curvature at {cfg.curvature_path} has no layer {spec.name!r} ({path}); "
+                                       f"{REBUILD}")
+        tensors, meta = load_tensors(path, device=device, names=lambda field: with_vectors or field != "vectors",
+                                     rebuild=REBUILD)
+        if meta.get("curvature_id") != header["curvature_id"]:
+            raise IndexMismatchError(f"{path} belongs to another curvature than {cfg.curvature_path}; re-run stage 2")
+        if meta.get("info") != header["layers"][spec.name]:
+            raise CorruptArtifactError(f"{path} says {meta.get('info')}, the header {header['layers'][spec.name]} "
+                                       f"(one of them is corrupt); {REBUILD}")
+        out[spec.name] = kind.from_saved(tensors, meta["info"]).to(dtype=dtype)
     return out
 
 
@@ -181,7 +232,7 @@ def read_curvature(path) -> tuple[dict[str, torch.Tensor], dict]:
     """Every tensor of a saved curvature as {"<layer>.<field>": tensor}, and its header (tools and tests)."""
     header, tensors = curvature_header(path), {}
     for name in header["layers"]:
-        layer_file = Path(path) / f"{name}.safetensors"
+        layer_file = layer_path(path, name)
         if layer_file.exists():
-            tensors.update({f"{name}.{field}": t for field, t in load_tensors(layer_file)[0].items()})
+            tensors.update({f"{name}.{field}": t for field, t in load_tensors(layer_file, rebuild=REBUILD)[0].items()})
     return tensors, header

@@ -1,5 +1,9 @@
 """Store: Parquet shards of per-example rows (+ manifest), and small artifacts saved with their config.
 
+The checks every artifact's reader runs (``integrity``: checksums per tensor, per block of rows, per sealed
+header, of a Parquet footer; paths contained in their folder) and the one-writer lock per folder (``locks``)
+live here, so every store calls them instead of re-implementing them.
+
 Imports only pyarrow, numpy, torch, safetensors and the standard library.
 """
 
@@ -16,6 +20,8 @@ from lorif_ray.store.artifacts import (
     write_table,
     write_tables,
 )
+from lorif_ray.store.integrity import CheckedBlocks, block_checksums, contained, seal, unseal
+from lorif_ray.store.locks import writer_lock
 from lorif_ray.store.manifest import Manifest, ShardRecord
 from lorif_ray.store.schema import ID_COLUMN, STORAGE_DTYPES, arrow_schema, arrow_to_tensor, tensor_to_arrow
 from lorif_ray.store.shards import (
@@ -27,10 +33,12 @@ from lorif_ray.store.shards import (
     read_ids,
     remove_stale_temporaries,
     shard_file_name,
+    shard_path,
     verify_shards,
 )
 
 __all__ = [
+    "CheckedBlocks",
     "ID_COLUMN",
     "STORAGE_DTYPES",
     "Manifest",
@@ -39,6 +47,8 @@ __all__ = [
     "arrow_schema",
     "arrow_to_tensor",
     "atomic_path",
+    "block_checksums",
+    "contained",
     "file_sha256",
     "finished_index",
     "iter_batches",
@@ -51,11 +61,15 @@ __all__ = [
     "remove_stale_temporaries",
     "replace_durably",
     "save_tensors",
+    "seal",
     "shard_file_name",
+    "shard_path",
     "temporary_path",
     "tensor_to_arrow",
+    "unseal",
     "verify_shards",
     "write_json",
     "write_table",
     "write_tables",
+    "writer_lock",
 ]

@@ -5,6 +5,11 @@ and says whether the index is complete (every shard written and `finalize` calle
 each committed shard's record is appended to `_shards.jsonl` (one JSON line, fsynced) instead of
 rewriting the whole manifest per shard, which grows quadratically with the shards (3,700 at the
 mission's scale); loading merges the log, and `finalize` folds it into `_manifest.json`.
+
+The manifest and every log line carry the CRC-32 of their own content (``integrity.seal``); each record
+also holds the SHA-256 of its shard's Parquet footer, which every read checks (page CRCs cover the page
+data, not the footer). Format 1 (before these checksums, with the K-FAC statistics in ``kronecker/``) is
+refused by name: such an index is rebuilt.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError
+from lorif_ray.store.artifacts import storage_error, write_json
+from lorif_ray.store.integrity import contained, seal, unseal
+from lorif_ray.store.schema import BYTES_PER_VALUE, check_columns, check_dtype
 
 logger = logging.getLogger(__name__)
-from lorif_ray.store.artifacts import write_json
-from lorif_ray.store.schema import BYTES_PER_VALUE, check_columns, check_dtype
 
 MANIFEST_NAME = "_manifest.json"  # leading "_": dataset readers skip it, so the directory reads as Parquet
 SHARD_LOG_NAME = "_shards.jsonl"  # records committed since the manifest was last written
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed manifest and log lines, footer SHA-256 per record, statistics in _kronecker/
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ShardRecord:
     rows: int
     sha256: str  # hex digest of the file's bytes
     bytes: int  # file size
+    footer_sha256: str = ""  # hex digest of its Parquet footer (``integrity.parquet_footer_sha256``), checked by reads
 
 
 @dataclass
@@ -83,18 +90,29 @@ class Manifest:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes `directory/_manifest.json` atomically, with every record (the shard log is then folded in)."""
-        write_json(Path(directory) / MANIFEST_NAME, asdict(self))
+        write_json(Path(directory) / MANIFEST_NAME, seal(asdict(self)))
         (Path(directory) / SHARD_LOG_NAME).unlink(missing_ok=True)
 
     @staticmethod
     def append_record(directory: str | os.PathLike, record: ShardRecord) -> None:
-        """Appends one committed shard's record to the shard log, durably (O(1) per shard)."""
+        """Appends one committed shard's record to the shard log, durably (O(1) per shard).
+
+        Raises:
+            StorageFullError: the disk is full (the line is then not committed: the shard is redone).
+        """
         path = Path(directory) / SHARD_LOG_NAME
         torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-        with open(path, "a") as log:
-            log.write(("\n" if torn else "") + json.dumps(asdict(record)) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+        line = ("\n" if torn else "") + json.dumps(seal(asdict(record))) + "\n"
+        try:
+            with open(path, "a") as log:
+                log.write(line)
+                log.flush()
+                os.fsync(log.fileno())
+        except OSError as error:
+            full = storage_error(path, error, len(line))
+            if full is not None:
+                raise full from error
+            raise
 
     def record(self, index: int) -> ShardRecord | None:
         """The record of shard ``index``, or None (O(log shards): ``shards`` is sorted by index)."""
@@ -116,21 +134,24 @@ class Manifest:
 
         Raises:
             IndexNotFoundError: no manifest in `directory`.
-            CorruptShardError: the manifest is not valid JSON or lacks fields.
-            IndexMismatchError: written by a newer format version.
+            CorruptShardError: the manifest is not valid JSON, lacks fields, or does not match its checksum.
+            IndexMismatchError: written by another format version (1: before checksums; or a newer one).
+            UnsafePathError: the manifest is a symlink out of `directory`.
         """
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise IndexNotFoundError(f"no index at {Path(directory)}: {path} does not exist")
+        rebuild = f"delete {Path(directory)} (or choose another index_dir) and re-run stage 1 (jobs/index.py)"
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(contained(directory, MANIFEST_NAME, source=f"the index {directory}").read_text())
         except (OSError, ValueError) as e:
-            raise CorruptShardError(f"unreadable manifest {path}: {e}") from e
-        version = data.get("format_version", FORMAT_VERSION) if isinstance(data, dict) else FORMAT_VERSION
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise IndexMismatchError(
-                f"{path} has format version {version}; this lorif-ray reads up to {FORMAT_VERSION}"
-            )
+            raise CorruptShardError(f"unreadable manifest {path}: {e}; {rebuild}") from e
+        version = data.get("format_version") if isinstance(data, dict) else None  # every manifest has one
+        if isinstance(version, int) and version != FORMAT_VERSION:
+            old = " (made before footer and header checksums, with its K-FAC statistics in kronecker/)"
+            raise IndexMismatchError(f"{path} has format version {version}{old if version < FORMAT_VERSION else ''}; "
+                                     f"this lorif-ray reads format {FORMAT_VERSION}: {rebuild}")
+        data = unseal(data, path, rebuild, error=CorruptShardError)
         try:
             shards = [ShardRecord(**s) for s in data.pop("shards")]
             manifest = cls(**data, shards=shards)
@@ -149,8 +170,8 @@ def _read_shard_log(path: Path) -> list[ShardRecord]:
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            records.append(ShardRecord(**json.loads(line)))
+            records.append(ShardRecord(**unseal(json.loads(line), f"line {number} of {path}", "it is redone")))
         except (ValueError, TypeError) as e:
-            logger.warning("skipping line %d of %s (a commit interrupted mid-write: %s); that shard is redone",
+            logger.warning("skipping line %d of %s (torn by a crash mid-write, or corrupt: %s); that shard is redone",
                            number, path, e)
     return records

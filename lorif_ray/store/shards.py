@@ -2,9 +2,14 @@
 
 An index directory holds `_manifest.json` and `shard-00000.parquet`, `shard-00001.parquet`, ...; shard i
 holds rows [i * shard_size, (i + 1) * shard_size). Each shard is written to a temporary file (`.shard-*`,
-which dataset readers skip) and renamed, then recorded in the manifest with its row count, size and
-SHA-256, so a re-run skips finished shards whose bytes still match. Every page carries a CRC-32 that
-every read checks.
+which dataset readers skip) and renamed, then recorded in the manifest with its row count, size, SHA-256
+and the SHA-256 of its footer, so a re-run skips finished shards whose bytes still match.
+
+Every read checks what it reads, in the same pass (``lorif_ray.store.integrity``): each page's CRC-32, the
+footer's SHA-256 against the record (schema, page offsets, row counts: what the page CRCs do not cover),
+the shard's own ``lorif.meta`` (model identity, index settings) against the manifest, and the rows each
+column decoded to against the record (a flipped bit in a page header changes how many values a page
+decodes to, not its CRC). Every file named by a record resolves inside the index folder.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +28,8 @@ import pyarrow.parquet as pq
 import torch
 
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError, MissingShardError
-from lorif_ray.store.artifacts import META_KEY, TEMPORARY_INFIX, atomic_path, file_sha256
+from lorif_ray.store.artifacts import META_KEY, atomic_path, file_sha256, remove_stale_temporaries
+from lorif_ray.store.integrity import check_parquet_footer, contained, counted_batches, parquet_footer_sha256
 from lorif_ray.store.manifest import MANIFEST_NAME, Manifest, ShardRecord
 from lorif_ray.store.schema import ID_COLUMN, arrow_schema, arrow_to_tensor, tensor_to_arrow
 
@@ -58,6 +64,11 @@ def shard_file_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+def shard_path(directory: str | os.PathLike, record: ShardRecord) -> Path:
+    """The file of a record, checked to resolve inside the index folder (``integrity.contained``)."""
+    return contained(directory, record.file, source=f"the record of shard {record.index} in {Path(directory)}")
+
+
 def _some(items: list) -> str:
     """`items` for an error message, cut after 20."""
     return str(items) if len(items) <= 20 else f"{items[:20]} ... ({len(items)} in all)"
@@ -86,8 +97,9 @@ def _dict_pairs(prefix: str, old: dict, new: dict) -> list[tuple[str, object, ob
 class ShardWriter:
     """Writes the shards of one index directory and keeps its manifest.
 
-    Several writers (processes) may write different shards of one directory at once: the manifest is
-    re-read and updated under a file lock.
+    Several writers (processes of one run: the driver and its pool) may write different shards of one
+    directory at once: the manifest is re-read and updated under a file lock. One run at a time: the stage
+    holds ``lorif_ray.store.locks.writer_lock`` on the directory.
 
     Example:
         >>> writer = ShardWriter(out, kind="factors", columns={"h.0.u": 64, "h.0.v": 128},
@@ -107,8 +119,13 @@ class ShardWriter:
         dtype: str,
         shard_size: int,
         meta: dict,
+        also_done: Callable[[int], bool] | None = None,
     ) -> None:
         """Creates `directory`, or resumes the index in it.
+
+        Args:
+            also_done: what else a shard needs to count as done (e.g. its K-FAC statistics on disk): a shard
+                whose record is intact but lacks it is recomputed, and the index is not finalized without it.
 
         Raises:
             IndexMismatchError: `directory` holds an index made with another kind, columns, dtype,
@@ -116,6 +133,7 @@ class ShardWriter:
             ConfigError: invalid dtype, columns, shard_size, or meta not JSON-serializable.
         """
         self.directory = Path(directory)
+        self.also_done = also_done
         try:
             meta = json.loads(json.dumps(meta))  # as it will read back from JSON
         except (TypeError, ValueError) as e:
@@ -166,8 +184,8 @@ class ShardWriter:
             return False
         if key not in self._verified:
             unchecked = [r for r in self.manifest.shards if _file_key(self.directory, r) not in self._verified]
-            self._verified.update(verify_shards(self.directory, unchecked))
-        return self._verified.get(key, False)
+            self._verified.update(verify_shards(self.directory, unchecked, self.manifest))
+        return self._verified.get(key, False) and (self.also_done is None or self.also_done(shard_index))
 
     def write_shard(
         self, shard_index: int, example_ids: list[str], arrays: dict[str, torch.Tensor]
@@ -195,6 +213,9 @@ class ShardWriter:
 
         For pipelines where workers write files and one owner (the driver) commits their records:
         a file that is never committed is simply rewritten by the next run. Arguments as `write_shard`.
+
+        Raises:
+            StorageFullError: the disk is full (names the file and about how many bytes it needed).
         """
         self._validate(shard_index, example_ids, arrays)
         dtype = self.manifest.dtype
@@ -205,22 +226,16 @@ class ShardWriter:
         rows = len(example_ids)
         row_group_rows = max(1, min(rows, ROW_GROUP_BYTES // self.manifest.payload_bytes_per_row()))
         path = self.directory / shard_file_name(shard_index)
-        held = None
-        try:
-            with atomic_path(path) as tmp:
-                held = open(tmp, "wb")
-                fcntl.flock(held, fcntl.LOCK_EX)  # held until renamed: remove_stale_temporaries skips it
-                pq.write_table(
-                    table,
-                    tmp,
-                    row_group_size=row_group_rows,
-                    use_byte_stream_split=self._byte_stream_split,
-                    **_PARQUET_OPTIONS,
-                )
-                record = ShardRecord(shard_index, path.name, rows, file_sha256(tmp), tmp.stat().st_size)
-        finally:
-            if held is not None:
-                held.close()
+        with atomic_path(path, needed_bytes=table.nbytes) as tmp:  # locked until renamed (stale-file removal skips it)
+            pq.write_table(
+                table,
+                tmp,
+                row_group_size=row_group_rows,
+                use_byte_stream_split=self._byte_stream_split,
+                **_PARQUET_OPTIONS,
+            )
+            record = ShardRecord(shard_index, path.name, rows, file_sha256(tmp), tmp.stat().st_size,
+                                 parquet_footer_sha256(tmp))
         return record
 
     def commit(self, record: ShardRecord) -> ShardRecord:
@@ -229,7 +244,7 @@ class ShardWriter:
         Raises:
             MissingShardError: the record's file is not on disk with the recorded size.
         """
-        path = self.directory / record.file
+        path = shard_path(self.directory, record)
         if not path.is_file() or path.stat().st_size != record.bytes:
             raise MissingShardError(f"shard {record.index}: {path} is not on disk with {record.bytes} bytes")
         with self._locked():  # one appended line per shard, not the whole manifest rewritten
@@ -278,7 +293,8 @@ class ShardWriter:
             if missing:
                 raise MissingShardError(
                     f"{self.directory}: shards {_some(missing)} of 0..{expected - 1} are not written "
-                    "(or their files are missing); write them, then finalize"
+                    "(or their files, or what else they need, are missing or corrupt); write them, then finalize: "
+                    f"{REPAIR_HINT}"
                 )
             records = {s.index: s for s in manifest.shards}
             extra = sorted(i for i in records if i >= expected)
@@ -302,18 +318,39 @@ class ShardWriter:
 def _file_key(directory: Path, record: ShardRecord) -> tuple | None:
     """(index, sha256, size, mtime_ns) of a record and its file as on disk now; None if the file is missing."""
     try:
-        stat = (directory / record.file).stat()
+        stat = shard_path(directory, record).stat()
     except FileNotFoundError:
         return None
     return record.index, record.sha256, stat.st_size, stat.st_mtime_ns
 
 
-def _verify_shard(directory: Path, record: ShardRecord) -> tuple[tuple | None, bool]:
-    """(the record's `_file_key`, whether its file has the recorded size and SHA-256); mismatches are logged."""
+_written_meta: tuple[dict | None, bytes] = (None, b"")  # the last manifest meta and its JSON as shards hold it
+
+
+def _meta_diff(path: Path, schema: pa.Schema, manifest: Manifest) -> list[str]:
+    """`key: shard's != manifest's` for each meta key where the shard's own `lorif.meta` differs from its index's
+    (the bytes are compared first: a shard holds exactly ``json.dumps(meta)`` of its index's meta)."""
+    global _written_meta
+    raw = (schema.metadata or {}).get(META_KEY.encode())
+    if _written_meta[0] is not manifest.meta:
+        _written_meta = (manifest.meta, json.dumps(manifest.meta).encode())
+    if raw == _written_meta[1]:
+        return []
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        return [f"{META_KEY}: not JSON"]
+    pairs = _dict_pairs("meta", meta if isinstance(meta, dict) else {}, manifest.meta)
+    return [f"{key}: {str(old)[:80]} != {str(new)[:80]}" for key, old, new in pairs if old != new]
+
+
+def _verify_shard(directory: Path, record: ShardRecord, manifest: Manifest | None) -> tuple[tuple | None, bool]:
+    """(the record's `_file_key`, whether its file has the recorded size, SHA-256 and footer SHA-256 and, with
+    `manifest`, was made for that index); mismatches are logged."""
     key = _file_key(directory, record)
     if key is None:
         return None, False
-    path = directory / record.file
+    path = shard_path(directory, record)
     if key[2] != record.bytes:
         logger.warning("shard %s has %d bytes, the manifest says %d: it will be recomputed", path, key[2], record.bytes)
         return key, False
@@ -322,40 +359,30 @@ def _verify_shard(directory: Path, record: ShardRecord) -> tuple[tuple | None, b
         logger.warning("shard %s has SHA-256 %s, the manifest says %s (corrupt): it will be recomputed",
                        path, digest, record.sha256)
         return key, False
+    try:
+        footer = parquet_footer_sha256(path)
+        diff = [] if manifest is None else _meta_diff(path, pq.read_schema(path), manifest)
+    except (ValueError, pa.ArrowException, OSError) as e:
+        footer, diff = None, [f"unreadable footer ({e})"]
+    if footer != record.footer_sha256 or diff:
+        logger.warning("shard %s does not belong to this index (%s): it will be recomputed", path,
+                       "; ".join(diff) or f"footer SHA-256 {footer}, the record says {record.footer_sha256!r}")
+        return key, False
     return key, True
 
 
-def verify_shards(directory: str | os.PathLike, records: list[ShardRecord]) -> dict[tuple, bool]:
+def verify_shards(directory: str | os.PathLike, records: list[ShardRecord],
+                  manifest: Manifest | None = None) -> dict[tuple, bool]:
     """{(index, sha256, size, mtime_ns): intact} of the records' files on disk (missing files left out).
 
-    Reads every byte once, several files at a time (hashlib releases the GIL); a file whose size or
-    SHA-256 differs from its record is False (and logged).
+    Reads every byte once, several files at a time (hashlib releases the GIL); a file whose size, SHA-256 or
+    footer SHA-256 differs from its record, or (with `manifest`) whose own `lorif.meta` is not its index's,
+    is False (and logged).
     """
     directory = Path(directory)
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        return {key: ok for key, ok in pool.map(lambda r: _verify_shard(directory, r), records) if key is not None}
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Removes the temporary shard files that killed writers left in `directory`; returns them.
-
-    A live writer holds an exclusive lock on its temporary file until it renames it (`write_file`), so
-    only files nobody holds are removed. Also removes temporaries of the older naming
-    (`shard-*.parquet.tmp-*`, which dataset readers do not skip).
-    """
-    removed = []
-    for path in sorted(Path(directory).glob(f"*shard-*.parquet{TEMPORARY_INFIX}*")):
-        try:
-            with open(path, "rb") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                path.unlink()
-        except (BlockingIOError, FileNotFoundError):
-            continue  # being written, or just renamed
-        removed.append(path)
-    if removed:
-        logger.info("removed %d stale temporary shard files in %s: %s", len(removed), directory,
-                    _some([p.name for p in removed]))
-    return removed
+        checked = pool.map(lambda r: _verify_shard(directory, r, manifest), records)
+        return {key: ok for key, ok in checked if key is not None}
 
 
 def finished_index(
@@ -367,12 +394,14 @@ def finished_index(
     shard_size: int,
     meta: dict,
     num_rows: int,
+    also_done: Callable[[int], bool] | None = None,
 ) -> Manifest | None:
     """The manifest if `directory` already holds exactly this index, complete and intact; else None.
 
     Read only: takes no lock and writes nothing, so a finished index on read-only storage can be
-    re-used. Every shard's SHA-256 is checked (as `ShardWriter.is_done` does); None means there is
-    work left (or a config that differs): open a `ShardWriter` to do it or to report the difference.
+    re-used. Every shard is checked as `ShardWriter.is_done` checks it (SHA-256, footer, meta, and
+    `also_done`); None means there is work left (or a config that differs): open a `ShardWriter` to do
+    it or to report the difference.
     """
     directory = Path(directory)
     if not (directory / MANIFEST_NAME).is_file():
@@ -387,8 +416,12 @@ def finished_index(
     if (_config_diff(existing, wanted) or not existing.complete or existing.num_rows != num_rows
             or [s.index for s in existing.shards] != list(range(expected))):
         return None
-    checked = verify_shards(directory, existing.shards)
-    return existing if len(checked) == len(existing.shards) and all(checked.values()) else None
+    checked = verify_shards(directory, existing.shards, existing)
+    if len(checked) != len(existing.shards) or not all(checked.values()):
+        return None
+    if also_done is not None and not all(also_done(s.index) for s in existing.shards):
+        return None
+    return existing
 
 
 def open_index(directory: str | os.PathLike, *, verify: bool = False, expect_complete: bool = True) -> Manifest:
@@ -412,7 +445,7 @@ def open_index(directory: str | os.PathLike, *, verify: bool = False, expect_com
             "stage 1 did not finish; re-run it to resume"
         )
     for record in manifest.shards:
-        path = directory / record.file
+        path = shard_path(directory, record)
         if not path.is_file():
             raise MissingShardError(f"shard {record.index} of {directory} is missing: {path}")
         size = path.stat().st_size
@@ -453,14 +486,17 @@ def _schema_diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
 def _record_batches(
     directory: Path, manifest: Manifest, record: ShardRecord, columns: list[str], batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of `example_id` and `columns` of one shard, checked against the manifest.
+    """Record batches of `example_id` and `columns` of one shard, checked against the manifest as they are read.
 
-    Every page's CRC-32 is checked while it is read (shards written since page checksums were added),
-    so corrupt bytes raise CorruptShardError instead of decoding into wrong values.
+    Opening the shard checks its footer's SHA-256 against the record and its own `lorif.meta` against the
+    manifest (footer only); every page's CRC-32 is checked while it is read; the rows decoded are counted
+    against the record (``integrity.counted_batches``). Corrupt bytes raise CorruptShardError instead of
+    decoding into wrong values or fewer rows.
     """
-    path = directory / record.file
+    path = shard_path(directory, record)
     if not path.is_file():
         raise MissingShardError(f"shard {record.index} of {directory} is missing: {path}")
+    check_parquet_footer(path, record.footer_sha256, REPAIR_HINT, error=CorruptShardError)
     try:
         parquet_file = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
@@ -471,20 +507,31 @@ def _record_batches(
             raise CorruptShardError(
                 f"shard {path} does not match its manifest: columns {_some(diff)} differ; {REPAIR_HINT}"
             )
+        foreign = _meta_diff(path, parquet_file.schema_arrow, manifest)
+        if foreign:
+            raise CorruptShardError(f"shard {path} was made for another index than {directory} ({_some(foreign)}): "
+                                    f"it does not belong here; {REPAIR_HINT}")
         if parquet_file.metadata.num_rows != record.rows:
             raise CorruptShardError(
                 f"shard {path} has {parquet_file.metadata.num_rows} rows; the manifest says {record.rows}; "
                 f"{REPAIR_HINT}"
             )
-        batches = parquet_file.iter_batches(batch_size=batch_rows, columns=[ID_COLUMN, *columns])
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except (pa.ArrowException, OSError) as e:
-                raise CorruptShardError(f"cannot read shard {path} (corrupt): {e}; {REPAIR_HINT}") from e
-            yield batch
+        batches = counted_batches(path, _decoded(path, parquet_file, batch_rows, [ID_COLUMN, *columns]), record.rows,
+                                  REPAIR_HINT, error=CorruptShardError)
+        yield from batches
+
+
+def _decoded(path: Path, parquet_file: pq.ParquetFile, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's record batches; a decoding error (a page CRC, a bad page) is a CorruptShardError."""
+    batches = parquet_file.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptShardError(f"cannot read shard {path} (corrupt): {e}; {REPAIR_HINT}") from e
+        yield batch
 
 
 def iter_batches(

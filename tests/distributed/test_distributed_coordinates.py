@@ -46,11 +46,13 @@ def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
     spectrum = randomized_spectrum(apply, spec.dim, 16, oversample=4, power_iters=2, seed=0, name=spec.name,
                                    dtype=torch.float64)
     before = [w.passes() for w in workers]
-    writer = CoordinateWriter(tmp_path, manifest.num_rows, "float32")
+    writer = CoordinateWriter(tmp_path, manifest.num_rows, "float32", manifest.shard_size)
     path = writer.begin(spec.name, 16)
-    assert sum(w.write_coordinates([spec.name], {spec.name: spectrum.vectors}, {spec.name: path}, "float32")
-               for w in workers) == manifest.num_rows
-    writer.commit(spec.name)
+    parts = [w.write_coordinates([spec.name], {spec.name: spectrum.vectors}, {spec.name: path}, "float32",
+                                 manifest.shard_size) for w in workers]
+    checksums = {block: crc for part in parts for block, crc in part[spec.name].items()}
+    assert sorted(checksums) == [r.index for r in manifest.shards]  # each worker wrote its whole shards: a block each
+    writer.commit(spec.name, checksums)
     assert [w.passes() - b for w, b in zip(workers, before)] == [1] * NUM_WORKERS
     rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, [k], out_dtype=torch.float64,
                                                           manifest=manifest)])
@@ -125,4 +127,4 @@ def test_a_worker_that_cannot_see_the_coordinate_file_says_output_dir_must_be_sh
     from lorif_ray.stages.coordinates import write_rows
 
     with pytest.raises(ConfigError, match="shared by every node"):
-        write_rows(tmp_path / "elsewhere" / "layer.npy.tmp-0", 0, torch.zeros(2, 3), "float32")
+        write_rows(tmp_path / "elsewhere" / "layer.npy.tmp-0", 0, torch.zeros(2, 3), "float32", 2)

@@ -53,3 +53,28 @@ def test_stage_two_refuses_statistics_that_do_not_cover_the_index(tmp_path):
         read_stats(tmp_path, [0, 1], ["a"])
     with pytest.raises(IndexMismatchError, match="lack layers"):
         read_stats(tmp_path, [0], ["a", "c"])
+
+
+def test_a_shard_has_its_statistics_only_while_they_are_intact(tmp_path):
+    """``has_stats`` (what stage 1 asks before it counts a shard as done): a shard's own file, or the total read
+    and checked whole. A corrupt shard file is removed by the fold that finds it (which says so), a corrupt total
+    holds no shard: either way those shards are redone by the next stage-1 run."""
+    from lorif_ray.errors import CorruptArtifactError
+    from lorif_ray.stages.kronecker_stats import TOTAL_NAME, has_stats
+
+    for shard in (0, 1, 2):
+        write_shard_stats(tmp_path, shard, _stats(shard))
+    assert [has_stats(tmp_path, s) for s in range(4)] == [True, True, True, False]
+    data = bytearray(shard_stats_path(tmp_path, 2).read_bytes())
+    data[-1] ^= 0x01
+    shard_stats_path(tmp_path, 2).write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match=r"shard-00002\.safetensors.*re-run stage 1.*removed"):
+        fold_stats(tmp_path, {0, 1, 2}.__contains__)
+    assert [has_stats(tmp_path, s) for s in range(3)] == [True, True, False]  # 0 and 1 are in the total now
+    total = tmp_path / TOTAL_NAME
+    data = bytearray(total.read_bytes())
+    data[-1] ^= 0x01
+    total.write_bytes(bytes(data))
+    assert not has_stats(tmp_path, 0) and not has_stats(tmp_path, 1)
+    with pytest.raises(CorruptArtifactError, match=r"_kronecker\.safetensors.*re-run stage 1"):
+        read_stats(tmp_path, [0, 1], ["a"])

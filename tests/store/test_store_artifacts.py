@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorif_ray.errors import CorruptShardError, IndexNotFoundError
+from lorif_ray.errors import CorruptArtifactError, CorruptShardError, IndexMismatchError, IndexNotFoundError
 from lorif_ray.store import (
     atomic_path,
     file_sha256,
@@ -34,8 +34,28 @@ def test_load_tensors_errors(tmp_path):
     with pytest.raises(IndexNotFoundError, match="missing.safetensors"):
         load_tensors(tmp_path / "missing.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
-    with pytest.raises(CorruptShardError, match="bad.safetensors"):
-        load_tensors(tmp_path / "bad.safetensors")
+    with pytest.raises(CorruptArtifactError, match="bad.safetensors.*re-run it"):
+        load_tensors(tmp_path / "bad.safetensors", rebuild="re-run it")
+
+
+def test_every_tensor_read_is_checked_against_its_checksum(tmp_path):
+    """A flipped bit in a tensor's bytes is found when (and only when) that tensor is read."""
+    path = tmp_path / "curv.safetensors"
+    save_tensors(path, {"values": torch.arange(4.0), "vectors": torch.ones(8, 4)}, {"r": 4})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # the last tensor in the file: "vectors" (names are stored sorted)
+    path.write_bytes(bytes(data))
+    assert torch.equal(load_tensors(path, names=lambda name: name == "values")[0]["values"], torch.arange(4.0))
+    with pytest.raises(CorruptArtifactError, match=r"curv\.safetensors: tensor 'vectors'.*crc32.*stage 2"):
+        load_tensors(path, rebuild="re-run stage 2")
+
+
+def test_a_tensor_file_without_checksums_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"values": torch.ones(3)}, tmp_path / "old.safetensors", metadata={"lorif.meta": "{}"})
+    with pytest.raises(IndexMismatchError, match="older lorif-ray .*without checksums.*re-run stage 2"):
+        load_tensors(tmp_path / "old.safetensors", rebuild="re-run stage 2")
 
 
 def test_table_with_meta(tmp_path):
