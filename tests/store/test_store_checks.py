@@ -14,7 +14,7 @@ from store_helpers import reopen
 
 from lorif_ray.errors import CorruptArtifactError, CorruptShardError, FolderLockedError, StorageFullError, UnsafePathError
 from lorif_ray.store import (CheckedBlocks, Manifest, atomic_path, block_checksums, contained, iter_batches,
-                             remove_stale_temporaries, save_tensors, seal, shard_file_name, unseal, writer_lock)
+                             remove_stale_temporaries, save_tensors, seal, unseal, writer_lock)
 from lorif_ray.store.artifacts import storage_error
 from lorif_ray.store.manifest import MANIFEST_NAME, SHARD_LOG_NAME
 
