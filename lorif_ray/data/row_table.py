@@ -30,6 +30,7 @@ from lorif_ray.errors import DataError
 log = logging.getLogger(__name__)
 
 ROWS_NAME = "_rows.parquet"
+PENDING_PREFIX = "_rows.pending-"  # a table the plan wrote, not yet committed (``pending_row_table_path``)
 ROWS_FORMAT = 1
 _META_KEY = b"lorif.meta"  # as lorif_ray.store.artifacts.META_KEY: the store's readers read it alike
 _DATA_SUFFIXES = (".arrow", ".parquet", ".jsonl")
@@ -61,7 +62,8 @@ def read_row_table_meta(path: str | os.PathLike) -> dict:
 
 class RowTableWriter:
     """A row table for one input, written a batch of rows at a time (``add``) to a temporary file beside
-    ``path``; ``close`` returns that file (``commit_row_table`` renames it), ``abort`` removes it.
+    ``path``, which ``close`` turns into a pending table (``_rows.pending-<sha>.parquet``, whole) and returns
+    (``commit_row_table`` renames it); ``abort`` removes the temporary.
 
     Raises:
         OSError: the folder is not writable (or the disk is full).
@@ -74,7 +76,10 @@ class RowTableWriter:
         size, mtime_ns = input_stat(input_path)
         self.meta = {"format": ROWS_FORMAT, "path": str(Path(input_path).resolve()), "sha256": sha256,
                      "size": size, "mtime_ns": mtime_ns, "kind": _kind(input_path), "columns": columns.renamed()}
-        self.tmp = temporary_path(path)
+        # whole once closed: a *pending* table (not a temporary, which the stage's sweep of stale temporaries would
+        # remove before the driver commits it; the plan may be a Ray task that has ended by then)
+        self.pending = pending_row_table_path(path, sha256)
+        self.tmp = temporary_path(self.pending)
         self.writer = None
 
     def add(self, rows: RowRange, ids: list[str], schema: str) -> None:
@@ -94,17 +99,27 @@ class RowTableWriter:
         self.writer.write_table(pa.table([pa.array(ids, pa.string()), pa.array(offsets, pa.int64()),
                                           pa.array(lines, pa.int64())], schema=self.schema))
 
-    def close(self) -> str:
-        if self.writer is not None:
-            self.writer.close()
-        return str(self.tmp)
+    def close(self) -> str | None:
+        """The pending table, whole (``commit_row_table`` renames it); None when no row was added."""
+        from lorif_ray.store.artifacts import replace_durably
+
+        if self.writer is None:
+            return None
+        self.writer.close()
+        replace_durably(self.tmp, self.pending)
+        return str(self.pending)
 
     def abort(self) -> None:
+        """Drop the temporary file; on storage that cannot be written (read-only, full) there may be none to drop."""
         try:
             if self.writer is not None:
                 self.writer.close()
-        finally:
+        except OSError:
+            pass
+        try:
             self.tmp.unlink(missing_ok=True)
+        except OSError as error:  # e.g. EROFS: nothing was created
+            log.debug("cannot remove %s: %s", self.tmp, error)
 
 
 def open_row_table(path: str | os.PathLike | None, input_path: Path, sha256: str,
@@ -129,6 +144,11 @@ def open_row_table(path: str | os.PathLike | None, input_path: Path, sha256: str
         return None
 
 
+def pending_row_table_path(path: str | os.PathLike, sha256: str) -> Path:
+    """Where the plan of an input of hash ``sha256`` leaves its row table until the stage commits it."""
+    return Path(path).parent / f"{PENDING_PREFIX}{sha256[:16]}.parquet"
+
+
 def commit_row_table(temporary: str | None) -> None:
     """Move a row table written by ``plan_input`` (``InputPlan.rows_table``) into place; None: nothing to do."""
     from lorif_ray.store.artifacts import replace_durably
@@ -138,6 +158,8 @@ def commit_row_table(temporary: str | None) -> None:
     target = Path(temporary).parent / ROWS_NAME
     try:
         replace_durably(temporary, target)
+        for stale in target.parent.glob(f"{PENDING_PREFIX}*.parquet"):  # of runs that stopped before committing
+            stale.unlink(missing_ok=True)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         log.info("cannot write the row table %s (%s): results show ids only", target, error)

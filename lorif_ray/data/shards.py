@@ -109,8 +109,18 @@ def plan_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_COL
         if table is not None:
             table.abort()
         raise
-    written = table.close() if table is not None else None
+    written = _close_rows(table) if table is not None else None
     return InputPlan(str(path), sha256 or data_sha256(path), schema, tuple(ranges), columns, written)
+
+
+def _close_rows(table) -> str | None:
+    """``table.close``; on a full disk the table is dropped (logged) and the plan goes on without it."""
+    try:
+        return table.close()
+    except OSError as error:
+        log.warning("cannot write the row table %s (%s): results will show ids only", table.pending, error)
+        table.abort()
+        return None
 
 
 def _add_rows(table, rows: RowRange, ids: list[str], schema: str):

@@ -23,7 +23,8 @@ MARKER = ".lorif-ray-output"
 HYDRA_ENTRIES = (".hydra",)
 JOB_LOGS = tuple(f"{job}.log" for job in ("attribute", "index", "curvature", "query", "serve"))
 INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", ".index.lock", "_kronecker", "_rows.parquet")
-ROW_TABLE_TEMPORARY = "._rows.parquet.tmp-"  # a row table stage 1 wrote before it stopped (lorif_ray.data.row_table)
+# a row table stage 1 was writing, or wrote and had not committed, when it stopped (lorif_ray.data.row_table)
+ROW_TABLE_LEFTOVERS = ("._rows.", "_rows.pending-")
 
 
 def _foreign(directory: Path) -> list[str]:
@@ -48,7 +49,7 @@ def claim_output_dir(cfg: Config) -> None:
     index = cfg.index_path
     if index.is_dir() and not (index / "_manifest.json").exists():
         stray = [n for n in sorted(p.name for p in index.iterdir())
-                 if n not in INDEX_ENTRIES and not n.startswith(ROW_TABLE_TEMPORARY)]
+                 if n not in INDEX_ENTRIES and not n.startswith(ROW_TABLE_LEFTOVERS)]
         if stray:
             raise ConfigError(f"the index folder {index} holds files but no index ({', '.join(stray[:5])}): an index "
                               "folder holds nothing but the index; choose another output_dir or index_dir")

@@ -90,7 +90,8 @@ def _readers(cfg, manifest, columns):
 def _scores(cfg, manifest, columns) -> list:
     """Every training row's score for every query, sorted, on the stored-g'_t and the recompute route."""
     scorer = LocalScorer(cfg, manifest, stored=True)
-    return [scorer.score(columns, route, manifest.num_rows) for route in ("stored", "recompute")]
+    ends = [scorer.score(columns, route, manifest.num_rows) for route in ("stored", "recompute")]
+    return [(e.scores, e.index, e.low_scores, e.low_index) for e in ends]
 
 
 def test_every_single_bit_flip_is_detected_on_read_or_harmless(stored):
