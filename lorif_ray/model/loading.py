@@ -112,9 +112,10 @@ def read_model_config(path: str | Path, key: str = "model.path") -> dict:
     return config
 
 
-def check_model_folder(path: str | Path, key: str = "model.path") -> None:
-    """A model folder checked without loading it: config.json parses, a tokenizer is there, weights are there
-    and every safetensors file's header agrees with its size (header reads only: seconds for any model).
+def check_model_folder(path: str | Path, key: str = "model.path", tokenizer: bool = True) -> None:
+    """A model folder checked without loading it: config.json parses, a tokenizer is there (``tokenizer``: for a
+    caller that loads one), weights are there and every safetensors file's header agrees with its size (header
+    reads only: seconds for any model).
 
     Raises:
         ConfigError: a missing config.json, tokenizer or weights (the folder and what it lacks).
@@ -122,7 +123,7 @@ def check_model_folder(path: str | Path, key: str = "model.path") -> None:
     """
     path = Path(path)
     read_model_config(path, key)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{key}={path}: no tokenizer files there ({', '.join(TOKENIZER_FILES)}); save the "
                           "tokenizer next to the model (tokenizer.save_pretrained)")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
@@ -271,7 +272,7 @@ def load_model_for_sharding(path: str | Path, *, dtype: str = "bfloat16"):
 
     hf_logging.disable_progress_bar()
     path = Path(path)
-    check_model_folder(path)
+    check_model_folder(path, tokenizer=False)  # the weights only
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
     with named_model_errors(path):

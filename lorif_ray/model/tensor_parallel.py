@@ -473,7 +473,7 @@ def meta_model(model_path: str | Path, dtype: str = "bfloat16") -> nn.Module:
     from lorif_ray.model.loading import DTYPES, check_model_folder
 
     path = Path(model_path)
-    check_model_folder(path)
+    check_model_folder(path, tokenizer=False)  # the weights only
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
