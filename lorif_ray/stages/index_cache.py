@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from lorif_ray.config import Config, MethodConfig
+from lorif_ray.data import row_table_path
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize_dense, initial_block
 from lorif_ray.model.loading import load_model, model_identity
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.index import finish_index, run_index
 from lorif_ray.stages.inputs import require, resolve_inputs
 from lorif_ray.stages.kronecker_stats import TOTAL_NAME as STATS_NAME
-from lorif_ray.store import ShardWriter, file_sha256, iter_batches, open_index
+from lorif_ray.store import ShardWriter, atomic_path, file_sha256, iter_batches, open_index
 from lorif_ray.store.manifest import FORMAT_VERSION
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
@@ -168,8 +169,12 @@ def factors_from_dense(cfg: Config, dense_dir: Path, out_dir: Path) -> dict:
                 parts[f"{s.name}.v"].append(v.reshape(len(batch_ids), -1))
         writer.write_shard(shard, ids, {k: torch.cat(v) for k, v in parts.items()})
         offset += len(ids)
-    # the K-FAC statistics depend on the model, data, f and seed only: the dense index's are this one's
+    # the K-FAC statistics depend on the model, data, f and seed only: the dense index's are this one's; so is
+    # the row table (the same input, row for row), which gives the results their training texts
     shutil.copyfile(dense_dir / STATS_NAME, out_dir / STATS_NAME)
+    if row_table_path(dense_dir).is_file():
+        with atomic_path(row_table_path(out_dir)) as tmp:
+            shutil.copyfile(row_table_path(dense_dir), tmp)
     cfg = replace(cfg, index_dir=str(out_dir))
     return finish_index(cfg, writer, offset, computed=offset, seconds=time.perf_counter() - start,
                         derived_from=str(dense_dir))
