@@ -55,7 +55,8 @@ class Reply:
     body: dict
 
     def encoded(self) -> bytes:
-        return json.dumps(self.body).encode()
+        """The body as JSON and a newline (so answers printed by curl end their line)."""
+        return (json.dumps(self.body) + "\n").encode()
 
 
 def error_reply(status: int, message: str) -> Reply:
