@@ -1,10 +1,7 @@
-"""The Python API: the README's example runs as written (on a tiny model), gives the CLI path's scores, reads
+"""The Python API (its README block runs as it stands in tests/user/test_readme.py): it gives the CLI path's scores, reads
 every data kind, and applies the query measurement (a name or a function) and records it."""
 
-import contextlib
-import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +13,6 @@ from lorif_ray.config import ClusterConfig
 from lorif_ray.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def readme_example() -> str:
-    """The first python block of the README's "Python API" section."""
-    section = ROOT.joinpath("README.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_the_readme_example_prints_proponent_texts(tiny_assets, tmp_path):
-    code = readme_example()
-    for placeholder, value in (('"/models/my-gpt2"', repr(str(tiny_assets["model"]))),
-                               ('"train.jsonl"', repr(str(tiny_assets["train"]))),
-                               ('"runs/api"', repr(str(tmp_path / "api"))), ("max_length=512", "max_length=32")):
-        assert placeholder in code, placeholder
-        code = code.replace(placeholder, value)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
-    printed = out.getvalue()
-    train_texts = {json.loads(line)["text"] for line in tiny_assets["train"].read_text().splitlines()}
-    lines = [line for line in printed.splitlines() if line.startswith("  ")]
-    assert len(lines) == 6 and all(line.split(None, 2)[2] in train_texts for line in lines), printed
-    assert "query 0" in printed and "query 1" in printed
 
 
 def test_api_scores_equal_the_cli_path(tiny_assets, tmp_path, recording_bars):
