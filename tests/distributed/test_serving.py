@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -16,6 +17,7 @@ from lorif_ray.distributed.stages import run_service
 from lorif_ray.errors import ConfigError
 from tests.distributed.conftest import NUM_WORKERS
 from tests.jobs.test_ray_job_submit import _free_port
+from tests.jobs.test_serve_job import BAD_BODIES, _call, _check_answers, _expected
 
 
 def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
@@ -29,12 +31,17 @@ def _get(url: str, body: dict | None = None) -> tuple[int, dict]:
         return 0, {}
 
 
-def test_the_serve_app_is_one_cpu_free_replica_and_is_gone_after_the_service_stops(baseline, ray_cluster):
+def test_the_serve_app_is_one_cpu_free_replica_and_is_gone_after_the_service_stops(baseline, tiny_assets, ray_cluster):
+    """The Ray transport of the query service: one Serve replica holding no CPU, answers equal to jobs/query.py's
+    (four concurrent clients sharing passes through @serve.batch), each bad body a 4xx with one line and the
+    next request answered, and nothing left once it stops. (The same handler on the plain HTTP server, and the
+    job's signals: tests/jobs/test_serve_job.py; the README's block on Ray: tests/user/test_readme.py.)"""
     ray = ray_cluster
     from ray import serve
 
     port = _free_port()
-    cfg = baseline["config"]("serve_app", with_curvature=True, query=QueryConfig(top_k=3), serve=ServeConfig(port=port))
+    cfg = baseline["config"]("serve_app", with_curvature=True, query=QueryConfig(top_k=3),
+                             serve=ServeConfig(port=port, max_queries=8, max_body_bytes=8000, batch_wait_s=0.5))
     free_before = _settled_free_cpus(ray)
     stop, failures = threading.Event(), []
     thread = threading.Thread(target=lambda: _run(cfg, stop, failures), daemon=True)
@@ -44,12 +51,28 @@ def test_the_serve_app_is_one_cpu_free_replica_and_is_gone_after_the_service_sto
         while _get(f"http://127.0.0.1:{port}/health")[0] != 200:
             assert time.time() < deadline and thread.is_alive(), failures
             time.sleep(0.2)
-        status, body = _get(f"http://127.0.0.1:{port}/query", {"queries": [{"text": "the cat sat on a mat"}]})
-        assert status == 200 and len(body["results"][0]["proponents"]) == 3
         app = serve.status().applications[APP_NAME]
         assert {name: d.replica_states for name, d in app.deployments.items()} == {"QueryDeployment": {"RUNNING": 1}}
         held = free_before - ray.available_resources().get("CPU", 0)
         assert held == (NUM_WORKERS + 1) * cfg.cluster.cpus_per_actor  # query actors + the query-gradient replica
+
+        queries = [json.loads(line) for line in tiny_assets["queries"].read_text().splitlines()]
+        expected = _expected(baseline)
+        status, body = _call(port, "/query", {"queries": queries, "top_k": 5})
+        assert status == 200, body
+        _check_answers(body["results"], queries, expected, 5)
+        for bad, code, words in BAD_BODIES:
+            status, body = _call(port, "/query", bad)
+            assert (status, "\n" in body["error"]) == (code, False), (bad, body)
+            assert words in body["error"], (words, body["error"])
+        passes = _call(port, "/health")[1]["passes"]
+        asks = [(queries[0:2], 5), (queries[2:3], 3), (queries[3:6], 4), (queries[5:6], 1)]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            answers = list(pool.map(lambda ask: _call(port, "/query", {"queries": ask[0], "top_k": ask[1]}), asks))
+        for (asked, k), (status, body) in zip(asks, answers):
+            assert status == 200, body
+            _check_answers(body["results"], asked, expected, k)
+        assert _call(port, "/health")[1]["passes"] - passes < len(asks)  # concurrent requests shared passes
     finally:
         stop.set()
         thread.join(120)

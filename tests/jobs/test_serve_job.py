@@ -91,11 +91,13 @@ BAD_BODIES = [  # (body, status, words the one-line error holds)
 ]
 
 
-@pytest.mark.parametrize("backend", ["ray", "none"])
+@pytest.mark.parametrize("backend", ["none"])
 def test_the_service_answers_like_jobs_query_over_http(backend, baseline, tiny_assets, tmp_path):
     """/health is 503 while loading, then 200; answers equal jobs/query.py's top-k (four concurrent clients too,
     sharing passes); each bad body is a 4xx with one readable line and the next request is answered; SIGINT
-    (cluster=none) or SIGTERM (Ray) ends the job cleanly and closes the port."""
+    (cluster=none) or SIGTERM (Ray) ends the job cleanly and closes the port. The job on Ray, started and stopped
+    (SIGTERM) exactly as the README shows: tests/user/test_readme.py; the same checks against the Ray Serve
+    app on the session's cluster: tests/distributed/test_serving.py."""
     one, port, log = baseline["cfg"], _free_port(), tmp_path / "serve.log"
     keys = [f"model.path={tiny_assets['model']}", f"data.train={tiny_assets['train']}", "model.device=cpu",
             "data.max_length=32", f"output_dir={one.output_dir}", f"serve.port={port}", "serve.max_queries=8",

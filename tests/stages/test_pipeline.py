@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lorif_ray.config import Config, QueryConfig
+from lorif_ray.config import ClusterConfig, Config, QueryConfig
 from lorif_ray.errors import (ConfigError, CorruptShardError, DataError, IndexMismatchError, ModelMismatchError,
                               NoLossTokensError, NonFiniteGradientError)
 from lorif_ray.stages.attribute import run_attribute
@@ -166,3 +166,19 @@ def test_topk_agrees_with_full_scores_on_a_llama(tmp_path):
     for q in range(scores.shape[0]):
         expected = [f"t{i}" for i in np.argsort(-scores[q])[:4]]
         assert [r["train_id"] for r in top if r["query_id"] == f"q{q}"] == expected
+
+
+def test_lorif_at_full_rank_equals_logra(tiny_assets, tmp_path):
+    """c ≥ min(d1, d2) makes factors exact and r ≥ rank(G) makes the Woodbury inverse exact: LoRIF equals LoGRA
+    (the key correctness test). Where the stages run changes no number (tests/distributed/test_distributed_paths.py);
+    the jobs run on Ray in tests/user/test_readme.py."""
+    scores = {}
+    for method, extra in (("lorif", {"c": 1000, "r": 1000}), ("logra", {})):
+        cfg = make_config(tiny_assets, tmp_path / method, method=method, f=4, seed=3, damping=0.01,
+                          cluster=ClusterConfig(backend="none"), **extra)
+        run_attribute(cfg)
+        scores[method] = np.load(tmp_path / method / "scores.npy")
+    assert scores["lorif"].shape == (6, 48) and scores["lorif"].dtype == np.float32
+    assert np.linalg.norm(scores["lorif"] - scores["logra"]) / np.linalg.norm(scores["logra"]) <= 1e-4
+    columns = pq.read_table(tmp_path / "lorif" / "topk.parquet").column_names
+    assert columns == ["query_id", "query_text", "rank", "train_id", "train_text", "score"]
