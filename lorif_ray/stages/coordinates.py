@@ -21,7 +21,6 @@ Format 1 (no checksums) is refused by name: stage 2 rebuilds it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -36,10 +35,9 @@ from lorif_ray.precision import math_dtype
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.saved_curvature import curvature_exists, curvature_header, load_curvature, ranks
-from lorif_ray.store import (CheckedBlocks, Manifest, block_checksums, contained, remove_stale_temporaries,
-                             replace_durably, seal, temporary_path, unseal, write_json)
+from lorif_ray.store import (CheckedBlocks, Manifest, block_checksums, contained, read_sealed_json,
+                             remove_stale_temporaries, replace_durably, seal, temporary_path, write_json)
 from lorif_ray.store.artifacts import preallocated_memmap
-from lorif_ray.store.integrity import SEAL_KEY
 
 COORDINATES_DIR = "curvature_coordinates"
 COORDINATE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 as raw bits
@@ -150,18 +148,7 @@ def _meta(cfg: Config) -> dict | None:
     path = contained(coordinates_dir(cfg), META_NAME, source=f"the stored g'_t of {cfg.output_dir}")
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise CorruptArtifactError(f"unreadable {path}: {error}; {REBUILD}") from error
-    if isinstance(data, dict) and "format_version" not in data and SEAL_KEY not in data:  # format 1
-        raise IndexMismatchError(f"{path}: stored g'_t of format version 1 (no checksums); this lorif-ray reads "
-                                 f"format {FORMAT_VERSION}: {REBUILD}")
-    data = unseal(data, path, REBUILD)
-    if data.get("format_version") != FORMAT_VERSION:
-        raise IndexMismatchError(f"{path} has format version {data.get('format_version')}; this lorif-ray reads "
-                                 f"format {FORMAT_VERSION}: {REBUILD}")
-    return data
+    return read_sealed_json(path, FORMAT_VERSION, REBUILD, older=" (stored g'_t without checksums)")
 
 
 def coordinates_match(cfg: Config, dtype: str | None = None) -> bool:

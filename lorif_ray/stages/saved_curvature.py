@@ -31,9 +31,8 @@ from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError, CorruptArtifactError, IndexMismatchError
 from lorif_ray.math.curvature import Curvature, curvature_class
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.store import (Manifest, contained, load_tensors, remove_stale_temporaries, save_tensors, seal, unseal,
-                             write_json)
-from lorif_ray.store.integrity import SEAL_KEY
+from lorif_ray.store import (Manifest, contained, load_tensors, read_sealed_json, remove_stale_temporaries,
+                             save_tensors, seal, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +155,7 @@ def curvature_header(path) -> dict:
     header = contained(path, HEADER_NAME, source=f"the curvature folder {path}")
     if not header.exists():
         raise ConfigError(f"no curvature at {path}; run stage 2 (jobs/curvature.py) first")
-    try:
-        data = json.loads(header.read_text())
-    except ValueError as error:
-        raise CorruptArtifactError(f"unreadable {header}: {error}; {REBUILD}") from error
-    if isinstance(data, dict) and "format_version" not in data and SEAL_KEY not in data:  # format 1
-        raise IndexMismatchError(f"{header} has format version 1 (before checksums); this lorif-ray reads format "
-                                 f"{FORMAT_VERSION}: {REBUILD}")
-    data = unseal(data, header, REBUILD)
-    if data.get("format_version") != FORMAT_VERSION:
-        raise IndexMismatchError(f"{header} has format version {data.get('format_version')}; this lorif-ray reads "
-                                 f"format {FORMAT_VERSION}: {REBUILD}")
-    return data
+    return read_sealed_json(header, FORMAT_VERSION, REBUILD, older=" (before checksums)")
 
 
 def curvature_exists(path) -> bool:

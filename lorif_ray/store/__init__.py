@@ -20,7 +20,7 @@ from lorif_ray.store.artifacts import (
     write_table,
     write_tables,
 )
-from lorif_ray.store.integrity import CheckedBlocks, block_checksums, contained, seal, unseal
+from lorif_ray.store.integrity import CheckedBlocks, block_checksums, contained, read_sealed_json, seal, unseal
 from lorif_ray.store.locks import writer_lock
 from lorif_ray.store.manifest import Manifest, ShardRecord
 from lorif_ray.store.schema import ID_COLUMN, STORAGE_DTYPES, arrow_schema, arrow_to_tensor, tensor_to_arrow
@@ -66,6 +66,7 @@ __all__ = [
     "shard_path",
     "temporary_path",
     "tensor_to_arrow",
+    "read_sealed_json",
     "unseal",
     "verify_shards",
     "write_json",

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lorif_ray.errors import CorruptArtifactError, UnsafePathError
+from lorif_ray.errors import CorruptArtifactError, IndexMismatchError, UnsafePathError
 
 SEAL_KEY = "crc32"  # the key of a sealed JSON header's own checksum
 PARQUET_MAGIC = b"PAR1"
@@ -129,6 +129,31 @@ def unseal(obj, path, rebuild: str, error: type[CorruptArtifactError] = CorruptA
     if crc32(_canonical(body)) != obj[SEAL_KEY]:
         raise error(f"{path} does not match the checksum written with it (corrupt); {rebuild}")
     return body
+
+
+def read_sealed_json(path, version: int, rebuild: str, *, older: str = "", unversioned: int | None = 1,
+                     error: type[CorruptArtifactError] = CorruptArtifactError) -> dict:
+    """The content of a sealed JSON header of format ``version`` (``_manifest.json``, ``_curvature.json``, g'_t's
+    ``_meta.json``), checked: readable, of this format, and matching its checksum.
+
+    Args:
+        older: what an older format lacked, for the refusal (e.g. " (before checksums)").
+        unversioned: the format of a header with neither a version nor a seal (1: those made before headers had
+            versions); None: such a header is corrupt (one whose every format records its version).
+
+    Raises:
+        error: unreadable JSON, or content that differs from what was sealed (``unseal``).
+        IndexMismatchError: another format version (a header without one, nor a seal, is format 1).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise error(f"unreadable {path}: {e}; {rebuild}") from e
+    found = data.get("format_version", unversioned if SEAL_KEY not in data else None) if isinstance(data, dict) else None
+    if isinstance(found, int) and found != version:
+        raise IndexMismatchError(f"{path} has format version {found}{older if found < version else ''}; this "
+                                 f"lorif-ray reads format {version}: {rebuild}")
+    return unseal(data, path, rebuild, error=error)
 
 
 def parquet_footer_sha256(path) -> str:

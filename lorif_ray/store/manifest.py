@@ -21,9 +21,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError
+from lorif_ray.errors import ConfigError, CorruptShardError, IndexNotFoundError
 from lorif_ray.store.artifacts import storage_error, write_json
-from lorif_ray.store.integrity import contained, seal, unseal
+from lorif_ray.store.integrity import contained, read_sealed_json, seal, unseal
 from lorif_ray.store.schema import BYTES_PER_VALUE, check_columns, check_dtype
 
 logger = logging.getLogger(__name__)
@@ -142,16 +142,9 @@ class Manifest:
         if not path.is_file():
             raise IndexNotFoundError(f"no index at {Path(directory)}: {path} does not exist")
         rebuild = f"delete {Path(directory)} (or choose another index_dir) and re-run stage 1 (jobs/index.py)"
-        try:
-            data = json.loads(contained(directory, MANIFEST_NAME, source=f"the index {directory}").read_text())
-        except (OSError, ValueError) as e:
-            raise CorruptShardError(f"unreadable manifest {path}: {e}; {rebuild}") from e
-        version = data.get("format_version") if isinstance(data, dict) else None  # every manifest has one
-        if isinstance(version, int) and version != FORMAT_VERSION:
-            old = " (made before footer and header checksums, with its K-FAC statistics in kronecker/)"
-            raise IndexMismatchError(f"{path} has format version {version}{old if version < FORMAT_VERSION else ''}; "
-                                     f"this lorif-ray reads format {FORMAT_VERSION}: {rebuild}")
-        data = unseal(data, path, rebuild, error=CorruptShardError)
+        data = read_sealed_json(contained(directory, MANIFEST_NAME, source=f"the index {directory}"), FORMAT_VERSION,
+                                rebuild, error=CorruptShardError, unversioned=None,
+                                older=" (made before footer and header checksums, with its K-FAC statistics in kronecker/)")
         try:
             shards = [ShardRecord(**s) for s in data.pop("shards")]
             manifest = cls(**data, shards=shards)
