@@ -3,17 +3,21 @@ backend writes the one-process curvature; streamed workers read each shard once 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
 
+from lorif_ray.config import QueryConfig
 from lorif_ray.distributed.curvature import GramWorker, RayGram, RemoteLayerGram, shard_groups
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import ParquetRows
 from lorif_ray.stages.saved_curvature import read_curvature
 from lorif_ray.store import open_index
+from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
+from tests.distributed.test_distributed_progress import assert_exact, only_bar, reports
 from tests.stages.helpers import counting_shard_reads
 
 
@@ -134,10 +138,12 @@ def test_ekfac_on_ray_equals_one_process(baseline, ray_cluster):
         assert (actual[name] - want).abs().max() <= 1e-10 * want.abs().max(), name
 
 
-def test_a_gram_actor_killed_mid_stage_two_is_restarted_and_the_curvature_is_the_same(baseline, ray_cluster,
-                                                                                       monkeypatch):
+def test_a_gram_actor_killed_mid_stage_two_is_restarted_and_the_curvature_and_its_bar_are_exact(
+        baseline, ray_cluster, recording_bars, monkeypatch):
     """Ray restarts a crashed Gram actor (the stage's actor options) and retries its pass: a pure function of its
-    shards' rows and Q, so the curvature equals the one-process one."""
+    shards' rows and Q, so the curvature equals the one-process one. The actors report their row blocks per pass
+    and a retried pass counts from 0 again: the bar ends at (4 fit passes + 1 g'_t pass) x 48 rows and never shows
+    more (issue 20, row 6)."""
     from lorif_ray.distributed.cluster import actor_options
 
     calls, real = [], RemoteLayerGram.__call__
@@ -149,11 +155,16 @@ def test_a_gram_actor_killed_mid_stage_two_is_restarted_and_the_curvature_is_the
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(RemoteLayerGram, "__call__", crash_on_the_second_pass)
-    cfg = baseline["config"]("gram_killed")
+    cfg = baseline["config"]("gram_killed", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
+    before = reports(ray_cluster)
     options = actor_options(cfg.cluster, gpu=False, restartable=True)
-    run_curvature(cfg, partial(RayGram, num_workers=NUM_WORKERS, actor_options=options))
+    run_curvature(replace(cfg, progress=True), partial(RayGram, num_workers=NUM_WORKERS, actor_options=options))
     expected, _ = read_curvature(baseline["cfg"].curvature_path)
     actual, _ = read_curvature(cfg.curvature_path)
     assert len(calls) > 2 and actual.keys() == expected.keys()
     for name in (n for n in expected if n.endswith(".values")):
         assert (actual[name] - expected[name]).norm() <= 1e-6 * expected[name].norm(), name
+    bar = only_bar(recording_bars, "stage 2: curvature")
+    assert_exact(bar, 5 * 48)
+    assert len([n for n in bar.updates if n]) > 1  # more than once for the one layer group
+    assert reports(ray_cluster) - before >= 5 * NUM_WORKERS  # at least a row block per worker per pass
