@@ -40,14 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lorif_ray.data import TokenizedExample  # noqa: E402
 from lorif_ray.math.capture import per_example_token_loss  # noqa: E402
 from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbury  # noqa: E402
-from lorif_ray.math.influence import GradientBlock  # noqa: E402
+from lorif_ray.math.blocks import GradientBlock, RowLayout, TrainBlock  # noqa: E402
 from lorif_ray.math.rsvd import GramOperator, TensorRows, randomized_spectrum  # noqa: E402
-from lorif_ray.math.scoring import ScoreLayout, StackedQuery, TrainBlock  # noqa: E402
+from lorif_ray.math.scoring import StackedQuery  # noqa: E402
 from lorif_ray.model.layers import select_layers  # noqa: E402
 from lorif_ray.stages.featurize import Featurizer, LayerSpec, blocks_from_columns  # noqa: E402
 from lorif_ray.stages.index import shard_chunks, write_shards  # noqa: E402
 from lorif_ray.stages.query import TopK  # noqa: E402
-from lorif_ray.stages.rows import ResidentRows  # noqa: E402
 from lorif_ray.store import ShardWriter, load_tensors, save_tensors  # noqa: E402
 
 FORBIDDEN = ("ray", "deepspeed", "hydra")
@@ -166,7 +165,8 @@ def stage2(args, specs) -> list[dict]:
         u = torch.randn(rows, d1, c, device=device, generator=gen)
         v = torch.randn(rows, d2, c, device=device, generator=gen)
         q = torch.linalg.qr(torch.randn(dim, k, device=device, generator=gen)).Q
-        gram = GramOperator(ResidentRows({"layer": (u, v)}, chunk_rows=args.stage2_chunk), matmul_dtype=mm)
+        gram = GramOperator(TensorRows({"layer": GradientBlock(u=u, v=v)}, batch_rows=args.stage2_chunk),
+                            matmul_dtype=mm)
         seconds = timed(lambda: gram(q), device)
         per_pass = seconds * args.n / rows * count
         out.append({"shape": f"{d1}x{d2} c={c}", "layers": count, "k": k, "rows": rows, "s_per_pass_measured": seconds,
@@ -199,7 +199,7 @@ def synthetic_query(specs, nq: int, r: int, device, route: str, dtype=torch.floa
     return query, curvature, coordinates or None, terms or None
 
 
-def synthetic_block(layout: ScoreLayout, n: int, device, dtype, coordinates: bool, seed=3) -> TrainBlock:
+def synthetic_block(layout: RowLayout, n: int, device, dtype, coordinates: bool, seed=3) -> TrainBlock:
     gen = torch.Generator(device=device).manual_seed(seed)
     factors = [(torch.randn(len(g.names), n, g.c, g.d1, device=device, generator=gen).to(dtype),
                 torch.randn(len(g.names), n, g.c, g.d2, device=device, generator=gen).to(dtype))
@@ -226,7 +226,7 @@ def query_bench(args, specs) -> tuple[list[dict], dict]:
     mm = getattr(torch, args.matmul_dtype) if args.matmul_dtype else None
     stored = args.route == "stored"
     query, curvature, coordinates, terms = synthetic_query(specs, args.queries, args.r, device, args.route)
-    layout = ScoreLayout.build(specs, "factors", curvature)
+    layout = RowLayout.build(specs, "factors", curvature)
     stacked = StackedQuery(layout, query, curvature, route=args.route, matmul_dtype=mm, query_coordinates=coordinates,
                            query_side_terms=terms)
     del query, curvature, coordinates, terms
@@ -309,22 +309,21 @@ def checks(args) -> dict[str, float]:
     rel = lambda a, b: float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     specs = [LayerSpec("a", 0, 0, 6, 4, 2), LayerSpec("b", 0, 0, 6, 4, 2), LayerSpec("c", 0, 0, 3, 5, 2)]
-    train = {f"{s.name}.{x}": torch.randn(41, d * s.c, generator=gen, dtype=torch.float64)
-             for s in specs for x, d in (("u", s.d1), ("v", s.d2))}
-    query = {k: torch.randn(5, v.shape[1], generator=gen, dtype=torch.float64) for k, v in train.items()}
-    blocks = blocks_from_columns(specs, "factors", train)
-    qblocks = blocks_from_columns(specs, "factors", query)
+    blocks = {s.name: GradientBlock(u=torch.randn(41, s.d1, s.c, generator=gen, dtype=torch.float64),
+                                    v=torch.randn(41, s.d2, s.c, generator=gen, dtype=torch.float64)) for s in specs}
+    qblocks = {s.name: GradientBlock(u=torch.randn(5, s.d1, s.c, generator=gen, dtype=torch.float64),
+                                     v=torch.randn(5, s.d2, s.c, generator=gen, dtype=torch.float64)) for s in specs}
     dense = lambda b: {n: x.dense() for n, x in b.items()}  # noqa: E731
     settings = FitSettings(rank=9, damping=0.4, oversample=24)
     curvature = {s.name: Woodbury.fit(GramOperator(TensorRows(blocks[s.name].dense())), s.dim, s.name, settings)
                  for s in specs}
     inverses = {s.name: curvature_inverse(curvature[s.name], s.dim) for s in specs}
-    layout = ScoreLayout.build(specs, "factors", curvature)
+    layout = RowLayout.build(specs, "factors", curvature)
     coords = {n: blocks[n].dense() @ curvature[n].vectors for n in layout.coordinate_names}
     for normalize in (False, True):
         ref = oracle_scores(dense(qblocks), dense(blocks), inverses, normalize)
         suffix = " normalized" if normalize else ""
-        for route, block in (("recompute", layout.train_block(train)), ("stored", layout.train_block(train, coords))):
+        for route, block in (("recompute", layout.train_block(blocks)), ("stored", layout.train_block(blocks, coords))):
             got = StackedQuery(layout, qblocks, curvature, route=route, normalize=normalize).scores(block)
             errors[f"query float64 {route}{suffix}"] = rel(got, ref)
         dev = args.device
@@ -333,7 +332,7 @@ def checks(args) -> dict[str, float]:
         for dt_label, mm, rd in (("float32", None, torch.float32), ("bf16", torch.bfloat16, torch.bfloat16)):
             got = StackedQuery(layout, mov(qblocks, torch.float32), curv32, route="stored", normalize=normalize,
                                matmul_dtype=mm).scores(
-                layout.train_block({k: v.to(dev) for k, v in train.items()},
+                layout.train_block(mov(blocks, torch.float64),
                                    {k: v.to(dev) for k, v in coords.items()}, dtype=rd))
             errors[f"query {dev} {dt_label} stored g'{suffix}"] = rel(got, ref)
     # stage 2: resident Gram passes on the device vs the float64 operator on the CPU
@@ -343,7 +342,8 @@ def checks(args) -> dict[str, float]:
     for label, dev, dt, mm in (("float64 cpu", "cpu", torch.float64, None),
                                (f"float32 {args.device}", args.device, torch.float32, None),
                                (f"bf16 {args.device}", args.device, torch.float32, torch.bfloat16)):
-        gram = GramOperator(ResidentRows({"a": (u.to(dev, dt), v.to(dev, dt))}, chunk_rows=7), matmul_dtype=mm)
+        gram = GramOperator(TensorRows({"a": GradientBlock(u=u.to(dev, dt), v=v.to(dev, dt))}, batch_rows=7),
+                            matmul_dtype=mm)
         spectrum = randomized_spectrum(gram, 24, 6, oversample=3, power_iters=3, seed=0, name="a", dtype=dt, device=dev)
         op = lambda s: (s.vectors.double().cpu() * s.values.double().cpu()) @ s.vectors.double().cpu().T  # noqa: E731
         errors[f"stage 2 {label} V S^2 V^T"] = rel(op(spectrum), op(reference))
@@ -362,22 +362,21 @@ def checks(args) -> dict[str, float]:
         got = feat(ids, {k: t.to(args.device) for k, t in batch.items()})
         worst = 0.0
         for s in feat.specs:
-            dense_rows = lambda cols: torch.einsum(  # noqa: E731
-                "nic,njc->nij", cols[f"{s.name}.u"].double().cpu().reshape(3, s.d1, s.c),
-                cols[f"{s.name}.v"].double().cpu().reshape(3, s.d2, s.c))
+            dense_rows = lambda cols: blocks_from_columns(  # noqa: E731
+                [s], "factors", {k: t.double().cpu() for k, t in cols.items()})[s.name].dense()
             worst = max(worst, rel(dense_rows(got), dense_rows(ref)))
         errors[f"stage 1 {args.device} {label} (u v^T)"] = worst
     # LoGRA / GradDot dense fast path
     dense_specs = [LayerSpec(s.name, 0, 0, s.d1, s.d2, 0) for s in specs]
-    dtrain = {f"{s.name}.g": blocks[s.name].dense() for s in specs}
-    dquery = {f"{s.name}.g": qblocks[s.name].dense() for s in specs}
+    dtrain = {s.name: GradientBlock(g=blocks[s.name].dense()) for s in specs}
+    dquery = {s.name: GradientBlock(g=qblocks[s.name].dense()) for s in specs}
     for method, cls in (("logra", ExactInverse), ("graddot", Identity)):
-        dcurv = {s.name: cls.fit(GramOperator(TensorRows(dtrain[f"{s.name}.g"])), s.dim, s.name, FitSettings(damping=0.5))
+        dcurv = {s.name: cls.fit(GramOperator(TensorRows(dtrain[s.name].g)), s.dim, s.name, FitSettings(damping=0.5))
                  for s in specs}
         ref = oracle_scores(dense(qblocks), dense(blocks), {s.name: curvature_inverse(dcurv[s.name], s.dim)
                                                             for s in specs}, normalize=True)
-        dl = ScoreLayout.build(dense_specs, "dense", dcurv)
-        got = StackedQuery(dl, blocks_from_columns(dense_specs, "dense", dquery), dcurv, normalize=True).scores(
+        dl = RowLayout.build(dense_specs, "dense", dcurv)
+        got = StackedQuery(dl, dquery, dcurv, normalize=True).scores(
             dl.train_block(dtrain))
         errors[f"query float64 {method} normalized"] = rel(got, ref)
     return errors

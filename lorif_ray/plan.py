@@ -33,6 +33,7 @@ from torch import nn
 from lorif_ray.config import (COORDINATE_DTYPES, CURVATURE_KINDS, MATH_DTYPES, MATMUL_DTYPES, METHODS, Config,
                               MethodConfig, ModelConfig, PrecisionConfig, setting)
 from lorif_ray.errors import ConfigError
+from lorif_ray.math.blocks import dense_chunk_rows
 from lorif_ray.math.curvature import curvature_class
 from lorif_ray.math.factorize import default_iterations, effective_rank
 from lorif_ray.math.projection import projected_dims
@@ -43,8 +44,8 @@ from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
 from lorif_ray.stages import curvature as stage2
 from lorif_ray.stages.featurize import LayerSpec
-from lorif_ray.stages.rows import CHUNK_BYTES, RESIDENT_FRACTION
-from lorif_ray.store.schema import BYTES_PER_VALUE, STORAGE_DTYPES
+from lorif_ray.stages.rows import RESIDENT_FRACTION
+from lorif_ray.store.schema import BYTES_PER_VALUE, STORAGE_DTYPES, store_columns
 
 GIB = 2**30
 PROJECTION_BYTES = 4  # projections, captured A/B and store columns are float32 on the GPU (Featurizer)
@@ -233,15 +234,6 @@ def plan_layers(layers: dict[str, nn.Module], kind: str, f: int, c: int) -> list
     return specs
 
 
-def store_columns(specs: list[LayerSpec], kind: str, hidden_size: int) -> dict[str, int]:
-    """Store layout {column: values per example}, as ``Featurizer.columns``."""
-    if kind == "hidden":
-        return {"hidden": hidden_size}
-    if kind == "dense":
-        return {f"{s.name}.g": s.dim for s in specs}
-    return {col: width for s in specs for col, width in ((f"{s.name}.u", s.d1 * s.c), (f"{s.name}.v", s.d2 * s.c))}
-
-
 def is_row_parallel(name: str) -> bool:
     """Whether AutoTP shards this linear's input (row-parallel) rather than its output (column-parallel)."""
     return name.rsplit(".", 1)[-1] in ROW_PARALLEL_NAMES
@@ -384,7 +376,7 @@ def rank_memory(cfg: PlanConfig, model: nn.Module, specs: list[LayerSpec], tp: i
     captured = tokens * sum(s.d1 + s.d2 for s in specs)  # A (T×d1), B (T×d2) after the all-reduce: full
     # featurize_chunk keeps every batch's columns on the device until the shard ends; with TP each rank
     # makes the columns of its share of the layers (divide_layers by D, as tensor_parallel.layers_of_rank)
-    share = max(sum(store_columns([s for s in specs if s.name in names], kind, 0).values())
+    share = max(sum(store_columns(kind, [s for s in specs if s.name in names], 0).values())
                 for names in map(set, divide_layers({s.name: s.dim for s in specs}, tp)))
     store = shard_rows * share
     return Memory(tp, weights, activations, PROJECTION_BYTES * projections,
@@ -734,7 +726,7 @@ def gram_actor(plan: Plan) -> ActorMemory:
         dense = sum(s.dim for s in group)
         held = [Held(f"records of the index's {layout.shards:,} shards", "—", layout.shards * SHARD_RECORD_BYTES)]
         if resident:
-            chunk = min(rows, max(64, min(4096, CHUNK_BYTES // (dense * math.itemsize))))
+            chunk = min(rows, dense_chunk_rows(dense, math))
             held += [Held(f"rows of the group's layers, resident ({rows:,} × {width:,})", dtype_name(math),
                           resident_bytes, where),
                      Held("[load] the decoded batches, until concatenated", dtype_name(math), resident_bytes, where,
@@ -819,7 +811,7 @@ def query_actor(plan: Plan) -> ActorMemory:
                  nq * (2 * nt * x + 2 * cfg.top_k * (x + 8)), where, "score")]
     kind = cfg.curvature_kind
     preconditioned = kind in ("exact", "kfac", "ekfac")  # term 1 is H⁻¹ g_q: no scale (Curvature.scale is None)
-    if cfg.method.store_kind == "factors":  # layers of equal (d1, d2, c) are one bmm (ScoreLayout.factor_groups)
+    if cfg.method.store_kind == "factors":  # layers of equal (d1, d2, c) are one bmm (RowLayout.factor_groups)
         groups: dict[tuple, list[int]] = {}
         for s in plan.specs:
             groups.setdefault((s.d1, s.d2, s.c), []).append(s.dim)
@@ -936,7 +928,7 @@ def make_plan(cfg: PlanConfig) -> Plan:
     params = sum(p.numel() for p in model.parameters())
     plan = Plan(
         config=cfg, model_type=config.model_type, params=params, num_blocks=config.num_hidden_layers, specs=specs,
-        columns=store_columns(specs, cfg.method.store_kind, config.hidden_size),
+        columns=store_columns(cfg.method.store_kind, specs, config.hidden_size),
         row_parallel={s.name: is_row_parallel(s.name) for s in specs},
         memory=[rank_memory(cfg, model, specs, tp) for tp in candidates],
         stage1_flops_per_example=stage1_flops(cfg, params, specs),

@@ -2,8 +2,8 @@
 
 ``RayGram`` is the Gram backend of ``lorif_ray.stages.curvature.run_curvature`` on a cluster: one
 ``GramWorker`` actor per contiguous group of shards holds a ``LayerGram`` over its rows of the current
-group of layers (resident in its memory when they fit, else streamed from Parquet: each shard read once
-per pass for all of them) and returns its partial ``Σ_s G_sᵀ (G_s Q)`` per layer; the driver adds the
+group of layers (the row source of ``lorif_ray.stages.rows.layer_rows``: resident in its memory when they
+fit, else streamed from Parquet, each shard read once per pass for all of them) and returns its partial ``Σ_s G_sᵀ (G_s Q)`` per layer; the driver adds the
 partials in shard-group order, which only reorders the sums of the one-process pass. With stored g'_t every worker writes its own rows' g'_t into the shared
 file (on several nodes ``output_dir`` must be shared storage). With a progress bar each worker reports its
 row blocks as a pass goes (``lorif_ray.distributed.progress``); a pass Ray retries on a restarted worker
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-import torch
 
 from lorif_ray.config import Config
 from lorif_ray.distributed.progress import ActorProgress
@@ -72,7 +71,6 @@ class GramWorker:
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
         self.manifest = open_index(cfg.index_path)
-        self.first_row = self.manifest.row_range(self.shards)[0]
         self.specs = {s.name: s for s in layer_specs(self.manifest)}
         self.current: tuple[tuple[str, ...], LayerGram] | None = None
 
@@ -83,7 +81,7 @@ class GramWorker:
             rows = layer_rows(self.cfg.index_path, self.manifest, [self.specs[n] for n in key],
                               dtype=self.precision.math, device=self.device, shards=self.shards,
                               batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
-            self.current = (key, LayerGram(rows, self.precision.matmul, self.first_row))
+            self.current = (key, LayerGram(rows, self.precision.matmul))
         return self.current[1]
 
     def run(self, layers: Sequence[str], applies: dict | None = None, grams: dict | None = None,

@@ -3,7 +3,8 @@
 ``ray_query`` is the query backend of ``lorif_ray.stages.query.run_query`` on a cluster: the queries are
 featurized on a gradient replica (``RemoteQueryFeaturizer``; the driver never loads the model) and
 scored by a ``QueryService`` — one ``QueryWorker`` per contiguous group of shards, whose rows it reads
-once onto its own device (the GPU Ray gave it, if any) in the stacked layout of the one batched scorer.
+once onto its own device (the GPU Ray gave it, if any; ``lorif_ray.stages.rows.layer_rows``, resident) in
+the layout of the one batched scorer.
 Each worker returns its top-k per query with *global* row indices and writes its columns of the full
 score matrix straight into the shared ``scores.npy``; the driver only merges top-k. The service stays
 alive across query batches (``serve``).
@@ -35,7 +36,6 @@ from lorif_ray.distributed.curvature import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.errors import LorifError
-from lorif_ray.math.scoring import ScoreLayout
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
@@ -43,7 +43,7 @@ from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import OutputFiles, QueryBackend, TopK, prepare_query, score_blocks
-from lorif_ray.stages.rows import ResidentIndex
+from lorif_ray.stages.rows import layer_rows
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import open_index
 
@@ -75,17 +75,15 @@ class QueryWorker:
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
         self.manifest = manifest = open_index(cfg.index_path)
-        self.curvature, self.layout = load_curvature(cfg, manifest, self.device, self.precision.math, vectors=False), None
-        if manifest.kind != "hidden":
-            self.layout = ScoreLayout.build(layer_specs(manifest), manifest.kind, self.curvature)
+        self.curvature = load_curvature(cfg, manifest, self.device, self.precision.math, vectors=False)
         self.projector = QueryProjector(cfg, manifest, projection_layers, self.device) if projection_layers else None
         coordinates = None
         if stored:
             stored_rows = StoredCoordinates(cfg)
             coordinates = lambda start, stop: stored_rows.rows(start, stop, dtype=self.precision.math)  # noqa: E731
-        self.index = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
-                                              dtype=self.precision.math, coordinates=coordinates, shards=self.shards,
-                                              on_rows=progress)
+        self.rows = layer_rows(cfg.index_path, manifest, layer_specs(manifest), dtype=self.precision.math,
+                               device=self.device, shards=self.shards, resident=True, curvature=self.curvature,
+                               coordinates=coordinates, block_rows=cfg.query.train_batch_rows, on_load=progress)
         self.loads, self.all_vectors = 1, False
 
     def info(self) -> dict:
@@ -94,7 +92,7 @@ class QueryWorker:
         vectors = list(self.projector.vectors) if self.projector is not None else []
         if self.all_vectors:
             vectors = [n for n, c in self.curvature.items() if c.low_rank is not None]
-        return {"shards": self.shards, "rows": len(self.index.ids), "loads": self.loads, "pid": os.getpid(),
+        return {"shards": self.shards, "rows": len(self.rows), "loads": self.loads, "pid": os.getpid(),
                 "device": str(self.device), "vectors": vectors}
 
     def project(self, query_columns: dict[str, torch.Tensor], query_side: bool = False) -> dict:
@@ -121,15 +119,15 @@ class QueryWorker:
         """
         columns = {k: v.to(device=self.device, dtype=self.precision.math) for k, v in payload["columns"].items()}
         route = payload.get("route", "recompute")
-        if route == "recompute" and self.layout is not None and not self.all_vectors:
+        if route == "recompute" and self.rows.layout is not None and not self.all_vectors:
             self.curvature = load_curvature(self.cfg, self.manifest, self.device, self.precision.math)  # every V_r
             self.all_vectors = True
         query, _ = prepare_query(self.manifest, columns, self.curvature, route=route,
                                  normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul,
                                  query_coordinates=payload.get("coordinates") if route != "recompute" else None,
                                  query_side_terms=payload.get("terms") if route == "query" else None)
-        topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.index.ids)), self.device)
-        score_blocks(query, self.index.blocks(self.cfg.query.train_batch_rows), topk, payload.get("files"), progress)
+        topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.rows)), self.device)
+        score_blocks(query, self.rows.blocks(), topk, payload.get("files"), progress)
         return topk.cpu()
 
 

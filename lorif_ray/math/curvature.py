@@ -29,7 +29,8 @@ from typing import ClassVar, Generator
 import torch
 
 from lorif_ray.errors import LorifError
-from lorif_ray.math.influence import GradientBlock, inner, self_inner
+from lorif_ray.math.blocks import GradientBlock
+from lorif_ray.math.influence import inner, self_inner
 from lorif_ray.math.kronecker import KroneckerStats, eigenbasis, kfac_eigenvalues, rotate, unrotate
 from lorif_ray.math.rsvd import ROW_REQUESTS, GramOperatorLike, Request, eigh_spectrum, randomized_steps, run_steps
 

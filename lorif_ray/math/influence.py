@@ -1,4 +1,4 @@
-"""Projected gradients of one layer (factors or dense rows), their inner products, and RepSim.
+"""Inner products of projected gradients of one layer (``GradientBlock``s: factors or dense rows), and RepSim.
 
 The curvatures that turn inner products into influence scores are in ``lorif_ray.math.curvature``.
 
@@ -14,43 +14,10 @@ and g_qᵀ g_t = Σ_{a,b} (u_{q,a}ᵀ u_{t,b})(v_{q,a}ᵀ v_{t,b}) from rank-c f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class GradientBlock:
-    """Projected gradients of n examples at one layer, as rank-c factors or dense rows.
-
-    Attributes:
-        u: (n, d1, c) left factors, or None.
-        v: (n, d2, c) right factors, or None.
-        g: (n, D) dense rows vec(G̃) (row-major, D = d1·d2), or None.
-    """
-
-    u: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    g: torch.Tensor | None = None
-
-    @property
-    def factored(self) -> bool:
-        return self.u is not None
-
-    def __len__(self) -> int:
-        return (self.u if self.factored else self.g).shape[0]
-
-    def dense(self) -> torch.Tensor:
-        """(n, D) rows vec(u vᵀ), formed from the factors if needed."""
-        if self.g is not None:
-            return self.g
-        return dense_from_factors(self.u, self.v)
-
-
-def dense_from_factors(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """vec(u vᵀ): (n, d1, c), (n, d2, c) → (n, d1·d2)."""
-    return torch.einsum("nic,njc->nij", u, v).reshape(u.shape[0], -1)
+from lorif_ray.math.blocks import GradientBlock
 
 
 def factor_inner(uq: torch.Tensor, vq: torch.Tensor, ut: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:

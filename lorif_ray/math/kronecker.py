@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.blocks import GradientBlock
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Randomized truncated SVD of G (N×D) from streamed rows, never materializing G.
 
-Everything needs only sums over rows, ``GᵀG Q = Σ_batches G_bᵀ (G_b Q)`` (D×k): one ``GramPass``
-does that loop (and the other sums a curvature asks for: GᵀG, EK-FAC's eigenvalues), for several layers at once, over any *row source* (rows streamed from Parquet, resident
-on a device, or a Ray worker's shard group, whose partial sums the driver adds), so the same code runs
-everywhere and a streamed index is read once per pass for all the layers being fitted.
+Everything needs only sums over rows, ``GᵀG Q = Σ_blocks G_bᵀ (G_b Q)`` (D×k): one ``GramPass``
+does that loop (and the other sums a curvature asks for: GᵀG, EK-FAC's eigenvalues, G V), for several
+layers at once, over any *row source* (``lorif_ray.math.blocks.RowSource``: ``TrainBlock``s streamed from
+Parquet, resident on a device, or a Ray worker's shard group, whose partial sums the driver adds), so the
+same code runs everywhere and a streamed index is read once per pass for all the layers being fitted.
+Dense rows vec(u vᵀ) of factor blocks are formed block by block, one layer at a time (G is never
+materialized); EK-FAC's eigenvalues use the factors directly.
 
 ``randomized_spectrum`` is randomized subspace iteration (Halko et al. 2011, Alg. 4.4) with
 k = r + p columns: q passes Q ← orth(GᵀG Q), then one last pass Z = GᵀG Q. The last pass already holds
@@ -16,25 +19,13 @@ k ≥ D the D×D Gram matrix is formed and decomposed exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterator, Protocol
+from typing import Callable, Generator, Protocol
 
 import torch
 
-from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.blocks import GradientBlock, ResidentRows, RowLayout, RowSource
 from lorif_ray.math.kronecker import eigenvalue_sums
 from lorif_ray.math.projection import gaussian
-
-
-class RowSource(Protocol):
-    """Dense rows vec(G̃) of one or more layers, batch by batch: a fresh iterator per call, each batch
-    {layer: (b, D_layer)} over the same b examples, in the source's dtype, on ``device``. A layer's batch may
-    instead be a ``GradientBlock`` of rank-c factors: passes that can use factors do (EK-FAC's eigenvalues),
-    the others form the dense rows."""
-
-    device: torch.device
-    names: list[str]
-
-    def batches(self) -> Iterator[dict[str, torch.Tensor]]: ...
 
 
 class GramOperatorLike(Protocol):
@@ -49,46 +40,21 @@ class GramOperatorLike(Protocol):
     def eigen(self, bases: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor: ...
 
 
-Rows = torch.Tensor | GradientBlock
-"""One layer's batch: dense rows (b, D) or a GradientBlock (factors or dense)."""
-
-
-def _dense(rows: Rows) -> torch.Tensor:
-    return rows.dense() if isinstance(rows, GradientBlock) else rows
-
-
-def _batch_rows(batch: dict[str, Rows]) -> int:
-    """The number of examples in a batch {layer: rows} (every layer's rows are the same examples)."""
-    first = next(iter(batch.values()), None)
-    return 0 if first is None else len(first) if isinstance(first, GradientBlock) else first.shape[0]
-
-
-def _slice(rows: Rows, start: int, stop: int) -> Rows:
-    if not isinstance(rows, GradientBlock):
-        return rows[start:stop]
-    cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-    return GradientBlock(cut(rows.u), cut(rows.v), cut(rows.g))
-
-
-class TensorRows:
-    """A row source over rows already in memory (tests, or a resident layer).
+class TensorRows(ResidentRows):
+    """The resident rows of tensors already in memory (tests, benchmarks).
 
     Args:
         rows: (N, D) of one layer, or {layer: (N, D_layer)}; a layer's rows may be a ``GradientBlock``
-            (factors), delivered as such.
-        batch_rows: rows per batch.
+            (factors, kept as factors: passes that can use them do).
+        batch_rows: rows per block.
     """
 
-    def __init__(self, rows: Rows | dict[str, Rows], batch_rows: int = 4096):
-        self.rows = rows if isinstance(rows, dict) else {"": rows}
-        self.names, self.batch_rows = list(self.rows), batch_rows
-        first = next(iter(self.rows.values()))
-        self.total = len(first) if isinstance(first, GradientBlock) else first.shape[0]
-        self.device = (first.u if isinstance(first, GradientBlock) and first.factored else _dense(first)).device
-
-    def batches(self) -> Iterator[dict[str, Rows]]:
-        for start in range(0, self.total, self.batch_rows):
-            yield {n: _slice(r, start, start + self.batch_rows) for n, r in self.rows.items()}
+    def __init__(self, rows: torch.Tensor | GradientBlock | dict[str, torch.Tensor | GradientBlock],
+                 batch_rows: int = 4096):
+        rows = rows if isinstance(rows, dict) else {"": rows}
+        layers = {n: r if isinstance(r, GradientBlock) else GradientBlock(g=r) for n, r in rows.items()}
+        layout = RowLayout.of(layers)
+        super().__init__(layout, layout.train_block(layers), block_rows=batch_rows)
 
 
 class GramPass:
@@ -101,7 +67,7 @@ class GramPass:
             results accumulate in Q's dtype.
 
     Attributes:
-        on_rows: called with each batch's row count as a pass goes (a progress bar's ``update``), or None.
+        on_rows: called with each block's row count as a pass goes (a progress bar's ``update``), or None.
 
     Example:
         >>> gram = GramPass(TensorRows({"a": ga, "b": gb}))
@@ -118,7 +84,7 @@ class GramPass:
                  eigens: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """{layer: GᵀG Q (D, k)} for ``applies`` {layer: Q}, {layer: GᵀG (D, D)} for ``grams`` {layer: dtype}
         and {layer: Λ* (d1, d2) = Σ_n (Q_Aᵀ G̃_n Q_S)², float64} for ``eigens`` {layer: (Q_A, Q_S)} (EK-FAC;
-        rotated in the bases' dtype, from factors where the batch has them), by one pass."""
+        rotated in the bases' dtype, from factors where the block has them), by one pass."""
         applies, grams, eigens = applies or {}, grams or {}, eigens or {}
         queries = {n: q.to(device=self.device, dtype=self.matmul_dtype or q.dtype) for n, q in applies.items()}
         bases = {n: (a.to(self.device), s.to(self.device)) for n, (a, s) in eigens.items()}
@@ -126,18 +92,19 @@ class GramPass:
         out.update({n: None for n in grams})
         out.update({n: torch.zeros(a.shape[0], s.shape[0], dtype=torch.float64, device=self.device)
                     for n, (a, s) in bases.items()})
-        for batch in self.rows.batches():
+        for block in self.rows.blocks():
+            layers = self.rows.layout.layer_blocks(block)
             for name, q in queries.items():
-                rows = _dense(batch[name]).to(q.dtype)
+                rows = layers[name].dense().to(q.dtype)
                 out[name] += (rows.T @ (rows @ q)).to(out[name].dtype)
             for name, dtype in grams.items():
-                rows = _dense(batch[name]).to(dtype)
+                rows = layers[name].dense().to(dtype)
                 part = rows.T @ rows
                 out[name] = part if out[name] is None else out[name].add_(part)
             for name, (basis_a, basis_s) in bases.items():
-                out[name] += eigenvalue_sums(batch[name], basis_a, basis_s)
+                out[name] += eigenvalue_sums(layers[name], basis_a, basis_s)
             if self.on_rows is not None:
-                self.on_rows(_batch_rows(batch))
+                self.on_rows(len(block))
         missing = [n for n in grams if out[n] is None]
         if missing:
             raise ValueError(f"the row source yielded no rows for {missing}")
@@ -147,11 +114,12 @@ class GramPass:
         """{layer: G V (N, r)} in V's dtype, by one pass."""
         vectors = {n: v.to(self.device) for n, v in vectors.items()}
         parts: dict[str, list] = {n: [] for n in vectors}
-        for batch in self.rows.batches():
+        for block in self.rows.blocks():
+            layers = self.rows.layout.layer_blocks(block)
             for name, v in vectors.items():
-                parts[name].append(_dense(batch[name]).to(v.dtype) @ v)
+                parts[name].append(layers[name].dense().to(v.dtype) @ v)
             if self.on_rows is not None:
-                self.on_rows(_batch_rows(batch))
+                self.on_rows(len(block))
         return {n: torch.cat(p) for n, p in parts.items()}
 
 
@@ -167,7 +135,7 @@ class GramOperator:
 
     def __init__(self, rows: RowSource | GramPass, name: str | None = None, matmul_dtype: torch.dtype | None = None):
         self.gram_pass = rows if isinstance(rows, GramPass) else GramPass(rows, matmul_dtype)
-        self.name = self.gram_pass.rows.names[0] if name is None else name
+        self.name = self.gram_pass.rows.layout.names[0] if name is None else name
         self.device = self.gram_pass.device
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:

@@ -15,91 +15,26 @@ The per-layer score (``Curvature.score``) summed over layers is rearranged into 
   or g'_t recomputed from the block (r·D per training row). The last two form the block's dense rows
   vec(u vᵀ) per group of layers of equal shape and r and use one ``bmm`` per group.
 
-Everything is torch only and device-agnostic; in float64 it equals the explicit g_qᵀ H⁻¹ g_t of the
-oracles in ``tests/oracles.py`` to rounding (tests/math/test_scoring.py). Where the rows come from
-(Parquet stream, resident, Ray actors) is the caller's business: the numbers do not depend on it.
+The training rows come as ``TrainBlock``s in a ``RowLayout`` built with the curvature
+(``lorif_ray.math.blocks``), from any row source (Parquet stream, resident, Ray actors): the numbers do not
+depend on it. Everything is torch only and device-agnostic; in float64 it equals the explicit
+g_qᵀ H⁻¹ g_t of the oracles in ``tests/oracles.py`` to rounding (tests/math/test_scoring.py).
 
 Example:
-    >>> layout = ScoreLayout.build(specs, "factors", curvature)
+    >>> layout = RowLayout.build(specs, "factors", curvature)
     >>> query = StackedQuery(layout, query_blocks, curvature)
-    >>> scores = query.scores(layout.train_block(columns))  # (nq, nt)
+    >>> scores = query.scores(layout.train_block(train_blocks))  # (nq, nt)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from lorif_ray.math.blocks import GradientBlock, RowLayout, TrainBlock
 from lorif_ray.math.curvature import Curvature
-from lorif_ray.math.influence import GradientBlock, repsim_scores, self_inner
-
-
-@dataclass
-class FactorGroup:
-    """Layers whose factors have equal shape, stacked along a leading layer axis."""
-
-    d1: int
-    d2: int
-    c: int
-    names: list[str]
-    preconditioned: bool = False  # term 1 is H⁻¹ g_q (curvatures without a scale) against the rows vec(u vᵀ)
-
-
-@dataclass
-class CoordinateGroup:
-    """Woodbury layers with equal (d1, d2, c, r): their g' are computed together and sit side by side."""
-
-    dim: int
-    rank: int
-    names: list[str]
-
-
-@dataclass
-class TrainBlock:
-    """Training rows laid out for ``StackedQuery.scores``.
-
-    Attributes:
-        factors: per FactorGroup, (U (L, n, c, d1), V (L, n, c, d2)) — c-major so that
-            ``U.reshape(L, n·c, d1)`` is a view; None for dense stores.
-        dense: (n, ΣD) dense rows of every layer side by side (layout order), or None.
-        coordinates: (n, Σr) g'_t of every Woodbury layer (layout order), or None (computed on demand).
-    """
-
-    factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    dense: torch.Tensor | None = None
-    coordinates: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        if self.factors:
-            return self.factors[0][0].shape[1]
-        if self.dense is not None:
-            return self.dense.shape[0]
-        return self.coordinates.shape[0]
-
-    def rows(self, start: int, stop: int) -> "TrainBlock":
-        """Rows start … stop − 1 as views (no copy)."""
-        return TrainBlock(
-            None if self.factors is None else [(u[:, start:stop], v[:, start:stop]) for u, v in self.factors],
-            None if self.dense is None else self.dense[start:stop],
-            None if self.coordinates is None else self.coordinates[start:stop])
-
-    def cast(self, dtype: torch.dtype) -> "TrainBlock":
-        """The rows in ``dtype`` (the same block where they already are)."""
-        to = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return TrainBlock(None if self.factors is None else [(to(u), to(v)) for u, v in self.factors],
-                          to(self.dense), to(self.coordinates))
-
-    def pin(self) -> "TrainBlock":
-        """Page-locked copies, so host→device copies can run asynchronously."""
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return TrainBlock(None if self.factors is None else [(pin(u), pin(v)) for u, v in self.factors],
-                          pin(self.dense), pin(self.coordinates))
-
-    def nbytes(self) -> int:
-        tensors = [t for pair in self.factors or [] for t in pair] + [self.dense, self.coordinates]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+from lorif_ray.math.influence import repsim_scores, self_inner
 
 
 ROUTES = ("stored", "query", "recompute", "none")
@@ -128,99 +63,6 @@ def choose_route(num_queries: int, ranks: list[int], *, stored: bool, train_self
     return "recompute"
 
 
-@dataclass
-class ScoreLayout:
-    """How the layers of an index are grouped for batched scoring.
-
-    Attributes:
-        kind: store kind, "factors" or "dense".
-        names: every layer, in manifest order.
-        factor_groups: layers of equal (d1, d2, c) (factor stores).
-        dense_dims: {name: D} in the order of the concatenated dense columns (dense stores).
-        coordinate_groups: layers with a low-rank term and equal (d1, d2, c, r); their g' columns follow
-            this order.
-        scale: {name: s_ℓ} of term 1 (1/λ for Woodbury, 1 for identity); layers without one are
-            preconditioned (on factor stores against the rows vec(u vᵀ), in groups of their own).
-    """
-
-    kind: str
-    names: list[str]
-    shapes: dict[str, tuple[int, int, int]]
-    factor_groups: list[FactorGroup] = field(default_factory=list)
-    dense_dims: dict[str, int] = field(default_factory=dict)
-    coordinate_groups: list[CoordinateGroup] = field(default_factory=list)
-    scale: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, specs, kind: str, curvature: dict[str, Curvature]) -> "ScoreLayout":
-        """``specs``: objects with name, d1, d2, c (``LayerSpec``); ``curvature``: {name: Curvature}."""
-        if kind not in ("factors", "dense"):
-            raise ValueError(f"batched scoring needs a factors or dense store, not {kind!r}")
-        layout = cls(kind, [s.name for s in specs], {s.name: (s.d1, s.d2, s.c) for s in specs})
-        factor_groups: dict[tuple, FactorGroup] = {}
-        coordinate_groups: dict[tuple, CoordinateGroup] = {}
-        for s in specs:
-            curv = curvature[s.name]
-            if curv.low_rank is not None:
-                key = (s.d1, s.d2, s.c, curv.rank)  # ⊆ a FactorGroup: its rows are reused
-                group = coordinate_groups.setdefault(key, CoordinateGroup(s.d1 * s.d2, key[3], []))
-                group.names.append(s.name)
-            if curv.scale is not None:
-                layout.scale[s.name] = curv.scale
-            if kind == "factors":
-                key = (s.d1, s.d2, s.c, curv.scale is None)
-                factor_groups.setdefault(key, FactorGroup(s.d1, s.d2, s.c, [], key[3])).names.append(s.name)
-            else:
-                layout.dense_dims[s.name] = s.d1 * s.d2
-        layout.factor_groups = list(factor_groups.values())
-        layout.coordinate_groups = list(coordinate_groups.values())
-        return layout
-
-    @property
-    def coordinate_names(self) -> list[str]:
-        """Layers with a low-rank term, in the order of the concatenated g' columns."""
-        return [n for g in self.coordinate_groups for n in g.names]
-
-    @property
-    def coordinate_width(self) -> int:
-        return sum(g.rank * len(g.names) for g in self.coordinate_groups)
-
-    def train_block(self, columns: dict[str, torch.Tensor], coordinates: dict[str, torch.Tensor] | None = None,
-                    dtype=None) -> TrainBlock:
-        """Store columns {column: (n, width)} (+ optional stored g' {layer: (n, r)}, kept in their dtype) → a
-        TrainBlock whose rows are in ``dtype``."""
-        factors, dense = None, None
-        if self.kind == "factors":
-            factors = []
-            for g in self.factor_groups:
-                u = torch.stack([columns[f"{n}.u"] for n in g.names]).to(dtype=dtype)  # (L, n, d1·c)
-                v = torch.stack([columns[f"{n}.v"] for n in g.names]).to(dtype=dtype)
-                length, n = u.shape[:2]
-                u = u.reshape(length, n, g.d1, g.c).transpose(2, 3).contiguous()  # (L, n, c, d1)
-                v = v.reshape(length, n, g.d2, g.c).transpose(2, 3).contiguous()
-                factors.append((u, v))
-        else:
-            dense = torch.cat([columns[f"{n}.g"] for n in self.dense_dims], dim=1).to(dtype=dtype)
-        coords = None
-        if coordinates is not None:  # in their own dtype (precision.coordinates or wider), never the rows'
-            coords = torch.cat([coordinates[n] for n in self.coordinate_names], dim=1)
-        return TrainBlock(factors, dense, coords)
-
-    def layer_blocks(self, block: TrainBlock) -> dict[str, GradientBlock]:
-        """A TrainBlock back as {layer: GradientBlock} (views where possible)."""
-        out = {}
-        if block.factors is not None:
-            for g, (u, v) in zip(self.factor_groups, block.factors):
-                for i, name in enumerate(g.names):
-                    out[name] = GradientBlock(u=u[i].transpose(1, 2), v=v[i].transpose(1, 2))
-        else:
-            start = 0
-            for name, dim in self.dense_dims.items():
-                out[name] = GradientBlock(g=block.dense[:, start:start + dim])
-                start += dim
-        return out
-
-
 def _stacked_dense(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Khatri–Rao rows vec(Σ_c u_c v_cᵀ): (L, n, c, d1), (L, n, c, d2) → (L, n, d1·d2)."""
     length, n, _, d1 = u.shape
@@ -231,7 +73,7 @@ class StackedQuery:
     """Query-side terms of every layer, prepared once; ``scores`` does one block of training rows.
 
     Args:
-        layout: from ``ScoreLayout.build``.
+        layout: from ``RowLayout.build`` with ``curvature``.
         query: {layer: GradientBlock} of the queries (factors or dense, like the store).
         curvature: {layer: Curvature}; low-rank layers need V_r unless the route and the injected terms
             spare it.
@@ -245,7 +87,7 @@ class StackedQuery:
         query_side_terms: {layer: h_q = V_r (w ⊙ g'_q) (nq, D)} made elsewhere (route "query").
     """
 
-    def __init__(self, layout: ScoreLayout, query: dict[str, GradientBlock], curvature: dict[str, Curvature],
+    def __init__(self, layout: RowLayout, query: dict[str, GradientBlock], curvature: dict[str, Curvature],
                  *, route: str | None = None, normalize: bool = False, matmul_dtype: torch.dtype | None = None,
                  query_coordinates: dict[str, torch.Tensor] | None = None,
                  query_side_terms: dict[str, torch.Tensor] | None = None):
@@ -272,7 +114,7 @@ class StackedQuery:
             self.factor_query.append((u.reshape(len(g.names), -1, g.d1).to(mm),
                                       v.reshape(len(g.names), -1, g.d2).to(mm)))
         self.dense_query = None  # (nq, ΣD): s_ℓ g_q, or H⁻¹ g_q for a full-matrix curvature
-        if layout.kind == "dense":
+        if layout.dense_dims:
             self.dense_query = torch.cat([curvature[n].precondition(query[n].dense()) for n in layout.dense_dims],
                                          dim=1).to(mm)
         # Curvature term: −(w ⊙ g'_q) against g'_t, every low-rank layer side by side; per group V_r (to

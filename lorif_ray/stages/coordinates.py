@@ -38,6 +38,7 @@ from lorif_ray.stages.saved_curvature import curvature_exists, curvature_header,
 from lorif_ray.store import (CheckedBlocks, Manifest, block_checksums, contained, read_sealed_json,
                              remove_stale_temporaries, replace_durably, seal, temporary_path, write_json)
 from lorif_ray.store.artifacts import preallocated_memmap
+from lorif_ray.store.schema import layer_columns
 
 COORDINATES_DIR = "curvature_coordinates"
 COORDINATE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16 as raw bits
@@ -249,9 +250,8 @@ class QueryProjector:
 
     def __call__(self, query_columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Query store columns {column: (nq, width)} → {layer: g'_q (nq, r)} on this projector's device."""
-        prefixes = {s.name for s in self.specs}
-        columns = {k: v.to(device=self.device, dtype=self.dtype) for k, v in query_columns.items()
-                   if k.rsplit(".", 1)[0] in prefixes}
+        columns = {c: query_columns[c].to(device=self.device, dtype=self.dtype)
+                   for s in self.specs for c in layer_columns(self.kind, s.name)}
         blocks = blocks_from_columns(self.specs, self.kind, columns)
         return {name: blocks[name].dense() @ vectors for name, vectors in self.vectors.items()}
 

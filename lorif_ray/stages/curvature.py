@@ -4,7 +4,8 @@ One driver, ``run_curvature``, for every placement of the rows. Layers are fitte
 of each layer (a ``Curvature.steps`` generator, ``lorif_ray.math.curvature``) asks for GᵀG Q or GᵀG,
 and one pass over the rows (``GramPass``) answers every layer of the group, so a streamed index is read
 once per pass, not once per layer per pass. A *Gram backend* gives each group's pass: in this process
-``LocalGram`` (the group's rows resident on the device when they fit, else streamed from Parquet); on Ray
+``LocalGram`` (the group's row source, ``lorif_ray.stages.rows.layer_rows``: resident on the device when the
+rows fit, else streamed from Parquet); on Ray
 ``lorif_ray.distributed.curvature.RayGram``, whose actors each run the same pass over their shard group
 and return partial sums. Where the rows live changes the speed, never the numbers
 (tests/stages/test_paths.py). Each layer's curvature is written as soon as its group is solved
@@ -31,7 +32,7 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
 from lorif_ray.math.curvature import FitSettings, curvature_class, fit_layers
-from lorif_ray.math.rsvd import GramPass, RowSource
+from lorif_ray.math.rsvd import GramPass
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.progress import progress_bar
@@ -51,18 +52,14 @@ GROUP_BYTES = 1 << 30  # the driver's iterates of one group of layers (Q and G�
 
 
 class LayerGram(GramPass):
-    """The Gram pass over some layers' rows in this process (all rows, or a Ray actor's shard group starting
-    at global row ``first_row``), which can also write those rows' g'_t."""
-
-    def __init__(self, rows: RowSource, matmul_dtype: torch.dtype | None = None, first_row: int = 0):
-        super().__init__(rows, matmul_dtype)
-        self.first_row = first_row
+    """The Gram pass over some layers' rows in this process (all rows, or a Ray actor's shard group, from global
+    row ``rows.offset``), which can also write those rows' g'_t."""
 
     def write_coordinates(self, vectors: dict[str, torch.Tensor], paths: dict[str, str], dtype: str,
                           block_rows: int) -> dict[str, dict[int, int]]:
         """g'_t = V_rᵀ g_t of these rows into their rows of each layer's file (one pass); returns each layer's
         {block: CRC-32} of the blocks of ``block_rows`` rows written (``write_rows``)."""
-        return {name: write_rows(paths[name], self.first_row, values, dtype, block_rows)
+        return {name: write_rows(paths[name], self.rows.offset, values, dtype, block_rows)
                 for name, values in self.project(vectors).items()}
 
 

@@ -1,10 +1,10 @@
 """Batches of tokenized examples → what stage 1 stores per example (and stage 3 scores with).
 
 One ``Featurizer`` holds the model, its selected layers and their projections. For a batch it runs
-one forward+backward with the capture hooks and returns store columns, (n, width) tensors:
-``<layer>.u`` / ``<layer>.v`` (rank-c factors, row-major (d, c) flattened) for LoRIF,
-``<layer>.g`` (dense vec(G̃), D = d1·d2) for LoGRA and GradDot, ``hidden`` (last non-pad token of the
-last layer) for RepSim. ``blocks()`` turns columns back into per-layer ``GradientBlock``s.
+one forward+backward with the capture hooks and returns store columns, (n, width) tensors named by
+``lorif_ray.store.schema``: each layer's rank-c factors u, v (row-major (d, c) flattened) for LoRIF, its
+dense rows vec(G̃) (D = d1·d2) for LoGRA and GradDot, the hidden state (last non-pad token of the last
+layer) for RepSim. ``blocks_from_columns`` turns columns back into per-layer ``GradientBlock``s.
 
 The work splits in two: ``Featurizer.capture`` (needs the model: forward+backward with hooks) and
 ``ColumnMaker`` (needs only the layer shapes: factorization). Stage 1 on Ray runs them in one actor
@@ -23,9 +23,10 @@ from lorif_ray.math.capture import (Measurement, ProjectedGradientCapture, check
                                    linear_dims, measurement_function, nonfinite_rows, per_example_measurement,
                                    sampled_labels, summed_loss)
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize, initial_block
-from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.blocks import GradientBlock
 from lorif_ray.math.kronecker import StatsAccumulator
 from lorif_ray.math.projection import layer_projection
+from lorif_ray.store.schema import HIDDEN_COLUMN, dense_column, factor_columns, store_columns
 
 STATISTICS_LABELS = ("training", "sampled")  # ``Config.kfac_labels``
 
@@ -71,13 +72,7 @@ class ColumnMaker:
     @property
     def columns(self) -> dict[str, int]:
         """Store layout: column name → floats per example."""
-        if self.kind == "dense":
-            return {f"{s.name}.g": s.dim for s in self.specs}
-        out = {}
-        for s in self.specs:
-            out[f"{s.name}.u"] = s.d1 * s.c
-            out[f"{s.name}.v"] = s.d2 * s.c
-        return out
+        return store_columns(self.kind, self.specs)
 
     def __call__(self, ids: list[str], captured: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """{layer: (A (n, T, d1), B (n, T, d2))} → {column: (n, width)}; raises on NaN/Inf naming the examples."""
@@ -95,13 +90,13 @@ class ColumnMaker:
                  for s in self.specs}
         if self.kind == "dense":
             for spec in self.specs:
-                out[f"{spec.name}.g"] = dense_gradients(*pairs[spec.name]).reshape(n, -1)
-            return out, [(s.name, nonfinite_rows(out[f"{s.name}.g"])) for s in self.specs]
+                out[dense_column(spec.name)] = dense_gradients(*pairs[spec.name]).reshape(n, -1)
+            return out, [(s.name, nonfinite_rows(out[dense_column(s.name)])) for s in self.specs]
         masks = [(s.name, nonfinite_rows(t)) for s in self.specs for t in pairs[s.name]]
         for spec in self.specs:
             u, v = factorize(*pairs[spec.name], self.start_blocks[spec.name], self.iterations)
-            out[f"{spec.name}.u"] = u.reshape(n, -1)
-            out[f"{spec.name}.v"] = v.reshape(n, -1)
+            u_column, v_column = factor_columns(spec.name)
+            out[u_column], out[v_column] = u.reshape(n, -1), v.reshape(n, -1)
         return out, masks
 
 
@@ -170,7 +165,7 @@ class Featurizer:
     def columns(self) -> dict[str, int]:
         """Store layout: column name → floats per example."""
         if self.kind == "hidden":
-            return {"hidden": int(self.model.config.hidden_size)}
+            return store_columns("hidden", [], int(self.model.config.hidden_size))
         return self.maker.columns
 
     def capture(self, ids: list[str], batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -205,7 +200,7 @@ class Featurizer:
     def unchecked(self, ids: list[str], batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], FiniteMasks]:
         """Store columns of one batch and their NaN/Inf row masks, with no host sync (see ``ColumnMaker``)."""
         if self.kind == "hidden":
-            return {"hidden": self._hidden({k: v.to(self.device) for k, v in batch.items()})}, []
+            return {HIDDEN_COLUMN: self._hidden({k: v.to(self.device) for k, v in batch.items()})}, []
         return self.maker.unchecked(ids, self.capture(ids, batch))
 
     @torch.no_grad()
@@ -222,13 +217,12 @@ class Featurizer:
 
 
 def blocks_from_columns(specs: list[LayerSpec], kind: str, columns: dict[str, torch.Tensor]) -> dict[str, GradientBlock]:
-    """{layer: GradientBlock} from store columns of ``kind`` "factors" or "dense"."""
+    """{layer: GradientBlock} (views) from store columns {column: (n, width)} of ``kind`` "factors" or "dense"."""
     out = {}
     for s in specs:
         if kind == "dense":
-            out[s.name] = GradientBlock(g=columns[f"{s.name}.g"])
+            out[s.name] = GradientBlock(g=columns[dense_column(s.name)])
         else:
-            u = columns[f"{s.name}.u"]
-            out[s.name] = GradientBlock(u=u.reshape(u.shape[0], s.d1, s.c),
-                                        v=columns[f"{s.name}.v"].reshape(u.shape[0], s.d2, s.c))
+            u, v = (columns[c] for c in factor_columns(s.name))
+            out[s.name] = GradientBlock(u=u.reshape(u.shape[0], s.d1, s.c), v=v.reshape(u.shape[0], s.d2, s.c))
     return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,7 +34,8 @@ from lorif_ray.data import IGNORE_INDEX, Columns, Example, TokenizedExample, Tra
 from lorif_ray.data.examples import DEFAULT_COLUMNS
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError, DataError
-from lorif_ray.math.scoring import RepSimQuery, ScoreLayout, StackedQuery, TrainBlock, choose_route
+from lorif_ray.math.blocks import RowLayout, TrainBlock
+from lorif_ray.math.scoring import RepSimQuery, StackedQuery, choose_route
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.progress import progress_bar
@@ -42,11 +43,12 @@ from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_dir, coo
 from lorif_ray.stages.index import build_featurizer, quiet_transformers
 from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_inputs, tokenized
 from lorif_ray.stages.featurize import blocks_from_columns
-from lorif_ray.stages.rows import ResidentIndex, streamed_blocks
+from lorif_ray.stages.rows import ResidentRows, layer_rows
 from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
 from lorif_ray.stages.report_page import write_report_page
 from lorif_ray.stages.summary import expected_sources
 from lorif_ray.store import ids_of_rows, open_index, read_ids, writer_lock
+from lorif_ray.store.schema import HIDDEN_COLUMN
 from lorif_ray.store.query_run import BINS_PER_OCTAVE, HALF, NUM_SCORE_BINS, SCORE_OCTAVES, QueryRun
 
 log = logging.getLogger(__name__)
@@ -157,27 +159,28 @@ class BlockOutputs:
         self.arrays = {}
 
 
-def score_blocks(query: StackedQuery | RepSimQuery, blocks: Iterable[tuple[int, list[str], TrainBlock]], topk: TopK,
+def score_blocks(query: StackedQuery | RepSimQuery, blocks: Iterable[TrainBlock], topk: TopK,
                  files: OutputFiles | None = None, on_block=None) -> None:
-    """Score (global offset, ids, block) triples into ``topk`` (and the asked-for ``files``)."""
+    """Score the blocks of a row source's pass into ``topk`` (and the asked-for ``files``), each at its global
+    offset; ``on_block`` gets each block's row count."""
     outputs = BlockOutputs(files)
     try:
-        for offset, ids, block in blocks:
-            topk.update(outputs(query, block, offset), offset)
+        for block in blocks:
+            topk.update(outputs(query, block, block.offset), block.offset)
             if on_block is not None:
-                on_block(len(ids))
+                on_block(len(block))
     finally:
         outputs.close()
 
 
 def prepare_query(manifest, query_columns: dict[str, torch.Tensor], curvature: dict | None, *, route: str,
-                  normalize: bool, **options) -> tuple[StackedQuery | RepSimQuery, ScoreLayout | None]:
+                  normalize: bool, **options) -> tuple[StackedQuery | RepSimQuery, RowLayout | None]:
     """The batched scorer of one query batch and the layout its training blocks take (None: RepSim,
     whose blocks are ``TrainBlock(dense=hidden)``); ``options`` go to ``StackedQuery``."""
     if manifest.kind == "hidden":
-        return RepSimQuery(query_columns["hidden"]), None
+        return RepSimQuery(query_columns[HIDDEN_COLUMN]), None
     specs = layer_specs(manifest)
-    layout = ScoreLayout.build(specs, manifest.kind, curvature)
+    layout = RowLayout.build(specs, manifest.kind, curvature)
     blocks = blocks_from_columns(specs, manifest.kind, query_columns)
     return StackedQuery(layout, blocks, curvature, route=route, normalize=normalize, **options), layout
 
@@ -283,10 +286,11 @@ def featurize_queries(cfg: Config, manifest) -> QueryRows:
 
 class LocalScorer:
     """Scores query batches in this process: the rows streamed shard by shard, or (``query.resident``)
-    read once and kept on the device; the curvature loaded once, V_r included.
+    read once and kept on the device (``layer_rows``); the curvature loaded once, V_r included.
 
     Args:
         cfg: the query config (``query_config``); device from ``model.device``.
+        stored: the blocks carry the stored g'_t (route "stored").
     """
 
     def __init__(self, cfg: Config, manifest, stored: bool):
@@ -294,23 +298,21 @@ class LocalScorer:
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
         self.curvature = load_curvature(cfg, manifest, self.device, self.precision.math)
-        specs = layer_specs(manifest)
-        self.layout = None if manifest.kind == "hidden" else ScoreLayout.build(specs, manifest.kind, self.curvature)
-        self.coordinates = StoredCoordinates(cfg) if stored else None
-        self.resident: ResidentIndex | None = None
+        coordinates = None
+        if stored:
+            stored_rows = StoredCoordinates(cfg)
+            coordinates = lambda start, stop: stored_rows.rows(start, stop, dtype=self.precision.math)  # noqa: E731
+        start = time.perf_counter()
+        loading = progress_bar(manifest.num_rows, "stage 3: load rows", "ex", cfg.progress) if cfg.query.resident \
+            else nullcontext()
+        with loading as bar:
+            self.rows = layer_rows(cfg.index_path, manifest, layer_specs(manifest), dtype=self.precision.math,
+                                   device=self.device, batch_rows=cfg.query.train_batch_rows,
+                                   resident=cfg.query.resident, curvature=self.curvature, coordinates=coordinates,
+                                   block_rows=cfg.query.train_batch_rows, on_load=None if bar is None else bar.update)
         self.info: dict = {}
-        if cfg.query.resident:
-            start = time.perf_counter()
-            with progress_bar(manifest.num_rows, "stage 3: load rows", "ex", cfg.progress) as bar:
-                self.resident = ResidentIndex.from_index(cfg.index_path, manifest, self.layout, device=self.device,
-                                                         dtype=self.precision.math, coordinates=self._stored_rows(),
-                                                         on_rows=bar.update)
-            self.info = {"load_seconds": time.perf_counter() - start, "resident_bytes": self.resident.nbytes()}
-
-    def _stored_rows(self):
-        if self.coordinates is None:
-            return None
-        return lambda start, stop: self.coordinates.rows(start, stop, dtype=self.precision.math)
+        if isinstance(self.rows, ResidentRows):
+            self.info = {"load_seconds": time.perf_counter() - start, "resident_bytes": self.rows.nbytes()}
 
     def score(self, query_columns: dict[str, torch.Tensor], route: str, k: int, files: OutputFiles | None = None
               ) -> TopK:
@@ -321,14 +323,8 @@ class LocalScorer:
                                  normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul)
         num_queries, num_train = next(iter(columns.values())).shape[0], self.manifest.num_rows
         topk = TopK(num_queries, min(k, num_train), self.device)
-        if self.resident is not None:
-            blocks = self.resident.blocks(self.cfg.query.train_batch_rows)
-        else:
-            blocks = streamed_blocks(self.cfg.index_path, self.manifest, self.layout, dtype=self.precision.math,
-                                     device=self.device, batch_rows=self.cfg.query.train_batch_rows,
-                                     coordinates=self._stored_rows() if route == "stored" else None)
         with progress_bar(num_train, "stage 3: score", "ex", self.cfg.progress) as bar:
-            score_blocks(query, blocks, topk, files, bar.update)
+            score_blocks(query, self.rows.blocks(), topk, files, bar.update)
         return topk
 
     def close(self) -> None:

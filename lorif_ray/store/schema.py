@@ -1,9 +1,14 @@
-"""Arrow layout of a shard, and tensor <-> Arrow conversion.
+"""Arrow layout of a shard, the names of its columns, and tensor <-> Arrow conversion.
 
 A shard row is one example: `example_id` (string) then one fixed-width list of floats per stored
-block (e.g. a layer's u or v factor). Values are float32, float16 or bfloat16. Arrow and Parquet have
-no bfloat16, so a bfloat16 column holds the raw bits as uint16 (a reader decodes it as
-`float32(bits << 16)`); every value column names its dtype in field metadata (`lorif.dtype`).
+block. The columns of an index of ``kind``: ``<layer>.u`` and ``<layer>.v`` (a layer's rank-c factors,
+row-major (d, c) flattened) of a "factors" store, ``<layer>.g`` (dense vec(G̃)) of a "dense" one, and
+``hidden`` of a "hidden" (RepSim) one. This module alone spells those names: everything else asks
+``layer_columns``, ``factor_columns``, ``dense_column`` or ``store_columns``.
+
+Values are float32, float16 or bfloat16. Arrow and Parquet have no bfloat16, so a bfloat16 column holds
+the raw bits as uint16 (a reader decodes it as `float32(bits << 16)`); every value column names its dtype
+in field metadata (`lorif.dtype`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,41 @@ BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 TORCH_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HIDDEN_COLUMN = "hidden"  # the one column of a "hidden" store: last-layer hidden states (RepSim)
+
+
+def factor_columns(layer: str) -> tuple[str, str]:
+    """The columns of a layer's left and right factors u, v in a "factors" store."""
+    return f"{layer}.u", f"{layer}.v"
+
+
+def dense_column(layer: str) -> str:
+    """The column of a layer's dense rows vec(G̃) in a "dense" store."""
+    return f"{layer}.g"
+
+
+def layer_columns(kind: str, layer: str) -> list[str]:
+    """The columns of one layer in a store of ``kind``: [u, v] ("factors") or [g] ("dense")."""
+    if kind == "factors":
+        return list(factor_columns(layer))
+    if kind == "dense":
+        return [dense_column(layer)]
+    raise ValueError(f"a {kind!r} store has no per-layer columns")
+
+
+def store_columns(kind: str, specs, hidden_size: int | None = None) -> dict[str, int]:
+    """{column: values per example} of a store of ``kind``, in storage order.
+
+    Args:
+        specs: the layers, objects with ``name``, ``d1``, ``d2``, ``c`` (``LayerSpec``); factors take d·c
+            values each, dense rows D = d1·d2.
+        hidden_size: H, the width of a "hidden" store's one column.
+    """
+    if kind == "hidden":
+        return {HIDDEN_COLUMN: hidden_size}
+    if kind == "dense":
+        return {dense_column(s.name): s.d1 * s.d2 for s in specs}
+    return {column: width for s in specs for column, width in zip(factor_columns(s.name), (s.d1 * s.c, s.d2 * s.c))}
 
 
 def check_dtype(dtype: str) -> None:

@@ -102,7 +102,7 @@ class ShardWriter:
     holds ``lorif_ray.store.locks.writer_lock`` on the directory.
 
     Example:
-        >>> writer = ShardWriter(out, kind="factors", columns={"h.0.u": 64, "h.0.v": 128},
+        >>> writer = ShardWriter(out, kind="factors", columns=store_columns("factors", specs),
         ...                      dtype="float16", shard_size=1024, meta={"seed": 0})
         >>> for i, (ids, arrays) in enumerate(shard_batches):
         ...     if not writer.is_done(i):

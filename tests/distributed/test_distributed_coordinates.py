@@ -18,6 +18,7 @@ from lorif_ray.stages.inputs import layer_specs, query_config
 from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
 from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
 from lorif_ray.store import iter_batches, open_index
+from lorif_ray.store.schema import factor_columns
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
 
@@ -56,7 +57,7 @@ def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
     assert [w.passes() - b for w, b in zip(workers, before)] == [1] * NUM_WORKERS
     rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, [k], out_dtype=torch.float64,
                                                           manifest=manifest)])
-            for k in (f"{spec.name}.u", f"{spec.name}.v")}
+            for k in factor_columns(spec.name)}
     exact = blocks_from_columns([spec], "factors", rows)[spec.name].dense() @ spectrum.vectors
     stored = torch.from_numpy(np.load(tmp_path / f"{spec.name}.npy")).double()
     assert _rel(stored, exact) < 1e-6  # float32 file

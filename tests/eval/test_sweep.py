@@ -88,8 +88,10 @@ def test_sweep_rows_and_caching(cache_root):
 
 def test_factors_from_dense_equal_the_model_path(cache_root):
     """A LoRIF index derived from the dense rows matches the one stage 1 makes from the model."""
+    from lorif_ray.stages.featurize import blocks_from_columns
     from lorif_ray.stages.index import run_index
-    from lorif_ray.store import iter_batches
+    from lorif_ray.stages.inputs import layer_specs
+    from lorif_ray.store import iter_batches, open_index
 
     cfg = compose_cfg(cache_root, "method=lorif", "f=2", "c=2")
     point = sweep.point_config(cfg, ensure_setup(cfg.eval))
@@ -101,12 +103,10 @@ def test_factors_from_dense_equal_the_model_path(cache_root):
     (ids_a, a), = iter_batches(derived, batch_rows=10**6)
     (ids_b, b), = iter_batches(direct, batch_rows=10**6)
     assert ids_a == ids_b and a.keys() == b.keys()
-    for name in a:  # G̃ = u vᵀ is what scoring uses (u, v are unique only up to sign/rotation)
-        if name.endswith(".u"):
-            layer = name[:-2]
-            ga = torch.einsum("nac,nbc->nab", *(t.reshape(t.shape[0], -1, 2) for t in (a[name], a[layer + ".v"])))
-            gb = torch.einsum("nac,nbc->nab", *(t.reshape(t.shape[0], -1, 2) for t in (b[name], b[layer + ".v"])))
-            assert torch.allclose(ga, gb, atol=1e-4 * gb.abs().max().item())
+    specs = layer_specs(open_index(direct))
+    dense_a, dense_b = (blocks_from_columns(specs, "factors", columns) for columns in (a, b))
+    for name, gb in dense_b.items():  # G̃ = u vᵀ is what scoring uses (u, v are unique only up to sign/rotation)
+        assert torch.allclose(dense_a[name].dense(), gb.dense(), atol=1e-4 * gb.dense().abs().max().item())
 
 
 def test_hydra_multirun_writes_one_row_per_point(cache_root, tmp_path):

@@ -7,6 +7,7 @@ from lorif_ray.errors import NoLossTokensError, NonFiniteGradientError
 from lorif_ray.math.capture import ProjectedGradientCapture, check_finite, dense_gradients, linear_dims, per_example_token_loss
 from lorif_ray.math.projection import layer_projection
 from lorif_ray.model.layers import select_layers
+from lorif_ray.store.schema import dense_column
 from tests.conftest import padded_batch
 
 
@@ -109,7 +110,7 @@ def test_featurizer_captures_the_gradient_of_the_query_measurement(measurement):
         for name, module in layers.items():
             grad = module.weight.grad  # Conv1D: I×O
             expected = featurizer.projections[name].p_in.T @ grad @ featurizer.projections[name].p_out
-            got = columns[f"{name}.g"][i].reshape(expected.shape)
+            got = columns[dense_column(name)][i].reshape(expected.shape)
             assert (got - expected).norm() <= 1e-10 * expected.norm(), (name, i)
     if measurement == "logprob":  # sign convention: logprob's query gradient is the loss's
         assert summed_logprob(model(input_ids=batch["input_ids"]), batch).shape == (3,)

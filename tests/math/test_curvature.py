@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from lorif_ray.math.blocks import GradientBlock, dense_from_factors
 from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbury, woodbury_weights
-from lorif_ray.math.influence import GradientBlock, dense_from_factors, factor_inner, repsim_scores
+from lorif_ray.math.influence import factor_inner, repsim_scores
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from tests.oracles import curvature_inverse, damped_inverse, oracle_scores, woodbury_inverse
 

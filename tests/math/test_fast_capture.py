@@ -9,7 +9,8 @@ import torch
 from lorif_ray.errors import NonFiniteGradientError
 from lorif_ray.math.capture import ProjectedGradientCapture, check_finite, check_finite_all, nonfinite_rows
 from lorif_ray.model.layers import select_layers
-from lorif_ray.stages.featurize import Featurizer
+from lorif_ray.stages.featurize import Featurizer, blocks_from_columns
+from lorif_ray.store.schema import factor_columns
 from tests.conftest import padded_batch, tiny_gpt2
 
 
@@ -84,16 +85,10 @@ def test_autocast_forward_keeps_float32_projections_and_close_factors():
     captured = fast.capture(ids, batch)
     assert all(a.dtype == b.dtype == torch.float32 for a, b in captured.values())
     ref, got = exact(ids, batch), fast(ids, batch)
-    for name in ref:  # compare the rank-c gradients u vᵀ, not the factors (sign/rotation free)
-        if name.endswith(".u"):
-            layer = name[:-2]
-            spec = next(s for s in exact.specs if s.name == layer)
-            def dense(cols):
-                u = cols[f"{layer}.u"].reshape(3, spec.d1, spec.c)
-                v = cols[f"{layer}.v"].reshape(3, spec.d2, spec.c)
-                return u @ v.transpose(1, 2)
-            err = (dense(got) - dense(ref)).norm() / dense(ref).norm()
-            assert err < 0.1, (layer, float(err))
+    dense = lambda cols: blocks_from_columns(exact.specs, "factors", cols)  # noqa: E731
+    for layer, want in dense(ref).items():  # compare the rank-c gradients u vᵀ, not the factors (sign/rotation free)
+        err = (dense(got)[layer].dense() - want.dense()).norm() / want.dense().norm()
+        assert err < 0.1, (layer, float(err))
 
 
 def test_bf16_projection_dtype_is_used_in_the_hooks():
@@ -101,7 +96,7 @@ def test_bf16_projection_dtype_is_used_in_the_hooks():
     feat = _featurizer(model, compute_dtype=torch.float32, projection_dtype=torch.bfloat16)
     captured = feat.capture(["a", "b"], padded_batch([8, 6], [1, 2]))
     assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in captured.values())
-    assert feat(["a", "b"], padded_batch([8, 6], [1, 2]))[f"{feat.specs[0].name}.u"].dtype == torch.float32
+    assert feat(["a", "b"], padded_batch([8, 6], [1, 2]))[factor_columns(feat.specs[0].name)[0]].dtype == torch.float32
 
 
 @contextmanager
@@ -170,7 +165,7 @@ def test_a_tensor_parallel_rank_checks_every_layer_but_factorizes_its_own():
     chunk = [TokenizedExample(f"e{i}", row, row) for i, row in enumerate(torch.randint(1, 61, (5, 6), generator=gen).tolist())]
     ids, columns = featurize_chunk(share, chunk, batch_size=2, pad_token_id=0)
     _, everything = featurize_chunk(feat, chunk, batch_size=2, pad_token_id=0)
-    assert set(columns) == {f"{s.name}.{x}" for s in mine for x in "uv"}
+    assert set(columns) == {c for s in mine for c in factor_columns(s.name)}
     assert all(torch.equal(columns[k], everything[k]) for k in columns)
     _, masks = share.unchecked(ids[:2], collate(chunk[:2], 0))  # NaN/Inf rows of A and B, per layer
     assert sorted({name for name, _ in masks}) == sorted(s.name for s in feat.specs)

@@ -11,10 +11,10 @@ from lorif_ray.math.capture import dense_gradients
 from lorif_ray.math.curvature import (CURVATURES, EKFAC, KFAC, ExactInverse, FitSettings, Woodbury, curvature_class,
                                       fit_layers)
 from lorif_ray.math.factorize import factorize_dense, initial_block
-from lorif_ray.math.influence import GradientBlock
+from lorif_ray.math.blocks import GradientBlock, RowLayout
 from lorif_ray.math.kronecker import KroneckerStats, batch_stats, sum_stats
 from lorif_ray.math.rsvd import GramOperator, GramPass, TensorRows
-from lorif_ray.math.scoring import ScoreLayout, StackedQuery
+from lorif_ray.math.scoring import StackedQuery
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.store import load_tensors, save_tensors
 from tests.oracles import (curvature_inverse, damped_inverse, eigenbasis_inverse, ekfac_eigenvalues,
@@ -241,17 +241,16 @@ def test_stacked_query_scores_kronecker_layers(kind, normalize):
         curvature[name] = kinds[name].fit(source, d1 * d2, name, settings, stats)
         dense_train[name], dense_query[name] = rows[5:], rows[:5]
         if kind == "factors":
-            u, v = factors.u.reshape(30, -1), factors.v.reshape(30, -1)
-            train[f"{name}.u"], train[f"{name}.v"], query[f"{name}.u"], query[f"{name}.v"] = u[5:], v[5:], u[:5], v[:5]
+            train[name] = GradientBlock(u=factors.u[5:], v=factors.v[5:])
             query[name] = GradientBlock(u=factors.u[:5], v=factors.v[:5])
         else:
-            train[f"{name}.g"], query[name] = rows[5:], GradientBlock(g=rows[:5])
+            train[name], query[name] = GradientBlock(g=rows[5:]), GradientBlock(g=rows[:5])
     inverses = {s.name: curvature_inverse(curvature[s.name], s.dim) for s in specs}
     expected = oracle_scores(dense_query, dense_train, inverses, normalize)
-    layout = ScoreLayout.build(specs, kind, curvature)
+    layout = RowLayout.build(specs, kind, curvature)
     stacked = StackedQuery(layout, {s.name: query[s.name] for s in specs}, curvature, normalize=normalize,
                            route="recompute")
-    block = layout.train_block({k: v for k, v in train.items() if "." in k})
+    block = layout.train_block(train)
     assert (stacked.scores(block) - expected).norm() < 1e-10 * expected.norm()
     self_t = sum(((dense_train[n] @ inverses[n]) * dense_train[n]).sum(dim=1) for n in inverses)
     assert torch.allclose(stacked.train_self_influence(block), self_t, rtol=1e-10)

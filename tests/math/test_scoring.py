@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from lorif_ray.math.blocks import GradientBlock, RowLayout
 from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbury, woodbury_weights
-from lorif_ray.math.influence import GradientBlock
 from lorif_ray.math.rsvd import GramOperator, TensorRows
-from lorif_ray.math.scoring import ScoreLayout, StackedQuery, choose_route
-from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
+from lorif_ray.math.scoring import StackedQuery, choose_route
+from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.query import TopK, score_bins, score_blocks
 from lorif_ray.store.query_run import HALF, NUM_SCORE_BINS, score_bin_edges
 from tests.oracles import curvature_inverse, oracle_scores
@@ -25,26 +25,21 @@ def _rand(*shape):
 def _setup(kind, method, c=2, n=37, nq=5, r=7):
     specs = [LayerSpec(name, 0, 0, d1, d2, min(c, d1, d2) if kind == "factors" else 0) for name, d1, d2 in SHAPES]
 
-    def columns(rows):
-        out = {}
-        for s in specs:
-            if kind == "factors":
-                out[f"{s.name}.u"], out[f"{s.name}.v"] = _rand(rows, s.d1 * s.c), _rand(rows, s.d2 * s.c)
-            else:
-                out[f"{s.name}.g"] = _rand(rows, s.dim)
-        return out
-    train, query = columns(n), columns(nq)
-    blocks = blocks_from_columns(specs, kind, train)
+    def blocks(rows):  # {layer: GradientBlock} of random factors or dense rows
+        if kind == "factors":
+            return {s.name: GradientBlock(u=_rand(rows, s.d1, s.c), v=_rand(rows, s.d2, s.c)) for s in specs}
+        return {s.name: GradientBlock(g=_rand(rows, s.dim)) for s in specs}
+    train, query = blocks(n), blocks(nq)
     curvature = {}
     for i, s in enumerate(specs):
         settings = FitSettings(rank=min(r, s.dim), damping=0.3 + 0.1 * i, oversample=s.dim)  # exact spectrum
-        curvature[s.name] = CURVATURE[method].fit(GramOperator(TensorRows(blocks[s.name].dense())), s.dim, s.name,
+        curvature[s.name] = CURVATURE[method].fit(GramOperator(TensorRows(train[s.name].dense())), s.dim, s.name,
                                                   settings)
     return specs, train, query, curvature
 
 
-def _oracle(specs, kind, train, query, curvature, normalize):
-    dense = lambda cols: {n: b.dense() for n, b in blocks_from_columns(specs, kind, cols).items()}  # noqa: E731
+def _oracle(specs, train, query, curvature, normalize):
+    dense = lambda blocks: {n: b.dense() for n, b in blocks.items()}  # noqa: E731
     inverses = {s.name: curvature_inverse(curvature[s.name], s.dim) for s in specs}
     return oracle_scores(dense(query), dense(train), inverses, normalize)
 
@@ -58,11 +53,10 @@ CASES = [("factors", "lorif", 1), ("factors", "lorif", 3), ("factors", "graddot"
 @pytest.mark.parametrize("route", ["query", "recompute"])
 def test_stacked_scores_equal_the_oracle(kind, method, c, normalize, route):
     specs, train, query, curvature = _setup(kind, method, c=c)
-    expected = _oracle(specs, kind, train, query, curvature, normalize)
-    layout = ScoreLayout.build(specs, kind, curvature)
+    expected = _oracle(specs, train, query, curvature, normalize)
+    layout = RowLayout.build(specs, kind, curvature)
     route = route if layout.coordinate_groups and not normalize else None
-    stacked = StackedQuery(layout, blocks_from_columns(specs, kind, query), curvature, normalize=normalize,
-                           route=route)
+    stacked = StackedQuery(layout, query, curvature, normalize=normalize, route=route)
     got = stacked.scores(layout.train_block(train))
     assert (got - expected).norm() / expected.norm() < 1e-10
 
@@ -82,25 +76,24 @@ def test_per_layer_scores_are_each_layers_own_and_sum_to_the_total(kind, method,
     """scores(per_layer=True)[ℓ] equals the layer scored on its own (``Curvature.prepare/score``), on every
     route, and the slices sum to the fused total."""
     specs, train, query, curvature = _setup(kind, method, c=c)
-    layout = ScoreLayout.build(specs, kind, curvature)
+    layout = RowLayout.build(specs, kind, curvature)
     route = route if layout.coordinate_groups else "none"
-    train_blocks, query_blocks = blocks_from_columns(specs, kind, train), blocks_from_columns(specs, kind, query)
-    coordinates = {s.name: train_blocks[s.name].dense() @ curvature[s.name].low_rank[0]
+    coordinates = {s.name: train[s.name].dense() @ curvature[s.name].low_rank[0]
                    for s in specs if curvature[s.name].low_rank is not None} if route == "stored" else None
     block = layout.train_block(train, coordinates)
-    stacked = StackedQuery(layout, query_blocks, curvature, route=route)
+    stacked = StackedQuery(layout, query, curvature, route=route)
     per_layer = stacked.scores(block, per_layer=True)
     assert per_layer.shape == (len(specs), 5, 37)
     for i, s in enumerate(specs):
-        alone = curvature[s.name].score(curvature[s.name].prepare(query_blocks[s.name]), train_blocks[s.name])
+        alone = curvature[s.name].score(curvature[s.name].prepare(query[s.name]), train[s.name])
         assert torch.allclose(per_layer[i], alone, rtol=1e-10, atol=1e-10)
     assert torch.allclose(per_layer.sum(dim=0), stacked.scores(block), rtol=1e-10, atol=1e-10)
 
 
 def test_the_query_side_route_holds_no_v_r():
     specs, train, query, curvature = _setup("factors", "lorif", c=1, nq=5, r=7)
-    layout = ScoreLayout.build(specs, "factors", curvature)
-    stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature)
+    layout = RowLayout.build(specs, "factors", curvature)
+    stacked = StackedQuery(layout, query, curvature)
     assert stacked.route == "query"
     assert all(h is not None for h in stacked.query_side) and all(v is None for v in stacked.vectors)
 
@@ -108,13 +101,11 @@ def test_the_query_side_route_holds_no_v_r():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_stored_coordinates_give_the_same_scores(normalize):
     specs, train, query, curvature = _setup("factors", "lorif", c=2)
-    layout = ScoreLayout.build(specs, "factors", curvature)
-    blocks = blocks_from_columns(specs, "factors", train)
-    coords = {n: blocks[n].dense() @ curvature[n].vectors for n in layout.coordinate_names}  # g'_t = V_rᵀ g_t
-    stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature, normalize=normalize,
-                           route="stored")
+    layout = RowLayout.build(specs, "factors", curvature)
+    coords = {n: train[n].dense() @ curvature[n].vectors for n in layout.coordinate_names}  # g'_t = V_rᵀ g_t
+    stacked = StackedQuery(layout, query, curvature, normalize=normalize, route="stored")
     got = stacked.scores(layout.train_block(train, coords))
-    expected = _oracle(specs, "factors", train, query, curvature, normalize)
+    expected = _oracle(specs, train, query, curvature, normalize)
     assert (got - expected).norm() / expected.norm() < 1e-10
     with pytest.raises(ValueError, match="no stored g'_t"):
         stacked.scores(layout.train_block(train))
@@ -122,13 +113,12 @@ def test_stored_coordinates_give_the_same_scores(normalize):
 
 def test_chunked_topk_equals_full_topk():
     specs, train, query, curvature = _setup("factors", "lorif", c=1, n=50)
-    layout = ScoreLayout.build(specs, "factors", curvature)
-    stacked = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature)
+    layout = RowLayout.build(specs, "factors", curvature)
+    stacked = StackedQuery(layout, query, curvature)
     block = layout.train_block(train)
     full = stacked.scores(block)
     topk = TopK(full.shape[0], 6, "cpu")
-    score_blocks(stacked, ((s, [""] * (min(s + 7, 50) - s), block.rows(s, min(s + 7, 50))) for s in range(0, 50, 7)),
-                 topk)
+    score_blocks(stacked, (block.rows(s, min(s + 7, 50)) for s in range(0, 50, 7)), topk)
     best, worst = torch.topk(full, 6, dim=1), torch.topk(full, 6, dim=1, largest=False)
     assert torch.equal(topk.index, best.indices) and torch.allclose(topk.scores, best.values, rtol=1e-12)
     assert torch.equal(topk.low_index, worst.indices) and torch.allclose(topk.low_scores, worst.values, rtol=1e-12)
@@ -143,10 +133,10 @@ def test_chunked_topk_equals_full_topk():
 
 def test_bf16_matmuls_stay_close():
     specs, train, query, curvature = _setup("factors", "lorif", c=1)
-    layout = ScoreLayout.build(specs, "factors", curvature)
-    q = {n: GradientBlock(u=b.u.float(), v=b.v.float()) for n, b in blocks_from_columns(specs, "factors", query).items()}
+    layout = RowLayout.build(specs, "factors", curvature)
+    q = {n: GradientBlock(u=b.u.float(), v=b.v.float()) for n, b in query.items()}
     curv32 = {n: c.to(dtype=torch.float32) for n, c in curvature.items()}
-    exact = StackedQuery(layout, blocks_from_columns(specs, "factors", query), curvature).scores(layout.train_block(train))
+    exact = StackedQuery(layout, query, curvature).scores(layout.train_block(train))
     fast = StackedQuery(layout, q, curv32, matmul_dtype=torch.bfloat16).scores(
         layout.train_block(train, dtype=torch.bfloat16))
     assert ((fast.double() - exact).norm() / exact.norm()) < 3e-2
@@ -155,11 +145,10 @@ def test_bf16_matmuls_stay_close():
 def test_injected_query_side_terms_need_no_vectors():
     """h_q = V_r (w ⊙ g'_q) made elsewhere (and g'_q for the self terms): scores with no V_r at hand."""
     specs, train, query, curvature = _setup("factors", "lorif", c=2)
-    layout = ScoreLayout.build(specs, "factors", curvature)
-    blocks = blocks_from_columns(specs, "factors", query)
-    coords = {n: blocks[n].dense() @ c.vectors for n, c in curvature.items()}
+    layout = RowLayout.build(specs, "factors", curvature)
+    coords = {n: query[n].dense() @ c.vectors for n, c in curvature.items()}
     terms = {n: (coords[n] * woodbury_weights(c.values, c.damping)) @ c.vectors.T for n, c in curvature.items()}
     light = {n: Woodbury(c.damping, c.values) for n, c in curvature.items()}
-    stacked = StackedQuery(layout, blocks, light, route="query", query_coordinates=coords, query_side_terms=terms)
-    expected = _oracle(specs, "factors", train, query, curvature, False)
+    stacked = StackedQuery(layout, query, light, route="query", query_coordinates=coords, query_side_terms=terms)
+    expected = _oracle(specs, train, query, curvature, False)
     assert (stacked.scores(layout.train_block(train)) - expected).norm() / expected.norm() < 1e-10

@@ -17,14 +17,16 @@ import sys
 import pytest
 import torch
 
+from lorif_ray.math.blocks import GradientBlock
 from lorif_ray.math.capture import ProjectedGradientCapture, dense_gradients, linear_dims, per_example_token_loss
 from lorif_ray.math.factorize import factorize, initial_block
-from lorif_ray.math.influence import GradientBlock, inner
+from lorif_ray.math.influence import inner
 from tests.oracles import damped_inverse
 from lorif_ray.math.projection import layer_projection
 from lorif_ray.model.layers import select_layers
 from lorif_ray.model.layers import conv1d_to_linear
 from lorif_ray.model.tensor_parallel import divide_layers, layers_of_rank
+from lorif_ray.store.schema import factor_columns
 from tests.conftest import padded_batch
 from tests.conftest import tiny_gpt2, tiny_llama
 
@@ -45,7 +47,8 @@ def _factor_columns(blocks, names):
     for name in names:
         a, b = blocks[name]
         v0 = initial_block(SEED, name, b.shape[-1], C, torch.float64, "cpu")
-        out[f"{name}.u"], out[f"{name}.v"] = factorize(a, b, v0, ITERS)
+        u_column, v_column = factor_columns(name)
+        out[u_column], out[v_column] = factorize(a, b, v0, ITERS)
     return out
 
 
@@ -173,9 +176,9 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def _blocks_of(columns, dims, split):
     out = {}
     for name, (i, o) in dims.items():
-        u = columns[split][f"{name}.u"]
+        u, v = (columns[split][c] for c in factor_columns(name))
         n = u.shape[0]
-        out[name] = GradientBlock(u=u.reshape(n, i // F, C), v=columns[split][f"{name}.v"].reshape(n, o // F, C))
+        out[name] = GradientBlock(u=u.reshape(n, i // F, C), v=v.reshape(n, o // F, C))
     return out
 
 
@@ -246,7 +249,7 @@ def test_factors_and_scores_match_tp1(ranks, reference, arch):
             worst = max(worst, _rel(columns[split][key], value.reshape(value.shape[0], -1)))
     print(f"{arch}: max relative error of factors: {worst:.2e}")
     assert worst <= TOL
-    ref_factor_blocks = {s: {n: GradientBlock(u=ref["columns"][s][f"{n}.u"], v=ref["columns"][s][f"{n}.v"])
+    ref_factor_blocks = {s: {n: GradientBlock(*(ref["columns"][s][c] for c in factor_columns(n)))
                              for n in ref["dims"]} for s in BATCHES}
     got_factor_blocks = {s: _blocks_of(columns, ranks[0][arch]["dims"], s) for s in BATCHES}
     want = _scores(ref["blocks"], ref_factor_blocks)

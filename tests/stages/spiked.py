@@ -16,6 +16,7 @@ import torch
 from lorif_ray.config import Config, DataConfig, MethodConfig, ModelConfig, QueryConfig
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.store import ShardWriter
+from lorif_ray.store.schema import factor_columns
 
 LAYERS = [LayerSpec("block.0.proj", 64, 48, 16, 12, 1), LayerSpec("block.1.proj", 64, 48, 16, 12, 1),
           LayerSpec("block.1.out", 40, 80, 10, 20, 1)]
@@ -37,7 +38,8 @@ def spiked_factors(n: int, spec: LayerSpec, seed: int) -> tuple[torch.Tensor, to
 def spiked_columns(n: int, seed: int) -> dict[str, torch.Tensor]:
     out = {}
     for i, spec in enumerate(LAYERS):
-        out[f"{spec.name}.u"], out[f"{spec.name}.v"] = spiked_factors(n, spec, seed * 100 + i)
+        u_column, v_column = factor_columns(spec.name)
+        out[u_column], out[v_column] = spiked_factors(n, spec, seed * 100 + i)
     return out
 
 

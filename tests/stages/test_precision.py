@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from lorif_ray.math.blocks import dense_from_factors
 from lorif_ray.math.curvature import FitSettings, Woodbury
-from lorif_ray.math.influence import dense_from_factors
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import LocalScorer, output_files
 from lorif_ray.stages.saved_curvature import curvature_header
 from lorif_ray.store import open_index
+from lorif_ray.store.schema import factor_columns
 from tests.oracles import oracle_scores, woodbury_inverse
 from tests.stages.spiked import LAYERS, spiked_config, with_output, write_spiked_index
 
 
 def _dense(columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {s.name: dense_from_factors(columns[f"{s.name}.u"][:, :, None], columns[f"{s.name}.v"][:, :, None])
-            for s in LAYERS}
+    return {s.name: dense_from_factors(*(columns[c][:, :, None] for c in factor_columns(s.name))) for s in LAYERS}
 
 
 def reference_scores(cfg, train: dict, queries: dict) -> torch.Tensor:
