@@ -7,11 +7,11 @@ Orientation: G̃ is d1×d2, g = vec(G̃) row-major, so vec(x̃ δ̃ᵀ) = kron(x
 import pytest
 import torch
 
+from lorif_ray.math.blocks import GradientBlock, RowLayout
 from lorif_ray.math.capture import dense_gradients
 from lorif_ray.math.curvature import (CURVATURES, EKFAC, KFAC, ExactInverse, FitSettings, Woodbury, curvature_class,
                                       fit_layers)
 from lorif_ray.math.factorize import factorize_dense, initial_block
-from lorif_ray.math.blocks import GradientBlock, RowLayout
 from lorif_ray.math.kronecker import KroneckerStats, batch_stats, sum_stats
 from lorif_ray.math.rsvd import GramOperator, GramPass, TensorRows
 from lorif_ray.math.scoring import StackedQuery
