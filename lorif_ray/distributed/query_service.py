@@ -122,10 +122,10 @@ class QueryWorker:
         if route == "recompute" and self.rows.layout is not None and not self.all_vectors:
             self.curvature = load_curvature(self.cfg, self.manifest, self.device, self.precision.math)  # every V_r
             self.all_vectors = True
-        query, _ = prepare_query(self.manifest, columns, self.curvature, route=route,
-                                 normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul,
-                                 query_coordinates=payload.get("coordinates") if route != "recompute" else None,
-                                 query_side_terms=payload.get("terms") if route == "query" else None)
+        query = prepare_query(self.manifest, columns, self.curvature, route=route,
+                              normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul,
+                              query_coordinates=payload.get("coordinates") if route != "recompute" else None,
+                              query_side_terms=payload.get("terms") if route == "query" else None)
         topk = TopK(next(iter(columns.values())).shape[0], min(payload["k"], len(self.rows)), self.device)
         score_blocks(query, self.rows.blocks(), topk, payload.get("files"), progress)
         return topk.cpu()

@@ -174,15 +174,15 @@ def score_blocks(query: StackedQuery | RepSimQuery, blocks: Iterable[TrainBlock]
 
 
 def prepare_query(manifest, query_columns: dict[str, torch.Tensor], curvature: dict | None, *, route: str,
-                  normalize: bool, **options) -> tuple[StackedQuery | RepSimQuery, RowLayout | None]:
-    """The batched scorer of one query batch and the layout its training blocks take (None: RepSim,
-    whose blocks are ``TrainBlock(dense=hidden)``); ``options`` go to ``StackedQuery``."""
+                  normalize: bool, **options) -> StackedQuery | RepSimQuery:
+    """The batched scorer of one query batch, for the training blocks of ``layer_rows(..., curvature=curvature)``
+    (RepSim: blocks of hidden states); ``options`` go to ``StackedQuery``."""
     if manifest.kind == "hidden":
-        return RepSimQuery(query_columns[HIDDEN_COLUMN]), None
+        return RepSimQuery(query_columns[HIDDEN_COLUMN])
     specs = layer_specs(manifest)
     layout = RowLayout.build(specs, manifest.kind, curvature)
     blocks = blocks_from_columns(specs, manifest.kind, query_columns)
-    return StackedQuery(layout, blocks, curvature, route=route, normalize=normalize, **options), layout
+    return StackedQuery(layout, blocks, curvature, route=route, normalize=normalize, **options)
 
 
 @dataclass
@@ -319,8 +319,8 @@ class LocalScorer:
         """The top-k and bottom-k (``TopK``: scores and global rows, (nq, k) each) of one query batch, in one pass;
         the asked-for ``files`` written."""
         columns = {c: v.to(device=self.device, dtype=self.precision.math) for c, v in query_columns.items()}
-        query, _ = prepare_query(self.manifest, columns, self.curvature, route=route,
-                                 normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul)
+        query = prepare_query(self.manifest, columns, self.curvature, route=route,
+                              normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul)
         num_queries, num_train = next(iter(columns.values())).shape[0], self.manifest.num_rows
         topk = TopK(num_queries, min(k, num_train), self.device)
         with progress_bar(num_train, "stage 3: score", "ex", self.cfg.progress) as bar:

@@ -71,8 +71,8 @@ def test_a_new_row_source_serves_the_gram_pass_and_the_scorer(baseline):
     expected = GramPass(whole)(applies=q)
     for name, value in GramPass(parts)(applies=q).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-10)
-    query, _ = prepare_query(manifest, featurize_queries(cfg, manifest).columns, curvature, route="recompute",
-                             normalize=False)
+    query = prepare_query(manifest, featurize_queries(cfg, manifest).columns, curvature, route="recompute",
+                          normalize=False)
     reference = np.load(f"{cfg.output_dir}/scores.npy")  # the baseline's run_query
     scores = torch.cat([query.scores(block) for block in parts.blocks()], dim=1).numpy()
     assert np.abs(scores - reference).max() <= 1e-5 * np.abs(reference).max()
