@@ -95,7 +95,7 @@ class RowTableWriter:
             meta = {**self.meta, "schema": schema, "offset": "byte" if rows.offsets is not None else "row"}
             fields = pa.schema([("example_id", pa.string()), ("offset", pa.int64()), ("line", pa.int64())])
             self.schema = fields.with_metadata({_META_KEY: json.dumps(meta).encode()})
-            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd", write_page_checksum=True)
         self.writer.write_table(pa.table([pa.array(ids, pa.string()), pa.array(offsets, pa.int64()),
                                           pa.array(lines, pa.int64())], schema=self.schema))
 

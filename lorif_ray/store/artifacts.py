@@ -240,7 +240,8 @@ def write_tables(path: str | os.PathLike, schema: pa.Schema, tables: Iterable[pa
     """``write_table`` of tables of one ``schema`` written one after another (a file larger than memory)."""
     schema = schema.with_metadata({**(schema.metadata or {}), META_KEY.encode(): json.dumps(meta).encode()})
     with atomic_path(path) as tmp:  # streamed: the bytes needed are not known in advance
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        # a CRC-32 per page, checked by readers that ask (QueryRun does), as the shards' are
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer:
             for table in tables:
                 writer.write_table(table.replace_schema_metadata(schema.metadata))
         digest = file_sha256(tmp)

@@ -19,7 +19,10 @@ Files (``FILES``; the record and the first four are always written):
 Every Parquet file and JSON sidecar carries the run's id (``run_id``) and ``format``. The record is written
 last, and committing a run removes the files of an earlier run in the folder that this run did not write, so
 a reader never mixes two runs: ``QueryRun.open`` takes only the files the record lists and refuses one that
-carries another run's id (a run that stopped part-way) or an older format, by name.
+carries another run's id (a run that stopped part-way) or an older format, by name. The record is sealed
+(``store.seal``: a CRC-32 of its own content) and holds the SHA-256 of every table, sidecar and page it lists,
+checked when the file is read (a ``QueryRunError`` naming a changed file); the ``.npy`` arrays, memory-mapped
+for the caller and as large as queries × N, are not re-hashed on read.
 
 Example:
     >>> run = QueryRun.open("out")  # doctest: +SKIP
@@ -42,9 +45,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lorif_ray.errors import QueryRunError
-from lorif_ray.store.artifacts import (atomic_path, preallocated_memmap, read_table_meta, temporary_path, write_json,
-                                       write_tables)
+from lorif_ray.errors import CorruptArtifactError, QueryRunError
+from lorif_ray.store.artifacts import (atomic_path, file_sha256, preallocated_memmap, read_table_meta, temporary_path,
+                                       write_json, write_tables)
+from lorif_ray.store.integrity import seal, unseal
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,7 @@ class QueryRun:
         route, precision) goes into every table and sidecar it writes, ``facts`` (counts: queries, tokens, train,
         top_k) into the record."""
         record = {"format": QUERY_RUN_FORMAT, "run_id": uuid.uuid4().hex, "created": time.time(), "files": [],
-                  **facts, "meta": meta}
+                  "sha256": {}, **facts, "meta": meta}
         return cls(directory, record)
 
     @property
@@ -116,9 +120,12 @@ class QueryRun:
     def _stamp(self, extra: dict | None = None) -> dict:
         return {**self.meta, **(extra or {}), "format": QUERY_RUN_FORMAT, "run_id": self.run_id}
 
-    def _wrote(self, name: str) -> None:
+    def _wrote(self, name: str, digest: str | None = None) -> None:
+        """Record a file of the run (with its SHA-256, for those its reader checks)."""
         if FILES[name] not in self.record["files"]:
             self.record["files"].append(FILES[name])
+        if digest is not None:
+            self.record["sha256"][FILES[name]] = digest
 
     def write_table(self, name: str, table: pa.Table, meta: dict | None = None) -> None:
         """A Parquet file of the run, atomically, with the run's meta (+ ``meta``) under ``lorif.meta``."""
@@ -126,18 +133,17 @@ class QueryRun:
 
     def write_tables(self, name: str, schema: pa.Schema, tables: Iterable[pa.Table], meta: dict | None = None) -> None:
         """``write_table`` of tables written one after another (a file larger than memory)."""
-        write_tables(self.path(name), schema, tables, self._stamp(meta))
-        self._wrote(name)
+        self._wrote(name, write_tables(self.path(name), schema, tables, self._stamp(meta)))
 
     def write_json(self, name: str, obj: dict) -> None:
         """A JSON sidecar of the run, with the run's meta."""
         write_json(self.path(name), {**self._stamp(), **obj})
-        self._wrote(name)
+        self._wrote(name, file_sha256(self.path(name)))
 
     def write_text(self, name: str, text: str) -> None:
         with atomic_path(self.path(name)) as tmp:
             tmp.write_text(text, encoding="utf-8")
-        self._wrote(name)
+        self._wrote(name, file_sha256(self.path(name)))
 
     @contextmanager
     def arrays(self, shapes: dict[str, tuple[tuple[int, ...], type]], scratch: dict | None = None
@@ -165,7 +171,7 @@ class QueryRun:
         """Write the record, last; then remove the files of an earlier run here that this run did not write.
         Returns the record."""
         previous = _read_record(self.directory)
-        write_json(self.directory / RECORD_NAME, self.record)
+        write_json(self.directory / RECORD_NAME, seal(self.record))
         stale = set(FILES.values()) - set(self.record["files"])
         removed = [file for file in sorted(stale) if (self.directory / file).is_file()]
         for file in removed:
@@ -202,6 +208,17 @@ class QueryRun:
         """Whether this run wrote ``name``."""
         return FILES[name] in self.record["files"]
 
+    def _verified(self, name: str) -> Path:
+        """The path of one of the run's files, after checking its bytes against the record's SHA-256."""
+        path = self.path(name)
+        recorded = self.record.get("sha256", {}).get(FILES[name])
+        if recorded is not None and (not path.is_file() or file_sha256(path) != recorded):
+            state = ("is missing" if not path.is_file() else
+                     "does not match the checksum this run recorded (a file of another run, or corrupt)")
+            raise QueryRunError(f"{path} {state}: run the query again into {self.directory} (the index and curvature "
+                                "are reused)")
+        return path
+
     def _check(self, name: str, meta: dict) -> None:
         if meta.get("run_id") != self.run_id:
             raise QueryRunError(f"{self.path(name)} belongs to another query run than {self.directory / RECORD_NAME}"
@@ -211,8 +228,10 @@ class QueryRun:
         """A Parquet file of the run (None: this run did not write it), checked to be this run's."""
         if not self.has(name):
             return None
-        self._check(name, read_table_meta(self.path(name)))
-        return pq.read_table(self.path(name), columns=columns)
+        path = self._verified(name)
+        self._check(name, read_table_meta(path))
+        with pq.ParquetFile(path, page_checksum_verification=True) as file:
+            return file.read(columns=columns)
 
     def table_meta(self, name: str) -> dict:
         """The ``lorif.meta`` of one of the run's Parquet files."""
@@ -222,7 +241,7 @@ class QueryRun:
         """A JSON sidecar of the run (None: not written), checked to be this run's."""
         if not self.has(name):
             return None
-        obj = json.loads(self.path(name).read_text())
+        obj = json.loads(self._verified(name).read_text())
         self._check(name, obj)
         return obj
 
@@ -238,7 +257,11 @@ def _read_record(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return unseal(json.loads(path.read_text()), path, "run the query again", error=_CorruptRecord)
     except (OSError, ValueError) as error:
         raise QueryRunError(f"{path}: unreadable run record ({error}); run the query again") from error
+
+
+class _CorruptRecord(QueryRunError, CorruptArtifactError):
+    """A run record that does not match its own checksum."""
 

@@ -88,5 +88,6 @@ def test_an_older_or_mixed_run_is_refused_by_name(attributor, tmp_path):
     shutil.copytree(results.output_dir, mixed, ignore=shutil.ignore_patterns("index", "curvature", "inputs"))
     attributor.query(QUERIES[:1])  # another run's topk.parquet over this one's: as if this run stopped part-way
     shutil.copy(results.output_dir / "topk.parquet", mixed / "topk.parquet")
-    with pytest.raises(QueryRunError, match="topk.parquet belongs to another query run"):
+    with pytest.raises(QueryRunError, match="topk.parquet does not match the checksum this run recorded .a file of "
+                                            "another run"):
         Results.open(mixed)
