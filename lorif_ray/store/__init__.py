@@ -4,6 +4,8 @@ The checks every artifact's reader runs (``integrity``: checksums per tensor, pe
 header, of a Parquet footer; paths contained in their folder) and the one-writer lock per folder (``locks``)
 live here, so every store calls them instead of re-implementing them.
 
+``CurvatureFolder`` is stage 2's folder (the curvature layer by layer, its header, the stored g'_t).
+
 Imports only pyarrow, numpy, torch, safetensors and the standard library.
 """
 
@@ -20,6 +22,7 @@ from lorif_ray.store.artifacts import (
     write_table,
     write_tables,
 )
+from lorif_ray.store.curvature_folder import CurvatureFolder
 from lorif_ray.store.integrity import CheckedBlocks, block_checksums, contained, read_sealed_json, seal, unseal
 from lorif_ray.store.locks import writer_lock
 from lorif_ray.store.manifest import Manifest, ShardRecord
@@ -39,6 +42,7 @@ from lorif_ray.store.shards import (
 
 __all__ = [
     "CheckedBlocks",
+    "CurvatureFolder",
     "ID_COLUMN",
     "STORAGE_DTYPES",
     "Manifest",
