@@ -395,7 +395,7 @@ def precision_check(args) -> list[dict]:
     from lorif_ray.config import PrecisionConfig
     from lorif_ray.stages.curvature import run_curvature
     from lorif_ray.stages.query import LocalScorer, output_files
-    from lorif_ray.store import open_index
+    from lorif_ray.store import CurvatureFolder, open_index
     from tests.stages.spiked import spiked_config, with_output, write_spiked_index
     from tests.stages.test_precision import reference_scores
 
@@ -416,7 +416,7 @@ def precision_check(args) -> list[dict]:
                 queries32 = {k: v.float() for k, v in queries.items()}
                 for route in ("stored", "query", "recompute"):
                     run = replace(cfg, query=replace(cfg.query, resident=True))
-                    scorer = LocalScorer(run, manifest, stored=route == "stored")
+                    scorer = LocalScorer(run, manifest, CurvatureFolder(run.curvature_path), stored=route == "stored")
                     with output_files(run, manifest, len(next(iter(queries32.values())))) as files:
                         scorer.score(queries32, route, 10, files)
                     full = np.load(Path(run.output_dir) / "scores.npy").astype(np.float64)

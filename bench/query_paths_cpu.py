@@ -28,7 +28,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import LocalScorer, featurize_queries
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
 
 
 def main() -> None:
@@ -57,7 +57,8 @@ def main() -> None:
     print("| rows | load s | recompute g'_t s | query side s | stored g'_t s |")
     print("|---|---:|---:|---:|---:|")
     for resident in (False, True):
-        scorer = LocalScorer(replace(cfg, query=replace(cfg.query, resident=resident)), manifest, stored=True)
+        scorer = LocalScorer(replace(cfg, query=replace(cfg.query, resident=resident)), manifest,
+                             CurvatureFolder(cfg.curvature_path), stored=True)
         seconds = []
         for route in ("recompute", "query", "stored"):
             start = time.perf_counter()

@@ -30,7 +30,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import featurize_queries
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
 
 
 def repeated_training_set(source: Path, copies: int, out: Path) -> Path:
@@ -85,7 +85,8 @@ def main() -> None:
     latency = {}
     for actors in (1, 2):
         start = time.perf_counter()
-        with QueryService(cfg, actors, actor_options=actor_options(cfg.cluster, gpu=False)) as service:
+        with QueryService(cfg, CurvatureFolder(cfg.curvature_path), actors,
+                          actor_options=actor_options(cfg.cluster, gpu=False)) as service:
             service.score(query_columns, "query", 10)
             first = time.perf_counter() - start
             start = time.perf_counter()

@@ -191,8 +191,8 @@ class Attributor:
             from lorif_ray.stages.query import LocalScorer, QueryBackend, QueryFeaturizer, run_query
 
             claim_output_dir(self.cfg)
-            return run_query(self.cfg, lambda cfg, manifest, stored: QueryBackend(
-                QueryFeaturizer(cfg, manifest, measurement=measurement), LocalScorer(cfg, manifest, stored)))
+            return run_query(self.cfg, lambda cfg, manifest, folder, stored: QueryBackend(
+                QueryFeaturizer(cfg, manifest, measurement=measurement), LocalScorer(cfg, manifest, folder, stored)))
 
     def _save_model(self, model, tokenizer) -> Path:
         """An in-memory model and its tokenizer saved to ``<output_dir>/model`` (what every stage loads)."""

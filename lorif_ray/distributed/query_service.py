@@ -19,7 +19,7 @@ the query side) and one in which all score. Only the "recompute" route makes the
 V_r, once; otherwise the whole curvature (253 GiB at 70B f=64 r=4096) is never in one process.
 
 Example (needs a running Ray):
-    >>> with QueryService(cfg, num_workers=2) as service:
+    >>> with QueryService(cfg, CurvatureFolder(cfg.curvature_path), num_workers=2) as service:
     ...     ends = service.score(query_columns, "query", k=10)   # workers load their shards once; ends.scores, .index
     ...     again = service.score(other_columns, "query", k=10)           # reuses the resident shards
 """
@@ -40,12 +40,13 @@ from lorif_ray.model.loading import resolve_device
 from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
 from lorif_ray.progress import progress_bar
-from lorif_ray.stages.coordinates import QueryProjector, StoredCoordinates
+from lorif_ray.stages.coordinates import QueryProjector
+from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import OutputFiles, QueryBackend, TopK, prepare_query, score_blocks
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store.curvature_folder import ranks
 
 
 class QueryWorker:
@@ -57,29 +58,31 @@ class QueryWorker:
     when a batch's route is "recompute".
 
     Args:
-        cfg: the query config (``query_config``: index, curvature, method, query settings, device).
+        cfg: the query config (``query_config``: index, curvature settings, method, query settings, device).
+        folder: the curvature folder (``CurvatureFolder``: the curvature and its stored g'_t).
         shards: the consecutive shard indices this worker owns (rows keep their global index).
         projection_layers: the low-rank layers whose V_r this worker holds to project queries.
         stored: score against the stored g'_t of its rows.
         progress: a ``Reporter`` (or None) given the row count of each block of rows it loads.
 
     Example:
-        >>> worker = QueryWorker(cfg, [0, 1])
+        >>> worker = QueryWorker(cfg, CurvatureFolder(cfg.curvature_path), [0, 1])
         >>> ends = worker.score({"columns": query_columns, "k": 5, "route": "recompute"})
         >>> ends.index.shape, ends.low_index.shape   # (nq, 5) each: global rows of the top-k and the bottom-k
     """
 
-    def __init__(self, cfg: Config, shards: Sequence[int], projection_layers: Sequence[str] = (),
-                 stored: bool = False, progress=None):
-        self.cfg, self.shards = cfg, list(shards)
+    def __init__(self, cfg: Config, folder: CurvatureFolder, shards: Sequence[int],
+                 projection_layers: Sequence[str] = (), stored: bool = False, progress=None):
+        self.cfg, self.folder, self.shards = cfg, folder, list(shards)
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
         self.manifest = manifest = open_index(cfg.index_path)
-        self.curvature = load_curvature(cfg, manifest, self.device, self.precision.math, vectors=False)
-        self.projector = QueryProjector(cfg, manifest, projection_layers, self.device) if projection_layers else None
+        self.curvature = load_curvature(folder, cfg, manifest, self.device, self.precision.math, vectors=False)
+        self.projector = (QueryProjector(folder, cfg, manifest, projection_layers, self.device)
+                          if projection_layers else None)
         coordinates = None
         if stored:
-            stored_rows = StoredCoordinates(cfg)
+            stored_rows = folder.stored_coordinates()
             coordinates = lambda start, stop: stored_rows.rows(start, stop, dtype=self.precision.math)  # noqa: E731
         self.rows = layer_rows(cfg.index_path, manifest, layer_specs(manifest), dtype=self.precision.math,
                                device=self.device, shards=self.shards, resident=True, curvature=self.curvature,
@@ -120,7 +123,8 @@ class QueryWorker:
         columns = {k: v.to(device=self.device, dtype=self.precision.math) for k, v in payload["columns"].items()}
         route = payload.get("route", "recompute")
         if route == "recompute" and self.rows.layout is not None and not self.all_vectors:
-            self.curvature = load_curvature(self.cfg, self.manifest, self.device, self.precision.math)  # every V_r
+            self.curvature = load_curvature(self.folder, self.cfg, self.manifest, self.device,
+                                            self.precision.math)  # every V_r
             self.all_vectors = True
         query = prepare_query(self.manifest, columns, self.curvature, route=route,
                               normalize=self.cfg.query.normalize, matmul_dtype=self.precision.matmul,
@@ -144,20 +148,22 @@ class QueryService:
 
     Args:
         cfg: the query config (``query_config``).
+        folder: the curvature folder (``CurvatureFolder``).
         num_workers: number of actors (capped at the number of shards).
         stored: the workers score against stored g'_t (the driver decided they serve this policy).
         actor_options: ``ray.remote`` options of each actor (default ``{"num_cpus": 0.5}``; add
             ``num_gpus`` to keep shards in GPU memory).
     """
 
-    def __init__(self, cfg: Config, num_workers: int, *, stored: bool = False, actor_options: dict | None = None):
+    def __init__(self, cfg: Config, folder: CurvatureFolder, num_workers: int, *, stored: bool = False,
+                 actor_options: dict | None = None):
         import ray
 
         self.cfg = cfg
         self.manifest = open_index(cfg.index_path)
         self.groups = shard_groups(self.manifest, num_workers)
         self.rows = [stop - start for start, stop in (self.manifest.row_range(group) for group in self.groups)]
-        self.ranks = ranks(curvature_header(cfg.curvature_path))
+        self.ranks = ranks(folder.header())
         self.stored = stored
         dims = {s.name: s.dim for s in layer_specs(self.manifest)}
         self.projection_layers = divide_layers({n: dims[n] * r for n, r in self.ranks.items()}, len(self.groups))
@@ -165,7 +171,7 @@ class QueryService:
         self.info = {"workers": len(self.groups)}
         with progress_bar(self.manifest.num_rows, "stage 3: load rows (ray)", "ex", cfg.progress) as bar:
             progress = ActorProgress(bar.update if cfg.progress else None)
-            self.workers = [remote.remote(cfg, group, share, stored, progress.start(i, self.rows[i]))
+            self.workers = [remote.remote(cfg, folder, group, share, stored, progress.start(i, self.rows[i]))
                             for i, (group, share) in enumerate(zip(self.groups, self.projection_layers))]
             try:  # surface a constructor's error (e.g. a stale curvature file) here, named
                 progress.wait([w.info.remote() for w in self.workers], range(len(self.workers)))
@@ -214,12 +220,13 @@ class QueryService:
         self.close()
 
 
-def ray_query(cfg: Config, manifest, stored: bool, *, num_workers: int, actor_options: dict | None = None
-              ) -> QueryBackend:
+def ray_query(cfg: Config, manifest, folder: CurvatureFolder, stored: bool, *, num_workers: int,
+              actor_options: dict | None = None) -> QueryBackend:
     """The query backend of ``run_query`` on Ray: a gradient replica featurizes, a ``QueryService`` scores."""
     featurize = RemoteQueryFeaturizer(cfg, manifest)
     try:
-        return QueryBackend(featurize, QueryService(cfg, num_workers, stored=stored, actor_options=actor_options))
+        service = QueryService(cfg, folder, num_workers, stored=stored, actor_options=actor_options)
+        return QueryBackend(featurize, service)
     except BaseException:
         featurize.close()
         raise

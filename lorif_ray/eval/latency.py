@@ -27,7 +27,7 @@ from lorif_ray.stages.index_cache import IndexCache
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.kronecker_stats import fold_stats, folded, write_shard_stats
 from lorif_ray.stages.query import local_query, open_query
-from lorif_ray.stages.saved_curvature import ranks
+from lorif_ray.store.curvature_folder import ranks
 from lorif_ray.store import ShardWriter, open_index
 
 
@@ -64,8 +64,8 @@ def bench(cfg: SweepConfig, rows: int, curvatures: list[str], repeats: int) -> l
         run = replace(point, index_dir=str(index), output_dir=str(out / kind), curvature=kind,
                       query=replace(point.query, full_scores=False))
         fitted = run_curvature(run)
-        run, manifest, header, stored = open_query(run)
-        backend = local_query(run, manifest, stored)
+        run, manifest, folder, header, stored = open_query(run)
+        backend = local_query(run, manifest, folder, stored)
         queries = backend.featurize(resolve_inputs(run).queries_path)
         route = choose_route(len(queries.row_ids), list(ranks(header).values()), stored=stored, train_self=False)
         runs[kind] = {"backend": backend, "queries": queries, "route": route, "fitted": fitted, "seconds": []}

@@ -10,12 +10,17 @@ rows fit, else streamed from Parquet); on Ray
 and return partial sums. Where the rows live changes the speed, never the numbers
 (tests/stages/test_paths.py). Each layer's curvature is written as soon as its group is solved
 (``CurvatureWriter``), so the driver holds one group's D×k iterates at a time, never the whole curvature.
+Every file is named, written and read by the folder's store class (``lorif_ray.store.CurvatureFolder``).
 
 With ``query.store_coordinates`` every low-rank layer's g'_t = V_rᵀ g_t is written for every row
-(``lorif_ray.stages.coordinates``), in ``precision.coordinates``, by one more pass per group. A curvature
-made with the same settings from the same index is reused once every file of it has been read and checked
-against its checksums; one interrupted part-way (or with corrupt layer files) keeps its intact layers and
-refits the others. One run writes a curvature folder at a time (its writer lock, ``CURVATURE_WRITER``).
+(``CoordinateWriter``), in ``precision.coordinates``, by one more pass per group. A curvature made with the
+same settings from the same index is reused once every file of it has been read and checked against its
+checksums; one interrupted part-way (or with corrupt layer files) keeps its intact layers and refits the
+others. One run writes a curvature folder at a time (its writer lock, ``CurvatureFolder.lock``).
+
+What a curvature is made of (``curvature_meta``: the method's curvature and fit settings, the policy, the
+index) is compared with what a config asks for before it is used (``check_curvature``, ``load_curvature``):
+any differing key is named and refused.
 
 The progress bar counts rows over every pass of every group, per row block (on Ray, as the Gram actors
 report them); its total is known up front, as each curvature says how many passes it asks for
@@ -26,29 +31,101 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Iterable
 
 import torch
 
 from lorif_ray.config import Config
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
-from lorif_ray.math.curvature import FitSettings, curvature_class, fit_layers
+from lorif_ray.math.curvature import Curvature, FitSettings, curvature_class, fit_layers
 from lorif_ray.math.rsvd import GramPass
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.progress import progress_bar
-from lorif_ray.stages.coordinates import (CoordinateWriter, StoredCoordinates, coordinates_dir, coordinates_match,
-                                         write_rows)
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
 from lorif_ray.stages.kronecker_stats import read_stats
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.stages.saved_curvature import (CURVATURE_WRITER, CurvatureWriter, corrupt_layers, curvature_exists,
-                                             curvature_header, curvature_meta)
-from lorif_ray.store import Manifest, open_index, writer_lock
+from lorif_ray.store import CurvatureFolder, Manifest, open_index
+from lorif_ray.store.curvature_folder import write_rows
 
 log = logging.getLogger(__name__)
 
 GROUP_BYTES = 1 << 30  # the driver's iterates of one group of layers (Q and GᵀG Q, D×k each, or D×D)
+
+# the config keys that change each curvature (its fit settings); RepSim ("none") has no curvature
+FIT_KEYS = {"woodbury": ("r", "damping", "damping_scale", "oversample", "svd_power_iters", "seed"),
+            "exact": ("damping", "damping_scale"), "kfac": ("damping", "damping_scale"),
+            "ekfac": ("damping", "damping_scale"), "identity": (), "none": ()}
+
+
+def curvature_meta(cfg: Config, manifest: Manifest) -> dict:
+    """What determines the curvature: the method's curvature and fit settings, the policy, the index."""
+    kind = cfg.curvature_kind
+    fitted = bool(FIT_KEYS[kind])
+    settings = {key: getattr(cfg, key) for key in FIT_KEYS[kind]}
+    if "damping_scale" in settings and settings["damping_scale"] is None:  # the curvature's default, as a number
+        settings["damping_scale"] = curvature_class(kind).default_damping_scale
+    return {
+        "method": cfg.method.name,
+        "curvature": kind,
+        "config": settings,
+        "precision": {"math": cfg.precision.math, "matmul": cfg.precision.matmul} if fitted else {},
+        "index": {"model": manifest.meta["model"], "config": manifest.meta["config"],
+                  "shards": [r.sha256 for r in manifest.shards]},
+    }
+
+
+def meta_diff(saved: dict, expected: dict) -> list[str]:
+    """Dotted keys whose values differ between two ``curvature_meta`` dicts."""
+    out = []
+    for key in sorted(set(saved) | set(expected)):
+        a, b = saved.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "index":
+            out += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def check_curvature(folder: CurvatureFolder, cfg: Config, manifest: Manifest, header: dict | None = None) -> dict:
+    """The header of ``folder``, after checking that this config asks for exactly that curvature.
+
+    Raises:
+        ConfigError: there is no curvature file.
+        IndexMismatchError: it was made with other settings, another policy or from another index
+            (the differing keys are named).
+    """
+    header = header or folder.header()
+    diff = meta_diff(header.get("method_meta", {}), curvature_meta(cfg, manifest))
+    if diff:
+        raise IndexMismatchError(f"{folder.path} was made with other settings than this config asks for "
+                                 f"({', '.join(diff)} differ): re-run stage 2 with this config, or query with the "
+                                 "curvature's settings")
+    return header
+
+
+def load_curvature(folder: CurvatureFolder, cfg: Config, manifest: Manifest, device, dtype, *,
+                   vectors: bool | Iterable[str] = True) -> dict[str, Curvature]:
+    """The saved curvature of every layer ({} for RepSim), checked against the config (``check_curvature``).
+
+    Args:
+        vectors: which layers' V_r to read: all (True), none (False: λ and σ² only, enough to score
+            against stored g'_t), or the named layers. V_r is most of the curvature (D·r per layer), and
+            tensors not asked for are never read.
+    """
+    header = check_curvature(folder, cfg, manifest)
+    if header["kind"] == "none":
+        return {}
+    wanted = vectors if isinstance(vectors, bool) else set(vectors)
+    kind = curvature_class(header["kind"])
+    out = {}
+    for spec in layer_specs(manifest):
+        with_vectors = wanted if isinstance(wanted, bool) else spec.name in wanted
+        tensors, info = folder.read_layer(spec.name, header, device,
+                                          names=lambda field: with_vectors or field != "vectors")
+        out[spec.name] = kind.from_saved(tensors, info).to(dtype=dtype)
+    return out
 
 
 class LayerGram(GramPass):
@@ -118,32 +195,32 @@ def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None)
     return groups + ([current] if current else [])
 
 
-def prepare_curvature(cfg: Config) -> tuple[Manifest, dict, bool]:
+def prepare_curvature(cfg: Config, folder: CurvatureFolder) -> tuple[Manifest, dict, bool]:
     """Open the index (its files' sizes checked; their contents as they are read); the curvature's
-    metadata; whether a saved curvature (and, if asked, stored g'_t) already matches it."""
+    metadata; whether the curvature in ``folder`` (and, if asked, stored g'_t) already matches it."""
     manifest = open_index(cfg.index_path)
     check_method_matches_index(cfg, manifest)
     meta = curvature_meta(cfg, manifest)
-    return manifest, meta, reusable_curvature(cfg, meta)
+    return manifest, meta, reusable_curvature(cfg, folder, meta)
 
 
-def reusable_curvature(cfg: Config, meta: dict) -> bool:
-    """Whether the saved curvature (and, if asked, the stored g'_t) was made for ``meta`` and every file of it
-    is intact (each read whole and checked); what is not is logged, and stage 2 rebuilds it."""
-    if not curvature_exists(cfg.curvature_path):
+def reusable_curvature(cfg: Config, folder: CurvatureFolder, meta: dict) -> bool:
+    """Whether the curvature in ``folder`` (and, if asked, the stored g'_t) was made for ``meta`` and every file
+    of it is intact (each read whole and checked); what is not is logged, and stage 2 rebuilds it."""
+    if not folder.exists():
         return False
     try:
-        header = curvature_header(cfg.curvature_path)
+        header = folder.header()
         if header.get("method_meta") != meta:
             return False
-        corrupt = corrupt_layers(cfg.curvature_path, header)
+        corrupt = folder.corrupt_layers(header)
         if corrupt:
-            log.warning("stage 2: layers %s of %s are missing or corrupt: refitting them", corrupt, cfg.curvature_path)
+            log.warning("stage 2: layers %s of %s are missing or corrupt: refitting them", corrupt, folder.path)
             return False
         if stores_coordinates(cfg):
-            if not coordinates_match(cfg, cfg.precision.coordinates):
+            if not folder.coordinates_match(cfg.precision.coordinates):
                 return False
-            StoredCoordinates(cfg).verify()
+            folder.stored_coordinates().verify()
     except (CorruptArtifactError, IndexMismatchError) as error:
         log.warning("stage 2: %s", error)
         return False
@@ -162,16 +239,16 @@ def stores_coordinates(cfg: Config) -> bool:
     return cfg.query.store_coordinates and cfg.curvature_kind == "woodbury"
 
 
-def reused_curvature_report(cfg: Config) -> dict:
+def reused_curvature_report(folder: CurvatureFolder) -> dict:
     """The report of a saved curvature this run reuses: its kind and the timing the run that fitted it recorded
     (``seconds`` None for a curvature saved before headers kept it)."""
-    header = curvature_header(cfg.curvature_path)
-    return {"reused": True, "path": str(cfg.curvature_path), "kind": header.get("kind"),
+    header = folder.header()
+    return {"reused": True, "path": str(folder.path), "kind": header.get("kind"),
             "seconds": header.get("seconds"), "layers": header.get("layers", {}),
             "precision": header.get("precision")}
 
 
-def clamped_ranks(cfg: Config, specs: list[LayerSpec]) -> dict:
+def clamped_ranks(cfg: Config, specs: list[LayerSpec], folder: CurvatureFolder) -> dict:
     """{"r": {"asked": r, "used": {layer: D}}} of the Woodbury layers narrower than ``r`` (their curvature keeps
     r = D, the whole spectrum), logged once; {} when none is (or the curvature has no r)."""
     if cfg.curvature_kind != "woodbury":
@@ -181,12 +258,13 @@ def clamped_ranks(cfg: Config, specs: list[LayerSpec]) -> dict:
         return {}
     shown = ", ".join(f"{name} (r={dim})" for name, dim in list(used.items())[:10]) + (" ..." if len(used) > 10 else "")
     log.warning("r=%d is larger than D of %d of %d layers; they keep r = D (the whole spectrum), recorded under "
-                "'clamped' in %s: %s", cfg.r, len(used), len(specs), cfg.curvature_path / "_curvature.json", shown)
+                "'clamped' in %s: %s", cfg.r, len(used), len(specs), folder.header_path, shown)
     return {"r": {"asked": cfg.r, "used": used}}
 
 
 def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
-    """Fit and save the curvature of every layer at ``cfg.curvature_path``; returns the stage report.
+    """Fit and save the curvature of every layer into the folder at ``cfg.curvature_path``; returns the stage
+    report.
 
     Args:
         backend_class: ``(cfg, manifest, precision, device) →`` where the rows are: ``layers(specs, on_rows)``
@@ -196,15 +274,16 @@ def run_curvature(cfg: Config, backend_class=LocalGram) -> dict:
     The bar counts rows over all passes of all groups (``group_passes``), or layers when the curvature reads
     no rows (K-FAC, identity).
     """
-    manifest, meta, reusable = prepare_curvature(cfg)
+    folder = CurvatureFolder(cfg.curvature_path)
+    manifest, meta, reusable = prepare_curvature(cfg, folder)
     if reusable:
-        log.info("stage 2: reusing %s (same settings, same index)", cfg.curvature_path)
-        return reused_curvature_report(cfg)
-    with writer_lock(cfg.curvature_path, *CURVATURE_WRITER):
-        return _fit_curvature(cfg, manifest, meta, backend_class)
+        log.info("stage 2: reusing %s (same settings, same index)", folder.path)
+        return reused_curvature_report(folder)
+    with folder.lock():
+        return _fit_curvature(cfg, folder, manifest, meta, backend_class)
 
 
-def _fit_curvature(cfg: Config, manifest: Manifest, meta: dict, backend_class) -> dict:
+def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, meta: dict, backend_class) -> dict:
     """``run_curvature``'s work, under the curvature folder's writer lock."""
     warn_if_unsafe(cfg)
     device = resolve_device(cfg.model.device)
@@ -212,10 +291,10 @@ def _fit_curvature(cfg: Config, manifest: Manifest, meta: dict, backend_class) -
     kind = cfg.curvature_kind
     specs = layer_specs(manifest) if kind != "none" else []
     store = stores_coordinates(cfg)
-    writer = CurvatureWriter(cfg.curvature_path, meta)
-    coordinates = CoordinateWriter(coordinates_dir(cfg), manifest.num_rows, cfg.precision.coordinates,
-                                   manifest.shard_size) if store else None
-    clamped = clamped_ranks(cfg, specs)
+    writer = folder.writer(meta)
+    coordinates = folder.coordinate_writer(manifest.num_rows, cfg.precision.coordinates,
+                                           manifest.shard_size) if store else None
+    clamped = clamped_ranks(cfg, specs, folder)
     todo = [s for s in specs if store or not writer.done(s.name)]  # g'_t files carry no id: refit them all
     if len(todo) < len(specs):
         log.info("stage 2: %d of %d layers were finished by an earlier run; fitting the others",
@@ -258,10 +337,9 @@ def _fit_curvature(cfg: Config, manifest: Manifest, meta: dict, backend_class) -
     # a reuse reports these seconds
     layers = writer.finish({"precision": precision.describe(), "seconds": seconds,
                             **({"clamped": clamped} if clamped else {})})
-    saved = sum(f.stat().st_size for f in cfg.curvature_path.glob("*.safetensors"))
-    report = {"reused": False, "path": str(cfg.curvature_path), "kind": kind, "seconds": seconds, "layers": layers,
-              "fitted_layers": len(todo), "bytes": saved, "precision": precision.describe(),
+    report = {"reused": False, "path": str(folder.path), "kind": kind, "seconds": seconds, "layers": layers,
+              "fitted_layers": len(todo), "bytes": folder.layer_bytes(), "precision": precision.describe(),
               **({"clamped": clamped} if clamped else {})}
     if coordinates is not None:
-        report["coordinates"] = coordinates.finish(cfg.curvature_path)
+        report["coordinates"] = coordinates.finish()
     return report

@@ -109,10 +109,12 @@ def _open_index(cfg: Config):
 def _check_curvature(cfg: Config) -> None:
     """The index, and a curvature made with the settings this config asks for."""
     from lorif_ray.stages.inputs import query_config
-    from lorif_ray.stages.saved_curvature import check_curvature, curvature_exists
+    from lorif_ray.stages.curvature import check_curvature
+    from lorif_ray.store import CurvatureFolder
 
     manifest = _open_index(cfg)
-    if not curvature_exists(cfg.curvature_path):
-        raise ConfigError(f"output_dir={cfg.output_dir}: no curvature in {cfg.curvature_path}; fit it first with "
+    folder = CurvatureFolder(cfg.curvature_path)
+    if not folder.exists():
+        raise ConfigError(f"output_dir={cfg.output_dir}: no curvature in {folder.path}; fit it first with "
                           "jobs/curvature.py or jobs/attribute.py (the same keys)")
-    check_curvature(query_config(cfg, manifest), manifest)
+    check_curvature(folder, query_config(cfg, manifest), manifest)

@@ -39,15 +39,15 @@ from lorif_ray.math.scoring import RepSimQuery, StackedQuery, choose_route
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.progress import progress_bar
-from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_dir, coordinates_match
+from lorif_ray.stages.curvature import check_curvature, load_curvature
 from lorif_ray.stages.index import build_featurizer, quiet_transformers
 from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_inputs, tokenized
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentRows, layer_rows
-from lorif_ray.stages.saved_curvature import check_curvature, load_curvature, ranks
 from lorif_ray.stages.report_page import write_report_page
 from lorif_ray.stages.summary import expected_sources
-from lorif_ray.store import ids_of_rows, open_index, read_ids, writer_lock
+from lorif_ray.store import CurvatureFolder, ids_of_rows, open_index, read_ids, writer_lock
+from lorif_ray.store.curvature_folder import ranks
 from lorif_ray.store.schema import HIDDEN_COLUMN
 from lorif_ray.store.query_run import BINS_PER_OCTAVE, HALF, NUM_SCORE_BINS, SCORE_OCTAVES, QueryRun
 
@@ -286,21 +286,22 @@ def featurize_queries(cfg: Config, manifest) -> QueryRows:
 
 class LocalScorer:
     """Scores query batches in this process: the rows streamed shard by shard, or (``query.resident``)
-    read once and kept on the device (``layer_rows``); the curvature loaded once, V_r included.
+    read once and kept on the device (``layer_rows``); the curvature loaded once from its folder, V_r included.
 
     Args:
         cfg: the query config (``query_config``); device from ``model.device``.
-        stored: the blocks carry the stored g'_t (route "stored").
+        folder: the curvature folder (``CurvatureFolder``).
+        stored: the blocks carry the folder's stored g'_t (route "stored").
     """
 
-    def __init__(self, cfg: Config, manifest, stored: bool):
+    def __init__(self, cfg: Config, manifest, folder: CurvatureFolder, stored: bool):
         self.cfg, self.manifest = cfg, manifest
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
-        self.curvature = load_curvature(cfg, manifest, self.device, self.precision.math)
+        self.curvature = load_curvature(folder, cfg, manifest, self.device, self.precision.math)
         coordinates = None
         if stored:
-            stored_rows = StoredCoordinates(cfg)
+            stored_rows = folder.stored_coordinates()
             coordinates = lambda start, stop: stored_rows.rows(start, stop, dtype=self.precision.math)  # noqa: E731
         start = time.perf_counter()
         loading = progress_bar(manifest.num_rows, "stage 3: load rows", "ex", cfg.progress) if cfg.query.resident \
@@ -346,33 +347,35 @@ class QueryBackend:
         self.scorer.close()
 
 
-def local_query(cfg: Config, manifest, stored: bool) -> QueryBackend:
+def local_query(cfg: Config, manifest, folder: CurvatureFolder, stored: bool) -> QueryBackend:
     """The query backend of one process: the model for query gradients and a ``LocalScorer``."""
-    return QueryBackend(QueryFeaturizer(cfg, manifest), LocalScorer(cfg, manifest, stored))
+    return QueryBackend(QueryFeaturizer(cfg, manifest), LocalScorer(cfg, manifest, folder, stored))
 
 
-def open_query(cfg: Config) -> tuple[Config, object, dict, bool]:
-    """The query config pinned to the index, the manifest, the curvature header (checked against the
-    config), and whether stored g'_t in the policy's dtype can serve the curvature term."""
+def open_query(cfg: Config) -> tuple[Config, object, CurvatureFolder, dict, bool]:
+    """The query config pinned to the index, the manifest, the curvature folder and its header (checked
+    against the config), and whether its stored g'_t in the policy's dtype can serve the curvature term."""
     manifest = open_index(cfg.index_path)
     cfg = query_config(cfg, manifest)
-    header = check_curvature(cfg, manifest)
+    folder = CurvatureFolder(cfg.curvature_path)
+    header = check_curvature(folder, cfg, manifest)
     warn_if_unsafe(cfg)
-    stored = bool(ranks(header)) and coordinates_match(cfg, cfg.precision.coordinates)
-    if ranks(header) and not stored and coordinates_match(cfg):
+    stored = bool(ranks(header)) and folder.coordinates_match(cfg.precision.coordinates)
+    if ranks(header) and not stored and folder.coordinates_match():
         log.warning("stored g'_t in %s are not in precision.coordinates=%s: not used (re-run stage 2 to store "
-                    "them in that dtype)", coordinates_dir(cfg), cfg.precision.coordinates)
-    return cfg, manifest, header, stored
+                    "them in that dtype)", folder.coordinates_path, cfg.precision.coordinates)
+    return cfg, manifest, folder, header, stored
 
 
 def run_query(cfg: Config, make_backend=local_query) -> dict:
     """Score ``data.queries`` against the index; returns a report with the output paths.
 
     Args:
-        make_backend: ``(cfg, manifest, stored) →`` a ``QueryBackend``; default ``local_query`` (this process).
+        make_backend: ``(cfg, manifest, folder, stored) →`` a ``QueryBackend``; default ``local_query`` (this
+            process).
     """
-    cfg, manifest, header, stored = open_query(cfg)
-    backend = make_backend(cfg, manifest, stored)
+    cfg, manifest, folder, header, stored = open_query(cfg)
+    backend = make_backend(cfg, manifest, folder, stored)
     try:
         return answer(cfg, manifest, header, stored, backend, require(resolve_inputs(cfg).queries_path, "data.queries"))
     finally:

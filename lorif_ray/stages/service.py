@@ -98,7 +98,7 @@ class QueryHandler:
     Args:
         cfg: the job's config (index and curvature where ``jobs/attribute.py`` put them: ``output_dir``,
             ``index_dir``); ``serve.*`` caps and token.
-        make_backend: ``(cfg, manifest, stored) →`` a ``QueryBackend`` (``local_query``, ``ray_query``).
+        make_backend: ``(cfg, manifest, folder, stored) →`` a ``QueryBackend`` (``local_query``, ``ray_query``).
 
     Example:
         >>> handler = QueryHandler(cfg, local_query)
@@ -122,8 +122,8 @@ class QueryHandler:
         """Open the index and curvature, start the backend; on failure ``status`` is "failed" and ``error``
         the reason in one line (the caller decides to stop)."""
         try:
-            self.query_cfg, self.manifest, self.header, self.stored = open_query(self.cfg)
-            self.backend = self.make_backend(self.query_cfg, self.manifest, self.stored)
+            self.query_cfg, self.manifest, folder, self.header, self.stored = open_query(self.cfg)
+            self.backend = self.make_backend(self.query_cfg, self.manifest, folder, self.stored)
             self.tokenizer, self.max_length = self.backend.featurize.tokenizer, self.backend.featurize.max_length
             self.texts = open_train_texts(self.query_cfg, self.manifest)  # None: answers without training texts
             self.status = "ready"

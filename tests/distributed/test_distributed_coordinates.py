@@ -12,12 +12,12 @@ from lorif_ray.distributed.curvature import GramWorker, shard_groups
 from lorif_ray.distributed.query_service import QueryService
 from lorif_ray.distributed.stages import run_stage
 from lorif_ray.math.rsvd import randomized_spectrum
-from lorif_ray.stages.coordinates import CoordinateWriter, StoredCoordinates, coordinates_dir, coordinates_match
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs, query_config
 from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
-from lorif_ray.stages.saved_curvature import curvature_header, load_curvature, ranks
-from lorif_ray.store import iter_batches, open_index
+from lorif_ray.stages.curvature import load_curvature
+from lorif_ray.store import CurvatureFolder, iter_batches, open_index
+from lorif_ray.store.curvature_folder import ranks, write_rows
 from lorif_ray.store.schema import factor_columns
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
@@ -30,7 +30,7 @@ def _rel(a, b) -> float:
 def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
     """G V_r per low-rank layer in float64, from the stored rows and the saved curvature."""
     manifest = open_index(cfg.index_path)
-    curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
+    curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
     rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, out_dtype=torch.float64, manifest=manifest)])
             for k in manifest.columns}
     blocks = blocks_from_columns(layer_specs(manifest), manifest.kind, rows)
@@ -47,7 +47,7 @@ def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
     spectrum = randomized_spectrum(apply, spec.dim, 16, oversample=4, power_iters=2, seed=0, name=spec.name,
                                    dtype=torch.float64)
     before = [w.passes() for w in workers]
-    writer = CoordinateWriter(tmp_path, manifest.num_rows, "float32", manifest.shard_size)
+    writer = CurvatureFolder(tmp_path / "curvature").coordinate_writer(manifest.num_rows, "float32", manifest.shard_size)
     path = writer.begin(spec.name, 16)
     parts = [w.write_coordinates([spec.name], {spec.name: spectrum.vectors}, {spec.name: path}, "float32",
                                  manifest.shard_size) for w in workers]
@@ -59,7 +59,7 @@ def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
                                                           manifest=manifest)])
             for k in factor_columns(spec.name)}
     exact = blocks_from_columns([spec], "factors", rows)[spec.name].dense() @ spectrum.vectors
-    stored = torch.from_numpy(np.load(tmp_path / f"{spec.name}.npy")).double()
+    stored = torch.from_numpy(np.load(tmp_path / "curvature_coordinates" / f"{spec.name}.npy")).double()
     assert _rel(stored, exact) < 1e-6  # float32 file
 
 
@@ -67,14 +67,15 @@ def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
     cfg = baseline["config"]("ray_coords_share", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True),
                              cluster=ClusterConfig(backend="ray", gram_actors=NUM_WORKERS))
     report = run_stage("curvature", cfg)
-    assert report["coordinates"]["bytes_per_example"] == 4 * sum(ranks(curvature_header(cfg.curvature_path)).values())
-    stored = StoredCoordinates(cfg).rows(dtype=torch.float64)
+    assert report["coordinates"]["bytes_per_example"] == 4 * sum(ranks(CurvatureFolder(cfg.curvature_path).header()).values())
+    stored = CurvatureFolder(cfg.curvature_path).stored_coordinates().rows(dtype=torch.float64)
     for name, exact in _exact_coordinates(cfg).items():
         assert _rel(stored[name], exact) < 1e-6, name
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
-    layers = set(ranks(curvature_header(cfg.curvature_path)))
-    with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS, stored=True) as service:
+    layers = set(ranks(CurvatureFolder(cfg.curvature_path).header()))
+    with QueryService(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS,
+                      stored=True) as service:
         shares = [set(s["vectors"]) for s in service.stats()]
         service.score(columns, "stored", 5)
         assert [set(s["vectors"]) for s in service.stats()] == shares  # the stored route reads no more V_r
@@ -88,10 +89,10 @@ def test_a_stale_coordinate_file_is_not_used(baseline, ray_cluster):
     query = QueryConfig(**QUERY_CONFIG, store_coordinates=True)
     cfg = baseline["config"]("ray_coords_stale", query=query, cluster=ClusterConfig(backend="ray"))
     run_stage("curvature", cfg)
-    assert (coordinates_dir(cfg) / "_meta.json").exists()
+    assert (CurvatureFolder(cfg.curvature_path).coordinates_path / "_meta.json").exists()
     other = baseline["config"]("ray_coords_stale", r=8, cluster=ClusterConfig(backend="ray"))
     run_stage("curvature", other)
-    assert not coordinates_match(other)
+    assert not CurvatureFolder(other.curvature_path).coordinates_match()
     assert run_stage("query", other)["route"] == "query"  # 6 queries < r = 8, no stored g'_t
 
 
@@ -107,12 +108,12 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
     route = "recompute" if normalize else "query"
-    with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
+    with QueryService(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as service:
         full = np.zeros((6, manifest.num_rows), dtype=np.float32)
         np.save(f"{cfg.output_dir}-full.npy", full)
         service.score(columns, route, 5, OutputFiles(scores=f"{cfg.output_dir}-full.npy"))
         held = [set(s["vectors"]) for s in service.stats()]
-    everything = set(ranks(curvature_header(cfg.curvature_path)))
+    everything = set(ranks(CurvatureFolder(cfg.curvature_path).header()))
     if normalize:
         assert held == [everything] * NUM_WORKERS
     else:
@@ -125,7 +126,6 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
 def test_a_worker_that_cannot_see_the_coordinate_file_says_output_dir_must_be_shared(tmp_path):
     """On a node without the driver's output_dir (not shared storage) a worker's write fails by name."""
     from lorif_ray.errors import ConfigError
-    from lorif_ray.stages.coordinates import write_rows
 
     with pytest.raises(ConfigError, match="shared by every node"):
         write_rows(tmp_path / "elsewhere" / "layer.npy.tmp-0", 0, torch.zeros(2, 3), "float32", 2)

@@ -13,8 +13,7 @@ from lorif_ray.distributed.curvature import GramWorker, RayGram, RemoteLayerGram
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import ParquetRows
-from lorif_ray.stages.saved_curvature import read_curvature
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
 from tests.distributed.test_distributed_progress import assert_exact, only_bar, reports
@@ -87,7 +86,7 @@ def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster,
     """With a group budget of one layer (the driver holds one layer's iterates, and writes its file before the next
     layer's fit starts: never more than one group's V_r), the Ray Gram actors give the one-process curvature."""
     import lorif_ray.stages.curvature as stage
-    from lorif_ray.stages.saved_curvature import CurvatureWriter
+    from lorif_ray.store.curvature_folder import CurvatureWriter
 
     events, real_fit, real_write = [], stage.fit_layers, CurvatureWriter.write
     monkeypatch.setattr(stage, "GROUP_BYTES", 1)
@@ -100,8 +99,8 @@ def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster,
     assert not report["reused"]
     layers = [s.name for s in layer_specs(open_index(dist.index_path))]
     assert events == [e for name in layers for e in (("fit", [name]), ("write", name))]
-    expected, expected_meta = read_curvature(one.curvature_path)
-    actual, actual_meta = read_curvature(dist.curvature_path)
+    expected, expected_meta = CurvatureFolder(one.curvature_path).read_all()
+    actual, actual_meta = CurvatureFolder(dist.curvature_path).read_all()
     assert {k: v for k, v in actual_meta.items() if k not in ("layers", "seconds")} == \
         {k: v for k, v in expected_meta.items() if k not in ("layers", "seconds")}  # same settings, policy, index
     for layer, want in expected_meta["layers"].items():
@@ -130,8 +129,8 @@ def test_ekfac_on_ray_equals_one_process(baseline, ray_cluster):
     dist = baseline["config"]("ekfac_ray", curvature="ekfac")
     run_curvature(one)
     run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))
-    expected, expected_meta = read_curvature(one.curvature_path)
-    actual, actual_meta = read_curvature(dist.curvature_path)
+    expected, expected_meta = CurvatureFolder(one.curvature_path).read_all()
+    actual, actual_meta = CurvatureFolder(dist.curvature_path).read_all()
     assert {v["kind"] for v in actual_meta["layers"].values()} == {"ekfac"}
     assert actual.keys() == expected.keys()
     for name, want in expected.items():
@@ -159,8 +158,8 @@ def test_a_gram_actor_killed_mid_stage_two_is_restarted_and_the_curvature_and_it
     before = reports(ray_cluster)
     options = actor_options(cfg.cluster, gpu=False, restartable=True)
     run_curvature(replace(cfg, progress=True), partial(RayGram, num_workers=NUM_WORKERS, actor_options=options))
-    expected, _ = read_curvature(baseline["cfg"].curvature_path)
-    actual, _ = read_curvature(cfg.curvature_path)
+    expected, _ = CurvatureFolder(baseline["cfg"].curvature_path).read_all()
+    actual, _ = CurvatureFolder(cfg.curvature_path).read_all()
     assert len(calls) > 2 and actual.keys() == expected.keys()
     for name in (n for n in expected if n.endswith(".values")):
         assert (actual[name] - expected[name]).norm() <= 1e-6 * expected[name].norm(), name

@@ -19,7 +19,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import featurize_queries, output_files, run_query
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
 from tests.distributed.conftest import NUM_WORKERS
 from tests.stages.helpers import make_config
 from tests.stages.spiked import spiked_config, with_output, write_spiked_index
@@ -51,7 +51,6 @@ def test_streaming_resident_and_ray_give_the_same_scores(tiny_assets, tmp_path, 
 
 def test_ray_stage_two_equals_one_process_on_a_dense_index(tiny_assets, tmp_path, ray_cluster):
     """LoGRA's exact inverse from Gram workers (D×D partial sums) equals the one-process one."""
-    from lorif_ray.stages.saved_curvature import read_curvature
 
     index_dir = str(tmp_path / "index")
     one = make_config(tiny_assets, tmp_path / "one", method="logra", shard_size=10, index_dir=index_dir)
@@ -59,8 +58,8 @@ def test_ray_stage_two_equals_one_process_on_a_dense_index(tiny_assets, tmp_path
     run_curvature(one)
     ray = make_config(tiny_assets, tmp_path / "ray", method="logra", shard_size=10, index_dir=index_dir)
     run_curvature(ray, partial(RayGram, num_workers=NUM_WORKERS))
-    expected, _ = read_curvature(one.curvature_path)
-    got, _ = read_curvature(ray.curvature_path)
+    expected, _ = CurvatureFolder(one.curvature_path).read_all()
+    got, _ = CurvatureFolder(ray.curvature_path).read_all()
     for name, tensor in expected.items():
         assert (got[name] - tensor).norm() <= 1e-9 * tensor.norm(), name
 
@@ -99,7 +98,7 @@ def test_the_ray_service_ranks_like_the_float64_reference_on_a_spiked_spectrum(t
     reference = reference_scores(cfg, train, queries).numpy()
     manifest = open_index(cfg.index_path)
     for route in ("recompute", "query", "stored"):
-        with QueryService(cfg, num_workers=NUM_WORKERS, stored=route == "stored") as service, \
+        with QueryService(cfg, CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS, stored=route == "stored") as service, \
                 output_files(cfg, manifest, 12) as files:
             service.score(queries, route, 10, files)
         got = np.load(f"{cfg.output_dir}/scores.npy")

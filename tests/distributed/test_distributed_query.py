@@ -16,7 +16,7 @@ from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
 
@@ -29,7 +29,8 @@ def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseli
     cfg = baseline["config"]("plain_workers", with_curvature=True)
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
-    workers = [QueryWorker(query_config(cfg, manifest), g) for g in shard_groups(manifest, NUM_WORKERS)]
+    folder = CurvatureFolder(cfg.curvature_path)
+    workers = [QueryWorker(query_config(cfg, manifest), folder, g) for g in shard_groups(manifest, NUM_WORKERS)]
     np.save(tmp_path / "full.npy", np.zeros((6, manifest.num_rows), dtype=np.float32))
     files = OutputFiles(scores=str(tmp_path / "full.npy"))
     results = [w.score({"columns": columns, "k": 5, "route": "recompute", "files": files})
@@ -47,7 +48,7 @@ def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseli
 def test_the_ray_backend_equals_run_query(baseline, ray_cluster, monkeypatch):
     """The query actors give run_query's top-k and scores; the driver reads the curvature's header only (V_r and
     σ² stay with the actors)."""
-    import lorif_ray.stages.saved_curvature as saved
+    import lorif_ray.store.curvature_folder as saved
 
     read = []
     monkeypatch.setattr(saved, "load_tensors", lambda *a, **kw: read.append(a) or (_ for _ in ()).throw(
@@ -96,7 +97,7 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
     cfg = baseline["config"]("service", with_curvature=True)
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
-    with QueryService(query_config(cfg, manifest), num_workers=NUM_WORKERS) as service:
+    with QueryService(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as service:
         first = service.score(columns, "query", 5)
         before = service.stats()
         second = service.score({k: v[3:] for k, v in columns.items()}, "query", 5)  # another batch
@@ -113,4 +114,4 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
 def test_a_service_without_curvature_fails_at_start_naming_it(baseline, ray_cluster):
     cfg = baseline["config"]("no_curvature")  # the index, but stage 2 never ran for this output dir
     with pytest.raises(LorifError, match="curvature"):
-        QueryService(cfg, NUM_WORKERS)
+        QueryService(cfg, CurvatureFolder(cfg.curvature_path), NUM_WORKERS)

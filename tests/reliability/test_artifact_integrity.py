@@ -12,13 +12,11 @@ import pytest
 
 from lorif_ray.config import QueryConfig
 from lorif_ray.errors import CorruptArtifactError, CorruptShardError
-from lorif_ray.stages.coordinates import coordinates_dir
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.kronecker_stats import TOTAL_NAME
 from lorif_ray.stages.query import run_query
-from lorif_ray.stages.saved_curvature import read_curvature
-from lorif_ray.store import Manifest, iter_batches
+from lorif_ray.store import CurvatureFolder, Manifest, iter_batches
 from tests.reliability.conftest import config
 from tests.reliability.layout import flipped, parquet_regions
 
@@ -66,7 +64,7 @@ def test_a_flipped_bit_in_stored_gt_or_in_a_curvature_layer_is_named_and_stage_2
     run_curvature(cfg)
     run_query(cfg)
     clean = _scores(cfg)
-    path = (coordinates_dir(cfg) / f"{SMALL_LAYER}.npy" if artifact == "coordinates"
+    path = (CurvatureFolder(cfg.curvature_path).coordinates_path / f"{SMALL_LAYER}.npy" if artifact == "coordinates"
             else cfg.curvature_path / f"{SMALL_LAYER}.safetensors")
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x04  # inside the last rows / the last tensor's values
@@ -96,7 +94,7 @@ def test_corrupt_kfac_statistics_are_named_and_stage_1_rebuilds_them(run_copy, t
     assert run_index(run_copy)["computed"] == 48  # every shard's statistics were in the corrupt total
     run_curvature(kfac)
     run_curvature(clean_copy)
-    got, expected = read_curvature(kfac.curvature_path)[0], read_curvature(clean_copy.curvature_path)[0]
+    got, expected = CurvatureFolder(kfac.curvature_path).read_all()[0], CurvatureFolder(clean_copy.curvature_path).read_all()[0]
     assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in got)
 
 

@@ -18,13 +18,11 @@ import torch
 
 from lorif_ray.config import QueryConfig
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
-from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_dir
-from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.kronecker_stats import TOTAL_NAME, read_stats
 from lorif_ray.stages.query import LocalScorer, featurize_queries
-from lorif_ray.stages.saved_curvature import load_curvature
-from lorif_ray.store import iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, iter_batches, open_index
 from tests.reliability.conftest import config
 from tests.reliability.layout import flipped, npy_regions, parquet_regions, safetensors_regions
 
@@ -68,11 +66,11 @@ def _readers(cfg, manifest, columns):
         return list(iter_batches(cfg.index_path, manifest=open_index(cfg.index_path), shards=[2]))
 
     def curvature():
-        loaded = load_curvature(cfg, manifest, "cpu", torch.float64)
+        loaded = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
         return {name: (c.damping, c.tensors()) for name, c in loaded.items()}
 
     def coordinates():
-        return StoredCoordinates(cfg).rows(dtype=torch.float64)
+        return CurvatureFolder(cfg.curvature_path).stored_coordinates().rows(dtype=torch.float64)
 
     def statistics():
         return {name: (s.activations, s.gradients, s.tokens, s.examples)
@@ -81,7 +79,7 @@ def _readers(cfg, manifest, columns):
     return {
         "shard": (cfg.index_path / "shard-00002.parquet", parquet_regions, shard, True),
         "curvature": (cfg.curvature_path / f"{LAYER}.safetensors", safetensors_regions, curvature, True),
-        "coordinates": (coordinates_dir(cfg) / f"{LAYER}.npy", npy_regions, coordinates, True),
+        "coordinates": (CurvatureFolder(cfg.curvature_path).coordinates_path / f"{LAYER}.npy", npy_regions, coordinates, True),
         # stage 2's K-FAC fit is a function of the statistics it reads: identical statistics, identical curvature
         "statistics": (cfg.index_path / TOTAL_NAME, safetensors_regions, statistics, False),
     }
@@ -89,7 +87,7 @@ def _readers(cfg, manifest, columns):
 
 def _scores(cfg, manifest, columns) -> list:
     """Every training row's score for every query, sorted, on the stored-g'_t and the recompute route."""
-    scorer = LocalScorer(cfg, manifest, stored=True)
+    scorer = LocalScorer(cfg, manifest, CurvatureFolder(cfg.curvature_path), stored=True)
     ends = [scorer.score(columns, route, manifest.num_rows) for route in ("stored", "recompute")]
     return [(e.scores, e.index, e.low_scores, e.low_index) for e in ends]
 

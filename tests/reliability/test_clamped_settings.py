@@ -9,8 +9,8 @@ import logging
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.query import run_query
-from lorif_ray.stages.saved_curvature import curvature_header, ranks
-from lorif_ray.store import Manifest
+from lorif_ray.store import CurvatureFolder, Manifest
+from lorif_ray.store.curvature_folder import ranks
 from tests.reliability.conftest import config
 
 HUGE = 10**8
@@ -26,7 +26,7 @@ def test_r_beyond_a_layer_is_logged_once_and_recorded(run_copy, tiny_assets, cap
         report = run_curvature(cfg)
     said = _warnings(caplog, f"r={HUGE}")
     assert len(said) == 1 and "8 of 8 layers" in said[0] and "transformer.h.0.attn.c_proj (r=64)" in said[0], said
-    header = curvature_header(cfg.curvature_path)
+    header = CurvatureFolder(cfg.curvature_path).header()
     dims = {layer["name"]: layer["d1"] * layer["d2"] for layer in Manifest.load(cfg.index_path).meta["layers"]}
     assert header["clamped"] == {"r": {"asked": HUGE, "used": dims}} == report["clamped"]
     assert ranks(header) == dims  # the rank each layer's curvature holds

@@ -12,11 +12,11 @@ import pytest
 
 from lorif_ray.config import QueryConfig
 from lorif_ray.errors import UnsafePathError
-from lorif_ray.stages.coordinates import META_NAME, coordinates_dir
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.query import run_query
-from lorif_ray.store import Manifest, iter_batches, open_index, seal, unseal
+from lorif_ray.store import CurvatureFolder, Manifest, iter_batches, open_index, seal, unseal
+from lorif_ray.store.curvature_folder import META_NAME
 from tests.reliability.conftest import config
 
 
@@ -65,10 +65,10 @@ def test_a_gt_meta_naming_a_file_outside_is_refused(run_copy, tiny_assets):
     cfg = config(tiny_assets, run_copy.output_dir, query=QueryConfig(full_scores=True, top_k=5,
                                                                     store_coordinates=True))
     run_curvature(cfg)
-    path = coordinates_dir(cfg) / META_NAME
+    path = CurvatureFolder(cfg.curvature_path).coordinates_path / META_NAME
     meta = unseal(json.loads(path.read_text()), path, "")
     layer = next(iter(meta["layers"]))
-    shutil.copyfile(coordinates_dir(cfg) / meta["layers"][layer]["file"], run_copy.index_path.parent.parent / "x.npy")
+    shutil.copyfile(CurvatureFolder(cfg.curvature_path).coordinates_path / meta["layers"][layer]["file"], run_copy.index_path.parent.parent / "x.npy")
     meta["layers"][layer]["file"] = "../../x.npy"
     path.write_text(json.dumps(seal(meta)))
     with pytest.raises(UnsafePathError, match=rf"layer '{layer}' of .*_meta\.json names '\.\./\.\./x\.npy'"):

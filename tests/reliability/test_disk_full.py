@@ -19,8 +19,7 @@ from lorif_ray.errors import StorageFullError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.kronecker_stats import read_stats
-from lorif_ray.stages.saved_curvature import read_curvature
-from lorif_ray.store import open_index, preallocated_memmap
+from lorif_ray.store import CurvatureFolder, open_index, preallocated_memmap
 from tests.reliability.conftest import config
 
 
@@ -170,6 +169,6 @@ def test_a_full_disk_in_stage_2_names_the_file_and_a_resume_gives_the_same_curva
     report = run_curvature(cfg)
     assert 0 < report["fitted_layers"] < 8  # the layers written before the disk filled are kept
     run_curvature(run_copy)
-    got, expected = read_curvature(cfg.curvature_path), read_curvature(run_copy.curvature_path)
+    got, expected = CurvatureFolder(cfg.curvature_path).read_all(), CurvatureFolder(run_copy.curvature_path).read_all()
     assert got[1]["layers"] == expected[1]["layers"]
     assert got[0].keys() == expected[0].keys() and all(torch.equal(got[0][k], expected[0][k]) for k in got[0])

@@ -11,14 +11,13 @@ from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import load_examples
 from lorif_ray.errors import IndexMismatchError
 from lorif_ray.model.loading import load_tokenizer
-from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.kronecker_stats import read_stats
 from lorif_ray.stages.query import featurize_queries, run_query
-from lorif_ray.stages.saved_curvature import load_curvature
-from lorif_ray.store import iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, iter_batches, open_index
 from tests.oracles import kronecker_inverse, oracle_scores
 from tests.stages.helpers import make_config
 
@@ -75,7 +74,7 @@ def test_dense_kronecker_scores_equal_the_explicit_inverse(indexes, kind):
     assert fitted["kind"] == kind and 8 * numbers <= fitted["bytes"] <= 8 * numbers + 4096 * len(layer_specs(manifest))
     names = [s.name for s in layer_specs(manifest)]
     stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], names)
-    curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
+    curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
     train = _dense_rows(cfg)
     inverses = {}
     for name in names:

@@ -11,14 +11,12 @@ import torch
 from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.errors import IndexMismatchError
 from lorif_ray.precision import Precision
-from lorif_ray.stages.coordinates import StoredCoordinates, coordinates_match
-from lorif_ray.stages.curvature import LocalGram, run_curvature
+from lorif_ray.stages.curvature import LocalGram, load_curvature, run_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import run_query
 from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows
-from lorif_ray.stages.saved_curvature import load_curvature, read_curvature
-from lorif_ray.store import iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, iter_batches, open_index
 from tests.conftest import QUERY_CONFIG
 from tests.stages.helpers import counting_shard_reads
 
@@ -28,8 +26,8 @@ def _rel(a, b):
 
 
 def _same_curvature(path, ref_path, tolerance):
-    expected, _ = read_curvature(ref_path)
-    got, _ = read_curvature(path)
+    expected, _ = CurvatureFolder(ref_path).read_all()
+    got, _ = CurvatureFolder(path).read_all()
     assert set(got) == set(expected)
     for name, tensor in expected.items():
         if name.endswith(".vectors"):  # V diag(σ²) Vᵀ (vectors of zero eigenvalues are arbitrary)
@@ -57,8 +55,8 @@ def test_stage_two_streamed_and_resident_write_the_same_curvature_and_coordinate
     blocks = blocks_from_columns(layer_specs(manifest), manifest.kind, rows)
     width = 0
     for cfg in (streamed, resident):  # each against its own V_r (eigenvector signs are arbitrary)
-        curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
-        stored = StoredCoordinates(cfg).rows(dtype=torch.float64)
+        curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
+        stored = CurvatureFolder(cfg.curvature_path).stored_coordinates().rows(dtype=torch.float64)
         for name, block in blocks.items():
             exact = block.dense() @ curvature[name].vectors
             assert stored[name].shape == exact.shape and _rel(stored[name], exact) < 1e-6  # float32 files
@@ -109,12 +107,12 @@ def test_config_keys_select_the_paths_through_the_stage_dispatcher(baseline):
 def test_stale_coordinates_are_not_used(baseline):
     cfg = baseline["config"]("stale", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
     run_curvature(cfg)
-    assert coordinates_match(cfg)
+    assert CurvatureFolder(cfg.curvature_path).coordinates_match()
     other = baseline["config"]("stale", r=8)  # another curvature in the same output dir, no g'_t
     run_curvature(other)
-    assert not coordinates_match(other)
+    assert not CurvatureFolder(other.curvature_path).coordinates_match()
     with pytest.raises(IndexMismatchError):
-        StoredCoordinates(other)
+        CurvatureFolder(other.curvature_path).stored_coordinates()
     assert run_query(other)["route"] == "query"  # 6 queries < r = 8
 
 

@@ -12,11 +12,10 @@ import torch
 from lorif_ray.math.blocks import dense_from_factors
 from lorif_ray.math.curvature import FitSettings, Woodbury
 from lorif_ray.math.rsvd import GramOperator, TensorRows
-from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import LocalScorer, output_files
-from lorif_ray.stages.saved_curvature import curvature_header
-from lorif_ray.store import open_index
+from lorif_ray.store import CurvatureFolder, open_index
 from lorif_ray.store.schema import factor_columns
 from tests.oracles import oracle_scores, woodbury_inverse
 from tests.stages.spiked import LAYERS, spiked_config, with_output, write_spiked_index
@@ -45,7 +44,7 @@ def path_scores(cfg, queries: dict) -> dict[str, np.ndarray]:
     for resident in (False, True):
         for route in ("recompute", "query", "stored"):
             run = replace(cfg, query=replace(cfg.query, resident=resident))
-            scorer = LocalScorer(run, manifest, stored=route == "stored")
+            scorer = LocalScorer(run, manifest, CurvatureFolder(run.curvature_path), stored=route == "stored")
             with output_files(run, manifest, 12) as files:
                 scorer.score(queries, route, 10, files)
             out[f"{'resident' if resident else 'streamed'}/{route}"] = np.load(f"{run.output_dir}/scores.npy")
@@ -68,10 +67,10 @@ def spiked(request, tmp_path_factory):
 
 def test_the_spectrum_is_spiked(spiked):
     cfg, _, _ = spiked
-    header = curvature_header(cfg.curvature_path)
-    from lorif_ray.stages.saved_curvature import load_curvature
+    folder = CurvatureFolder(cfg.curvature_path)
+    header = folder.header()
 
-    curvature = load_curvature(cfg, open_index(cfg.index_path), "cpu", torch.float64)
+    curvature = load_curvature(folder, cfg, open_index(cfg.index_path), "cpu", torch.float64)
     ratios = [float(c.values[0]) / c.damping for c in curvature.values()]
     assert min(ratios) >= 500, ratios
     assert header["precision"]["coordinates"] == "float32" and header["precision"]["storage"] == cfg.dtype

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from lorif_ray.math.rsvd import GramPass
+from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.stages.inputs import layer_specs, query_config
 from lorif_ray.stages.query import TopK, featurize_queries, prepare_query, score_blocks
 from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows, rows_bytes
-from lorif_ray.stages.saved_curvature import load_curvature
-from lorif_ray.store import open_index, read_ids
+from lorif_ray.store import CurvatureFolder, open_index, read_ids
 from lorif_ray.store.schema import TORCH_STORAGE_DTYPES
 
 
@@ -61,7 +61,7 @@ def test_a_new_row_source_serves_the_gram_pass_and_the_scorer(baseline):
     cfg = query_config(baseline["cfg"], open_index(baseline["cfg"].index_path))
     manifest = open_index(cfg.index_path)
     specs = layer_specs(manifest)
-    curvature = load_curvature(cfg, manifest, "cpu", torch.float64)
+    curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
     options = dict(dtype=torch.float64, batch_rows=7, block_rows=7, curvature=curvature)
     parts = Segments([layer_rows(cfg.index_path, manifest, specs, shards=[0, 1, 2], resident=False, **options),
                       layer_rows(cfg.index_path, manifest, specs, shards=[3, 4], resident=True, **options)])
