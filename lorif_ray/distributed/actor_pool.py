@@ -71,7 +71,7 @@ class ReplacingActorPool(ActorPool):
 
     Ray's ``ActorPool`` evicts an actor whose call raised ``ActorDiedError`` and does not say which value was
     lost; this subclass keeps each call's value and puts the renewed member back instead (Ray 2.60's
-    ``_get_result`` hook).
+    ``_get_result`` and ``_return_actor`` hooks), and hands free members out in turn rather than last-freed first.
     """
 
     def __init__(self, members: list[Member], call: Callable, calls_per_member: int,
@@ -101,6 +101,13 @@ class ReplacingActorPool(ActorPool):
         finally:
             self._return_actor(slot)  # alive: its member holds live actors (renewed if they died)
         return value, result, extra
+
+    def _return_actor(self, slot: _Slot, is_alive: bool = True) -> None:
+        """A free slot goes to the back of the line (Ray's pool hands the last freed one out first): calls take
+        the members in turn, so a member whose actors died while idle is found, and renewed, at its next turn."""
+        self._idle_actors.insert(0, slot)
+        if self._pending_submits:
+            self.submit(*self._pending_submits.pop(0))
 
 
 def next_results(pools: list[ReplacingActorPool], timeout: float | None) -> Iterator[tuple]:

@@ -64,3 +64,23 @@ def test_an_error_of_the_work_passes_through_and_the_member_stays(ray_cluster):
     pool.put(4)
     assert sorted(pool.get_next_unordered()[:2] for _ in range(2)) == [(3, 6), (4, 8)]
     assert deaths == [] and all(m.generation == 0 for m in members)
+
+
+
+def test_members_take_calls_in_turn_so_one_that_died_idle_is_renewed(ray_cluster):
+    """One call at a time: consecutive calls go to the members in turn (Ray's pool would reuse the last freed
+    one forever), so a member that died while idle is found at its turn, renewed, and its call comes back."""
+    pool, members, deaths = _pool(ray_cluster, calls_per_member=1)
+    ray_cluster.kill(members[0].actor, no_restart=True)
+    results, lost = {}, []
+    for x in (1, 2):
+        pool.put(x)
+        try:
+            value, result, _ = pool.get_next_unordered()
+            results[value] = result
+        except LostCall as call:
+            lost.append(call.value)
+    assert len(lost) == 1 and deaths == [members[0]]
+    pool.put(lost[0])
+    value, result, _ = pool.get_next_unordered()
+    assert {**results, value: result} == {1: 2, 2: 4}
