@@ -134,7 +134,8 @@ def stage1(args, model) -> list[dict]:
             with tempfile.TemporaryDirectory(dir=os.environ.get("GPU_SPEED_TMP")) as directory:
                 writer = ShardWriter(directory, kind="factors", columns=featurizer.columns, dtype=args.store_dtype,
                                      shard_size=shard_size, meta={})
-                write_shards(featurizer, writer, chunks, args.batch, pad_token_id=0)
+                for record in write_shards(featurizer, writer, chunks, args.batch, pad_token_id=0):
+                    writer.commit(record)  # as the driver does
 
         t_plain = timed(plain, device, args.repeat)
         t_feat = timed(featurize, device, args.repeat)

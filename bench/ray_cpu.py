@@ -23,7 +23,7 @@ import torch
 
 from lorif_ray.config import ClusterConfig, Config, DataConfig, QueryConfig
 from lorif_ray.distributed.cluster import actor_options
-from lorif_ray.distributed.index_pipeline import run_index_distributed
+from lorif_ray.distributed.index_pipeline import RayFeaturize
 from lorif_ray.distributed.query_service import QueryService
 from lorif_ray.eval.latency import synthetic_index
 from lorif_ray.stages.curvature import run_curvature
@@ -70,8 +70,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     stage1 = {}
     for name, actors, fused in (("1 actor", 1, True), ("2 actors", 2, True), ("2 actors + pool", 2, False)):
-        report = run_index_distributed(config(name.replace(" ", "_"), gradient_actors=actors, fused=fused,
-                                              writer_actors=1))
+        report = run_index(config(name.replace(" ", "_"), gradient_actors=actors, fused=fused, writer_actors=1),
+                           RayFeaturize)
         stage1[name] = report["examples_per_second"]
         rows.append(("stage 1", f"{name} ({'fused' if fused else 'factorize in the pool'})",
                      report["examples_per_second"], stage1[name] / stage1["1 actor"]))

@@ -8,11 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from lorif_ray.config import Config
 from lorif_ray.data import Example
-from lorif_ray.distributed.index_pipeline import IndexPipeline
+from lorif_ray.distributed.index_pipeline import GradientReplicas
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer
@@ -48,9 +46,10 @@ class RemoteQueryFeaturizer:
         self.max_length = manifest.meta["config"]["max_length"]
         self.per_token, self.progress, self.columns = cfg.query.per_token, cfg.progress, cfg.data.columns
         one_replica = replace(cfg, cluster=replace(cfg.cluster, gradient_actors=1, fused=True))
-        self.pipeline = IndexPipeline(one_replica, str(model_path))
+        self.replicas = GradientReplicas(one_replica, str(model_path))
+        self.replica = self.replicas.members[0]
         try:
-            layout = ray.get(self.pipeline.gradient_actors[0].describe.remote("", 0))
+            layout = ray.get(self.replica.actor.describe.remote("", 0))
             check_same_model(manifest.meta["model"], layout["meta"]["model"], f"index {cfg.index_path}")
             if layout["columns"] != manifest.columns:
                 raise IndexMismatchError(f"index {cfg.index_path} stores other columns than this config makes "
@@ -72,7 +71,7 @@ class RemoteQueryFeaturizer:
             # every rank of the replica gets the batch (tensor parallel: collectives), with the query measurement
             calls = [rank.featurize.options(num_returns=2).remote(0, queries, True, self.measurement,
                                                                   reporter if i == 0 else None)
-                     for i, rank in enumerate(self.pipeline.gradient_slots[0].actors)]
+                     for i, rank in enumerate(self.replica.actors)]
             payload, statuses = calls[0][1], [status for status, _ in calls]
             list(progress.results(statuses[:1], ["queries"]))
             ray.get(statuses)
@@ -81,7 +80,7 @@ class RemoteQueryFeaturizer:
                          time.perf_counter() - start, tokens)
 
     def close(self) -> None:
-        self.pipeline.close()
+        self.replicas.close()
 
     def __enter__(self) -> "RemoteQueryFeaturizer":
         return self

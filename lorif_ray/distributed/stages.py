@@ -1,8 +1,8 @@
 """The three stages on the backend the config names: Ray actors, or this process (``cluster.backend=none``).
 
 The jobs call ``run_stage``; with the Ray backend it checks the stage's inputs and (for a local instance) the
-layout first, then starts or joins Ray (``cluster.address``). Stages 2 and 3 run their one driver
-(``run_curvature``, ``run_query``) with the Ray backends of their rows. ``run_service`` is the HTTP query
+layout first, then starts or joins Ray (``cluster.address``). Each stage runs its one driver (``run_index``,
+``run_curvature``, ``run_query``) with its Ray backend (``RayFeaturize``, ``RayGram``, ``ray_query``). ``run_service`` is the HTTP query
 service on the same two backends (Ray Serve, or a server in this process).
 """
 
@@ -15,6 +15,7 @@ from lorif_ray.config import Config
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.attribute import STAGES, run_local_stage
 from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.index import run_index
 from lorif_ray.stages.outputs import claim_output_dir
 from lorif_ray.stages.preflight import check_before_work
 from lorif_ray.stages.query import run_query
@@ -59,7 +60,7 @@ def run_stage(name: str, cfg: Config) -> dict:
     claim_output_dir(cfg)
     from lorif_ray.distributed.cluster import actor_options, connect, node_watch
     from lorif_ray.distributed.curvature import RayGram
-    from lorif_ray.distributed.index_pipeline import run_index_distributed
+    from lorif_ray.distributed.index_pipeline import RayFeaturize
     from lorif_ray.distributed.query_service import ray_query
 
     connect(cfg.cluster)
@@ -67,7 +68,7 @@ def run_stage(name: str, cfg: Config) -> dict:
     options = actor_options(cluster, gpu=True)
     with node_watch(name):
         if name == "index":
-            return run_index_distributed(cfg)
+            return run_index(cfg, RayFeaturize)
         if name == "curvature":  # a Gram pass is a pure function of the rows and Q: Ray may rerun it after a crash
             restartable = actor_options(cluster, gpu=True, restartable=True)
             return run_curvature(cfg, partial(RayGram, num_workers=cluster.gram_actors, actor_options=restartable))

@@ -23,9 +23,10 @@ from lorif_ray.eval.groundtruth import ensure_setup
 from lorif_ray.eval.sweep import point_config
 from lorif_ray.math.scoring import choose_route
 from lorif_ray.stages.curvature import run_curvature
+from lorif_ray.stages.index import FinishedShard
 from lorif_ray.stages.index_cache import IndexCache
 from lorif_ray.stages.inputs import resolve_inputs
-from lorif_ray.stages.kronecker_stats import fold_stats, folded, write_shard_stats
+from lorif_ray.stages.kronecker_stats import fold_stats, folded
 from lorif_ray.stages.query import local_query, open_query
 from lorif_ray.store.curvature_folder import ranks
 from lorif_ray.store import ShardWriter, open_index
@@ -42,8 +43,7 @@ def synthetic_index(real: Path, out: Path, rows: int, shard_size: int = 4096) ->
     for shard, start in enumerate(range(0, rows, shard_size)):
         n = min(shard_size, rows - start)
         columns = {k: torch.randn(n, w, generator=generator) for k, w in manifest.columns.items()}
-        write_shard_stats(out, shard, stats)
-        writer.write_shard(shard, [f"s{start + i}" for i in range(n)], columns)
+        writer.commit(FinishedShard(shard, [f"s{start + i}" for i in range(n)], columns, stats).write(writer))
     writer.finalize(rows)
     fold_stats(out, lambda shard: True)
     return out

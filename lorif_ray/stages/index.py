@@ -1,10 +1,16 @@
 """Stage 1: per-example projected gradients (rank-c factors, dense rows or hidden states) → Parquet shards.
 
-Work is cut into deterministic shards of ``shard_size`` examples in input order (``plan_input``: one
-streaming pass that checks the input and fixes each shard's row range); each shard is read and
-tokenized only when it is computed, and each finished shard is recorded in the manifest, so a re-run
-after a crash skips it (without reading its rows) and resumes. One run writes an index at a time (the
-index folder's writer lock, ``INDEX_WRITER``); a complete index is reused without it.
+One driver, ``run_index``, for every way of making rows. Work is cut into deterministic shards of
+``shard_size`` examples in input order (``plan_input``: one streaming pass that checks the input, fixes
+each shard's row range and writes the row table); the driver builds the meta, reuses a finished index,
+takes the index folder's writer lock (``INDEX_WRITER``: one run writes an index at a time), opens the
+one ``ShardWriter``, draws the bar and commits each finished shard's record, so a re-run after a crash
+skips it (without reading its rows) and resumes. A *featurize backend* (``FeaturizeBackend``) makes
+and writes the shards left and knows nothing of manifests, reuse or bars: ``LocalFeaturize`` (this
+process), ``lorif_ray.distributed.index_pipeline.RayFeaturize`` (a Ray pool of gradient replicas),
+``lorif_ray.stages.index_cache.DenseFactors`` (rank-c factors of a dense index, no model). Every
+backend writes a shard as one unit (``FinishedShard.write``: its K-FAC statistics, then its file)
+before the driver can commit its record.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,12 +38,41 @@ from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import TokenizedShards, require, resolve_inputs
 from lorif_ray.stages.kronecker_stats import SHARDS_DIR, fold_now_and_then, fold_stats, stats_check, write_shard_stats
-from lorif_ray.store import Manifest, ShardWriter, finished_index, remove_stale_temporaries, write_json, writer_lock
+from lorif_ray.store import (Manifest, ShardRecord, ShardWriter, finished_index, remove_stale_temporaries, write_json,
+                             writer_lock)
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 logger = logging.getLogger(__name__)
 
 INDEX_WRITER = ("index", "stage 1 (jobs/index.py)")  # ``writer_lock(cfg.index_path, *INDEX_WRITER)``
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    """What a backend's rows are: the manifest's ``kind``, ``columns`` {name: width} and ``meta``."""
+
+    kind: str
+    columns: dict[str, int]
+    meta: dict
+
+
+@dataclass
+class FinishedShard:
+    """One shard as a backend made it: ``ids`` (n), store ``columns`` {column: (n, width)} and its K-FAC
+    ``statistics`` {layer: KroneckerStats} (None: the index collects none, or already holds them)."""
+
+    index: int
+    ids: list[str]
+    columns: dict[str, torch.Tensor]
+    statistics: dict | None = None
+
+    def write(self, writer: ShardWriter) -> ShardRecord:
+        """Write the shard as one unit, its statistics and then its Parquet file (``writer.write_file``), and return
+        the record for the driver to commit: the one place stage 1 writes a shard, for every backend, so a
+        committed record always has its statistics."""
+        if self.statistics is not None:
+            write_shard_stats(writer.directory, self.index, self.statistics)
+        return writer.write_file(self.index, self.ids, self.columns)
 
 
 @contextmanager
@@ -136,24 +171,24 @@ def warn_clamped_rank(specs: list[LayerSpec], c: int, kind: str) -> None:
                        "factors), recorded as each layer's c in the manifest: %s", c, len(clamped), len(specs), used)
 
 
-def index_writer(cfg: Config, kind: str, columns: dict[str, int], meta: dict) -> ShardWriter:
-    """The writer of ``cfg``'s index (stale temporaries removed); a shard counts as done only with its K-FAC
+def index_writer(cfg: Config, layout: IndexLayout) -> ShardWriter:
+    """The one writer of ``cfg``'s index (stale temporaries removed); a shard counts as done only with its K-FAC
     statistics (when collected). Call under the index's writer lock (``INDEX_WRITER``)."""
-    writer = ShardWriter(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype, shard_size=cfg.shard_size,
-                         meta=meta, also_done=stats_check(cfg.index_path, meta))
+    writer = ShardWriter(cfg.index_path, kind=layout.kind, columns=layout.columns, dtype=cfg.dtype,
+                         shard_size=cfg.shard_size, meta=layout.meta,
+                         also_done=stats_check(cfg.index_path, layout.meta))
     remove_stale_temporaries(cfg.index_path / SHARDS_DIR)
     return writer
 
 
-def reuse_finished_index(cfg: Config, kind: str, columns: dict[str, int], meta: dict,
-                         num_examples: int) -> dict | None:
+def reuse_finished_index(cfg: Config, layout: IndexLayout, num_examples: int) -> dict | None:
     """The report of an index at ``cfg.index_path`` that is already complete, intact (its K-FAC statistics
     too) and made with this config; None when work is left. Takes no lock and writes nothing (read-only
     storage is fine), except where it can: a lost ``_report.json`` is restored and stale temporaries are
     removed."""
-    manifest = finished_index(cfg.index_path, kind=kind, columns=columns, dtype=cfg.dtype,
-                              shard_size=cfg.shard_size, meta=meta, num_rows=num_examples,
-                              also_done=stats_check(cfg.index_path, meta))
+    manifest = finished_index(cfg.index_path, kind=layout.kind, columns=layout.columns, dtype=cfg.dtype,
+                              shard_size=cfg.shard_size, meta=layout.meta, num_rows=num_examples,
+                              also_done=stats_check(cfg.index_path, layout.meta))
     if manifest is None:
         return None
     logger.info("stage 1: the index at %s is complete and intact; nothing to compute", cfg.index_path)
@@ -251,65 +286,132 @@ def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str)
                 kind, cfg.dtype, num_examples * payload / 2**20, cfg.index_path)
 
 
-def run_index(cfg: Config) -> dict:
-    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict."""
+class FeaturizeBackend:
+    """Where stage 1's rows are made; ``run_index`` does the rest (plan, meta, reuse, lock, writer, bar, commit,
+    report) the same for every backend. Made with the run's ``Config``; a new way to make rows is a subclass.
+
+    - ``plan(train_path, rows_table)``: the input plan (default ``plan_input`` in this process; it writes the row
+      table ``rows_table``, which the driver commits once the index accepts the input);
+    - ``open(plan, model_path)``: load what makes rows (the model, actors) and say what they are (``IndexLayout``);
+    - ``shards(plan, todo, writer, on_rows)``: make and write (``FinishedShard.write`` with ``writer``) the shards
+      ``todo``, and yield each one's ``ShardRecord`` (the driver commits it); ``on_rows(n)`` (or None) after
+      each featurized batch of n rows (rows of a shard that has to be made again are taken back: ``-n``);
+    - ``info()``: extra report fields; ``close()``: release what ``open`` took (called even if ``open`` failed).
+
+    ``label`` is the progress bar's name.
+    """
+
+    label = "stage 1: index"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def plan(self, train_path: Path, rows_table: Path) -> InputPlan:
+        cfg = self.cfg
+        return plan_input(train_path, cfg.shard_size, cfg.data.columns, rows_table)
+
+    def open(self, plan: InputPlan, model_path: Path) -> IndexLayout:
+        raise NotImplementedError
+
+    def shards(self, plan: InputPlan, todo: list[int], writer: ShardWriter,
+               on_rows: Callable[[int], None] | None) -> Iterator[ShardRecord]:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class LocalFeaturize(FeaturizeBackend):
+    """Stage 1 in this process: the model loaded once; shard i is written on a background thread while shard i+1
+    is featurized (``write_shards``)."""
+
+    def open(self, plan: InputPlan, model_path: Path) -> IndexLayout:
+        cfg = self.cfg
+        with quiet_transformers():
+            model, self.tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
+                                               adapter=cfg.model.adapter)
+        self.featurizer = featurizer = build_featurizer(cfg, model, statistics=True)
+        meta = index_meta(cfg, featurizer, model_identity(model), plan.sha256, plan.num_rows)
+        return IndexLayout(featurizer.kind, featurizer.columns, meta)
+
+    def shards(self, plan: InputPlan, todo: list[int], writer: ShardWriter,
+               on_rows: Callable[[int], None] | None) -> Iterator[ShardRecord]:
+        cfg, tokenizer = self.cfg, self.tokenizer
+        chunks = TokenizedShards(plan, todo, tokenizer, cfg.data.max_length)
+        return write_shards(self.featurizer, writer, chunks, cfg.data.batch_size, tokenizer.pad_token_id, on_rows)
+
+
+def run_index(cfg: Config, make_backend: Callable[[Config], FeaturizeBackend] = LocalFeaturize) -> dict:
+    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict.
+
+    Args:
+        make_backend: ``(cfg) →`` the ``FeaturizeBackend`` that makes the rows; default ``LocalFeaturize`` (this
+            process); ``lorif_ray.distributed.index_pipeline.RayFeaturize`` on Ray, ``index_cache.DenseFactors``
+            from a dense index.
+    """
     model_path, train_path = train_input(cfg)  # before loading the model
-    # data errors before model work
-    plan = plan_input(train_path, cfg.shard_size, cfg.data.columns, row_table_path(cfg.index_path))
+    backend = make_backend(cfg)
     try:
-        return _index(cfg, model_path, plan)
+        # data errors before model work
+        plan = backend.plan(train_path, row_table_path(cfg.index_path))
+        try:
+            return _index(cfg, backend, plan, model_path)
+        finally:
+            discard_row_table(plan.rows_table)  # committed once the index accepted the input; else dropped
     finally:
-        discard_row_table(plan.rows_table)  # committed once the index accepted the input; else dropped
+        backend.close()
 
 
-def _index(cfg: Config, model_path: Path, plan: InputPlan) -> dict:
-    with quiet_transformers():
-        model, tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
-                                      adapter=cfg.model.adapter)
-    featurizer = build_featurizer(cfg, model, statistics=True)
-    meta = index_meta(cfg, featurizer, model_identity(model), plan.sha256, plan.num_rows)
-    reused = reuse_finished_index(cfg, featurizer.kind, featurizer.columns, meta, plan.num_rows)
-    if reused is not None:
-        commit_row_table(plan.rows_table)  # a finished index without its row table gets it here
+def _index(cfg: Config, backend: FeaturizeBackend, plan: InputPlan, model_path: Path) -> dict:
+    layout = backend.open(plan, model_path)
+    reused = reuse_finished_index(cfg, layout, plan.num_rows)
+    if reused is not None:  # complete and intact: no lock, no shard writes (read-only storage is fine)
+        commit_row_table(plan.rows_table)  # a finished index without its row table gets it here (a rename)
         return reused
     with writer_lock(cfg.index_path, *INDEX_WRITER):
-        writer = index_writer(cfg, featurizer.kind, featurizer.columns, meta)
+        writer = index_writer(cfg, layout)  # creates the index, or checks it was made with this config
         commit_row_table(plan.rows_table)  # the index (new, or checked equal) accepted this input
-        announce(cfg, plan.num_rows, featurizer.columns, featurizer.kind)
+        announce(cfg, plan.num_rows, layout.columns, layout.kind)
         todo = shards_left(plan, writer)
-        start = time.perf_counter()
-        with progress_bar(plan.num_rows, "stage 1: index", "ex", cfg.progress) as bar:
+        start, computed = time.perf_counter(), 0
+        with progress_bar(plan.num_rows, backend.label, "ex", cfg.progress) as bar:
             bar.update(plan.num_rows - sum(plan.ranges[shard].rows for shard in todo))
-            computed = write_shards(featurizer, writer, TokenizedShards(plan, todo, tokenizer, cfg.data.max_length),
-                                    cfg.data.batch_size, tokenizer.pad_token_id, bar.update)
+            records = backend.shards(plan, todo, writer, bar.update if cfg.progress else None)
+            try:
+                for record in records:
+                    writer.commit(record)
+                    fold_now_and_then(writer.directory, writer.is_done)
+                    computed += record.rows
+            finally:
+                getattr(records, "close", lambda: None)()  # a generator: its threads, actors' calls end here
         return finish_index(cfg, writer, plan.num_rows, computed=computed,
-                            skipped_shards=len(plan.ranges) - len(todo), seconds=time.perf_counter() - start)
+                            skipped_shards=len(plan.ranges) - len(todo), seconds=time.perf_counter() - start,
+                            **backend.info())
 
 
 def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: Mapping[int, Sequence[TokenizedExample]],
-                 batch_size: int, pad_token_id: int, on_batch: Callable[[int], None] | None = None) -> int:
+                 batch_size: int, pad_token_id: int, on_batch: Callable[[int], None] | None = None
+                 ) -> Iterator[ShardRecord]:
     """Featurize and write shards {index: examples} (e.g. ``TokenizedShards``: each read when its turn
-    comes); returns the rows computed.
+    comes); yields each shard's record (to commit) in order.
 
-    Shard i is written (Parquet encoding, checksum, fsync, manifest record) on a background thread
-    while shard i+1 is computed; at most one shard waits, and a failed write stops the run at the
-    next shard with its error (the shards written before it stay committed). A shard's K-FAC statistics
-    are written before its record can commit.
+    Shard i is written (``FinishedShard.write``: statistics, Parquet encoding, checksum, fsync) on a background
+    thread while shard i+1 is computed; at most one shard waits, and a failed write stops the run at the next
+    shard with its error (the shards committed before it stay).
     """
-    computed, writing = 0, None
+    writing = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as background:
         for shard, chunk in chunks.items():
             ids, columns = featurize_chunk(featurizer, chunk, batch_size, pad_token_id, on_batch)
-            if featurizer.statistics is not None:
-                write_shard_stats(writer.directory, shard, featurizer.statistics.pop())
+            statistics = featurizer.statistics.pop() if featurizer.statistics is not None else None
             if writing is not None:
-                writing.result()
-                fold_now_and_then(writer.directory, writer.is_done)
-            writing = background.submit(writer.write_shard, shard, ids, columns)
-            computed += len(chunk)
+                yield writing.result()
+            writing = background.submit(FinishedShard(shard, ids, columns, statistics).write, writer)
         if writing is not None:
-            writing.result()
-    return computed
+            yield writing.result()
 
 
 def finish_index(cfg: Config, writer: ShardWriter, num_examples: int, *, computed: int, seconds: float,

@@ -4,32 +4,33 @@ An index directory is named by a hash of everything that determines its rows and
 identity, data sha256, kind, f, c, seed, layers, max_length, dtypes, factor iterations, the labels of
 the K-FAC statistics), under one cache root, so any run that needs the same rows finds them instead of
 recomputing. A LoRIF index can be made from a
-dense (LoGRA-kind) index of the same f and seed without running the model: the power iteration runs
-on the stored G̃ (``factorize_dense``) from the same start block, which gives the model path's factors
-up to float error, and its K-FAC statistics are the dense index's.
+dense (LoGRA-kind) index of the same f and seed without running the model (``DenseFactors``, a featurize
+backend of ``run_index``): the power iteration runs on the stored G̃ (``factorize_dense``) from the same
+start block, which gives the model path's factors up to float error, and its K-FAC statistics are the
+dense index's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lorif_ray.config import Config, MethodConfig
-from lorif_ray.data import row_table_path
+from lorif_ray.errors import IndexMismatchError
 from lorif_ray.math.factorize import default_iterations, effective_rank, factorize_dense, initial_block
 from lorif_ray.model.loading import load_model, model_identity
 from lorif_ray.stages.featurize import LayerSpec
-from lorif_ray.stages.index import finish_index, run_index
+from lorif_ray.stages.index import FeaturizeBackend, FinishedShard, IndexLayout, run_index
 from lorif_ray.stages.inputs import require, resolve_inputs
-from lorif_ray.stages.kronecker_stats import TOTAL_NAME as STATS_NAME
-from lorif_ray.store import ShardWriter, atomic_path, file_sha256, iter_batches, open_index
+from lorif_ray.stages.kronecker_stats import adopt_stats
+from lorif_ray.store import ShardRecord, file_sha256, iter_batches, open_index
 from lorif_ray.store.manifest import FORMAT_VERSION
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
@@ -100,7 +101,8 @@ class IndexCache:
             dense_dir = self.path(dense_cfg)
             if is_complete(dense_dir) or self.dense_bytes(dense_cfg) <= self.budget_bytes:
                 dense_dir, dense_info = self.ensure(dense_cfg)
-                report = factors_from_dense(cfg, dense_dir, directory)
+                report = run_index(replace(cfg, index_dir=str(directory)),
+                                   partial(DenseFactors, dense_dir=dense_dir))
                 RUNS["factors_from_dense"] += 1
                 return directory, {"source": "dense", "dense_dir": str(dense_dir), "dense_source": dense_info["source"],
                                    **report}
@@ -131,50 +133,65 @@ def _report(directory: Path) -> dict:
     return json.loads((directory / "_report.json").read_text())
 
 
-def factors_from_dense(cfg: Config, dense_dir: Path, out_dir: Path) -> dict:
-    """Write the rank-c factor index of ``cfg`` from the dense index at ``dense_dir``, without the model.
+class DenseFactors(FeaturizeBackend):
+    """The featurize backend that derives ``cfg``'s rank-c factor index from the dense index at ``dense_dir``,
+    without the model: each shard's factors come from the power iteration on its stored G̃ (``factorize_dense``).
 
-    The manifest is the one stage 1 would write for ``cfg`` (same meta), so stages 2–3 use it as is.
+    The manifest is the one stage 1 would write for ``cfg`` (same meta, plus ``derived_from``), so stages 2–3
+    use it as is. The K-FAC statistics depend on the model, data, f and seed only: the dense index's total
+    (covering every shard) becomes this index's before its first shard is written (``adopt_stats``).
+
+    Raises (``open``):
+        IndexMismatchError: the dense index was made from another training input than ``data.train``, or with
+            another ``shard_size``.
     """
-    start = time.perf_counter()
-    dense = open_index(dense_dir, verify=True)
-    meta = json.loads(json.dumps(dense.meta))
-    dense_specs = [LayerSpec(**d) for d in meta["layers"]]
-    iterations = cfg.factor_iters or default_iterations(cfg.c)
-    specs = [replace(s, c=effective_rank(cfg.c, s.d1, s.d2)) for s in dense_specs]
-    meta["config"].update(kind="factors", c=cfg.c, factor_iters=iterations)
-    meta["layers"] = [asdict(s) for s in specs]
-    meta["derived_from"] = {"index": str(dense_dir), "shards": [r.sha256 for r in dense.shards]}
-    columns = {}
-    for s in specs:
-        columns[f"{s.name}.u"] = s.d1 * s.c
-        columns[f"{s.name}.v"] = s.d2 * s.c
-    writer = ShardWriter(out_dir, kind="factors", columns=columns, dtype=cfg.dtype, shard_size=dense.shard_size,
-                         meta=meta)
-    dtype = torch.float32  # the model path factorizes in float32 too
-    starts = {s.name: initial_block(cfg.seed, s.name, s.d2, s.c, dtype, "cpu") for s in specs}
-    offset = 0
-    for shard, record in enumerate(dense.shards):
-        if writer.is_done(shard):  # resumed after a crash: this shard is already written
-            offset += record.rows
-            continue
-        ids, parts = [], {k: [] for k in columns}
-        for batch_ids, cols in iter_batches(dense_dir, [f"{s.name}.g" for s in specs], batch_rows=dense.shard_size,
-                                            out_dtype=dtype, manifest=dense, shards=[shard]):
-            ids.extend(batch_ids)
-            for s in specs:
-                g = cols[f"{s.name}.g"].reshape(-1, s.d1, s.d2)  # (n, d1, d2)
-                u, v = factorize_dense(g, starts[s.name], iterations)
-                parts[f"{s.name}.u"].append(u.reshape(len(batch_ids), -1))
-                parts[f"{s.name}.v"].append(v.reshape(len(batch_ids), -1))
-        writer.write_shard(shard, ids, {k: torch.cat(v) for k, v in parts.items()})
-        offset += len(ids)
-    # the K-FAC statistics depend on the model, data, f and seed only: the dense index's are this one's; so is
-    # the row table (the same input, row for row), which gives the results their training texts
-    shutil.copyfile(dense_dir / STATS_NAME, out_dir / STATS_NAME)
-    if row_table_path(dense_dir).is_file():
-        with atomic_path(row_table_path(out_dir)) as tmp:
-            shutil.copyfile(row_table_path(dense_dir), tmp)
-    cfg = replace(cfg, index_dir=str(out_dir))
-    return finish_index(cfg, writer, offset, computed=offset, seconds=time.perf_counter() - start,
-                        derived_from=str(dense_dir))
+
+    label = "stage 1: index (from dense rows)"
+
+    def __init__(self, cfg: Config, dense_dir: Path):
+        super().__init__(cfg)
+        self.dense_dir = Path(dense_dir)
+
+    def open(self, plan, model_path) -> IndexLayout:
+        cfg = self.cfg
+        self.dense = dense = open_index(self.dense_dir, verify=True)
+        made = (dense.meta["data"]["sha256"], dense.num_rows, dense.shard_size)
+        wanted = (plan.sha256, plan.num_rows, cfg.shard_size)
+        if made != wanted:
+            raise IndexMismatchError(f"the dense index {self.dense_dir} was made from another input or shard_size "
+                                     f"(sha256, rows, shard_size: {made} vs {wanted}); build it again from {plan.path}")
+        meta = json.loads(json.dumps(dense.meta))
+        dense_specs = [LayerSpec(**d) for d in meta["layers"]]
+        self.iterations = cfg.factor_iters or default_iterations(cfg.c)
+        self.specs = [replace(s, c=effective_rank(cfg.c, s.d1, s.d2)) for s in dense_specs]
+        meta["config"].update(kind="factors", c=cfg.c, factor_iters=self.iterations)
+        meta["layers"] = [asdict(s) for s in self.specs]
+        meta["derived_from"] = {"index": str(self.dense_dir), "shards": [r.sha256 for r in dense.shards]}
+        columns = {}
+        for s in self.specs:
+            columns[f"{s.name}.u"] = s.d1 * s.c
+            columns[f"{s.name}.v"] = s.d2 * s.c
+        return IndexLayout("factors", columns, meta)
+
+    def shards(self, plan, todo, writer, on_rows) -> Iterator[ShardRecord]:
+        adopt_stats(self.dense_dir, writer.directory)
+        dtype = torch.float32  # the model path factorizes in float32 too
+        specs, iterations = self.specs, self.iterations
+        starts = {s.name: initial_block(self.cfg.seed, s.name, s.d2, s.c, dtype, "cpu") for s in specs}
+        for shard in todo:
+            ids, parts = [], {k: [] for k in writer.manifest.columns}
+            for batch_ids, cols in iter_batches(self.dense_dir, [f"{s.name}.g" for s in specs],
+                                                batch_rows=self.dense.shard_size, out_dtype=dtype,
+                                                manifest=self.dense, shards=[shard]):
+                ids.extend(batch_ids)
+                for s in specs:
+                    g = cols[f"{s.name}.g"].reshape(-1, s.d1, s.d2)  # (n, d1, d2)
+                    u, v = factorize_dense(g, starts[s.name], iterations)
+                    parts[f"{s.name}.u"].append(u.reshape(len(batch_ids), -1))
+                    parts[f"{s.name}.v"].append(v.reshape(len(batch_ids), -1))
+                if on_rows:
+                    on_rows(len(batch_ids))
+            yield FinishedShard(shard, ids, {k: torch.cat(v) for k, v in parts.items()}).write(writer)
+
+    def info(self) -> dict:
+        return {"derived_from": str(self.dense_dir)}

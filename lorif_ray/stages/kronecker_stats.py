@@ -7,7 +7,9 @@ keeps the index folder a Parquet dataset). ``fold_stats`` adds the files of comm
 a crash between the two leaves files whose shard is already listed, which the next fold skips. So every
 shard counts exactly once, whichever shards a resumed run skips or recomputes (statistics are
 deterministic, so a recomputed shard's equal the folded ones). Stage 1 folds as it goes (``FOLD_EVERY``
-files) and at the end; stage 2 reads the total (``read_stats``), which must cover every shard.
+files) and at the end; stage 2 reads the total (``read_stats``), which must cover every shard. Every backend
+of stage 1 writes a shard's file through ``lorif_ray.stages.index.FinishedShard.write`` (the statistics
+first); an index derived from a dense one takes that index's total instead (``adopt_stats``).
 
 A committed shard has its statistics, or it is not done: stage 1's writer asks ``has_stats`` (the shard is
 in the total, or its own file is on disk and intact) before it counts a shard as finished, so a shard whose
@@ -22,12 +24,13 @@ unfolded files of a large model are folded every ``FOLD_EVERY`` shards rather th
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
 from lorif_ray.math.kronecker import KroneckerStats
-from lorif_ray.store import contained, load_tensors, remove_stale_temporaries, save_tensors
+from lorif_ray.store import atomic_path, contained, load_tensors, remove_stale_temporaries, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,16 @@ def _unflatten(tensors: dict) -> dict[str, KroneckerStats]:
 def write_shard_stats(index_path: str | Path, shard: int, stats: dict[str, KroneckerStats]) -> None:
     """One shard's statistics {layer: KroneckerStats}, atomically (before the shard's record commits)."""
     save_tensors(shard_stats_path(index_path, shard), _flatten(stats), {"shard": shard})
+
+
+def adopt_stats(source_index: str | Path, index_path: str | Path) -> None:
+    """Give ``index_path`` the folded total of ``source_index`` (an index of the same model, data, f and seed: the
+    dense index a factor index is derived from), checked whole first; stage 1 calls it before the index's first
+    shard is written, so every shard it commits has its statistics (the total lists all of them)."""
+    source = _total_path(source_index)
+    load_tensors(source, rebuild=REBUILD)  # a corrupt or missing total is refused here, not copied
+    with atomic_path(_total_path(index_path)) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def folded(index_path: str | Path, *, discard_corrupt: bool = False) -> tuple[dict[str, KroneckerStats], set[int]]:

@@ -97,9 +97,10 @@ def _dict_pairs(prefix: str, old: dict, new: dict) -> list[tuple[str, object, ob
 class ShardWriter:
     """Writes the shards of one index directory and keeps its manifest.
 
-    Several writers (processes of one run: the driver and its pool) may write different shards of one
-    directory at once: the manifest is re-read and updated under a file lock. One run at a time: the stage
-    holds ``lorif_ray.store.locks.writer_lock`` on the directory.
+    One run at a time (the stage holds ``lorif_ray.store.locks.writer_lock`` on the directory) and one writer
+    per run, made by its driver: processes that write files for it (a Ray pool) get a copy (pickled: see
+    ``__getstate__``), call ``write_file`` and return the records, which the driver ``commit``s. The manifest
+    is updated under a file lock.
 
     Example:
         >>> writer = ShardWriter(out, kind="factors", columns=store_columns("factors", specs),
@@ -149,6 +150,12 @@ class ShardWriter:
         with self._locked():
             self.manifest = self._load_or_create(wanted)
             remove_stale_temporaries(self.directory)
+
+    def __getstate__(self) -> dict:
+        """What a process that writes this index's files for its owner gets (``write_file``; e.g. a Ray pool actor,
+        whose records the owner commits): the writer without the owner's cache of verified files and its
+        ``also_done`` check."""
+        return {**self.__dict__, "_verified": {}, "also_done": None}
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -37,12 +37,13 @@ def test_the_default_layout_fits_a_tensor_parallel_replica_on_two_cpus(tiny_asse
 
 @pytest.mark.parametrize("cluster", [dict(gradient_actors=8), dict(tp_size=2, gradient_actors=2)])
 def test_a_layout_the_local_instance_cannot_hold_fails_at_once(tiny_assets, tmp_path, ray_cluster, cluster):
-    from lorif_ray.distributed.index_pipeline import run_index_distributed
+    from lorif_ray.distributed.index_pipeline import RayFeaturize
+    from lorif_ray.stages.index import run_index
 
     cfg = make_config(tiny_assets, tmp_path, shard_size=SHARD_SIZE, cluster=ClusterConfig(**cluster))
     start = time.perf_counter()
     with pytest.raises(ConfigError) as error:
-        run_index_distributed(cfg)
+        run_index(cfg, RayFeaturize)
     assert time.perf_counter() - start < 30
     message = str(error.value)
     assert "\n" not in message and "does not fit this Ray cluster" in message and "the cluster has 2 CPUs" in message

@@ -121,12 +121,12 @@ def test_the_index_records_its_labels_and_is_deterministic(sampled_index, tiny_a
 
 
 def test_ray_gives_the_one_process_sampled_statistics(sampled_index, tiny_assets, ray_cluster):
-    from lorif_ray.distributed.index_pipeline import run_index_distributed
+    from lorif_ray.distributed.index_pipeline import RayFeaturize
     from tests.distributed.test_distributed_index import _assert_same_index
 
     cfg, root = sampled_index
     ray_cfg = replace(cfg, output_dir=str(root / "ray"),
                       cluster=ClusterConfig(backend="ray", gradient_actors=2, writer_actors=1))
-    run_index_distributed(ray_cfg)
+    run_index(ray_cfg, RayFeaturize)
     assert open_index(ray_cfg.index_path).meta["kfac_labels"] == "sampled"
     _assert_same_index(ray_cfg.index_path, cfg.index_path)

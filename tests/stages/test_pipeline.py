@@ -41,17 +41,17 @@ def test_a_failed_background_write_stops_stage_one_and_keeps_the_shards_before_i
     from lorif_ray.store import ShardWriter
 
     cfg = make_config(tiny_assets, tmp_path, shard_size=16)
-    real_write = ShardWriter.write_shard
+    real_write = ShardWriter.write_file
 
     def disk_full_for_shard_one(self, shard, ids, arrays):
         if shard == 1:
             raise OSError(28, "No space left on device")
         return real_write(self, shard, ids, arrays)
 
-    monkeypatch.setattr(ShardWriter, "write_shard", disk_full_for_shard_one)
+    monkeypatch.setattr(ShardWriter, "write_file", disk_full_for_shard_one)
     with pytest.raises(OSError, match="No space left"):
         run_index(cfg)
-    monkeypatch.setattr(ShardWriter, "write_shard", real_write)
+    monkeypatch.setattr(ShardWriter, "write_file", real_write)
     from lorif_ray.store.manifest import Manifest
 
     committed = [s.index for s in Manifest.load(tmp_path / "index").shards]  # the manifest and its shard log
