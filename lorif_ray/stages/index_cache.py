@@ -32,7 +32,7 @@ from lorif_ray.stages.inputs import require, resolve_inputs
 from lorif_ray.stages.kronecker_stats import adopt_stats
 from lorif_ray.store import ShardRecord, file_sha256, iter_batches, open_index
 from lorif_ray.store.manifest import FORMAT_VERSION
-from lorif_ray.store.schema import BYTES_PER_VALUE
+from lorif_ray.store.schema import BYTES_PER_VALUE, dense_column, factor_columns, store_columns
 
 RUNS: Counter = Counter()  # indexes this process actually built: "index" (model ran), "factors_from_dense"
 
@@ -167,11 +167,7 @@ class DenseFactors(FeaturizeBackend):
         meta["config"].update(kind="factors", c=cfg.c, factor_iters=self.iterations)
         meta["layers"] = [asdict(s) for s in self.specs]
         meta["derived_from"] = {"index": str(self.dense_dir), "shards": [r.sha256 for r in dense.shards]}
-        columns = {}
-        for s in self.specs:
-            columns[f"{s.name}.u"] = s.d1 * s.c
-            columns[f"{s.name}.v"] = s.d2 * s.c
-        return IndexLayout("factors", columns, meta)
+        return IndexLayout("factors", store_columns("factors", self.specs), meta)
 
     def shards(self, plan, todo, writer, on_rows) -> Iterator[ShardRecord]:
         adopt_stats(self.dense_dir, writer.directory)
@@ -180,15 +176,16 @@ class DenseFactors(FeaturizeBackend):
         starts = {s.name: initial_block(self.cfg.seed, s.name, s.d2, s.c, dtype, "cpu") for s in specs}
         for shard in todo:
             ids, parts = [], {k: [] for k in writer.manifest.columns}
-            for batch_ids, cols in iter_batches(self.dense_dir, [f"{s.name}.g" for s in specs],
+            for batch_ids, cols in iter_batches(self.dense_dir, [dense_column(s.name) for s in specs],
                                                 batch_rows=self.dense.shard_size, out_dtype=dtype,
                                                 manifest=self.dense, shards=[shard]):
                 ids.extend(batch_ids)
                 for s in specs:
-                    g = cols[f"{s.name}.g"].reshape(-1, s.d1, s.d2)  # (n, d1, d2)
+                    g = cols[dense_column(s.name)].reshape(-1, s.d1, s.d2)  # (n, d1, d2)
                     u, v = factorize_dense(g, starts[s.name], iterations)
-                    parts[f"{s.name}.u"].append(u.reshape(len(batch_ids), -1))
-                    parts[f"{s.name}.v"].append(v.reshape(len(batch_ids), -1))
+                    u_column, v_column = factor_columns(s.name)
+                    parts[u_column].append(u.reshape(len(batch_ids), -1))
+                    parts[v_column].append(v.reshape(len(batch_ids), -1))
                 if on_rows:
                     on_rows(len(batch_ids))
             yield FinishedShard(shard, ids, {k: torch.cat(v) for k, v in parts.items()}).write(writer)
