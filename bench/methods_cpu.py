@@ -25,7 +25,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs, tokenized
 from lorif_ray.stages.query import run_query
-from lorif_ray.stages.summary import expected_sources, source_hits
+from lorif_ray.outputs.summary import expected_sources, source_hits
 
 POINTS = [  # (method, f, c, r)
     ("lorif", 4, 1, 64),

@@ -8,7 +8,7 @@ and 2 gradient actors (fused), and 2 actors with the factorization pool (not fus
 stage is measured in the same run for reference. Each actor asks for 0.5 CPU (so 2 gradient actors
 and the pool member fit on 2 CPUs); Ray runs it with 1 torch thread. The query stage scores the embedded queries against a synthetic index of ``--rows`` rows with
 the real index's layout (random factors: the cost does not depend on the values) through a
-QueryService of 1 and 2 actors: once with loading, then with the shards resident.
+QueryPool of 1 and 2 actors: once with loading, then with the shards resident.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from lorif_ray.config import ClusterConfig, Config, DataConfig, QueryConfig
 from lorif_ray.distributed.cluster import actor_options
-from lorif_ray.distributed.index_pipeline import RayFeaturize
-from lorif_ray.distributed.query_service import QueryService
+from lorif_ray.distributed.featurize import RayFeaturize
+from lorif_ray.distributed.query_pool import QueryPool
 from lorif_ray.eval.latency import synthetic_index
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
@@ -85,12 +85,12 @@ def main() -> None:
     latency = {}
     for actors in (1, 2):
         start = time.perf_counter()
-        with QueryService(cfg, CurvatureFolder(cfg.curvature_path), actors,
-                          actor_options=actor_options(cfg.cluster, gpu=False)) as service:
-            service.score(query_columns, "query", 10)
+        with QueryPool(cfg, CurvatureFolder(cfg.curvature_path), actors,
+                          actor_options=actor_options(cfg.cluster, gpu=False)) as pool:
+            pool.score(query_columns, "query", 10)
             first = time.perf_counter() - start
             start = time.perf_counter()
-            service.score(query_columns, "query", 10)
+            pool.score(query_columns, "query", 10)
             latency[actors] = time.perf_counter() - start
         nq = next(iter(query_columns.values())).shape[0]
         rows.append(("query", f"{actors} actor(s), first batch (loads shards)", nq * args.rows / first, None))

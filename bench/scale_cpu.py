@@ -59,7 +59,7 @@ def run_one_stage(args) -> None:
     """The ``stage`` subcommand: one stage of one size, in this (driver) process; prints its report."""
     import logging
 
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
 
     logging.basicConfig(level=logging.WARNING)
     cfg = stage_config(Path(args.out), Path(args.train), args.cluster, args.cpus, args.f, args.r)

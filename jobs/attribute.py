@@ -16,7 +16,7 @@ from lorif_ray.cli import run_job
 
 
 def main(cfg) -> None:
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
     from lorif_ray.stages.attribute import run_attribute
 
     run_attribute(cfg, run_stage)

@@ -13,8 +13,8 @@ log = logging.getLogger(__name__)  # the console, and the run's log file in outp
 
 
 def main(cfg) -> None:
-    from lorif_ray.distributed.stages import run_stage
-    from lorif_ray.stages.summary import describe_index
+    from lorif_ray.distributed.backends import run_stage
+    from lorif_ray.outputs.summary import describe_index
 
     log.info("%s", describe_index(run_stage("index", cfg)))
 

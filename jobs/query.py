@@ -11,8 +11,8 @@ log = logging.getLogger(__name__)  # the console, and the run's log file in outp
 
 
 def main(cfg) -> None:
-    from lorif_ray.distributed.stages import run_stage
-    from lorif_ray.stages.summary import describe_results
+    from lorif_ray.distributed.backends import run_stage
+    from lorif_ray.outputs.summary import describe_results
 
     report = run_stage("query", cfg)
     log.info("scored %d queries x %d training examples in %.2fs -> %s", report["queries"], report["train"],

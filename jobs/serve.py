@@ -16,7 +16,7 @@ from lorif_ray.cli import run_job
 
 
 def main(cfg) -> None:
-    from lorif_ray.distributed.stages import run_service
+    from lorif_ray.distributed.backends import run_service
 
     run_service(cfg)
 

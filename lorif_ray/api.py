@@ -1,7 +1,7 @@
 """The Python API: index a model's training data, fit the curvature, and ask which training examples
 most influenced a query, from a notebook or a script (the answers: ``lorif_ray.results.Results``). It
 composes the same stage calls as the jobs (``run_index``, ``run_curvature``, ``run_query`` in this process;
-``lorif_ray.distributed.stages.run_stage`` on Ray), so it writes the same files and gives the same scores.
+``lorif_ray.distributed.backends.run_stage`` on Ray), so it writes the same files and gives the same scores.
 
 Example:
     >>> from lorif_ray import Attributor
@@ -34,7 +34,7 @@ from lorif_ray.model.hub import resolve_model_path
 from lorif_ray.results import Results
 from lorif_ray.stages.index import quiet_transformers
 from lorif_ray.stages.inputs import resolve_inputs
-from lorif_ray.stages.outputs import claim_output_dir
+from lorif_ray.outputs.folders import claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Attributor:
         """One stage of ``self.cfg``, in this process or on Ray, with transformers' own output silenced."""
         with quiet_transformers():
             if self.cfg.cluster.backend != "none":
-                from lorif_ray.distributed.stages import run_stage
+                from lorif_ray.distributed.backends import run_stage
 
                 return run_stage(stage, self.cfg)
             from lorif_ray.stages.attribute import run_local_stage

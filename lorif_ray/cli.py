@@ -127,8 +127,8 @@ def _run_hydra(task, config_name: str, stages: Sequence[str], job: str, argv: li
 def prepare_output(cfg, stages: Sequence[str], job: str, dict_config=None):
     """Check ``stages``' inputs and local Ray layout, claim ``output_dir``, then write the run's record and start
     its log file there; returns ``cfg`` with the model resolved (``check_before_work``)."""
-    from lorif_ray.distributed.stages import check_ray_layout
-    from lorif_ray.stages.outputs import claim_output_dir
+    from lorif_ray.distributed.backends import check_ray_layout
+    from lorif_ray.outputs.folders import claim_output_dir
     from lorif_ray.stages.preflight import check_before_work
 
     cfg = check_before_work(cfg, stages)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lorif_ray.data import TrainTexts
-from lorif_ray.stages.report_page import escape, format_score, rows_by_query
+from lorif_ray.outputs.report_page import escape, format_score, rows_by_query
 from lorif_ray.store.query_run import QueryRun
 
 ROW_KEYS = ("rank", "train_id", "train_text", "score")

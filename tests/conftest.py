@@ -91,7 +91,7 @@ def baseline(tiny_assets, tmp_path_factory):
     from lorif_ray.config import ClusterConfig, QueryConfig
     from lorif_ray.stages.curvature import run_curvature
     from lorif_ray.stages.index import run_index
-    from lorif_ray.stages.outputs import claim_output_dir
+    from lorif_ray.outputs.folders import claim_output_dir
     from lorif_ray.stages.query import run_query
     from tests.stages.helpers import make_config
     root = tmp_path_factory.mktemp("dist")

@@ -11,14 +11,14 @@ from lorif_ray.data.batching import (
 from lorif_ray.data.examples import Columns, Example, examples_of_rows, iter_examples, load_examples
 from lorif_ray.data.row_table import ROWS_NAME, TrainTexts, commit_row_table, discard_row_table, row_table_path
 from lorif_ray.data.rows import RowRange, data_sha256, iter_rows, read_rows
-from lorif_ray.data.shards import InputPlan, InputShard, plan_input, read_shard
+from lorif_ray.data.shards import InputShards, InputShard, shard_input, read_shard
 
 __all__ = [
     "IGNORE_INDEX",
     "Columns",
     "Example",
     "examples_of_rows",
-    "InputPlan",
+    "InputShards",
     "InputShard",
     "ROWS_NAME",
     "RowRange",
@@ -32,7 +32,7 @@ __all__ = [
     "iter_examples",
     "iter_rows",
     "load_examples",
-    "plan_input",
+    "shard_input",
     "read_rows",
     "read_shard",
     "row_table_path",

@@ -8,7 +8,7 @@ underscore keeps ``pyarrow.parquet.read_table(index_dir)`` to the shards. The me
 the input: ``path`` (absolute), ``sha256`` (``data_sha256``), ``size`` and ``mtime_ns`` (of the file, or the
 sum and latest of a folder's data files), its ``schema`` and the table's ``format``.
 
-``plan_input`` writes it in its one pass over the input, a shard of rows at a time, to a temporary file next
+``shard_input`` writes it in its one pass over the input, a shard of rows at a time, to a temporary file next
 to it; the stage renames it into place once the index has accepted the input (``commit_row_table``), so a
 run refused for another input never replaces the table of the index that refused it. ``TrainTexts`` reads
 it: the examples of given rows, each row's id checked against the table.
@@ -150,7 +150,7 @@ def pending_row_table_path(path: str | os.PathLike, sha256: str) -> Path:
 
 
 def commit_row_table(temporary: str | None) -> None:
-    """Move a row table written by ``plan_input`` (``InputPlan.rows_table``) into place; None: nothing to do."""
+    """Move a row table written by ``shard_input`` (``InputShards.rows_table``) into place; None: nothing to do."""
     from lorif_ray.store.artifacts import replace_durably
 
     if temporary is None or not Path(temporary).is_file():

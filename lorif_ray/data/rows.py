@@ -7,7 +7,7 @@ is not needed). Only the rows of the range become Python objects, one batch at a
 - Parquet: the row groups that overlap the range, streamed in record batches.
 - Arrow: memory-mapped (no copy), the range sliced out.
 - JSON Lines: read from the byte offset of the range's first row (``RowRange.offset``, found by a
-  pass over the file: ``lorif_ray.data.shards.plan_input`` records it for each shard), so a shard
+  pass over the file: ``lorif_ray.data.shards.shard_input`` records it for each shard), so a shard
   costs its own lines, not the lines before it.
 """
 

@@ -1,6 +1,6 @@
 """A training input cut into shards by row range: planned by one streaming pass, then read shard by shard.
 
-``plan_input`` reads the input once, one shard of rows as Python objects at a time: it checks every
+``shard_input`` reads the input once, one shard of rows as Python objects at a time: it checks every
 row's schema, the ids' uniqueness (pyarrow counts the id column: N short strings in Arrow memory, no
 Python set), hashes the bytes and records each shard's row range. For JSON Lines it also records the
 byte offset and line of each shard's first row, so ``read_shard`` starts there and reads no line of
@@ -38,7 +38,7 @@ class InputShard:
 
 
 @dataclass(frozen=True)
-class InputPlan:
+class InputShards:
     """A checked training input cut into shards: shard i holds rows [i·shard_size, (i+1)·shard_size).
 
     Attributes:
@@ -52,7 +52,7 @@ class InputPlan:
             already records this input, or the folder is not writable.
 
     Example:
-        >>> plan = plan_input("train.jsonl", shard_size=1024)  # doctest: +SKIP
+        >>> plan = shard_input("train.jsonl", shard_size=1024)  # doctest: +SKIP
         >>> plan.num_rows, len(plan.ranges), plan.shard(1).rows  # doctest: +SKIP
         (3000, 3, RowRange(start=1024, stop=2048, offset=81920, line=1025))
     """
@@ -72,14 +72,14 @@ class InputPlan:
         return InputShard(self.path, self.schema, self.ranges[index], self.columns)
 
 
-def plan_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_COLUMNS,
-               rows_table: str | Path | None = None) -> InputPlan:
+def shard_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_COLUMNS,
+               rows_table: str | Path | None = None) -> InputShards:
     """Check a training input and cut it into shards of ``shard_size`` rows (one streaming pass, plus the hash).
 
     Args:
         columns: the columns of the schema's fields (``data.*_column``), recorded in the row table too.
         rows_table: where the index keeps its row table (``row_table_path``); written in the same pass, a
-            shard of rows at a time, under a temporary name (``InputPlan.rows_table``). None: not written.
+            shard of rows at a time, under a temporary name (``InputShards.rows_table``). None: not written.
 
     Raises:
         ConfigError: shard_size < 1.
@@ -110,7 +110,7 @@ def plan_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_COL
             table.abort()
         raise
     written = _close_rows(table) if table is not None else None
-    return InputPlan(str(path), sha256 or data_sha256(path), schema, tuple(ranges), columns, written)
+    return InputShards(str(path), sha256 or data_sha256(path), schema, tuple(ranges), columns, written)
 
 
 def _close_rows(table) -> str | None:
@@ -139,7 +139,7 @@ def read_shard(shard: InputShard) -> list[Example]:
 
     Raises:
         DataError: a row is malformed, or the file no longer holds the shard's rows (it changed after
-            ``plan_input``).
+            ``shard_input``).
     """
     rows = shard.rows
     examples = [e for _, batch in iter_examples(shard.path, rows, shard.schema, batch_rows=rows.rows,

@@ -4,14 +4,14 @@ Only this package imports ray (and only inside functions that start Ray work, so
 classes can be imported and tested without it). Each stage has one driver in ``lorif_ray.stages``; this
 package gives them backends whose rows are made or live on actors.
 
-- ``index_pipeline``: ``RayFeaturize``, stage 1 on gradient replicas (tensor-parallel ranks) and a
+- ``featurize``: ``RayFeaturize``, stage 1 on gradient replicas (tensor-parallel ranks) and a
   factorization pool, scheduled by ``actor_pool`` (Ray's ActorPool with renewed members).
-- ``curvature``: ``RayGram``, shard-group actors summing each layer's Gram products for stage 2.
-- ``query_service``: ``ray_query``, long-lived query actors that keep their shards resident.
-- ``stages``: ``run_stage``, each stage on the backend the config names.
+- ``gram``: ``RayGram``, shard-group actors summing each layer's Gram products for stage 2.
+- ``query_pool``: ``ray_query`` and ``QueryPool``, long-lived query actors that keep their shards resident.
+- ``backends``: ``run_stage``, each stage on the backend the config names.
 """
 
-from lorif_ray.distributed.curvature import GramWorker, RayGram, shard_groups
-from lorif_ray.distributed.query_service import QueryService, QueryWorker, ray_query
+from lorif_ray.distributed.gram import GramWorker, RayGram, shard_groups
+from lorif_ray.distributed.query_pool import QueryPool, QueryWorker, ray_query
 
-__all__ = ["GramWorker", "QueryService", "QueryWorker", "RayGram", "ray_query", "shard_groups"]
+__all__ = ["GramWorker", "QueryPool", "QueryWorker", "RayGram", "ray_query", "shard_groups"]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from lorif_ray.config import Config
 from lorif_ray.data import Example
-from lorif_ray.distributed.index_pipeline import GradientReplicas
+from lorif_ray.distributed.featurize import GradientReplicas
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer

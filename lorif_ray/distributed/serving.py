@@ -1,4 +1,4 @@
-"""The HTTP query service on Ray Serve: ``lorif_ray.stages.service.QueryHandler`` in one Serve replica.
+"""The HTTP query service on Ray Serve: ``lorif_ray.service.QueryHandler`` in one Serve replica.
 
 The replica is the driver of the stage-3 backend (``ray_query``: a gradient replica for the queries, the
 query actors with their shards resident); it reserves no CPU (the actors it starts hold the cluster's)
@@ -22,10 +22,10 @@ from starlette.responses import Response
 
 from lorif_ray.config import Config
 from lorif_ray.distributed.cluster import actor_options, connect
-from lorif_ray.distributed.query_service import ray_query
+from lorif_ray.distributed.query_pool import ray_query
 from lorif_ray.errors import ConfigError
 from lorif_ray.stages.query import open_query
-from lorif_ray.stages.service import (QueryHandler, QueryRequest, Reply, check_service_config, error_reply,
+from lorif_ray.service import (QueryHandler, QueryRequest, Reply, check_service_config, error_reply,
                                       stop_on_signals, wait_until_ready)
 
 log = logging.getLogger(__name__)

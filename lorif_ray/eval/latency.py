@@ -24,7 +24,7 @@ from lorif_ray.eval.sweep import point_config
 from lorif_ray.math.scoring import choose_route
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import FinishedShard
-from lorif_ray.stages.index_cache import IndexCache
+from lorif_ray.eval.index_cache import IndexCache
 from lorif_ray.stages.inputs import resolve_inputs
 from lorif_ray.stages.kronecker_stats import fold_stats, folded
 from lorif_ray.stages.query import local_query, open_query

@@ -3,7 +3,7 @@
 Every artifact lives under ``eval.cache_root`` named by what determines it, so a point that an
 earlier point (or an earlier sweep) already made is loaded, not recomputed:
 
-- ``index/<kind>-f<f>[-c<c>]-<hash>``: stage-1 rows (``lorif_ray.stages.index_cache``); points that
+- ``index/<kind>-f<f>[-c<c>]-<hash>``: stage-1 rows (``lorif_ray.eval.index_cache``); points that
   differ only in r share one, and LoRIF points derive their factors from the dense index of the same
   f when it fits ``eval.cache_budget_mb``.
 - ``runs/<method>-f<f>-c<c>-r<r>-<hash>``: curvature, ``scores.npy``, ``query.json`` (latency),
@@ -34,7 +34,7 @@ from lorif_ray.eval.tailpatch import tail_patch
 from lorif_ray.math.curvature import CURVATURES
 from lorif_ray.model.loading import load_model
 from lorif_ray.stages.curvature import run_curvature
-from lorif_ray.stages.index_cache import IndexCache
+from lorif_ray.eval.index_cache import IndexCache
 from lorif_ray.stages.query import run_query
 from lorif_ray.store import atomic_path, write_json
 

@@ -11,10 +11,10 @@ from lorif_ray.errors import ConfigError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import resolve_inputs
-from lorif_ray.stages.outputs import claim_output_dir
+from lorif_ray.outputs.folders import claim_output_dir
 from lorif_ray.stages.preflight import check_before_work
 from lorif_ray.stages.query import run_query
-from lorif_ray.stages.summary import describe_curvature, describe_index, describe_proponents, describe_results
+from lorif_ray.outputs.summary import describe_curvature, describe_index, describe_proponents, describe_results
 from lorif_ray.store import write_json
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def run_attribute(cfg: Config, run_stage: Callable[[str, Config], dict] = run_lo
     (logger ``lorif_ray.stages.attribute``, level INFO).
 
     Args:
-        run_stage: runs one stage by name (``lorif_ray.distributed.stages.run_stage`` puts them on Ray);
+        run_stage: runs one stage by name (``lorif_ray.distributed.backends.run_stage`` puts them on Ray);
             by default in this process.
     """
     cfg = check_data(cfg)

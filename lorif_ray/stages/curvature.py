@@ -6,7 +6,7 @@ and one pass over the rows (``GramPass``) answers every layer of the group, so a
 once per pass, not once per layer per pass. A *Gram backend* gives each group's pass: in this process
 ``LocalGram`` (the group's row source, ``lorif_ray.stages.rows.layer_rows``: resident on the device when the
 rows fit, else streamed from Parquet); on Ray
-``lorif_ray.distributed.curvature.RayGram``, whose actors each run the same pass over their shard group
+``lorif_ray.distributed.gram.RayGram``, whose actors each run the same pass over their shard group
 and return partial sums. Where the rows live changes the speed, never the numbers
 (tests/stages/test_paths.py). Each layer's curvature is written as soon as its group is solved
 (``CurvatureWriter``), so the driver holds one group's D×k iterates at a time, never the whole curvature.

@@ -1,14 +1,14 @@
 """Stage 1: per-example projected gradients (rank-c factors, dense rows or hidden states) → Parquet shards.
 
 One driver, ``run_index``, for every way of making rows. Work is cut into deterministic shards of
-``shard_size`` examples in input order (``plan_input``: one streaming pass that checks the input, fixes
+``shard_size`` examples in input order (``shard_input``: one streaming pass that checks the input, fixes
 each shard's row range and writes the row table); the driver builds the meta, reuses a finished index,
 takes the index folder's writer lock (``INDEX_WRITER``: one run writes an index at a time), opens the
 one ``ShardWriter``, draws the bar and commits each finished shard's record, so a re-run after a crash
 skips it (without reading its rows) and resumes. A *featurize backend* (``FeaturizeBackend``) makes
 and writes the shards left and knows nothing of manifests, reuse or bars: ``LocalFeaturize`` (this
-process), ``lorif_ray.distributed.index_pipeline.RayFeaturize`` (a Ray pool of gradient replicas),
-``lorif_ray.stages.index_cache.DenseFactors`` (rank-c factors of a dense index, no model). Every
+process), ``lorif_ray.distributed.featurize.RayFeaturize`` (a Ray pool of gradient replicas),
+``lorif_ray.eval.index_cache.DenseFactors`` (rank-c factors of a dense index, no model). Every
 backend writes a shard as one unit (``FinishedShard.write``: its K-FAC statistics, then its file)
 before the driver can commit its record.
 """
@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.data import InputPlan, TokenizedExample, commit_row_table, discard_row_table, plan_input, row_table_path
+from lorif_ray.data import (InputShards, TokenizedExample, commit_row_table, discard_row_table, row_table_path,
+                            shard_input)
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.capture import check_finite_all
@@ -134,7 +135,7 @@ def train_input(cfg: Config) -> tuple[Path, Path]:
     return inputs.model_path, require(inputs.train_path, "data.train")
 
 
-def shards_left(plan: InputPlan, writer: ShardWriter) -> list[int]:
+def shards_left(plan: InputShards, writer: ShardWriter) -> list[int]:
     """The shards of ``plan`` the index has not committed yet, in order (a re-run reads no other)."""
     return [shard for shard in range(len(plan.ranges)) if not writer.is_done(shard)]
 
@@ -232,7 +233,7 @@ def _read_report(path: Path) -> dict:
 
 
 def shard_chunks(examples: list, shard_size: int) -> list[list]:
-    """Examples in memory cut like ``plan_input`` cuts an input file: shard i holds [i·size, (i+1)·size)."""
+    """Examples in memory cut like ``shard_input`` cuts an input file: shard i holds [i·size, (i+1)·size)."""
     return [examples[i:i + shard_size] for i in range(0, len(examples), shard_size)]
 
 
@@ -290,8 +291,8 @@ class FeaturizeBackend:
     """Where stage 1's rows are made; ``run_index`` does the rest (plan, meta, reuse, lock, writer, bar, commit,
     report) the same for every backend. Made with the run's ``Config``; a new way to make rows is a subclass.
 
-    - ``plan(train_path, rows_table)``: the input plan (default ``plan_input`` in this process; it writes the row
-      table ``rows_table``, which the driver commits once the index accepts the input);
+    - ``shard_input(train_path, rows_table)``: the input's shards (``InputShards``; default ``shard_input`` in this
+      process; it writes the row table ``rows_table``, which the driver commits once the index accepts the input);
     - ``open(plan, model_path)``: load what makes rows (the model, actors) and say what they are (``IndexLayout``);
     - ``shards(plan, todo, writer, on_rows)``: make and write (``FinishedShard.write`` with ``writer``) the shards
       ``todo``, and yield each one's ``ShardRecord`` (the driver commits it); ``on_rows(n)`` (or None) after
@@ -306,14 +307,14 @@ class FeaturizeBackend:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def plan(self, train_path: Path, rows_table: Path) -> InputPlan:
+    def shard_input(self, train_path: Path, rows_table: Path) -> InputShards:
         cfg = self.cfg
-        return plan_input(train_path, cfg.shard_size, cfg.data.columns, rows_table)
+        return shard_input(train_path, cfg.shard_size, cfg.data.columns, rows_table)
 
-    def open(self, plan: InputPlan, model_path: Path) -> IndexLayout:
+    def open(self, plan: InputShards, model_path: Path) -> IndexLayout:
         raise NotImplementedError
 
-    def shards(self, plan: InputPlan, todo: list[int], writer: ShardWriter,
+    def shards(self, plan: InputShards, todo: list[int], writer: ShardWriter,
                on_rows: Callable[[int], None] | None) -> Iterator[ShardRecord]:
         raise NotImplementedError
 
@@ -328,7 +329,7 @@ class LocalFeaturize(FeaturizeBackend):
     """Stage 1 in this process: the model loaded once; shard i is written on a background thread while shard i+1
     is featurized (``write_shards``)."""
 
-    def open(self, plan: InputPlan, model_path: Path) -> IndexLayout:
+    def open(self, plan: InputShards, model_path: Path) -> IndexLayout:
         cfg = self.cfg
         with quiet_transformers():
             model, self.tokenizer = load_model(model_path, dtype=cfg.model.dtype, device=cfg.model.device,
@@ -337,7 +338,7 @@ class LocalFeaturize(FeaturizeBackend):
         meta = index_meta(cfg, featurizer, model_identity(model), plan.sha256, plan.num_rows)
         return IndexLayout(featurizer.kind, featurizer.columns, meta)
 
-    def shards(self, plan: InputPlan, todo: list[int], writer: ShardWriter,
+    def shards(self, plan: InputShards, todo: list[int], writer: ShardWriter,
                on_rows: Callable[[int], None] | None) -> Iterator[ShardRecord]:
         cfg, tokenizer = self.cfg, self.tokenizer
         chunks = TokenizedShards(plan, todo, tokenizer, cfg.data.max_length)
@@ -349,14 +350,14 @@ def run_index(cfg: Config, make_backend: Callable[[Config], FeaturizeBackend] = 
 
     Args:
         make_backend: ``(cfg) →`` the ``FeaturizeBackend`` that makes the rows; default ``LocalFeaturize`` (this
-            process); ``lorif_ray.distributed.index_pipeline.RayFeaturize`` on Ray, ``index_cache.DenseFactors``
+            process); ``lorif_ray.distributed.featurize.RayFeaturize`` on Ray, ``index_cache.DenseFactors``
             from a dense index.
     """
     model_path, train_path = train_input(cfg)  # before loading the model
     backend = make_backend(cfg)
     try:
         # data errors before model work
-        plan = backend.plan(train_path, row_table_path(cfg.index_path))
+        plan = backend.shard_input(train_path, row_table_path(cfg.index_path))
         try:
             return _index(cfg, backend, plan, model_path)
         finally:
@@ -365,7 +366,7 @@ def run_index(cfg: Config, make_backend: Callable[[Config], FeaturizeBackend] = 
         backend.close()
 
 
-def _index(cfg: Config, backend: FeaturizeBackend, plan: InputPlan, model_path: Path) -> dict:
+def _index(cfg: Config, backend: FeaturizeBackend, plan: InputShards, model_path: Path) -> dict:
     layout = backend.open(plan, model_path)
     reused = reuse_finished_index(cfg, layout, plan.num_rows)
     if reused is not None:  # complete and intact: no lock, no shard writes (read-only storage is fine)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorif_ray.config import Config
-from lorif_ray.data import (Columns, InputPlan, InputShard, TokenizedExample, load_examples, read_shard,
+from lorif_ray.data import (Columns, InputShards, InputShard, TokenizedExample, load_examples, read_shard,
                             tokenize_examples)
 from lorif_ray.data.examples import DEFAULT_COLUMNS
 from lorif_ray.data.rows import dataset_split
@@ -63,7 +63,7 @@ class TokenizedShards(Mapping):
     """{shard index: its tokenized examples} for some shards of a plan, each read and tokenized when
     looked up (iterating ``items()`` holds one shard at a time)."""
 
-    def __init__(self, plan: InputPlan, shards: list[int], tokenizer, max_length: int):
+    def __init__(self, plan: InputShards, shards: list[int], tokenizer, max_length: int):
         self.plan, self.shards, self.tokenizer, self.max_length = plan, dict.fromkeys(shards), tokenizer, max_length
 
     def __getitem__(self, shard: int) -> list[TokenizedExample]:

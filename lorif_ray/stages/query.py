@@ -7,7 +7,7 @@ the curvature term's route once (``choose_route``: stored g'_t, query side, or r
 the report), and the backend scores every training row with the one batched scorer
 (``lorif_ray.math.scoring.StackedQuery``) into a running top-k. ``local_query`` keeps the model and the
 rows in this process (streamed shard by shard, or resident with ``query.resident``); on Ray,
-``lorif_ray.distributed.query_service.ray_query`` does the same across query actors.
+``lorif_ray.distributed.query_pool.ray_query`` does the same across query actors.
 
 The outputs are one query run (``lorif_ray.store.query_run.QueryRun``, which owns their names, formats and
 the run record): ``topk.parquet`` and ``opponents.parquet`` (the two ends of every query, kept in the same
@@ -44,8 +44,8 @@ from lorif_ray.stages.index import build_featurizer, quiet_transformers
 from lorif_ray.stages.inputs import layer_specs, query_config, require, resolve_inputs, tokenized
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentRows, layer_rows
-from lorif_ray.stages.report_page import write_report_page
-from lorif_ray.stages.summary import expected_sources
+from lorif_ray.outputs.report_page import write_report_page
+from lorif_ray.outputs.summary import expected_sources
 from lorif_ray.store import CurvatureFolder, ids_of_rows, open_index, read_ids, writer_lock
 from lorif_ray.store.curvature_folder import ranks
 from lorif_ray.store.schema import HIDDEN_COLUMN

@@ -7,7 +7,7 @@ Files (``FILES``; the record and the first four are always written):
     opponents.parquet        the same columns for the bottom-k (rank 1 = the most negative score)
     queries.parquet          one row per query: query_id, query_text, query_prompt, source_id, score_bins
                              (a histogram of the query's scores against every training row, ``SCORE_BINS``)
-    report.html              the page of the run (``lorif_ray.stages.report_page``)
+    report.html              the page of the run (``lorif_ray.outputs.report_page``)
     scores.npy, scores.json  query.full_scores: (queries, N) float32, input order; the ids of both axes
     tokens.parquet           query.per_token: one row per token row: token_id (``<query id>@<position>``),
                              query_id, position, token, best_score, best_train_id, score_on_top_proponent

@@ -19,7 +19,7 @@ import torch
 from lorif_ray import Attributor
 from lorif_ray.config import Config
 from lorif_ray.embedded import ensure_embedded
-from lorif_ray.stages.summary import expected_sources, source_hits
+from lorif_ray.outputs.summary import expected_sources, source_hits
 
 
 def negative_margin(outputs, batch):

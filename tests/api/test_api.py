@@ -110,7 +110,7 @@ def test_summary_counts_known_sources_within_the_stored_ranks(tmp_path):
     """With query.top_k=3 the summary reports the top-3, not a top-5 it does not have."""
     import pyarrow.parquet as pq
 
-    from lorif_ray.stages.summary import describe_proponents
+    from lorif_ray.outputs.summary import describe_proponents
 
     query = {"id": "q", "prompt": "a", "response": " b", "source_id": "t2"}
     (tmp_path / "q.jsonl").write_text(json.dumps(query) + "\n")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lorif_ray.config import ClusterConfig, QueryConfig
-from lorif_ray.distributed.curvature import GramWorker, shard_groups
-from lorif_ray.distributed.query_service import QueryService
-from lorif_ray.distributed.stages import run_stage
+from lorif_ray.distributed.gram import GramWorker, shard_groups
+from lorif_ray.distributed.query_pool import QueryPool
+from lorif_ray.distributed.backends import run_stage
 from lorif_ray.math.rsvd import randomized_spectrum
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs, query_config
@@ -74,11 +74,11 @@ def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
     layers = set(ranks(CurvatureFolder(cfg.curvature_path).header()))
-    with QueryService(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS,
-                      stored=True) as service:
-        shares = [set(s["vectors"]) for s in service.stats()]
-        service.score(columns, "stored", 5)
-        assert [set(s["vectors"]) for s in service.stats()] == shares  # the stored route reads no more V_r
+    with QueryPool(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS,
+                      stored=True) as pool:
+        shares = [set(s["vectors"]) for s in pool.stats()]
+        pool.score(columns, "stored", 5)
+        assert [set(s["vectors"]) for s in pool.stats()] == shares  # the stored route reads no more V_r
     assert all(shares) and not set.intersection(*shares) and set.union(*shares) == layers
     assert run_stage("curvature", cfg)["reused"]  # curvature and g'_t both match: nothing recomputed
 
@@ -108,11 +108,11 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
     route = "recompute" if normalize else "query"
-    with QueryService(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as service:
+    with QueryPool(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as pool:
         full = np.zeros((6, manifest.num_rows), dtype=np.float32)
         np.save(f"{cfg.output_dir}-full.npy", full)
-        service.score(columns, route, 5, OutputFiles(scores=f"{cfg.output_dir}-full.npy"))
-        held = [set(s["vectors"]) for s in service.stats()]
+        pool.score(columns, route, 5, OutputFiles(scores=f"{cfg.output_dir}-full.npy"))
+        held = [set(s["vectors"]) for s in pool.stats()]
     everything = set(ranks(CurvatureFolder(cfg.curvature_path).header()))
     if normalize:
         assert held == [everything] * NUM_WORKERS

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from lorif_ray.config import QueryConfig
-from lorif_ray.distributed.curvature import GramWorker, RayGram, RemoteLayerGram, shard_groups
+from lorif_ray.distributed.gram import GramWorker, RayGram, RemoteLayerGram, shard_groups
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import ParquetRows

@@ -18,8 +18,8 @@ import lorif_ray.data.examples as examples_module
 from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import ROWS_NAME, load_examples
 from lorif_ray.errors import ConfigError
-from lorif_ray.distributed.index_pipeline import RayFeaturize
-from lorif_ray.distributed.stages import run_stage
+from lorif_ray.distributed.featurize import RayFeaturize
+from lorif_ray.distributed.backends import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.kronecker_stats import folded

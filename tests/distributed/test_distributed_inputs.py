@@ -19,7 +19,7 @@ from tests.user.test_hf_conventions import renamed_splits, save_dataset_dict
 
 def test_hub_id_split_and_columns_on_ray_equal_the_baseline(tiny_assets, baseline, tmp_path, ray_cluster,
                                                             monkeypatch):
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
     from lorif_ray.stages.attribute import run_local_stage
 
     cache = tmp_path / "hub"

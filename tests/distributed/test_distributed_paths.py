@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lorif_ray.config import QueryConfig
-from lorif_ray.distributed.curvature import RayGram
+from lorif_ray.distributed.gram import RayGram
 from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
-from lorif_ray.distributed.query_service import QueryService, ray_query
+from lorif_ray.distributed.query_pool import QueryPool, ray_query
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
@@ -98,9 +98,10 @@ def test_the_ray_service_ranks_like_the_float64_reference_on_a_spiked_spectrum(t
     reference = reference_scores(cfg, train, queries).numpy()
     manifest = open_index(cfg.index_path)
     for route in ("recompute", "query", "stored"):
-        with QueryService(cfg, CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS, stored=route == "stored") as service, \
+        folder = CurvatureFolder(cfg.curvature_path)
+        with QueryPool(cfg, folder, num_workers=NUM_WORKERS, stored=route == "stored") as pool, \
                 output_files(cfg, manifest, 12) as files:
-            service.score(queries, route, 10, files)
+            pool.score(queries, route, 10, files)
         got = np.load(f"{cfg.output_dir}/scores.npy")
         expected = local[f"streamed/{route}"]
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), route

@@ -10,7 +10,7 @@ from dataclasses import replace
 from functools import partial
 
 from lorif_ray.distributed.progress import ActorProgress, progress_board
-from lorif_ray.distributed.query_service import ray_query
+from lorif_ray.distributed.query_pool import ray_query
 from lorif_ray.stages.query import run_query
 from tests.distributed.conftest import NUM_WORKERS
 

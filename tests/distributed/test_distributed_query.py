@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lorif_ray.config import QueryConfig
-from lorif_ray.distributed.curvature import shard_groups
-from lorif_ray.distributed.query_service import QueryService, QueryWorker, merge_topk, ray_query
+from lorif_ray.distributed.gram import shard_groups
+from lorif_ray.distributed.query_pool import QueryPool, QueryWorker, merge_topk, ray_query
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
@@ -97,11 +97,11 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
     cfg = baseline["config"]("service", with_curvature=True)
     manifest = open_index(cfg.index_path)
     columns = featurize_queries(cfg, manifest).columns
-    with QueryService(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as service:
-        first = service.score(columns, "query", 5)
-        before = service.stats()
-        second = service.score({k: v[3:] for k, v in columns.items()}, "query", 5)  # another batch
-        after = service.stats()
+    with QueryPool(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as pool:
+        first = pool.score(columns, "query", 5)
+        before = pool.stats()
+        second = pool.score({k: v[3:] for k, v in columns.items()}, "query", 5)  # another batch
+        after = pool.stats()
     assert [s["shards"] for s in after] == [[0, 1, 2], [3, 4]]
     assert [s["loads"] for s in after] == [1, 1] and [s["pid"] for s in after] == [s["pid"] for s in before]
     assert sum(s["rows"] for s in after) == manifest.num_rows
@@ -114,4 +114,4 @@ def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluste
 def test_a_service_without_curvature_fails_at_start_naming_it(baseline, ray_cluster):
     cfg = baseline["config"]("no_curvature")  # the index, but stage 2 never ran for this output dir
     with pytest.raises(LorifError, match="curvature"):
-        QueryService(cfg, CurvatureFolder(cfg.curvature_path), NUM_WORKERS)
+        QueryPool(cfg, CurvatureFolder(cfg.curvature_path), NUM_WORKERS)

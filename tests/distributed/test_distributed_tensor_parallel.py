@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lorif_ray.config import ClusterConfig, QueryConfig
-from lorif_ray.distributed.index_pipeline import RayFeaturize
-from lorif_ray.distributed.stages import run_stage
+from lorif_ray.distributed.featurize import RayFeaturize
+from lorif_ray.distributed.backends import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.stages.index import run_index
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE, write_tiny_model_dir

@@ -13,7 +13,7 @@ import pytest
 
 from lorif_ray.config import QueryConfig, ServeConfig
 from lorif_ray.distributed.serving import APP_NAME
-from lorif_ray.distributed.stages import run_service
+from lorif_ray.distributed.backends import run_service
 from lorif_ray.errors import ConfigError
 from tests.distributed.conftest import NUM_WORKERS
 from tests.jobs.test_ray_job_submit import _free_port

@@ -17,7 +17,7 @@ from lorif_ray.eval import groundtruth, sweep
 from lorif_ray.eval.config import register_sweep_configs
 from lorif_ray.eval.groundtruth import ensure_setup
 from lorif_ray.math.curvature import EKFAC, ExactInverse, Woodbury
-from lorif_ray.stages import index_cache
+from lorif_ray.eval import index_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 

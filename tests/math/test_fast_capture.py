@@ -148,11 +148,11 @@ def test_stage_one_syncs_once_per_shard_not_per_batch():
 
 
 def test_a_tensor_parallel_rank_checks_every_layer_but_factorizes_its_own():
-    """A rank's share of featurize_chunk (dist.index_pipeline._RankShare): the columns of its layers
+    """A rank's share of featurize_chunk (distributed.featurize._RankShare): the columns of its layers
     equal the whole featurizer's, and its NaN/Inf check covers every layer, also those other ranks
     factorize (so every rank raises alike and none waits in the gather)."""
     from lorif_ray.data import TokenizedExample, collate
-    from lorif_ray.distributed.index_pipeline import _RankShare
+    from lorif_ray.distributed.featurize import _RankShare
     from lorif_ray.stages.featurize import ColumnMaker
     from lorif_ray.stages.index import featurize_chunk
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorif_ray.config import MethodConfig, ModelConfig, PrecisionConfig
-from lorif_ray.distributed.curvature import shard_groups
+from lorif_ray.distributed.gram import shard_groups
 from lorif_ray.math.curvature import FitSettings, Woodbury
 from lorif_ray.math.rsvd import GramPass, TensorRows
 from lorif_ray.plan import (GIB, SHARD_RECORD_BYTES, PlanConfig, format_plan, id_bytes, make_plan, memory_row)

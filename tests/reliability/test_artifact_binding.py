@@ -36,7 +36,7 @@ def test_outputs_record_the_config_that_made_them(run_copy):
 
 
 def test_an_output_dir_of_someone_else_is_refused(tiny_assets, tmp_path):
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
 
     mine = tmp_path / "my_results"
     mine.mkdir()
@@ -53,7 +53,7 @@ def test_an_output_dir_of_someone_else_is_refused(tiny_assets, tmp_path):
 
 
 def test_an_index_folder_with_other_files_is_refused(tiny_assets, tmp_path):
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
 
     index = tmp_path / "index"
     index.mkdir()

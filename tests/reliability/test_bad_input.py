@@ -10,9 +10,9 @@ import pytest
 
 from lorif_ray.config import QueryConfig
 from lorif_ray.data import load_examples
-from lorif_ray.distributed.stages import run_service
+from lorif_ray.distributed.backends import run_service
 from lorif_ray.errors import ConfigError, DataError, IndexNotFoundError
-from lorif_ray.stages.service import QueryHandler
+from lorif_ray.service import QueryHandler
 from tests.reliability.conftest import config
 
 

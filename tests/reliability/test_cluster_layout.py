@@ -19,7 +19,7 @@ from tests.stages.helpers import make_config
 
 
 def test_the_default_layout_fits_a_tensor_parallel_replica_on_two_cpus(tiny_assets, baseline, ray_cluster):
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
     from lorif_ray.stages.attribute import run_attribute
 
     cluster = ClusterConfig(tp_size=2)  # everything else as conf/cluster/local.yaml: gradient_actors=null
@@ -37,7 +37,7 @@ def test_the_default_layout_fits_a_tensor_parallel_replica_on_two_cpus(tiny_asse
 
 @pytest.mark.parametrize("cluster", [dict(gradient_actors=8), dict(tp_size=2, gradient_actors=2)])
 def test_a_layout_the_local_instance_cannot_hold_fails_at_once(tiny_assets, tmp_path, ray_cluster, cluster):
-    from lorif_ray.distributed.index_pipeline import RayFeaturize
+    from lorif_ray.distributed.featurize import RayFeaturize
     from lorif_ray.stages.index import run_index
 
     cfg = make_config(tiny_assets, tmp_path, shard_size=SHARD_SIZE, cluster=ClusterConfig(**cluster))

@@ -13,7 +13,7 @@ from lorif_ray.math.capture import ProjectedGradientCapture, per_example_token_l
 from lorif_ray.model.layers import select_layers
 from lorif_ray.stages.featurize import Featurizer
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.index_cache import index_key
+from lorif_ray.eval.index_cache import index_key
 from lorif_ray.stages.kronecker_stats import folded
 from lorif_ray.store import open_index
 from tests.conftest import padded_batch, tiny_gpt2
@@ -121,7 +121,7 @@ def test_the_index_records_its_labels_and_is_deterministic(sampled_index, tiny_a
 
 
 def test_ray_gives_the_one_process_sampled_statistics(sampled_index, tiny_assets, ray_cluster):
-    from lorif_ray.distributed.index_pipeline import RayFeaturize
+    from lorif_ray.distributed.featurize import RayFeaturize
     from tests.distributed.test_distributed_index import _assert_same_index
 
     cfg, root = sampled_index

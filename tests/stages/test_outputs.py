@@ -217,7 +217,7 @@ def test_report_html_is_one_self_contained_page_with_every_text_escaped(marked_u
 
 
 def test_the_report_is_bounded_and_says_what_it_leaves_out(marked_up_run, monkeypatch):
-    import lorif_ray.stages.report_page as report_page
+    import lorif_ray.outputs.report_page as report_page
     from lorif_ray.store.query_run import QueryRun
 
     cfg, _, queries = marked_up_run

@@ -93,7 +93,7 @@ def test_stage_three_streamed_and_resident_give_the_same_scores(baseline, stored
 
 
 def test_config_keys_select_the_paths_through_the_stage_dispatcher(baseline):
-    from lorif_ray.distributed.stages import run_stage
+    from lorif_ray.distributed.backends import run_stage
 
     cfg = baseline["config"]("keys", cluster=ClusterConfig(backend="none"),
                              query=QueryConfig(**QUERY_CONFIG, resident=True, store_coordinates=True))

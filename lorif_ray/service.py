@@ -1,7 +1,7 @@
 """The HTTP query service: one request handler for every transport, and its plain-HTTP transport.
 
 ``QueryHandler`` loads a query backend once (the model for query gradients and the index's rows, e.g.
-``local_query`` here or ``lorif_ray.distributed.query_service.ray_query``), then answers
+``local_query`` here or ``lorif_ray.distributed.query_pool.ray_query``), then answers
 
     POST /query  {"queries": [rows: text | prompt + response | messages, optional id], "top_k": k}
                  → {"results": [{"query_id", "query_text", "proponents": [{"rank", "train_id", "train_text",

@@ -2,7 +2,7 @@
 
 ``ray_query`` is the query backend of ``lorif_ray.stages.query.run_query`` on a cluster: the queries are
 featurized on a gradient replica (``RemoteQueryFeaturizer``; the driver never loads the model) and
-scored by a ``QueryService`` — one ``QueryWorker`` per contiguous group of shards, whose rows it reads
+scored by a ``QueryPool`` — one ``QueryWorker`` per contiguous group of shards, whose rows it reads
 once onto its own device (the GPU Ray gave it, if any; ``lorif_ray.stages.rows.layer_rows``, resident) in
 the layout of the one batched scorer.
 Each worker returns its top-k per query with *global* row indices and writes its columns of the full
@@ -19,9 +19,9 @@ the query side) and one in which all score. Only the "recompute" route makes the
 V_r, once; otherwise the whole curvature (253 GiB at 70B f=64 r=4096) is never in one process.
 
 Example (needs a running Ray):
-    >>> with QueryService(cfg, CurvatureFolder(cfg.curvature_path), num_workers=2) as service:
-    ...     ends = service.score(query_columns, "query", k=10)   # workers load their shards once; ends.scores, .index
-    ...     again = service.score(other_columns, "query", k=10)           # reuses the resident shards
+    >>> with QueryPool(cfg, CurvatureFolder(cfg.curvature_path), num_workers=2) as pool:
+    ...     ends = pool.score(query_columns, "query", k=10)   # workers load their shards once; ends.scores, .index
+    ...     again = pool.score(other_columns, "query", k=10)           # reuses the resident shards
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.distributed.curvature import DEFAULT_ACTOR_OPTIONS, shard_groups
+from lorif_ray.distributed.gram import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.errors import LorifError
@@ -143,7 +143,7 @@ def merge_topk(parts: Sequence[TopK], k: int) -> TopK:
     return merged
 
 
-class QueryService:
+class QueryPool:
     """Long-lived query actors over an index's shards (one contiguous shard group each).
 
     Args:
@@ -213,7 +213,7 @@ class QueryService:
             ray.kill(worker)
         self.workers = []
 
-    def __enter__(self) -> "QueryService":
+    def __enter__(self) -> "QueryPool":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -222,11 +222,11 @@ class QueryService:
 
 def ray_query(cfg: Config, manifest, folder: CurvatureFolder, stored: bool, *, num_workers: int,
               actor_options: dict | None = None) -> QueryBackend:
-    """The query backend of ``run_query`` on Ray: a gradient replica featurizes, a ``QueryService`` scores."""
+    """The query backend of ``run_query`` on Ray: a gradient replica featurizes, a ``QueryPool`` scores."""
     featurize = RemoteQueryFeaturizer(cfg, manifest)
     try:
-        service = QueryService(cfg, folder, num_workers, stored=stored, actor_options=actor_options)
-        return QueryBackend(featurize, service)
+        pool = QueryPool(cfg, folder, num_workers, stored=stored, actor_options=actor_options)
+        return QueryBackend(featurize, pool)
     except BaseException:
         featurize.close()
         raise

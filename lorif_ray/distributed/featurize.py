@@ -1,7 +1,7 @@
 """Stage 1 on Ray: the featurize backend ``RayFeaturize`` of ``lorif_ray.stages.index.run_index``.
 
     run_index (the driver: meta, reuse, lock, the one ShardWriter, bar, commits)
-      │ plan_input in a Ray task ──(hash, row range of each shard)──► driver (never opens the input)
+      │ shard_input in a Ray task ──(hash, row range of each shard)──► driver (never opens the input)
       ▼
     RayFeaturize ──(shard i: its row range)──► gradient pool: one member per model replica (tp_size
                                                 │ GradientWorker ranks in one placement group; model
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.data import InputPlan, InputShard, plan_input
+from lorif_ray.data import InputShards, InputShard, shard_input
 from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_placement_group, replica_count,
                                           replica_placement_group)
 from lorif_ray.distributed.progress import ActorProgress
@@ -297,25 +297,25 @@ class RayFeaturize(FeaturizeBackend):
         self.writer_group = None
         self.replaced = 0
 
-    def plan(self, train_path, rows_table) -> InputPlan:
-        """``plan_input`` run by a Ray task where the data is (every node sees the path), not by the driver: the
+    def shard_input(self, train_path, rows_table) -> InputShards:
+        """``shard_input`` run by a Ray task where the data is (every node sees the path), not by the driver: the
         driver receives the hash and each shard's row range, never a row; the task writes the row table
         (``rows_table``) itself, a shard of rows at a time, and the driver only renames it into place.
 
         Raises:
-            DataError: as ``plan_input`` (the task's error, unwrapped).
+            DataError: as ``shard_input`` (the task's error, unwrapped).
         """
         import ray
         from ray.exceptions import RayTaskError
 
         cfg = self.cfg
         try:
-            return ray.get(ray.remote(plan_input).remote(str(train_path), cfg.shard_size, cfg.data.columns,
+            return ray.get(ray.remote(shard_input).remote(str(train_path), cfg.shard_size, cfg.data.columns,
                                                          str(rows_table)))
         except RayTaskError as error:
             raise error.as_instanceof_cause() from None
 
-    def open(self, plan: InputPlan, model_path) -> IndexLayout:
+    def open(self, plan: InputShards, model_path) -> IndexLayout:
         import ray
 
         self.replicas = GradientReplicas(self.cfg, str(model_path), max_replicas=len(plan.ranges))
@@ -354,7 +354,7 @@ class RayFeaturize(FeaturizeBackend):
             raise LorifError(f"stage 1: {self.replaced} actors died (more than {limit}); last: {error}") from error
         member.renew()
 
-    def shards(self, plan: InputPlan, todo: list[int], writer: ShardWriter,
+    def shards(self, plan: InputShards, todo: list[int], writer: ShardWriter,
                on_rows: Callable[[int], None] | None) -> Iterator[ShardRecord]:
         self._start_writers(writer)
         progress = ActorProgress(on_rows)
@@ -363,7 +363,7 @@ class RayFeaturize(FeaturizeBackend):
         finally:
             progress.close()
 
-    def _pipeline(self, plan: InputPlan, todo: list[int], progress: ActorProgress) -> Iterator[ShardRecord]:
+    def _pipeline(self, plan: InputShards, todo: list[int], progress: ActorProgress) -> Iterator[ShardRecord]:
         """Hand out shards to the gradient pool, their payloads to the writer pool, and yield the records;
         ``progress`` follows each shard from its hand-out (batches reported by the actor) to its featurized rows."""
         from ray.exceptions import ObjectLostError

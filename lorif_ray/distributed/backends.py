@@ -16,7 +16,7 @@ from lorif_ray.errors import LorifError
 from lorif_ray.stages.attribute import STAGES, run_local_stage
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.outputs import claim_output_dir
+from lorif_ray.outputs.folders import claim_output_dir
 from lorif_ray.stages.preflight import check_before_work
 from lorif_ray.stages.query import run_query
 
@@ -59,9 +59,9 @@ def run_stage(name: str, cfg: Config) -> dict:
     check_ray_layout(cfg, (name,))
     claim_output_dir(cfg)
     from lorif_ray.distributed.cluster import actor_options, connect, node_watch
-    from lorif_ray.distributed.curvature import RayGram
-    from lorif_ray.distributed.index_pipeline import RayFeaturize
-    from lorif_ray.distributed.query_service import ray_query
+    from lorif_ray.distributed.gram import RayGram
+    from lorif_ray.distributed.featurize import RayFeaturize
+    from lorif_ray.distributed.query_pool import ray_query
 
     connect(cfg.cluster)
     cluster = cfg.cluster
@@ -77,9 +77,9 @@ def run_stage(name: str, cfg: Config) -> dict:
 
 def run_service(cfg: Config, stop: threading.Event | None = None) -> None:
     """The HTTP query service of ``cfg``'s index until SIGINT/SIGTERM (or ``stop``): on Ray Serve, or with
-    ``cluster.backend=none`` on a plain HTTP server in this process (``lorif_ray.stages.service``)."""
+    ``cluster.backend=none`` on a plain HTTP server in this process (``lorif_ray.service``)."""
     if cfg.cluster.backend == "none":
-        from lorif_ray.stages.service import serve_local
+        from lorif_ray.service import serve_local
 
         return serve_local(cfg, stop)
     from lorif_ray.distributed.serving import serve_on_ray
