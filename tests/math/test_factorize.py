@@ -1,8 +1,16 @@
+import pytest
 import torch
 
 from lorif_ray.math.factorize import factorize, factorize_dense, factorize_implicit, implicit_is_cheaper
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These checks run in float64; the default dtype is restored after each, so no other module sees it."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def _start(d2, c, seed=0):

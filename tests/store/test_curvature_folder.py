@@ -29,7 +29,7 @@ def _save(path, r: int = 3, rows: int = 5) -> tuple[CurvatureFolder, Woodbury, t
         writer = folder.writer(_meta(r))
         writer.write(LAYER, curvature)
         writer.finish({"seconds": 1.5})
-        coordinates = torch.randn(rows, r)
+        coordinates = torch.randn(rows, r, dtype=torch.float32)
         stored = folder.coordinate_writer(rows, "float32", block_rows=2)
         file = stored.begin(LAYER, r)
         stored.commit(LAYER, write_rows(file, 0, coordinates, "float32", 2))
