@@ -202,8 +202,57 @@ class Spectrum:
         return float(scale * top.mean()) if top.numel() else 0.0
 
 
-def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+def _cholesky_step(y: torch.Tensor, gram: torch.Tensor | None = None, shift: float = 0.0) -> torch.Tensor | None:
+    """Y R⁻¹ with R the Cholesky factor of YᵀY + shift·I (``gram``: YᵀY if already formed): one Gram matmul and
+    one triangular solve; None when the factorization fails (not numerically positive definite)."""
+    gram = y.T @ y if gram is None else gram.clone()
+    if shift:
+        gram.diagonal().add_(shift)
+    r, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(r).all()):
+        return None
+    return torch.linalg.solve_triangular(r, y, upper=True, left=False)
+
+
+def orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
+    """Q (D, k) with orthonormal columns spanning y (D, k), in y's dtype; Q[:, :j] spans y[:, :j] for every j.
+
+    CholeskyQR2 (Yamamoto et al. 2015) in float64 whatever y's dtype: two passes of Q ← Y R⁻¹ with R the
+    Cholesky factor of YᵀY, i.e. two Gram matmuls and two triangular solves, bound by matmuls, where Householder
+    QR is a chain of thin panel updates that runs far below the matmul rate (and collapses when threads
+    outnumber cores). The power passes' Z = GᵀG Q have κ ≈ σ₁²/σ_k², far beyond float32's u^-1/2 on spiked
+    spectra, hence float64. While YᵀY is still not numerically positive definite (κ(Y) beyond ~1e8), a pass is
+    shifted by s = 11 (Dk + k(k+1)) u ‖Y‖₂² (shifted CholeskyQR3, Fukaya et al. 2020), at most
+    ``SHIFTED_PASSES`` times. If Y is rank-deficient to working precision (or the result is not orthonormal to
+    64·k·u), Householder QR. The span is Householder's; the basis may differ by a sign per column, which
+    subspace iteration and ``spectrum_from_last_pass`` never see.
+    """
+    dim, k = y.shape
+    if k == 0 or dim < k:
+        return torch.linalg.qr(y, mode="reduced").Q
+    eps = torch.finfo(torch.float64).eps
+    q = y.to(torch.float64)
+    for _ in range(SHIFTED_PASSES + 1):
+        gram = q.T @ q
+        step = _cholesky_step(q, gram)
+        if step is not None or not bool(torch.isfinite(gram).all()):
+            break
+        top = float(torch.linalg.eigvalsh(gram)[-1])
+        q = _cholesky_step(q, gram, 11 * (dim * k + k * (k + 1)) * eps * top) if top > 0 else None
+        if q is None:
+            break
+    else:
+        step = None
+    q = _cholesky_step(step) if step is not None else None
+    if q is not None:
+        error = (q.T @ q - torch.eye(k, dtype=q.dtype, device=q.device)).abs().max()
+        if bool(torch.isfinite(error)) and float(error) <= 64 * k * eps:
+            return q.to(y.dtype)
     return torch.linalg.qr(y, mode="reduced").Q
+
+
+SHIFTED_PASSES = 3
+"""Shifted passes ``orthonormal_columns`` tries before Householder QR (each divides κ by about 1e5 at D·k ~ 1e6)."""
 
 
 def _top(values: torch.Tensor, vectors: torch.Tensor, rank: int) -> Spectrum:
@@ -239,7 +288,7 @@ def spectrum_from_last_pass(q: torch.Tensor, z: torch.Tensor, rank: int) -> Spec
     values, vectors = sigma ** 2, vh.T
     missing = q.shape[1] - values.numel()
     if missing:  # keep k columns: the dropped directions carry (numerically) zero eigenvalues
-        filler = _orthonormal(torch.cat([vectors, q], dim=1))[:, values.numel():q.shape[1]]
+        filler = torch.linalg.qr(torch.cat([vectors, q], dim=1)).Q[:, values.numel():q.shape[1]]  # rank k: Householder
         values = torch.cat([values, values.new_zeros(missing)])
         vectors = torch.cat([vectors, filler], dim=1)
     return _top(values, vectors, rank)
@@ -252,9 +301,9 @@ def randomized_steps(dim: int, rank: int, *, oversample: int = 10, power_iters: 
     over G each), receives GᵀG Q, returns the ``Spectrum`` — so the passes of many layers can share one read
     of the rows. Arguments as ``randomized_spectrum``."""
     k = min(rank + oversample, dim)
-    q = _orthonormal(gaussian(seed, (dim, k), name, "rsvd").to(device=device, dtype=dtype))
+    q = orthonormal_columns(gaussian(seed, (dim, k), name, "rsvd").to(device=device, dtype=dtype))
     for _ in range(power_iters):
-        q = _orthonormal((yield ("apply", q)).to(device=device, dtype=dtype))
+        q = orthonormal_columns((yield ("apply", q)).to(device=device, dtype=dtype))
     spectrum = spectrum_from_last_pass(q, (yield ("apply", q)).to(device), rank)
     spectrum.vectors = spectrum.vectors.to(device=device, dtype=dtype)
     return spectrum
