@@ -47,7 +47,7 @@ from lorif_ray.model.layers import select_layers  # noqa: E402
 from lorif_ray.stages.featurize import Featurizer, LayerSpec, blocks_from_columns  # noqa: E402
 from lorif_ray.stages.index import shard_chunks, write_shards  # noqa: E402
 from lorif_ray.stages.query import TopK  # noqa: E402
-from lorif_ray.store import ShardWriter, load_tensors, save_tensors  # noqa: E402
+from lorif_ray.store import IndexFolder, load_tensors, save_tensors  # noqa: E402
 
 FORBIDDEN = ("ray", "deepspeed", "hydra")
 PAPER_N = 232_585
@@ -132,8 +132,8 @@ def stage1(args, model) -> list[dict]:
 
         def pipeline():
             with tempfile.TemporaryDirectory(dir=os.environ.get("GPU_SPEED_TMP")) as directory:
-                writer = ShardWriter(directory, kind="factors", columns=featurizer.columns, dtype=args.store_dtype,
-                                     shard_size=shard_size, meta={})
+                writer = IndexFolder(directory).writer(kind="factors", columns=featurizer.columns,
+                                                       dtype=args.store_dtype, shard_size=shard_size, meta={})
                 for record in write_shards(featurizer, writer, chunks, args.batch, pad_token_id=0):
                     writer.commit(record)  # as the driver does
 
@@ -396,7 +396,7 @@ def precision_check(args) -> list[dict]:
     from lorif_ray.config import PrecisionConfig
     from lorif_ray.stages.curvature import run_curvature
     from lorif_ray.stages.query import LocalScorer, output_files
-    from lorif_ray.store import CurvatureFolder, open_index
+    from lorif_ray.store import CurvatureFolder, IndexFolder
     from tests.stages.spiked import spiked_config, with_output, write_spiked_index
     from tests.stages.test_precision import reference_scores
 
@@ -413,7 +413,7 @@ def precision_check(args) -> list[dict]:
             try:
                 run_curvature(cfg)
                 reference = reference_scores(cfg, train, queries).numpy()
-                manifest = open_index(cfg.index_path)
+                manifest = IndexFolder(cfg.index_path).manifest()
                 queries32 = {k: v.float() for k, v in queries.items()}
                 for route in ("stored", "query", "recompute"):
                     run = replace(cfg, query=replace(cfg.query, resident=True))

@@ -28,7 +28,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import LocalScorer, featurize_queries
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     cfg = replace(real, output_dir=str(out / "run"), index_dir=str(synthetic))
     cfg = replace(cfg, query=replace(query, store_coordinates=True))
     curvature = run_curvature(cfg)
-    manifest = open_index(synthetic)
+    manifest = IndexFolder(synthetic).manifest()
     cfg = query_config(cfg, manifest)
     columns = featurize_queries(cfg, manifest).columns
     payload, coords = manifest.payload_bytes_per_row(), curvature["coordinates"]["bytes_per_example"]

@@ -30,7 +30,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import featurize_queries
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 
 
 def repeated_training_set(source: Path, copies: int, out: Path) -> Path:
@@ -80,8 +80,8 @@ def main() -> None:
     cfg = Config(output_dir=str(out / "synthetic_query"), index_dir=str(synthetic), progress=False,
                  query=QueryConfig(top_k=10, train_batch_rows=8192), cluster=ClusterConfig())
     run_curvature(cfg)
-    cfg = query_config(cfg, open_index(synthetic))
-    query_columns = featurize_queries(one, open_index(one.index_path)).columns
+    cfg = query_config(cfg, IndexFolder(synthetic).manifest())
+    query_columns = featurize_queries(one, IndexFolder(one.index_path).manifest()).columns
     latency = {}
     for actors in (1, 2):
         start = time.perf_counter()

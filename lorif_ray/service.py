@@ -38,7 +38,7 @@ from lorif_ray.config import Config
 from lorif_ray.data import Example, examples_of_rows, tokenize_examples
 from lorif_ray.errors import ConfigError, DataError, LorifError, RequestError
 from lorif_ray.stages.query import QueryBackend, TopK, local_query, open_query, open_train_texts, query_route
-from lorif_ray.store import ids_of_rows
+from lorif_ray.store import IndexFolder
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class QueryHandler:
         the reason in one line (the caller decides to stop)."""
         try:
             self.query_cfg, self.manifest, folder, self.header, self.stored = open_query(self.cfg)
+            self.index = IndexFolder(self.query_cfg.index_path)
             self.backend = self.make_backend(self.query_cfg, self.manifest, folder, self.stored)
             self.tokenizer, self.max_length = self.backend.featurize.tokenizer, self.backend.featurize.max_length
             self.texts = open_train_texts(self.query_cfg, self.manifest)  # None: answers without training texts
@@ -245,7 +246,7 @@ class QueryHandler:
         route = query_route(self.query_cfg, self.header, self.stored, len(queries.row_ids))
         ends: TopK = self.backend.score(queries.columns, route, min(top_k, self.manifest.num_rows))
         rows = ends.index.reshape(-1).tolist() + ends.low_index.reshape(-1).tolist()
-        ids = ids_of_rows(self.cfg.index_path, self.manifest, rows)
+        ids = self.index.ids_of_rows(self.manifest, rows)
         texts = self.texts.texts(rows) if self.texts is not None else {}
 
         def ranked(scores: torch.Tensor, index: torch.Tensor) -> list[dict]:

@@ -9,7 +9,7 @@ from lorif_ray.data.batching import (
     tokenize_examples,
 )
 from lorif_ray.data.examples import Columns, Example, examples_of_rows, iter_examples, load_examples
-from lorif_ray.data.row_table import ROWS_NAME, TrainTexts, commit_row_table, discard_row_table, row_table_path
+from lorif_ray.data.row_table import TrainTexts, commit_row_table, discard_row_table
 from lorif_ray.data.rows import RowRange, data_sha256, iter_rows, read_rows
 from lorif_ray.data.shards import InputShards, InputShard, shard_input, read_shard
 
@@ -20,7 +20,6 @@ __all__ = [
     "examples_of_rows",
     "InputShards",
     "InputShard",
-    "ROWS_NAME",
     "RowRange",
     "TokenizedExample",
     "TrainTexts",
@@ -35,6 +34,5 @@ __all__ = [
     "shard_input",
     "read_rows",
     "read_shard",
-    "row_table_path",
     "tokenize_examples",
 ]

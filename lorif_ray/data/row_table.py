@@ -26,20 +26,14 @@ from typing import Iterable
 from lorif_ray.data.examples import DEFAULT_COLUMNS, Columns, Example, examples_at
 from lorif_ray.data.rows import RowRange, data_sha256, rows_at
 from lorif_ray.errors import DataError
+from lorif_ray.store.index_folder import ROWS_NAME, ROWS_PENDING_PREFIX, IndexFolder
 
 log = logging.getLogger(__name__)
 
-ROWS_NAME = "_rows.parquet"
-PENDING_PREFIX = "_rows.pending-"  # a table the plan wrote, not yet committed (``pending_row_table_path``)
 ROWS_FORMAT = 1
 _META_KEY = b"lorif.meta"  # as lorif_ray.store.artifacts.META_KEY: the store's readers read it alike
 _DATA_SUFFIXES = (".arrow", ".parquet", ".jsonl")
 _CHECKED: dict[tuple[str, int, int], str] = {}  # (input, size, mtime_ns) → sha256 computed in this process
-
-
-def row_table_path(index_dir: str | os.PathLike) -> Path:
-    """Where an index keeps its row table."""
-    return Path(index_dir) / ROWS_NAME
 
 
 def input_stat(path: str | os.PathLike) -> tuple[int, int]:
@@ -146,7 +140,7 @@ def open_row_table(path: str | os.PathLike | None, input_path: Path, sha256: str
 
 def pending_row_table_path(path: str | os.PathLike, sha256: str) -> Path:
     """Where the plan of an input of hash ``sha256`` leaves its row table until the stage commits it."""
-    return Path(path).parent / f"{PENDING_PREFIX}{sha256[:16]}.parquet"
+    return Path(path).parent / f"{ROWS_PENDING_PREFIX}{sha256[:16]}.parquet"
 
 
 def commit_row_table(temporary: str | None) -> None:
@@ -158,7 +152,7 @@ def commit_row_table(temporary: str | None) -> None:
     target = Path(temporary).parent / ROWS_NAME
     try:
         replace_durably(temporary, target)
-        for stale in target.parent.glob(f"{PENDING_PREFIX}*.parquet"):  # of runs that stopped before committing
+        for stale in target.parent.glob(f"{ROWS_PENDING_PREFIX}*.parquet"):  # of runs that stopped before committing
             stale.unlink(missing_ok=True)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -210,7 +204,7 @@ class TrainTexts:
 
     def __init__(self, index_dir: str | os.PathLike, path: str | os.PathLike | None = None,
                  sha256: str | None = None):
-        self.table = row_table_path(index_dir)
+        self.table = IndexFolder(index_dir).row_table_path
         if not self.table.is_file():
             raise DataError(f"{index_dir} has no {ROWS_NAME} (an index made before stage 1 wrote it, or on read-only "
                             "storage): run stage 1 again on it where it is writable (it reuses the index and adds "

@@ -78,7 +78,7 @@ def shard_input(path: str | Path, shard_size: int, columns: Columns = DEFAULT_CO
 
     Args:
         columns: the columns of the schema's fields (``data.*_column``), recorded in the row table too.
-        rows_table: where the index keeps its row table (``row_table_path``); written in the same pass, a
+        rows_table: where the index keeps its row table (``IndexFolder.row_table_path``); written in the same pass, a
             shard of rows at a time, under a temporary name (``InputShards.rows_table``). None: not written.
 
     Raises:

@@ -38,11 +38,12 @@ def check_ray_layout(cfg: Config, stages) -> None:
     ray = sys.modules.get("ray")  # not imported: no instance yet
     total = ray.cluster_resources() if ray is not None and ray.is_initialized() else local_resources(cfg.cluster)
     shards = None
-    if (cfg.index_path / "_manifest.json").is_file():
-        from lorif_ray.store import Manifest
+    from lorif_ray.store import IndexFolder, Manifest
 
+    index = IndexFolder(cfg.index_path)
+    if index.exists():
         try:
-            shards = len(Manifest.load(cfg.index_path).shards)
+            shards = len(Manifest.load(index.path).shards)
         except LorifError:  # unreadable: the stage reports it
             shards = None
     for stage in stages:

@@ -26,7 +26,7 @@ from lorif_ray.precision import Precision
 from lorif_ray.stages.curvature import LayerGram
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.store import Manifest, open_index
+from lorif_ray.store import IndexFolder, Manifest
 
 DEFAULT_ACTOR_OPTIONS = {"num_cpus": 0.5}  # small, so several workers and the driver share a laptop
 
@@ -70,7 +70,8 @@ class GramWorker:
         self.cfg, self.shards, self.resident = cfg, list(shards), resident
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
-        self.manifest = open_index(cfg.index_path)
+        self.index = IndexFolder(cfg.index_path)
+        self.manifest = self.index.manifest()
         self.specs = {s.name: s for s in layer_specs(self.manifest)}
         self.current: tuple[tuple[str, ...], LayerGram] | None = None
 
@@ -78,7 +79,7 @@ class GramWorker:
         key = tuple(layers)
         if self.current is None or self.current[0] != key:
             self.current = None  # free the previous group's rows first
-            rows = layer_rows(self.cfg.index_path, self.manifest, [self.specs[n] for n in key],
+            rows = layer_rows(self.index, self.manifest, [self.specs[n] for n in key],
                               dtype=self.precision.math, device=self.device, shards=self.shards,
                               batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
             self.current = (key, LayerGram(rows, self.precision.matmul))

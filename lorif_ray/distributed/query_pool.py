@@ -45,7 +45,7 @@ from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import OutputFiles, QueryBackend, TopK, prepare_query, score_blocks
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.curvature_folder import ranks
 
 
@@ -76,7 +76,8 @@ class QueryWorker:
         self.cfg, self.folder, self.shards = cfg, folder, list(shards)
         self.device = resolve_device(cfg.model.device)
         self.precision = Precision.of(cfg, self.device)
-        self.manifest = manifest = open_index(cfg.index_path)
+        self.index = IndexFolder(cfg.index_path)
+        self.manifest = manifest = self.index.manifest()
         self.curvature = load_curvature(folder, cfg, manifest, self.device, self.precision.math, vectors=False)
         self.projector = (QueryProjector(folder, cfg, manifest, projection_layers, self.device)
                           if projection_layers else None)
@@ -84,7 +85,7 @@ class QueryWorker:
         if stored:
             stored_rows = folder.stored_coordinates()
             coordinates = lambda start, stop: stored_rows.rows(start, stop, dtype=self.precision.math)  # noqa: E731
-        self.rows = layer_rows(cfg.index_path, manifest, layer_specs(manifest), dtype=self.precision.math,
+        self.rows = layer_rows(self.index, manifest, layer_specs(manifest), dtype=self.precision.math,
                                device=self.device, shards=self.shards, resident=True, curvature=self.curvature,
                                coordinates=coordinates, block_rows=cfg.query.train_batch_rows, on_load=progress)
         self.loads, self.all_vectors = 1, False
@@ -160,7 +161,7 @@ class QueryPool:
         import ray
 
         self.cfg = cfg
-        self.manifest = open_index(cfg.index_path)
+        self.manifest = IndexFolder(cfg.index_path).manifest()
         self.groups = shard_groups(self.manifest, num_workers)
         self.rows = [stop - start for start, stop in (self.manifest.row_range(group) for group in self.groups)]
         self.ranks = ranks(folder.header())

@@ -29,8 +29,7 @@ from lorif_ray.model.loading import load_model, model_identity
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.index import FeaturizeBackend, FinishedShard, IndexLayout, run_index
 from lorif_ray.stages.inputs import require, resolve_inputs
-from lorif_ray.stages.kronecker_stats import adopt_stats
-from lorif_ray.store import ShardRecord, file_sha256, iter_batches, open_index
+from lorif_ray.store import IndexFolder, ShardRecord, file_sha256
 from lorif_ray.store.manifest import FORMAT_VERSION
 from lorif_ray.store.schema import BYTES_PER_VALUE, dense_column, factor_columns, store_columns
 
@@ -60,11 +59,8 @@ def key_dir(root: Path, key: dict) -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    try:
-        open_index(directory)
-    except Exception:  # missing or incomplete: (re)build it
-        return False
-    return (directory / "_report.json").exists()
+    index = IndexFolder(directory)
+    return index.complete() and index.report_exists()
 
 
 class IndexCache:
@@ -95,7 +91,7 @@ class IndexCache:
         """The index dir of ``cfg`` and how it was obtained: {"source": "cache"|"model"|"dense", ...}."""
         directory = self.path(cfg)
         if is_complete(directory):
-            return directory, {"source": "cache", **_report(directory)}
+            return directory, {"source": "cache", **IndexFolder(directory).read_report()}
         if cfg.method.store_kind == "factors" and self.budget_bytes > 0:
             dense_cfg = self.dense_config(cfg)
             dense_dir = self.path(dense_cfg)
@@ -129,17 +125,13 @@ class IndexCache:
         return float(rows * dims * BYTES_PER_VALUE["float32"])
 
 
-def _report(directory: Path) -> dict:
-    return json.loads((directory / "_report.json").read_text())
-
-
 class DenseFactors(FeaturizeBackend):
     """The featurize backend that derives ``cfg``'s rank-c factor index from the dense index at ``dense_dir``,
     without the model: each shard's factors come from the power iteration on its stored G̃ (``factorize_dense``).
 
     The manifest is the one stage 1 would write for ``cfg`` (same meta, plus ``derived_from``), so stages 2–3
     use it as is. The K-FAC statistics depend on the model, data, f and seed only: the dense index's total
-    (covering every shard) becomes this index's before its first shard is written (``adopt_stats``).
+    (covering every shard) becomes this index's before its first shard is written (``adopt_statistics``).
 
     Raises (``open``):
         IndexMismatchError: the dense index was made from another training input than ``data.train``, or with
@@ -151,10 +143,11 @@ class DenseFactors(FeaturizeBackend):
     def __init__(self, cfg: Config, dense_dir: Path):
         super().__init__(cfg)
         self.dense_dir = Path(dense_dir)
+        self.dense_index = IndexFolder(dense_dir)
 
     def open(self, plan, model_path) -> IndexLayout:
         cfg = self.cfg
-        self.dense = dense = open_index(self.dense_dir, verify=True)
+        self.dense = dense = self.dense_index.manifest(verify=True)
         made = (dense.meta["data"]["sha256"], dense.num_rows, dense.shard_size)
         wanted = (plan.sha256, plan.num_rows, cfg.shard_size)
         if made != wanted:
@@ -170,15 +163,15 @@ class DenseFactors(FeaturizeBackend):
         return IndexLayout("factors", store_columns("factors", self.specs), meta)
 
     def shards(self, plan, todo, writer, on_rows) -> Iterator[ShardRecord]:
-        adopt_stats(self.dense_dir, writer.directory)
+        IndexFolder(writer.directory).adopt_statistics(self.dense_index)
         dtype = torch.float32  # the model path factorizes in float32 too
         specs, iterations = self.specs, self.iterations
         starts = {s.name: initial_block(self.cfg.seed, s.name, s.d2, s.c, dtype, "cpu") for s in specs}
         for shard in todo:
             ids, parts = [], {k: [] for k in writer.manifest.columns}
-            for batch_ids, cols in iter_batches(self.dense_dir, [dense_column(s.name) for s in specs],
-                                                batch_rows=self.dense.shard_size, out_dtype=dtype,
-                                                manifest=self.dense, shards=[shard]):
+            for batch_ids, cols in self.dense_index.batches([dense_column(s.name) for s in specs],
+                                                            batch_rows=self.dense.shard_size, out_dtype=dtype,
+                                                            manifest=self.dense, shards=[shard]):
                 ids.extend(batch_ids)
                 for s in specs:
                     g = cols[dense_column(s.name)].reshape(-1, s.d1, s.d2)  # (n, d1, d2)

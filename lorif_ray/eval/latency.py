@@ -26,26 +26,27 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import FinishedShard
 from lorif_ray.eval.index_cache import IndexCache
 from lorif_ray.stages.inputs import resolve_inputs
-from lorif_ray.stages.kronecker_stats import fold_stats, folded
 from lorif_ray.stages.query import local_query, open_query
 from lorif_ray.store.curvature_folder import ranks
-from lorif_ray.store import ShardWriter, open_index
+from lorif_ray.math.kronecker import KroneckerStats
+from lorif_ray.store import IndexFolder
 
 
 def synthetic_index(real: Path, out: Path, rows: int, shard_size: int = 4096) -> Path:
     """An index with ``real``'s layout, meta and K-FAC statistics (every shard's file holds ``real``'s total)
     and ``rows`` rows of random values."""
-    manifest = open_index(real)
-    stats, _ = folded(real)
-    writer = ShardWriter(out, kind=manifest.kind, columns=manifest.columns, dtype=manifest.dtype,
-                         shard_size=shard_size, meta=manifest.meta)
+    source, index = IndexFolder(real), IndexFolder(out)
+    manifest = source.manifest()
+    stats = {layer: KroneckerStats.from_tensors(t) for layer, t in source.folded_statistics()[0].items()}
+    writer = index.writer(kind=manifest.kind, columns=manifest.columns, dtype=manifest.dtype, shard_size=shard_size,
+                          meta=manifest.meta)
     generator = torch.Generator().manual_seed(0)
     for shard, start in enumerate(range(0, rows, shard_size)):
         n = min(shard_size, rows - start)
         columns = {k: torch.randn(n, w, generator=generator) for k, w in manifest.columns.items()}
         writer.commit(FinishedShard(shard, [f"s{start + i}" for i in range(n)], columns, stats).write(writer))
     writer.finalize(rows)
-    fold_stats(out, lambda shard: True)
+    index.fold_statistics(lambda shard: True)
     return out
 
 
@@ -57,7 +58,7 @@ def bench(cfg: SweepConfig, rows: int, curvatures: list[str], repeats: int) -> l
     real, _ = IndexCache(Path(ev.cache_root) / "index", budget_bytes=ev.cache_budget_mb * 2**20).ensure(point)
     out = Path(ev.cache_root) / "latency" / f"{real.name}-n{rows}"
     index = out / "index"
-    if not (index / "manifest.json").exists():
+    if not IndexFolder(index).complete():
         synthetic_index(real, index, rows)
     runs = {}
     for kind in curvatures:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lorif_ray.config import Config
 from lorif_ray.errors import ConfigError
+from lorif_ray.store import IndexFolder
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,6 @@ MARKER = ".lorif-ray-output"
 # record of the run and the job's log; the jobs now write both only after claiming the folder, lorif_ray.cli)
 HYDRA_ENTRIES = (".hydra",)
 JOB_LOGS = tuple(f"{job}.log" for job in ("attribute", "index", "curvature", "query", "serve"))
-INDEX_ENTRIES = ("_manifest.json", "_report.json", ".manifest.lock", ".index.lock", "_kronecker", "_rows.parquet")
-# a row table stage 1 was writing, or wrote and had not committed, when it stopped (lorif_ray.data.row_table)
-ROW_TABLE_LEFTOVERS = ("._rows.", "_rows.pending-")
 
 
 def _foreign(directory: Path) -> list[str]:
@@ -46,13 +44,11 @@ def claim_output_dir(cfg: Config) -> None:
             raise ConfigError(f"output_dir={out} already holds files this tool did not write ({', '.join(foreign[:5])}"
                               f"{' …' if len(foreign) > 5 else ''}): choose an empty or new folder, or set "
                               "overwrite=true to write into it anyway")
-    index = cfg.index_path
-    if index.is_dir() and not (index / "_manifest.json").exists():
-        stray = [n for n in sorted(p.name for p in index.iterdir())
-                 if n not in INDEX_ENTRIES and not n.startswith(ROW_TABLE_LEFTOVERS)]
-        if stray:
-            raise ConfigError(f"the index folder {index} holds files but no index ({', '.join(stray[:5])}): an index "
-                              "folder holds nothing but the index; choose another output_dir or index_dir")
+    index = IndexFolder(cfg.index_path)
+    stray = index.strays()
+    if stray:
+        raise ConfigError(f"the index folder {index.path} holds files but no index ({', '.join(stray[:5])}): an index "
+                          "folder holds nothing but the index; choose another output_dir or index_dir")
     if not (out / MARKER).exists():
         try:
             out.mkdir(parents=True, exist_ok=True)

@@ -38,15 +38,15 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
 from lorif_ray.math.curvature import Curvature, FitSettings, curvature_class, fit_layers
+from lorif_ray.math.kronecker import KroneckerStats
 from lorif_ray.math.rsvd import GramPass
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import check_method_matches_index, layer_specs
-from lorif_ray.stages.kronecker_stats import read_stats
 from lorif_ray.stages.rows import layer_rows
-from lorif_ray.store import CurvatureFolder, Manifest, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder, Manifest
 from lorif_ray.store.curvature_folder import write_rows
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ class LocalGram:
 
     def layers(self, specs: list[LayerSpec], on_rows=None) -> LayerGram:
         """The pass over these layers' rows; ``on_rows`` gets each row block's size, on every pass."""
-        rows = layer_rows(self.cfg.index_path, self.manifest, specs, dtype=self.precision.math, device=self.device,
-                          batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
+        rows = layer_rows(IndexFolder(self.cfg.index_path), self.manifest, specs, dtype=self.precision.math,
+                          device=self.device, batch_rows=self.cfg.query.train_batch_rows, resident=self.resident)
         gram = LayerGram(rows, self.precision.matmul)
         gram.on_rows = on_rows
         return gram
@@ -198,7 +198,7 @@ def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None)
 def prepare_curvature(cfg: Config, folder: CurvatureFolder) -> tuple[Manifest, dict, bool]:
     """Open the index (its files' sizes checked; their contents as they are read); the curvature's
     metadata; whether the curvature in ``folder`` (and, if asked, stored g'_t) already matches it."""
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     check_method_matches_index(cfg, manifest)
     meta = curvature_meta(cfg, manifest)
     return manifest, meta, reusable_curvature(cfg, folder, meta)
@@ -302,7 +302,8 @@ def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, met
     settings = fit_settings(cfg, precision.math, device)
     stats = None
     if todo and curvature_class(kind).needs_stats:
-        stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], [s.name for s in todo])
+        stored = IndexFolder(cfg.index_path).read_statistics([r.index for r in manifest.shards], [s.name for s in todo])
+        stats = {layer: KroneckerStats.from_tensors(tensors) for layer, tensors in stored.items()}
     reads_rows = bool(todo) and curvature_class(kind).reads_rows
     backend = backend_class(cfg, manifest, precision, device) if reads_rows else None
     groups = layer_groups(todo, cfg)

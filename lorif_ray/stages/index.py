@@ -3,11 +3,11 @@
 One driver, ``run_index``, for every way of making rows. Work is cut into deterministic shards of
 ``shard_size`` examples in input order (``shard_input``: one streaming pass that checks the input, fixes
 each shard's row range and writes the row table); the driver builds the meta, reuses a finished index,
-takes the index folder's writer lock (``INDEX_WRITER``: one run writes an index at a time), opens the
-one ``ShardWriter``, draws the bar and commits each finished shard's record, so a re-run after a crash
-skips it (without reading its rows) and resumes. A *featurize backend* (``FeaturizeBackend``) makes
-and writes the shards left and knows nothing of manifests, reuse or bars: ``LocalFeaturize`` (this
-process), ``lorif_ray.distributed.featurize.RayFeaturize`` (a Ray pool of gradient replicas),
+takes the index folder's writer lock (``IndexFolder.lock``: one run writes an index at a time), opens the
+one ``ShardWriter`` (``IndexFolder.writer``), draws the bar and commits each finished shard's record, so a
+re-run after a crash skips it (without reading its rows) and resumes. A *featurize backend*
+(``FeaturizeBackend``) makes and writes the shards left and knows nothing of manifests, reuse or bars:
+``LocalFeaturize`` (this process), ``lorif_ray.distributed.featurize.RayFeaturize`` (a Ray pool of gradient replicas),
 ``lorif_ray.eval.index_cache.DenseFactors`` (rank-c factors of a dense index, no model). Every
 backend writes a shard as one unit (``FinishedShard.write``: its K-FAC statistics, then its file)
 before the driver can commit its record.
@@ -15,7 +15,6 @@ before the driver can commit its record.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,8 +27,7 @@ from typing import Callable
 import torch
 
 from lorif_ray.config import Config
-from lorif_ray.data import (InputShards, TokenizedExample, commit_row_table, discard_row_table, row_table_path,
-                            shard_input)
+from lorif_ray.data import InputShards, TokenizedExample, commit_row_table, discard_row_table, shard_input
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.capture import check_finite_all
@@ -38,14 +36,10 @@ from lorif_ray.model.loading import check_context_length, load_model, model_iden
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.inputs import TokenizedShards, require, resolve_inputs
-from lorif_ray.stages.kronecker_stats import SHARDS_DIR, fold_now_and_then, fold_stats, stats_check, write_shard_stats
-from lorif_ray.store import (Manifest, ShardRecord, ShardWriter, finished_index, remove_stale_temporaries, write_json,
-                             writer_lock)
+from lorif_ray.store import IndexFolder, Manifest, ShardRecord, ShardWriter
 from lorif_ray.store.schema import BYTES_PER_VALUE
 
 logger = logging.getLogger(__name__)
-
-INDEX_WRITER = ("index", "stage 1 (jobs/index.py)")  # ``writer_lock(cfg.index_path, *INDEX_WRITER)``
 
 
 @dataclass(frozen=True)
@@ -72,7 +66,8 @@ class FinishedShard:
         the record for the driver to commit: the one place stage 1 writes a shard, for every backend, so a
         committed record always has its statistics."""
         if self.statistics is not None:
-            write_shard_stats(writer.directory, self.index, self.statistics)
+            IndexFolder(writer.directory).write_shard_statistics(
+                self.index, {layer: stats.tensors() for layer, stats in self.statistics.items()})
         return writer.write_file(self.index, self.ids, self.columns)
 
 
@@ -172,64 +167,41 @@ def warn_clamped_rank(specs: list[LayerSpec], c: int, kind: str) -> None:
                        "factors), recorded as each layer's c in the manifest: %s", c, len(clamped), len(specs), used)
 
 
-def index_writer(cfg: Config, layout: IndexLayout) -> ShardWriter:
-    """The one writer of ``cfg``'s index (stale temporaries removed); a shard counts as done only with its K-FAC
-    statistics (when collected). Call under the index's writer lock (``INDEX_WRITER``)."""
-    writer = ShardWriter(cfg.index_path, kind=layout.kind, columns=layout.columns, dtype=cfg.dtype,
-                         shard_size=cfg.shard_size, meta=layout.meta,
-                         also_done=stats_check(cfg.index_path, layout.meta))
-    remove_stale_temporaries(cfg.index_path / SHARDS_DIR)
-    return writer
-
-
-def reuse_finished_index(cfg: Config, layout: IndexLayout, num_examples: int) -> dict | None:
-    """The report of an index at ``cfg.index_path`` that is already complete, intact (its K-FAC statistics
-    too) and made with this config; None when work is left. Takes no lock and writes nothing (read-only
-    storage is fine), except where it can: a lost ``_report.json`` is restored and stale temporaries are
-    removed."""
-    manifest = finished_index(cfg.index_path, kind=layout.kind, columns=layout.columns, dtype=cfg.dtype,
-                              shard_size=cfg.shard_size, meta=layout.meta, num_rows=num_examples,
-                              also_done=stats_check(cfg.index_path, layout.meta))
+def reuse_finished_index(cfg: Config, index: IndexFolder, layout: IndexLayout, num_examples: int) -> dict | None:
+    """The report of an ``index`` that is already complete, intact (its K-FAC statistics too) and made with this
+    config; None when work is left. Takes no lock and writes nothing (read-only storage is fine), except where it
+    can: a lost ``_report.json`` is restored and stale temporaries are removed."""
+    manifest = index.finished(kind=layout.kind, columns=layout.columns, dtype=cfg.dtype, shard_size=cfg.shard_size,
+                              meta=layout.meta, num_rows=num_examples)
     if manifest is None:
         return None
-    logger.info("stage 1: the index at %s is complete and intact; nothing to compute", cfg.index_path)
-    for folder in (cfg.index_path, cfg.index_path / SHARDS_DIR):
+    logger.info("stage 1: the index at %s is complete and intact; nothing to compute", index.path)
+    index.remove_stale_temporaries()
+    report = reused_report(cfg, index, manifest)
+    if not index.report_exists():  # lost after finalize (a crash): restore it if we can
         try:
-            remove_stale_temporaries(folder)
-        except OSError as e:  # read-only storage: they stay hidden from readers (leading ".")
-            logger.info("cannot remove stale temporaries in %s (%s)", folder, e)
-    report = reused_report(cfg, manifest)
-    if not (cfg.index_path / "_report.json").exists():  # lost after finalize (a crash): restore it if we can
-        try:
-            write_json(cfg.index_path / "_report.json", report)
+            index.write_report(report)
         except OSError as e:
-            logger.info("cannot restore %s/_report.json (%s); the index is complete without it", cfg.index_path, e)
+            logger.info("cannot restore %s (%s); the index is complete without it", index.report_path, e)
     return report
 
 
-def reused_report(cfg: Config, manifest: Manifest) -> dict:
+def reused_report(cfg: Config, index: IndexFolder, manifest: Manifest) -> dict:
     """``finish_index``'s report of a complete index this run reuses, from its manifest (nothing written):
     ``reused`` true, nothing computed now, and the timing of the run that built it from its ``_report.json``
     (``seconds``, ``examples_per_second``, ``built_examples``: what that run computed; None where no report
     records them)."""
     specs = [LayerSpec(**layer) for layer in manifest.meta["layers"]]
     report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
-    original = _read_report(cfg.index_path / "_report.json")
+    original = index.read_report()
     if original.get("reused"):  # restored by a reuse (after a crash lost it): the builder's timing, if it had it
         built = {key: original.get(key) for key in ("seconds", "examples_per_second", "built_examples")}
     else:
         built = {"seconds": original.get("seconds"), "examples_per_second": original.get("examples_per_second"),
                  "built_examples": original.get("computed")}
-    report.update(examples=manifest.num_rows, computed=0, index_dir=str(cfg.index_path),
+    report.update(examples=manifest.num_rows, computed=0, index_dir=str(index.path),
                   skipped_shards=len(manifest.shards), reused=True, **built)
     return report
-
-
-def _read_report(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def shard_chunks(examples: list, shard_size: int) -> list[list]:
@@ -280,11 +252,11 @@ def columns_of_captured(maker: ColumnMaker, captured: list) -> tuple[list[str], 
     return ids, {k: torch.cat([p[k] for p in parts]) for k in maker.columns}
 
 
-def announce(cfg: Config, num_examples: int, columns: dict[str, int], kind: str) -> None:
+def announce(cfg: Config, index: IndexFolder, num_examples: int, columns: dict[str, int], kind: str) -> None:
     """Log the index size before stage 1 starts."""
     payload = sum(columns.values()) * BYTES_PER_VALUE[cfg.dtype]
     logger.info("stage 1: %d examples x %.2f KiB (%s, %s) = %.1f MiB to store in %s", num_examples, payload / 1024,
-                kind, cfg.dtype, num_examples * payload / 2**20, cfg.index_path)
+                kind, cfg.dtype, num_examples * payload / 2**20, index.path)
 
 
 class FeaturizeBackend:
@@ -346,7 +318,7 @@ class LocalFeaturize(FeaturizeBackend):
 
 
 def run_index(cfg: Config, make_backend: Callable[[Config], FeaturizeBackend] = LocalFeaturize) -> dict:
-    """Build (or resume) the index of ``data.train`` at ``cfg.index_path``; returns a report dict.
+    """Build (or resume) the index of ``data.train`` in the folder ``cfg.index_path``; returns a report dict.
 
     Args:
         make_backend: ``(cfg) →`` the ``FeaturizeBackend`` that makes the rows; default ``LocalFeaturize`` (this
@@ -354,28 +326,30 @@ def run_index(cfg: Config, make_backend: Callable[[Config], FeaturizeBackend] = 
             from a dense index.
     """
     model_path, train_path = train_input(cfg)  # before loading the model
-    backend = make_backend(cfg)
+    backend, index = make_backend(cfg), IndexFolder(cfg.index_path)
     try:
         # data errors before model work
-        plan = backend.shard_input(train_path, row_table_path(cfg.index_path))
+        plan = backend.shard_input(train_path, index.row_table_path)
         try:
-            return _index(cfg, backend, plan, model_path)
+            return _index(cfg, index, backend, plan, model_path)
         finally:
             discard_row_table(plan.rows_table)  # committed once the index accepted the input; else dropped
     finally:
         backend.close()
 
 
-def _index(cfg: Config, backend: FeaturizeBackend, plan: InputShards, model_path: Path) -> dict:
+def _index(cfg: Config, index: IndexFolder, backend: FeaturizeBackend, plan: InputShards, model_path: Path) -> dict:
     layout = backend.open(plan, model_path)
-    reused = reuse_finished_index(cfg, layout, plan.num_rows)
+    reused = reuse_finished_index(cfg, index, layout, plan.num_rows)
     if reused is not None:  # complete and intact: no lock, no shard writes (read-only storage is fine)
         commit_row_table(plan.rows_table)  # a finished index without its row table gets it here (a rename)
         return reused
-    with writer_lock(cfg.index_path, *INDEX_WRITER):
-        writer = index_writer(cfg, layout)  # creates the index, or checks it was made with this config
+    with index.lock():
+        # creates the index, or checks it was made with this config; a shard is done only with its statistics
+        writer = index.writer(kind=layout.kind, columns=layout.columns, dtype=cfg.dtype, shard_size=cfg.shard_size,
+                              meta=layout.meta)
         commit_row_table(plan.rows_table)  # the index (new, or checked equal) accepted this input
-        announce(cfg, plan.num_rows, layout.columns, layout.kind)
+        announce(cfg, index, plan.num_rows, layout.columns, layout.kind)
         todo = shards_left(plan, writer)
         start, computed = time.perf_counter(), 0
         with progress_bar(plan.num_rows, backend.label, "ex", cfg.progress) as bar:
@@ -384,11 +358,11 @@ def _index(cfg: Config, backend: FeaturizeBackend, plan: InputShards, model_path
             try:
                 for record in records:
                     writer.commit(record)
-                    fold_now_and_then(writer.directory, writer.is_done)
+                    index.fold_now_and_then(writer.is_done)
                     computed += record.rows
             finally:
                 getattr(records, "close", lambda: None)()  # a generator: its threads, actors' calls end here
-        return finish_index(cfg, writer, plan.num_rows, computed=computed,
+        return finish_index(cfg, index, writer, plan.num_rows, computed=computed,
                             skipped_shards=len(plan.ranges) - len(todo), seconds=time.perf_counter() - start,
                             **backend.info())
 
@@ -415,18 +389,18 @@ def write_shards(featurizer: Featurizer, writer: ShardWriter, chunks: Mapping[in
             yield writing.result()
 
 
-def finish_index(cfg: Config, writer: ShardWriter, num_examples: int, *, computed: int, seconds: float,
-                 **extra) -> dict:
+def finish_index(cfg: Config, index: IndexFolder, writer: ShardWriter, num_examples: int, *, computed: int,
+                 seconds: float, **extra) -> dict:
     """Finalize the manifest (every shard present, row counts right), fold the shards' K-FAC statistics
     and write ``_report.json``."""
     manifest = writer.finalize(num_examples)
-    fold_stats(cfg.index_path, writer.is_done)
+    index.fold_statistics(writer.is_done)
     specs = [LayerSpec(**layer) for layer in manifest.meta["layers"]]
     report = storage_report(manifest, specs, manifest.kind, cfg.dtype)
     report.update(examples=num_examples, computed=computed, seconds=seconds,
-                  examples_per_second=computed / seconds if computed else None, index_dir=str(cfg.index_path),
+                  examples_per_second=computed / seconds if computed else None, index_dir=str(index.path),
                   reused=False, **extra)
-    write_json(cfg.index_path / "_report.json", report)
+    index.write_report(report)
     return report
 
 

@@ -14,7 +14,7 @@ from lorif_ray.data.rows import dataset_split
 from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.math.factorize import default_iterations
 from lorif_ray.stages.featurize import LayerSpec
-from lorif_ray.store import Manifest
+from lorif_ray.store import IndexSettings, Manifest
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class TokenizedShards(Mapping):
 
 def layer_specs(manifest: Manifest) -> list[LayerSpec]:
     """The attributed layers of an index, in manifest order."""
-    return [LayerSpec(**d) for d in manifest.meta["layers"]]
+    return [LayerSpec(**d) for d in IndexSettings.of(manifest).layers]
 
 
 def check_method_matches_index(cfg: Config, manifest: Manifest) -> None:
@@ -109,9 +109,10 @@ def query_config(cfg: Config, manifest: Manifest) -> Config:
             keys are named), or the method needs another store kind.
     """
     check_method_matches_index(cfg, manifest)
-    stored = {**manifest.meta["config"], "dtype": manifest.dtype}
+    settings = IndexSettings.of(manifest)  # what shaped the rows, as the index records it
+    stored = dict(settings.row_settings)
     stored["factor_iters"] = stored.get("factor_iters") or default_iterations(stored["c"])
-    diff = {k: (stored.get(k), v) for k, v in row_settings(cfg, manifest.kind).items()
+    diff = {k: (stored.get(k), v) for k, v in row_settings(cfg, settings.kind).items()
             if v is not None and stored.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: index {a} vs config {b}" for k, (a, b) in diff.items())

@@ -96,10 +96,10 @@ def _check_queries(cfg: Config, required: bool) -> None:
 
 def _open_index(cfg: Config):
     """The finished index of ``cfg`` (its manifest; every shard file's size checked)."""
-    from lorif_ray.store import open_index
+    from lorif_ray.store import IndexFolder
 
     try:
-        return open_index(cfg.index_path)
+        return IndexFolder(cfg.index_path).manifest()
     except IndexNotFoundError as error:
         key = f"index_dir={cfg.index_dir}" if cfg.index_dir else f"output_dir={cfg.output_dir}"
         raise IndexNotFoundError(f"{key}: {error}; build it first with jobs/index.py or jobs/attribute.py (the "

@@ -46,7 +46,7 @@ from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.rows import ResidentRows, layer_rows
 from lorif_ray.outputs.report_page import write_report_page
 from lorif_ray.outputs.summary import expected_sources
-from lorif_ray.store import CurvatureFolder, ids_of_rows, open_index, read_ids, writer_lock
+from lorif_ray.store import CurvatureFolder, IndexFolder, writer_lock
 from lorif_ray.store.curvature_folder import ranks
 from lorif_ray.store.schema import HIDDEN_COLUMN
 from lorif_ray.store.query_run import BINS_PER_OCTAVE, HALF, NUM_SCORE_BINS, SCORE_OCTAVES, QueryRun
@@ -307,7 +307,8 @@ class LocalScorer:
         loading = progress_bar(manifest.num_rows, "stage 3: load rows", "ex", cfg.progress) if cfg.query.resident \
             else nullcontext()
         with loading as bar:
-            self.rows = layer_rows(cfg.index_path, manifest, layer_specs(manifest), dtype=self.precision.math,
+            self.rows = layer_rows(IndexFolder(cfg.index_path), manifest, layer_specs(manifest),
+                                   dtype=self.precision.math,
                                    device=self.device, batch_rows=cfg.query.train_batch_rows,
                                    resident=cfg.query.resident, curvature=self.curvature, coordinates=coordinates,
                                    block_rows=cfg.query.train_batch_rows, on_load=None if bar is None else bar.update)
@@ -355,7 +356,7 @@ def local_query(cfg: Config, manifest, folder: CurvatureFolder, stored: bool) ->
 def open_query(cfg: Config) -> tuple[Config, object, CurvatureFolder, dict, bool]:
     """The query config pinned to the index, the manifest, the curvature folder and its header (checked
     against the config), and whether its stored g'_t in the policy's dtype can serve the curvature term."""
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     cfg = query_config(cfg, manifest)
     folder = CurvatureFolder(cfg.curvature_path)
     header = check_curvature(folder, cfg, manifest)
@@ -471,7 +472,7 @@ def write_query_outputs(run: QueryRun, cfg: Config, manifest, queries: QueryRows
     full-score files, which are O(N) themselves)."""
     nq = len(queries.ids)
     rows = ends.index.reshape(-1).tolist() + ends.low_index[:nq].reshape(-1).tolist()
-    named = {"train_ids": ids_of_rows(cfg.index_path, manifest, rows),
+    named = {"train_ids": IndexFolder(cfg.index_path).ids_of_rows(manifest, rows),
              "train_texts": texts.texts(rows) if texts is not None else {},
              "query_texts": {e.id: e.text for e in examples}}
     run.write_table("topk", topk_table(queries.ids, ends.scores[:nq], ends.index[:nq], **named))
@@ -481,7 +482,7 @@ def write_query_outputs(run: QueryRun, cfg: Config, manifest, queries: QueryRows
     report = {"topk_path": str(run.path("topk")), "opponents_path": str(run.path("opponents")), "scores_path": None,
               "queries": nq, "train": manifest.num_rows}
     if run.has("scores") or run.has("layer_scores"):
-        train_ids = read_ids(cfg.index_path, manifest)
+        train_ids = IndexFolder(cfg.index_path).ids(manifest)
     if run.has("scores"):
         run.write_json("scores_ids", {"query_ids": queries.ids, "train_ids": train_ids})
         report["scores_path"] = str(run.path("scores"))
@@ -509,7 +510,7 @@ def write_self_influence(run: QueryRun, cfg: Config, manifest, values: np.ndarra
     def tables():
         for record in manifest.shards:
             start = record.index * manifest.shard_size
-            ids = read_ids(cfg.index_path, manifest, shards=[record.index])
+            ids = IndexFolder(cfg.index_path).ids(manifest, shards=[record.index])
             yield pa.table([pa.array(ids, pa.string()), pa.array(values[start:start + len(ids)])], schema=schema)
 
     run.write_tables("self_influence", schema, tables(), {"score": SELF_INFLUENCE_MEANING})

@@ -17,7 +17,7 @@ layer (``RowLayout`` with the curvature); either source can be limited to a run 
 group) and keeps global row numbers.
 
 Example:
-    >>> rows = layer_rows(index_path, manifest, specs, dtype=torch.float32)   # stage 2: resident if they fit
+    >>> rows = layer_rows(IndexFolder(cfg.index_path), manifest, specs, dtype=torch.float32)  # resident if they fit
     >>> for block in rows.blocks():            # TrainBlocks; block.offset, block.ids, len(block)
     ...     layers = rows.layout.layer_blocks(block)                        # {layer: GradientBlock} views
 """
@@ -31,7 +31,7 @@ import torch
 
 from lorif_ray.math.blocks import ResidentRows, RowLayout, TrainBlock
 from lorif_ray.stages.featurize import LayerSpec, blocks_from_columns
-from lorif_ray.store import Manifest, iter_batches
+from lorif_ray.store import IndexFolder, Manifest
 from lorif_ray.store.schema import HIDDEN_COLUMN, TORCH_STORAGE_DTYPES, layer_columns
 
 RESIDENT_FRACTION = 0.25  # stage 2 holds a layer's rows resident when they take at most this share of memory
@@ -46,7 +46,7 @@ class ParquetRows:
     them (only their columns are decoded), as ``TrainBlock``s of at most ``batch_rows`` rows of one shard.
 
     Args:
-        index_path, manifest: the index.
+        index, manifest: the index folder and its manifest.
         specs: the layers (ignored for a "hidden" store, whose blocks hold the hidden states as ``dense``).
         dtype: of the delivered rows (the policy's math dtype).
         device: where the rows are delivered.
@@ -59,10 +59,10 @@ class ParquetRows:
         layout: how the blocks hold the layers (None for a "hidden" store).
     """
 
-    def __init__(self, index_path, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype,
+    def __init__(self, index: IndexFolder, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype,
                  device="cpu", batch_rows: int = 2048, shards: list[int] | None = None, curvature: dict | None = None,
                  coordinates: Coordinates | None = None):
-        self.index_path, self.manifest, self.shards = index_path, manifest, shards
+        self.index, self.manifest, self.shards = index, manifest, shards
         self.specs = [] if manifest.kind == "hidden" else list(specs)
         self.layout = None if manifest.kind == "hidden" else RowLayout.build(self.specs, manifest.kind, curvature)
         self.dtype, self.device, self.batch_rows = dtype, torch.device(device), batch_rows
@@ -87,8 +87,8 @@ class ParquetRows:
     def decoded(self, dtype: torch.dtype, device, batch_rows: int) -> Iterator[TrainBlock]:
         """The blocks of one read of the shards, decoded to ``dtype`` on ``device``."""
         offset = self.offset
-        for ids, columns in iter_batches(self.index_path, self.columns(), batch_rows=batch_rows, out_dtype=dtype,
-                                         device=device, manifest=self.manifest, shards=self.shards):
+        for ids, columns in self.index.batches(self.columns(), batch_rows=batch_rows, out_dtype=dtype, device=device,
+                                               manifest=self.manifest, shards=self.shards):
             if self.layout is None:
                 block = TrainBlock(dense=columns[HIDDEN_COLUMN], offset=offset, ids=ids)
             else:
@@ -159,7 +159,7 @@ def rows_bytes(manifest: Manifest, specs: list[LayerSpec], dtype: torch.dtype, s
     return (stop - start) * width * torch.finfo(dtype).bits // 8
 
 
-def layer_rows(index_path, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype, device="cpu",
+def layer_rows(index: IndexFolder, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype, device="cpu",
                shards: list[int] | None = None, batch_rows: int = 2048, resident: bool | None = None,
                fraction: float = RESIDENT_FRACTION, curvature: dict | None = None,
                coordinates: Coordinates | None = None, block_rows: int | None = None,
@@ -178,7 +178,7 @@ def layer_rows(index_path, manifest: Manifest, specs: list[LayerSpec], *, dtype:
         block_rows: rows per resident block (None: ``dense_chunk_rows``, what the Gram pass forms dense at a time).
         on_load: gets each batch's row count while resident rows are read.
     """
-    streamed = ParquetRows(index_path, manifest, specs, dtype=dtype, device=device, batch_rows=batch_rows,
+    streamed = ParquetRows(index, manifest, specs, dtype=dtype, device=device, batch_rows=batch_rows,
                            shards=shards, curvature=curvature, coordinates=coordinates)
     if resident is None:
         resident = rows_bytes(manifest, specs, dtype, shards) <= fraction * device_memory(device)

@@ -1,4 +1,8 @@
-"""Parquet shards of an index: write them atomically and resumably, check them, stream them back.
+"""Parquet shards of an index: write them atomically and resumably, check them, read one back checked.
+
+The index folder's reader and namer is ``lorif_ray.store.index_folder.IndexFolder`` (its ``writer`` makes the
+``ShardWriter``; its ``manifest``, ``finished``, ``batches`` and ``ids`` read through ``verify_shards`` and
+``shard_batches``); this module holds the Parquet side of one shard file.
 
 An index directory holds `_manifest.json` and `shard-00000.parquet`, `shard-00001.parquet`, ...; shard i
 holds rows [i * shard_size, (i + 1) * shard_size). Each shard is written to a temporary file (`.shard-*`,
@@ -18,7 +22,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError, MissingShardError
+from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, MissingShardError
 from lorif_ray.store.artifacts import META_KEY, atomic_path, file_sha256, remove_stale_temporaries
 from lorif_ray.store.integrity import check_parquet_footer, contained, counted_batches, parquet_footer_sha256
 from lorif_ray.store.manifest import MANIFEST_NAME, Manifest, ShardRecord
-from lorif_ray.store.schema import ID_COLUMN, arrow_schema, arrow_to_tensor, tensor_to_arrow
+from lorif_ray.store.schema import ID_COLUMN, arrow_schema, tensor_to_arrow
 
 LOCK_NAME = ".manifest.lock"
 REPAIR_HINT = "re-run stage 1 (jobs/index.py) with the same config: it verifies every shard and recomputes this one"
@@ -49,7 +53,7 @@ _PARQUET_OPTIONS = dict(
     data_page_version="1.0",
     use_dictionary=False,
     write_statistics=False,  # min/max of float lists are useless bytes
-    # A CRC-32 per page (4 bytes per ~1 MiB page), checked by every read (_record_batches): a flipped
+    # A CRC-32 per page (4 bytes per ~1 MiB page), checked by every read (shard_batches): a flipped
     # bit in a shard is a CorruptShardError at the first read, with no extra pass over the file.
     write_page_checksum=True,
 )
@@ -69,12 +73,12 @@ def shard_path(directory: str | os.PathLike, record: ShardRecord) -> Path:
     return contained(directory, record.file, source=f"the record of shard {record.index} in {Path(directory)}")
 
 
-def _some(items: list) -> str:
+def some(items: list) -> str:
     """`items` for an error message, cut after 20."""
     return str(items) if len(items) <= 20 else f"{items[:20]} ... ({len(items)} in all)"
 
 
-def _config_diff(existing: Manifest, wanted: Manifest) -> list[str]:
+def config_diff(existing: Manifest, wanted: Manifest) -> list[str]:
     """`key: old != new` for each config key that differs; meta is compared key by key."""
     pairs = [(key, getattr(existing, key), getattr(wanted, key)) for key in ("kind", "dtype", "shard_size")]
     pairs.append(("columns", list(existing.columns.items()), list(wanted.columns.items())))  # order matters
@@ -169,7 +173,7 @@ class ShardWriter:
             wanted.save(self.directory)
             return wanted
         existing = Manifest.load(self.directory)
-        diffs = _config_diff(existing, wanted)
+        diffs = config_diff(existing, wanted)
         if diffs:
             raise IndexMismatchError(
                 f"{self.directory} holds an index made with another config ({'; '.join(diffs)}). "
@@ -271,7 +275,7 @@ class ShardWriter:
             raise ConfigError(f"shard {shard_index}: {rows} rows; a shard holds 1 to {shard_size} rows")
         bad_ids = [i for i, x in enumerate(example_ids) if not isinstance(x, str)]
         if bad_ids:
-            raise ConfigError(f"shard {shard_index}: example ids must be str; rows {_some(bad_ids)} are not")
+            raise ConfigError(f"shard {shard_index}: example ids must be str; rows {some(bad_ids)} are not")
         columns = self.manifest.columns
         missing = [c for c in columns if c not in arrays]
         extra = [c for c in arrays if c not in columns]
@@ -299,7 +303,7 @@ class ShardWriter:
             missing = [i for i in range(expected) if not self.is_done(i)]
             if missing:
                 raise MissingShardError(
-                    f"{self.directory}: shards {_some(missing)} of 0..{expected - 1} are not written "
+                    f"{self.directory}: shards {some(missing)} of 0..{expected - 1} are not written "
                     "(or their files, or what else they need, are missing or corrupt); write them, then finalize: "
                     f"{REPAIR_HINT}"
                 )
@@ -307,7 +311,7 @@ class ShardWriter:
             extra = sorted(i for i in records if i >= expected)
             if extra:
                 raise IndexMismatchError(
-                    f"{self.directory}: shards {_some(extra)} lie beyond the {expected} shards of {num_rows} rows; "
+                    f"{self.directory}: shards {some(extra)} lie beyond the {expected} shards of {num_rows} rows; "
                     "the directory was written for a larger data set"
                 )
             wrong = [
@@ -316,7 +320,7 @@ class ShardWriter:
                 if records[i].rows != min(shard_size, num_rows - i * shard_size)
             ]
             if wrong:
-                raise CorruptShardError(f"{self.directory}: {_some(wrong)}")
+                raise CorruptShardError(f"{self.directory}: {some(wrong)}")
             manifest.complete, manifest.num_rows = True, num_rows
             manifest.save(self.directory)
         return manifest
@@ -392,92 +396,6 @@ def verify_shards(directory: str | os.PathLike, records: list[ShardRecord],
         return {key: ok for key, ok in checked if key is not None}
 
 
-def finished_index(
-    directory: str | os.PathLike,
-    *,
-    kind: str,
-    columns: dict[str, int],
-    dtype: str,
-    shard_size: int,
-    meta: dict,
-    num_rows: int,
-    also_done: Callable[[int], bool] | None = None,
-) -> Manifest | None:
-    """The manifest if `directory` already holds exactly this index, complete and intact; else None.
-
-    Read only: takes no lock and writes nothing, so a finished index on read-only storage can be
-    re-used. Every shard is checked as `ShardWriter.is_done` checks it (SHA-256, footer, meta, and
-    `also_done`); None means there is work left (or a config that differs): open a `ShardWriter` to do
-    it or to report the difference.
-    """
-    directory = Path(directory)
-    if not (directory / MANIFEST_NAME).is_file():
-        return None
-    try:
-        existing = Manifest.load(directory)
-        wanted = Manifest(kind=kind, columns=dict(columns), dtype=dtype, shard_size=shard_size,
-                          meta=json.loads(json.dumps(meta)))
-    except (CorruptShardError, ConfigError, IndexMismatchError, TypeError, ValueError):
-        return None
-    expected = -(-num_rows // shard_size)
-    if (_config_diff(existing, wanted) or not existing.complete or existing.num_rows != num_rows
-            or [s.index for s in existing.shards] != list(range(expected))):
-        return None
-    checked = verify_shards(directory, existing.shards, existing)
-    if len(checked) != len(existing.shards) or not all(checked.values()):
-        return None
-    if also_done is not None and not all(also_done(s.index) for s in existing.shards):
-        return None
-    return existing
-
-
-def open_index(directory: str | os.PathLike, *, verify: bool = False, expect_complete: bool = True) -> Manifest:
-    """Loads an index's manifest and checks its shard files.
-
-    Args:
-        directory: the index directory.
-        verify: also check every file's SHA-256 (reads all bytes).
-        expect_complete: fail if the index was not finalized.
-
-    Raises:
-        IndexNotFoundError: no manifest, or (with expect_complete) an incomplete index.
-        MissingShardError: a shard file is not on disk.
-        CorruptShardError: a shard file's size (or, with verify, its SHA-256) differs from the manifest.
-    """
-    directory = Path(directory)
-    manifest = Manifest.load(directory)
-    if expect_complete and not manifest.complete:
-        raise IndexNotFoundError(
-            f"the index at {directory} is incomplete ({len(manifest.shards)} shards written, not finalized): "
-            "stage 1 did not finish; re-run it to resume"
-        )
-    for record in manifest.shards:
-        path = shard_path(directory, record)
-        if not path.is_file():
-            raise MissingShardError(f"shard {record.index} of {directory} is missing: {path}")
-        size = path.stat().st_size
-        if size != record.bytes:
-            raise CorruptShardError(f"shard {path} has {size} bytes; the manifest says {record.bytes}: {REPAIR_HINT}")
-        if verify:
-            digest = file_sha256(path)
-            if digest != record.sha256:
-                raise CorruptShardError(
-                    f"shard {path} has SHA-256 {digest}; the manifest says {record.sha256}: {REPAIR_HINT}"
-                )
-    return manifest
-
-
-def _select_shards(manifest: Manifest, shards: Iterable[int] | None) -> list[ShardRecord]:
-    if shards is None:
-        return manifest.shards
-    records = {s.index: s for s in manifest.shards}
-    shards = list(shards)
-    unknown = [i for i in shards if i not in records]
-    if unknown:
-        raise ConfigError(f"no shards {_some(unknown)} in the index; it has {len(records)} shards")
-    return [records[i] for i in shards]
-
-
 def _schema_diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
     """Names of the fields that are missing, extra or of another type in `actual`."""
     actual_fields = {f.name: f for f in actual}
@@ -490,7 +408,7 @@ def _schema_diff(actual: pa.Schema, expected: pa.Schema) -> list[str]:
     ]
 
 
-def _record_batches(
+def shard_batches(
     directory: Path, manifest: Manifest, record: ShardRecord, columns: list[str], batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of `example_id` and `columns` of one shard, checked against the manifest as they are read.
@@ -512,11 +430,11 @@ def _record_batches(
         diff = _schema_diff(parquet_file.schema_arrow, arrow_schema(manifest.columns, manifest.dtype))
         if diff:
             raise CorruptShardError(
-                f"shard {path} does not match its manifest: columns {_some(diff)} differ; {REPAIR_HINT}"
+                f"shard {path} does not match its manifest: columns {some(diff)} differ; {REPAIR_HINT}"
             )
         foreign = _meta_diff(path, parquet_file.schema_arrow, manifest)
         if foreign:
-            raise CorruptShardError(f"shard {path} was made for another index than {directory} ({_some(foreign)}): "
+            raise CorruptShardError(f"shard {path} was made for another index than {directory} ({some(foreign)}): "
                                     f"it does not belong here; {REPAIR_HINT}")
         if parquet_file.metadata.num_rows != record.rows:
             raise CorruptShardError(
@@ -539,80 +457,3 @@ def _decoded(path: Path, parquet_file: pq.ParquetFile, batch_rows: int, columns:
         except (pa.ArrowException, OSError) as e:
             raise CorruptShardError(f"cannot read shard {path} (corrupt): {e}; {REPAIR_HINT}") from e
         yield batch
-
-
-def iter_batches(
-    directory: str | os.PathLike,
-    columns: list[str] | None = None,
-    *,
-    batch_rows: int = 1024,
-    out_dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    manifest: Manifest | None = None,
-    shards: Iterable[int] | None = None,
-) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
-    """Streams rows of an index in shard order, reading only the requested columns.
-
-    Batches never span shards: each holds at most `batch_rows` rows of one shard.
-
-    Args:
-        directory: the index directory.
-        columns: column names to read; None reads all, in manifest order.
-        batch_rows: maximum rows per batch.
-        out_dtype: dtype of the returned tensors.
-        device: device of the returned tensors.
-        manifest: the index's manifest, if already opened; by default `open_index(directory)`.
-        shards: shard indices to read, in this order (e.g. those one worker owns); None reads all.
-
-    Yields:
-        (ids, {column: (n, width) tensor}) with n <= batch_rows. Tensors may share memory with the
-        decoded batch; nothing else holds it.
-
-    Raises:
-        ConfigError: an unknown column (lists the available ones) or shard index.
-        MissingShardError: a shard file is missing.
-        CorruptShardError: a shard whose schema or row count disagrees with the manifest, or that
-            pyarrow cannot read.
-    """
-    if batch_rows < 1:
-        raise ConfigError(f"batch_rows must be >= 1, got {batch_rows}")
-    directory = Path(directory)
-    if manifest is None:
-        manifest = open_index(directory)
-    if columns is None:
-        columns = list(manifest.columns)
-    unknown = [c for c in columns if c not in manifest.columns]
-    if unknown:
-        raise ConfigError(f"unknown columns {unknown} in {directory}; available: {list(manifest.columns)}")
-    for record in _select_shards(manifest, shards):
-        for batch in _record_batches(directory, manifest, record, columns, batch_rows):
-            ids = batch.column(ID_COLUMN).to_pylist()
-            tensors = {c: arrow_to_tensor(batch.column(c), manifest.dtype, out_dtype, device) for c in columns}
-            yield ids, tensors
-
-
-def ids_of_rows(directory: str | os.PathLike, manifest: Manifest, rows: Iterable[int]) -> dict[int, str]:
-    """{global row: example id} of the given rows, reading the `example_id` column of their shards only (the
-    ids of a top-k, without the index's N ids)."""
-    rows = sorted(set(int(r) for r in rows))
-    shards = sorted({r // manifest.shard_size for r in rows})
-    out = {}
-    for shard in shards:
-        start = shard * manifest.shard_size
-        ids = read_ids(directory, manifest, shards=[shard])
-        out.update({r: ids[r - start] for r in rows if start <= r < start + len(ids)})
-    return out
-
-
-def read_ids(
-    directory: str | os.PathLike, manifest: Manifest | None = None, *, shards: Iterable[int] | None = None
-) -> list[str]:
-    """Example ids of an index (or of the given shards), in order; reads only the `example_id` column."""
-    directory = Path(directory)
-    if manifest is None:
-        manifest = open_index(directory)
-    ids: list[str] = []
-    for record in _select_shards(manifest, shards):
-        for batch in _record_batches(directory, manifest, record, [], batch_rows=1 << 16):
-            ids.extend(batch.column(ID_COLUMN).to_pylist())
-    return ids

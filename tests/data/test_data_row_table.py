@@ -7,7 +7,9 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from lorif_ray.data import ROWS_NAME, TrainTexts, commit_row_table, load_examples, shard_input, row_table_path
+from lorif_ray.data import TrainTexts, commit_row_table, load_examples, shard_input
+from lorif_ray.store import IndexFolder
+from lorif_ray.store.index_folder import ROWS_NAME
 from lorif_ray.errors import DataError
 from tests.data.test_data_shards import ROWS, write_input
 
@@ -15,7 +17,7 @@ from tests.data.test_data_shards import ROWS, write_input
 def _planned(tmp_path, kind):
     path = write_input(tmp_path, kind)
     index = tmp_path / "index"
-    plan = shard_input(path, shard_size=4, rows_table=row_table_path(index))
+    plan = shard_input(path, shard_size=4, rows_table=IndexFolder(index).row_table_path)
     assert plan.rows_table is not None and not (index / ROWS_NAME).exists()  # a temporary until committed
     commit_row_table(plan.rows_table)
     return path, index
@@ -69,5 +71,5 @@ def test_a_changed_input_is_refused_by_name(tmp_path):
 
 def test_the_table_is_not_rewritten_for_the_same_input(tmp_path):
     path, index = _planned(tmp_path, "parquet")
-    assert shard_input(path, shard_size=4, rows_table=row_table_path(index)).rows_table is None
+    assert shard_input(path, shard_size=4, rows_table=IndexFolder(index).row_table_path).rows_table is None
     assert shard_input(path, shard_size=4).rows_table is None

@@ -16,7 +16,7 @@ from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs, query_config
 from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
 from lorif_ray.stages.curvature import load_curvature
-from lorif_ray.store import CurvatureFolder, iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.curvature_folder import ranks, write_rows
 from lorif_ray.store.schema import factor_columns
 from tests.conftest import QUERY_CONFIG
@@ -29,9 +29,10 @@ def _rel(a, b) -> float:
 
 def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
     """G V_r per low-rank layer in float64, from the stored rows and the saved curvature."""
-    manifest = open_index(cfg.index_path)
+    index = IndexFolder(cfg.index_path)
+    manifest = index.manifest()
     curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
-    rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, out_dtype=torch.float64, manifest=manifest)])
+    rows = {k: torch.cat([c[k] for _, c in index.batches(out_dtype=torch.float64, manifest=manifest)])
             for k in manifest.columns}
     blocks = blocks_from_columns(layer_specs(manifest), manifest.kind, rows)
     return {n: blocks[n].dense() @ curvature[n].vectors for n in blocks}
@@ -40,7 +41,7 @@ def _exact_coordinates(cfg) -> dict[str, torch.Tensor]:
 def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
     """Each worker writes g'_t of its rows with one more pass over them."""
     cfg = baseline["cfg"]
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     spec = next(s for s in layer_specs(manifest) if s.dim > 64 + 10)  # a layer on the randomized path
     workers = [GramWorker(cfg, group, resident=False) for group in shard_groups(manifest, NUM_WORKERS)]
     apply = lambda q: sum(w.run([spec.name], {spec.name: q})[spec.name] for w in workers)  # noqa: E731
@@ -55,7 +56,7 @@ def test_gram_workers_write_their_own_rows_in_one_pass(baseline, tmp_path):
     assert sorted(checksums) == [r.index for r in manifest.shards]  # each worker wrote its whole shards: a block each
     writer.commit(spec.name, checksums)
     assert [w.passes() - b for w, b in zip(workers, before)] == [1] * NUM_WORKERS
-    rows = {k: torch.cat([c[k] for _, c in iter_batches(cfg.index_path, [k], out_dtype=torch.float64,
+    rows = {k: torch.cat([c[k] for _, c in IndexFolder(cfg.index_path).batches([k], out_dtype=torch.float64,
                                                           manifest=manifest)])
             for k in factor_columns(spec.name)}
     exact = blocks_from_columns([spec], "factors", rows)[spec.name].dense() @ spectrum.vectors
@@ -71,7 +72,7 @@ def test_query_actors_hold_only_their_share_of_v(baseline, ray_cluster):
     stored = CurvatureFolder(cfg.curvature_path).stored_coordinates().rows(dtype=torch.float64)
     for name, exact in _exact_coordinates(cfg).items():
         assert _rel(stored[name], exact) < 1e-6, name
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     columns = featurize_queries(cfg, manifest).columns
     layers = set(ranks(CurvatureFolder(cfg.curvature_path).header()))
     with QueryPool(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS,
@@ -105,7 +106,7 @@ def test_without_stored_coordinates_actors_read_all_of_v_only_to_recompute(basel
     cfg = baseline["config"](f"ray_routes_{normalize}", with_curvature=True, query=query)
     ref = baseline["config"](f"ray_routes_{normalize}_ref", with_curvature=True, query=query)
     run_query(ref)
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     columns = featurize_queries(cfg, manifest).columns
     route = "recompute" if normalize else "query"
     with QueryPool(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as pool:

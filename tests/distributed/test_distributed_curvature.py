@@ -13,7 +13,7 @@ from lorif_ray.distributed.gram import GramWorker, RayGram, RemoteLayerGram, sha
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import ParquetRows
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
 from tests.distributed.test_distributed_progress import assert_exact, only_bar, reports
@@ -21,14 +21,14 @@ from tests.stages.helpers import counting_shard_reads
 
 
 def test_shard_groups_are_contiguous_balanced_and_cover_every_shard(baseline):
-    manifest = open_index(baseline["cfg"].index_path)
+    manifest = IndexFolder(baseline["cfg"].index_path).manifest()
     assert shard_groups(manifest, 2) == [[0, 1, 2], [3, 4]]
     assert shard_groups(manifest, 9) == [[0], [1], [2], [3], [4]]
 
 
 def test_gram_workers_partial_sums_add_up_without_ray(baseline):
     cfg = baseline["cfg"]
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     spec = layer_specs(manifest)[0]
     other = layer_specs(manifest)[2]
     q = torch.randn(spec.dim, 5, dtype=torch.float64)
@@ -46,7 +46,7 @@ def test_streamed_workers_read_each_shard_once_per_pass_for_all_layers(baseline)
     """A worker whose rows are streamed reads each of its shards once per pass, whatever the number of layers
     it fits (the files it opens are counted); resident rows are read once."""
     cfg = baseline["cfg"]
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     specs = layer_specs(manifest)
     layers = [s.name for s in specs]
     with counting_shard_reads() as opened:
@@ -65,7 +65,7 @@ def test_streamed_workers_read_each_shard_once_per_pass_for_all_layers(baseline)
 
 def test_distributed_gram_equals_one_process(baseline, ray_cluster):
     cfg = baseline["cfg"]
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     spec = layer_specs(manifest)[1]
     whole = GramWorker(cfg, [r.index for r in manifest.shards])
     backend = RayGram(cfg, manifest, None, "cpu", num_workers=NUM_WORKERS)
@@ -97,7 +97,7 @@ def test_the_ray_backend_writes_the_one_process_curvature(baseline, ray_cluster,
     dist = baseline["config"]("dist_curvature")
     report = run_curvature(dist, partial(RayGram, num_workers=NUM_WORKERS))
     assert not report["reused"]
-    layers = [s.name for s in layer_specs(open_index(dist.index_path))]
+    layers = [s.name for s in layer_specs(IndexFolder(dist.index_path).manifest())]
     assert events == [e for name in layers for e in (("fit", [name]), ("write", name))]
     expected, expected_meta = CurvatureFolder(one.curvature_path).read_all()
     actual, actual_meta = CurvatureFolder(dist.curvature_path).read_all()

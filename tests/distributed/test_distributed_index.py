@@ -16,14 +16,13 @@ import pytest
 
 import lorif_ray.data.examples as examples_module
 from lorif_ray.config import ClusterConfig, QueryConfig
-from lorif_ray.data import ROWS_NAME, load_examples
+from lorif_ray.data import load_examples
 from lorif_ray.errors import ConfigError
 from lorif_ray.distributed.featurize import RayFeaturize
 from lorif_ray.distributed.backends import run_stage
 from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.kronecker_stats import folded
-from lorif_ray.store import Manifest, open_index, read_ids
+from lorif_ray.store import IndexFolder, Manifest
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE
 from tests.stages.helpers import index_columns, make_config
 
@@ -51,28 +50,30 @@ def _assert_same_index(actual_dir, expected_dir, rtol=1e-6, same_bytes=True):
     """Same rows (within ``rtol``; ``same_bytes``: every shard file byte for byte), ids, row table and K-FAC
     statistics (within ``rtol``: folded in another order)."""
     if same_bytes:
-        assert [r.sha256 for r in open_index(actual_dir).shards] == [r.sha256 for r in open_index(expected_dir).shards]
+        actual, expected = (IndexFolder(d).manifest() for d in (actual_dir, expected_dir))
+        assert [r.sha256 for r in actual.shards] == [r.sha256 for r in expected.shards]
     actual, expected = index_columns(actual_dir), index_columns(expected_dir)
     assert actual.keys() == expected.keys()
     for name in expected:
         scale = float(expected[name].abs().max())
         assert float((actual[name] - expected[name]).abs().max()) <= rtol * scale, name
-    assert read_ids(actual_dir) == read_ids(expected_dir)
-    rows = [pq.read_table(Path(d) / ROWS_NAME) for d in (actual_dir, expected_dir)]  # written by the plan's task
-    assert rows[0].equals(rows[1]) and rows[0].column("example_id").to_pylist() == read_ids(expected_dir)
+    assert IndexFolder(actual_dir).ids() == IndexFolder(expected_dir).ids()
+    rows = [pq.read_table(IndexFolder(d).row_table_path) for d in (actual_dir, expected_dir)]  # by the plan's task
+    assert rows[0].equals(rows[1]) and rows[0].column("example_id").to_pylist() == IndexFolder(expected_dir).ids()
     _assert_same_statistics(actual_dir, expected_dir, rtol)
 
 
 def _assert_same_statistics(actual_dir, expected_dir, rtol):
     """The K-FAC statistics: every shard's exactly once (same shards, same token counts), same sums."""
-    (actual, shards), (expected, expected_shards) = folded(actual_dir), folded(expected_dir)
-    assert shards == expected_shards == {r.index for r in open_index(expected_dir).shards}
+    (actual, shards), (expected, expected_shards) = (IndexFolder(d).folded_statistics()
+                                                     for d in (actual_dir, expected_dir))
+    assert shards == expected_shards == {r.index for r in IndexFolder(expected_dir).manifest().shards}
     assert actual.keys() == expected.keys() and expected
-    assert not list((Path(actual_dir) / "kronecker").glob("*.safetensors"))  # every shard's file folded
+    assert not list(IndexFolder(actual_dir).statistics_dir.glob("*.safetensors"))  # every shard's file folded
     for layer, stats in expected.items():
-        assert (actual[layer].tokens, actual[layer].examples) == (stats.tokens, stats.examples)
+        assert all(actual[layer][count].equal(stats[count]) for count in ("tokens", "examples"))
         for name in ("activations", "gradients"):
-            value, reference = getattr(actual[layer], name), getattr(stats, name)
+            value, reference = actual[layer][name], stats[name]
             assert float((value - reference).abs().max()) <= rtol * float(reference.abs().max()), (layer, name)
 
 
@@ -172,7 +173,7 @@ def test_an_actor_killed_mid_index_loses_and_duplicates_nothing(tiny_assets, bas
 
     report = run_index(cfg, _after_each_commit(kill_first))
     assert killed and report["replaced_actors"] >= 1
-    ids = read_ids(cfg.index_path)
+    ids = IndexFolder(cfg.index_path).ids()
     assert sorted(ids) == sorted(_expected_ids(tiny_assets)) and len(ids) == len(set(ids)) == 48
     assert ids == _expected_ids(tiny_assets)  # in input order: shard i holds rows [10 i, 10 i + 10)
     _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
@@ -196,7 +197,7 @@ def test_ray_restarts_a_crashed_actor_and_retries_its_calls(tiny_assets, baselin
 
     report = run_index(cfg, _after_each_commit(crash_once))
     assert crashed and report["computed"] == 48
-    assert read_ids(cfg.index_path) == _expected_ids(tiny_assets)
+    assert IndexFolder(cfg.index_path).ids() == _expected_ids(tiny_assets)
 
 
 def test_a_rerun_recomputes_only_the_missing_shards(tiny_assets, baseline, ray_cluster):
@@ -208,7 +209,7 @@ def test_a_rerun_recomputes_only_the_missing_shards(tiny_assets, baseline, ray_c
     manifest.save(cfg.index_path)
     report = run_index(cfg, RayFeaturize)
     assert (report["computed"], report["skipped_shards"]) == (SHARD_SIZE, 4)
-    assert open_index(cfg.index_path, verify=True).num_rows == 48
+    assert IndexFolder(cfg.index_path).manifest(verify=True).num_rows == 48
     _assert_same_index(cfg.index_path, baseline["cfg"].index_path)
 
 
@@ -238,7 +239,7 @@ def test_ray_pipeline_with_a_lora_adapter_equals_the_one_process_pipeline(tiny_a
     run_attribute(one)
     run_attribute(ray_cfg, run_stage)
     _assert_same_index(ray_cfg.index_path, one.index_path)
-    assert all(layer["name"].endswith((".lora_A", ".lora_B")) for layer in open_index(ray_cfg.index_path).meta["layers"])
+    assert all(name.endswith((".lora_A", ".lora_B")) for name in IndexFolder(ray_cfg.index_path).settings.layer_names)
     expected = pq.read_table(one.output_dir + "/topk.parquet").to_pydict()
     actual = pq.read_table(ray_cfg.output_dir + "/topk.parquet").to_pydict()
     assert actual["train_id"] == expected["train_id"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from lorif_ray.config import ClusterConfig, DataConfig, QueryConfig
-from lorif_ray.store import open_index
+from lorif_ray.store import IndexFolder
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE, write_hub_cache
 from tests.stages.helpers import make_config
 from tests.user.test_hf_conventions import renamed_splits, save_dataset_dict
@@ -35,7 +35,7 @@ def test_hub_id_split_and_columns_on_ray_equal_the_baseline(tiny_assets, baselin
                           id_column="doc_id")
     report = run_stage("index", cfg)
     assert report["examples"] == 48
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     assert manifest.meta["data"]["columns"]["text"] == "content"
     run_local_stage("curvature", cfg)
     query = run_stage("query", cfg)

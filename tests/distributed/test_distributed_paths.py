@@ -19,7 +19,7 @@ from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
 from lorif_ray.stages.query import featurize_queries, output_files, run_query
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.distributed.conftest import NUM_WORKERS
 from tests.stages.helpers import make_config
 from tests.stages.spiked import spiked_config, with_output, write_spiked_index
@@ -70,7 +70,7 @@ def test_queries_follow_the_index_manifest_on_ray(tiny_assets, tmp_path, ray_clu
     built = make_config(tiny_assets, tmp_path, factor_iters=3, shard_size=10)
     run_index(built)
     cfg = replace(built, factor_iters=None)
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     assert query_config(cfg, manifest).factor_iters == 3
     rows = featurize_queries(cfg, manifest)
     ids, local = rows.ids, rows.columns
@@ -96,7 +96,7 @@ def test_the_ray_service_ranks_like_the_float64_reference_on_a_spiked_spectrum(t
     queries = {k: v.float() for k, v in queries.items()}
     local = path_scores(cfg, queries)
     reference = reference_scores(cfg, train, queries).numpy()
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     for route in ("recompute", "query", "stored"):
         folder = CurvatureFolder(cfg.curvature_path)
         with QueryPool(cfg, folder, num_workers=NUM_WORKERS, stored=route == "stored") as pool, \

@@ -16,7 +16,7 @@ from lorif_ray.distributed.query_pool import QueryPool, QueryWorker, merge_topk,
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS
 
@@ -27,7 +27,7 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 def test_workers_without_ray_write_the_full_scores_and_merge_to_the_top_k(baseline, tmp_path):
     cfg = baseline["config"]("plain_workers", with_curvature=True)
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     columns = featurize_queries(cfg, manifest).columns
     folder = CurvatureFolder(cfg.curvature_path)
     workers = [QueryWorker(query_config(cfg, manifest), folder, g) for g in shard_groups(manifest, NUM_WORKERS)]
@@ -95,7 +95,7 @@ def test_the_ray_backend_writes_the_extra_outputs_of_run_query(baseline, ray_clu
 
 def test_service_keeps_shards_resident_across_query_batches(baseline, ray_cluster):
     cfg = baseline["config"]("service", with_curvature=True)
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     columns = featurize_queries(cfg, manifest).columns
     with QueryPool(query_config(cfg, manifest), CurvatureFolder(cfg.curvature_path), num_workers=NUM_WORKERS) as pool:
         first = pool.score(columns, "query", 5)

@@ -2,8 +2,7 @@
 statistics, every curvature fitted and timed on it."""
 
 from lorif_ray.eval import latency
-from lorif_ray.stages.kronecker_stats import folded
-from lorif_ray.store import open_index
+from lorif_ray.store import IndexFolder
 
 from tests.eval.test_sweep import compose_cfg
 
@@ -14,6 +13,6 @@ def test_bench_times_each_curvature_on_one_synthetic_index(tmp_path):
     assert [r["curvature"] for r in table] == ["woodbury", "ekfac"]
     assert all(len(r["score_seconds"]) == 2 and r["rows"] == 300 for r in table)
     (index,) = (tmp_path / "cache" / "latency").glob("*/index")
-    _, shards = folded(index)
-    assert open_index(index).num_rows == 300 and shards == {0}
+    _, shards = IndexFolder(index).folded_statistics()
+    assert IndexFolder(index).manifest().num_rows == 300 and shards == {0}
     assert "| ekfac |" in latency.markdown(cfg, table)

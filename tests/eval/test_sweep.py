@@ -91,7 +91,7 @@ def test_factors_from_dense_equal_the_model_path(cache_root):
     from lorif_ray.stages.featurize import blocks_from_columns
     from lorif_ray.stages.index import run_index
     from lorif_ray.stages.inputs import layer_specs
-    from lorif_ray.store import iter_batches, open_index
+    from lorif_ray.store import IndexFolder
 
     cfg = compose_cfg(cache_root, "method=lorif", "f=2", "c=2")
     point = sweep.point_config(cfg, ensure_setup(cfg.eval))
@@ -100,10 +100,10 @@ def test_factors_from_dense_equal_the_model_path(cache_root):
     assert info["source"] in ("dense", "cache")
     direct = Path(cache_root) / "direct"
     run_index(replace(point, index_dir=str(direct)))
-    (ids_a, a), = iter_batches(derived, batch_rows=10**6)
-    (ids_b, b), = iter_batches(direct, batch_rows=10**6)
+    (ids_a, a), = IndexFolder(derived).batches(batch_rows=10**6)
+    (ids_b, b), = IndexFolder(direct).batches(batch_rows=10**6)
     assert ids_a == ids_b and a.keys() == b.keys()
-    specs = layer_specs(open_index(direct))
+    specs = layer_specs(IndexFolder(direct).manifest())
     dense_a, dense_b = (blocks_from_columns(specs, "factors", columns) for columns in (a, b))
     for name, gb in dense_b.items():  # G̃ = u vᵀ is what scoring uses (u, v are unique only up to sign/rotation)
         assert torch.allclose(dense_a[name].dense(), gb.dense(), atol=1e-4 * gb.dense().abs().max().item())

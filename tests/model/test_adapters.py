@@ -85,7 +85,7 @@ def test_captured_gradients_are_the_adapter_parameters_own(arch, tmp_path):
 def test_stages_attribute_the_adapter_and_refuse_the_bare_model(tmp_path):
     from lorif_ray.stages.attribute import run_attribute
     from lorif_ray.stages.query import run_query
-    from lorif_ray.store import open_index
+    from lorif_ray.store import IndexFolder
     from tests.stages.helpers import make_config
 
     assets = write_tiny_model_dir(tmp_path / "assets", arch="llama")
@@ -94,7 +94,7 @@ def test_stages_attribute_the_adapter_and_refuse_the_bare_model(tmp_path):
     cfg = make_config(assets, tmp_path / "run", shard_size=16, r=8, cluster=ClusterConfig(backend="none"))
     cfg = replace(cfg, model=replace(cfg.model, adapter=str(tmp_path / "adapter")))
     report = run_attribute(cfg)
-    layers = [layer["name"] for layer in open_index(cfg.index_path).meta["layers"]]
+    layers = [layer["name"] for layer in IndexFolder(cfg.index_path).manifest().meta["layers"]]
     assert len(layers) == 2 * 3 * 2 and all(n.endswith((".lora_A", ".lora_B")) for n in layers)  # 2 blocks
     assert report["query"]["queries"] == 6
     bare = replace(cfg, model=replace(cfg.model, adapter=None, layers=LORA_PATTERNS))

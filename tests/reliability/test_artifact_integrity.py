@@ -14,9 +14,9 @@ from lorif_ray.config import QueryConfig
 from lorif_ray.errors import CorruptArtifactError, CorruptShardError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.kronecker_stats import TOTAL_NAME
+from lorif_ray.store.index_folder import STATISTICS_NAME
 from lorif_ray.stages.query import run_query
-from lorif_ray.store import CurvatureFolder, Manifest, iter_batches
+from lorif_ray.store import CurvatureFolder, IndexFolder, Manifest
 from tests.reliability.conftest import config
 from tests.reliability.layout import flipped, parquet_regions
 
@@ -85,7 +85,7 @@ def test_corrupt_kfac_statistics_are_named_and_stage_1_rebuilds_them(run_copy, t
     clean_copy = config(tiny_assets, run_copy.output_dir + "-clean", curvature="kfac",
                         index_dir=str(run_copy.index_path) + "-clean")
     shutil.copytree(run_copy.index_path, clean_copy.index_path)
-    total = run_copy.index_path / TOTAL_NAME
+    total = run_copy.index_path / STATISTICS_NAME
     data = bytearray(total.read_bytes())
     data[-7] ^= 0x80
     total.write_bytes(bytes(data))
@@ -124,7 +124,7 @@ def test_another_models_shard_copied_in_with_its_record_is_refused(run_copy, oth
                                                 r"meta\.model\.weights_fingerprint"):
         run_curvature(run_copy)
     with pytest.raises(CorruptShardError, match=r"shard-00002\.parquet was made for another index"):
-        list(iter_batches(run_copy.index_path))  # stage 3's reader (its curvature check comes first)
+        list(IndexFolder(run_copy.index_path).batches())  # stage 3's reader (its curvature check comes first)
     report = run_index(run_copy)
     assert report["computed"] == 10 and report["skipped_shards"] == 4
     run_curvature(run_copy)

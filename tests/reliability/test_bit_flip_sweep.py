@@ -20,9 +20,9 @@ from lorif_ray.config import QueryConfig
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
 from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.inputs import query_config
-from lorif_ray.stages.kronecker_stats import TOTAL_NAME, read_stats
+from lorif_ray.store.index_folder import STATISTICS_NAME
 from lorif_ray.stages.query import LocalScorer, featurize_queries
-from lorif_ray.store import CurvatureFolder, iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.reliability.conftest import config
 from tests.reliability.layout import flipped, npy_regions, parquet_regions, safetensors_regions
 
@@ -43,7 +43,7 @@ def stored(finished_run, tiny_assets, tmp_path_factory):
     shutil.copytree(finished_run.output_dir, out)
     cfg = config(tiny_assets, out, query=QueryConfig(store_coordinates=True))
     run_curvature(cfg)
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     cfg = query_config(cfg, manifest)
     return cfg, manifest, featurize_queries(cfg, manifest).columns
 
@@ -63,7 +63,7 @@ def _readers(cfg, manifest, columns):
     layers = [layer["name"] for layer in manifest.meta["layers"]]
 
     def shard():
-        return list(iter_batches(cfg.index_path, manifest=open_index(cfg.index_path), shards=[2]))
+        return list(IndexFolder(cfg.index_path).batches(manifest=IndexFolder(cfg.index_path).manifest(), shards=[2]))
 
     def curvature():
         loaded = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
@@ -73,15 +73,15 @@ def _readers(cfg, manifest, columns):
         return CurvatureFolder(cfg.curvature_path).stored_coordinates().rows(dtype=torch.float64)
 
     def statistics():
-        return {name: (s.activations, s.gradients, s.tokens, s.examples)
-                for name, s in read_stats(cfg.index_path, range(len(manifest.shards)), layers).items()}
+        return {name: (s["activations"], s["gradients"], s["tokens"], s["examples"])
+                for name, s in IndexFolder(cfg.index_path).read_statistics(range(len(manifest.shards)), layers).items()}
 
     return {
         "shard": (cfg.index_path / "shard-00002.parquet", parquet_regions, shard, True),
         "curvature": (cfg.curvature_path / f"{LAYER}.safetensors", safetensors_regions, curvature, True),
         "coordinates": (CurvatureFolder(cfg.curvature_path).coordinates_path / f"{LAYER}.npy", npy_regions, coordinates, True),
         # stage 2's K-FAC fit is a function of the statistics it reads: identical statistics, identical curvature
-        "statistics": (cfg.index_path / TOTAL_NAME, safetensors_regions, statistics, False),
+        "statistics": (cfg.index_path / STATISTICS_NAME, safetensors_regions, statistics, False),
     }
 
 

@@ -15,7 +15,7 @@ from lorif_ray.errors import UnsafePathError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.query import run_query
-from lorif_ray.store import CurvatureFolder, Manifest, iter_batches, open_index, seal, unseal
+from lorif_ray.store import CurvatureFolder, IndexFolder, Manifest, seal, unseal
 from lorif_ray.store.curvature_folder import META_NAME
 from tests.reliability.conftest import config
 
@@ -35,7 +35,7 @@ def test_a_record_pointing_outside_the_index_is_refused_by_every_stage(run_copy)
     _point_record_at(run_copy.index_path, 3, "../../outside.parquet")
     message = r"record of shard 3 .* names '\.\./\.\./outside\.parquet', which resolves to .*outside\.parquet, outside"
     with pytest.raises(UnsafePathError, match=message):
-        open_index(run_copy.index_path)
+        IndexFolder(run_copy.index_path).manifest()
     with pytest.raises(UnsafePathError, match=message):
         run_curvature(run_copy)
     with pytest.raises(UnsafePathError, match=message):
@@ -52,11 +52,11 @@ def test_a_symlink_out_of_the_index_is_not_followed(run_copy, tmp_path):
     shutil.move(shard, outside)
     os.symlink(outside, shard)
     with pytest.raises(UnsafePathError, match=r"'shard-00001\.parquet', which resolves to .*elsewhere\.parquet"):
-        list(iter_batches(run_copy.index_path))
+        list(IndexFolder(run_copy.index_path).batches())
     os.unlink(shard)
     os.symlink("shard-00000.parquet", shard)  # inside the folder: followed (and then refused by its checksums)
     with pytest.raises(Exception, match="shard-00001.parquet") as caught:
-        list(iter_batches(run_copy.index_path))
+        list(IndexFolder(run_copy.index_path).batches())
     assert not isinstance(caught.value, UnsafePathError)
 
 

@@ -18,8 +18,7 @@ import torch
 from lorif_ray.errors import StorageFullError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.kronecker_stats import read_stats
-from lorif_ray.store import CurvatureFolder, open_index, preallocated_memmap
+from lorif_ray.store import CurvatureFolder, IndexFolder, preallocated_memmap
 from tests.reliability.conftest import config
 
 
@@ -122,8 +121,8 @@ def small_disk(tmp_path):
 
 
 def _stats(index_path, layers):
-    stats = read_stats(index_path, range(5), layers)
-    return {name: (s.activations, s.gradients, s.tokens) for name, s in stats.items()}
+    stats = IndexFolder(index_path).read_statistics(range(5), layers)
+    return {name: (s["activations"], s["gradients"], s["tokens"]) for name, s in stats.items()}
 
 
 def test_a_full_disk_in_stage_1_names_the_file_and_a_resume_gives_the_same_index(finished_run, tiny_assets,
@@ -144,8 +143,8 @@ def test_a_full_disk_in_stage_1_names_the_file_and_a_resume_gives_the_same_index
     assert report["examples"] == 48
     if disk.kind == "tmpfs":
         assert report["computed"] < 48  # the shards written before the disk filled stay
-    expected = open_index(finished_run.index_path, verify=True)
-    got = open_index(cfg.index_path, verify=True)
+    expected = IndexFolder(finished_run.index_path).manifest(verify=True)
+    got = IndexFolder(cfg.index_path).manifest(verify=True)
     assert [(r.index, r.sha256) for r in got.shards] == [(r.index, r.sha256) for r in expected.shards]
     layers = [layer["name"] for layer in expected.meta["layers"]]
     clean, resumed = _stats(finished_run.index_path, layers), _stats(cfg.index_path, layers)

@@ -15,7 +15,7 @@ import pytest
 from lorif_ray.errors import IndexMismatchError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.kronecker_stats import SHARDS_DIR, TOTAL_NAME
+from lorif_ray.store.index_folder import STATISTICS_DIR, STATISTICS_NAME
 from lorif_ray.stages.query import run_query
 from lorif_ray.store import ShardWriter
 from lorif_ray.store.manifest import MANIFEST_NAME
@@ -24,11 +24,11 @@ from lorif_ray.store.manifest import MANIFEST_NAME
 def test_an_index_with_unfolded_statistics_reads_as_a_dataset(run_copy, monkeypatch):
     """A stage 1 stopped before its last fold leaves every shard's statistics file in the index folder: the
     folder still reads as a Parquet dataset, with every committed row."""
-    (run_copy.index_path / TOTAL_NAME).unlink()  # every shard's statistics are recomputed ...
+    (run_copy.index_path / STATISTICS_NAME).unlink()  # every shard's statistics are recomputed ...
     monkeypatch.setattr(ShardWriter, "finalize", lambda self, n: (_ for _ in ()).throw(RuntimeError("killed")))
     with pytest.raises(RuntimeError, match="killed"):  # ... and the run stops before folding them
         run_index(run_copy)
-    assert len(list((run_copy.index_path / SHARDS_DIR).glob("shard-*.safetensors"))) == 5
+    assert len(list((run_copy.index_path / STATISTICS_DIR).glob("shard-*.safetensors"))) == 5
     assert not (run_copy.index_path / "kronecker").exists()
     table = pq.read_table(run_copy.index_path)
     assert table.num_rows == 48 and table.column("example_id").to_pylist()[:2] == ["t0", "t1"]
@@ -39,7 +39,7 @@ def test_stale_temporaries_of_every_naming_go_when_the_index_is_found_complete(r
     manifest write, left in a complete index: stage 1 finds the index complete and removes both."""
     stale = [run_copy.index_path / "shard-00004.parquet.tmp-0123456789ab",
              run_copy.index_path / f".{MANIFEST_NAME}.tmp-0123456789ab",
-             run_copy.index_path / SHARDS_DIR / ".shard-00002.safetensors.tmp-0123456789ab"]
+             run_copy.index_path / STATISTICS_DIR / ".shard-00002.safetensors.tmp-0123456789ab"]
     stale[2].parent.mkdir(exist_ok=True)
     for path in stale:
         path.write_bytes(b"PAR1 partial")

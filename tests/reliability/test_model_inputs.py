@@ -14,7 +14,7 @@ from lorif_ray.data import collate, tokenize_examples
 from lorif_ray.data.examples import Example
 from lorif_ray.errors import ConfigError
 from lorif_ray.model.loading import load_tokenizer
-from lorif_ray.store import open_index
+from lorif_ray.store import IndexFolder
 from tests.reliability.conftest import config
 
 
@@ -72,7 +72,7 @@ def test_f_wider_than_some_layers_warns_naming_them(tiny_assets, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="lorif_ray.stages.index"):
         run_index(cfg)
     assert "f=64 is larger than a width" in caplog.text and "transformer.h.0.mlp.c_fc (32x128)" in caplog.text
-    specs = {layer["name"]: layer for layer in open_index(cfg.index_path).meta["layers"]}
+    specs = {layer["name"]: layer for layer in IndexFolder(cfg.index_path).manifest().meta["layers"]}
     assert specs["transformer.h.0.mlp.c_fc"]["d2"] == 2
 
 

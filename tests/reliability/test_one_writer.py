@@ -20,9 +20,9 @@ import pytest
 from lorif_ray.errors import FolderLockedError, IndexMismatchError, MissingShardError
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.kronecker_stats import TOTAL_NAME, fold_stats, read_stats
+from lorif_ray.store.index_folder import STATISTICS_NAME
 from lorif_ray.stages.query import run_query
-from lorif_ray.store import Manifest
+from lorif_ray.store import IndexFolder, Manifest
 from tests.reliability.conftest import config
 
 HOLDER = textwrap.dedent("""
@@ -83,20 +83,19 @@ def test_a_shard_without_its_statistics_is_not_done(run_copy, tiny_assets, monke
     """The statistics of shard 4 get lost (as two runs folding at once lost them): the index can no longer be
     marked complete; the state the race left (complete, statistics of 4 of 5 shards) is refused by stage 2 as
     before, but re-running stage 1 now recomputes shard 4 alone, and the statistics are the clean run's."""
-    import lorif_ray.stages.index as index_stage
 
     kfac = config(tiny_assets, run_copy.output_dir, curvature="kfac")
     layers = [layer["name"] for layer in Manifest.load(run_copy.index_path).meta["layers"]]
-    clean = read_stats(run_copy.index_path, range(5), layers)
-    (run_copy.index_path / TOTAL_NAME).unlink()  # every shard now lacks its statistics: all are redone
-    write = index_stage.write_shard_stats
-    monkeypatch.setattr(index_stage, "write_shard_stats", lambda path, shard, stats: shard == 4 or write(path, shard,
-                                                                                                         stats))
+    clean = IndexFolder(run_copy.index_path).read_statistics(range(5), layers)
+    (run_copy.index_path / STATISTICS_NAME).unlink()  # every shard now lacks its statistics: all are redone
+    write = IndexFolder.write_shard_statistics
+    monkeypatch.setattr(IndexFolder, "write_shard_statistics",
+                        lambda folder, shard, stats: shard == 4 or write(folder, shard, stats))
     with pytest.raises(MissingShardError, match=r"shards \[4\] of 0\.\.4 are not written"):
         run_index(run_copy)  # shard 4 has a committed record but no statistics: not done, not finalized
     monkeypatch.undo()
     assert not Manifest.load(run_copy.index_path).complete
-    fold_stats(run_copy.index_path, lambda shard: shard < 4)  # the race's dead end: complete, 4 of 5 shards
+    IndexFolder(run_copy.index_path).fold_statistics(lambda shard: shard < 4)  # the race's dead end: 4 of 5 shards
     manifest = Manifest.load(run_copy.index_path)
     manifest.complete, manifest.num_rows = True, 48
     manifest.save(run_copy.index_path)
@@ -104,7 +103,7 @@ def test_a_shard_without_its_statistics_is_not_done(run_copy, tiny_assets, monke
         run_curvature(kfac)
     report = run_index(run_copy)  # before: "0 computed, 5 reused", and the index stayed unusable for K-FAC
     assert report["computed"] == 8 and report["skipped_shards"] == 4  # shard 4: rows 40-47
-    healed = read_stats(run_copy.index_path, range(5), layers)
-    assert all(healed[n].activations.equal(clean[n].activations) and healed[n].gradients.equal(clean[n].gradients)
-               and healed[n].tokens == clean[n].tokens for n in layers)
+    healed = IndexFolder(run_copy.index_path).read_statistics(range(5), layers)
+    assert all(healed[n][field].equal(clean[n][field]) for n in layers
+               for field in ("activations", "gradients", "tokens"))
     assert not run_curvature(kfac)["reused"]

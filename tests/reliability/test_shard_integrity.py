@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lorif_ray.errors import CorruptShardError
-from lorif_ray.store import iter_batches, open_index
+from lorif_ray.store import IndexFolder
 from lorif_ray.store.manifest import MANIFEST_NAME
 from tests.reliability.conftest import flip_bytes
 
@@ -18,10 +18,10 @@ def test_flipped_bytes_fail_the_read_instead_of_wrong_scores(run_copy):
     naming it and the repair, instead of decoding wrong values."""
     shard = run_copy.index_path / "shard-00002.parquet"
     flip_bytes(shard)
-    manifest = open_index(run_copy.index_path)  # sizes unchanged: the cheap check passes, as before
+    manifest = IndexFolder(run_copy.index_path).manifest()  # sizes unchanged: the cheap check passes, as before
     read = []
     with pytest.raises(CorruptShardError, match=r"shard-00002\.parquet.*re-run stage 1"):
-        for ids, _ in iter_batches(run_copy.index_path, manifest=manifest, batch_rows=4):
+        for ids, _ in IndexFolder(run_copy.index_path).batches(manifest=manifest, batch_rows=4):
             read.extend(ids)
     assert len(read) <= 2 * 10 + 8  # stopped inside shard 2, before its values were all handed out
 
@@ -31,7 +31,7 @@ def test_corruption_anywhere_in_the_file_is_a_corrupt_shard_error(run_copy, at):
     """Where page checksums do not reach (magic bytes, footer), the read itself fails: same error."""
     flip_bytes(run_copy.index_path / "shard-00001.parquet", at=at)
     with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet"):
-        for _ in iter_batches(run_copy.index_path):
+        for _ in IndexFolder(run_copy.index_path).batches():
             pass
 
 
@@ -40,15 +40,15 @@ def test_rerun_recomputes_a_corrupt_shard(run_copy):
     replaces its record; the index then reads back exactly as before the corruption."""
     from lorif_ray.stages.index import run_index
 
-    before = list(iter_batches(run_copy.index_path))
+    before = list(IndexFolder(run_copy.index_path).batches())
     records = json.loads((run_copy.index_path / MANIFEST_NAME).read_text())["shards"]
     shard = run_copy.index_path / "shard-00003.parquet"
     flip_bytes(shard)
     report = run_index(run_copy)
     assert report["computed"] == 10 and report["skipped_shards"] == 4
-    after = list(iter_batches(run_copy.index_path))
+    after = list(IndexFolder(run_copy.index_path).batches())
     assert [ids for ids, _ in after] == [ids for ids, _ in before]
     for (_, old), (_, new) in zip(before, after):
         assert all(old[c].equal(new[c]) for c in old)
-    manifest = open_index(run_copy.index_path, verify=True)
+    manifest = IndexFolder(run_copy.index_path).manifest(verify=True)
     assert [(s.index, s.sha256) for s in manifest.shards] == [(r["index"], r["sha256"]) for r in records]

@@ -16,28 +16,28 @@ def make_config(assets, output_dir, method="lorif", **overrides) -> Config:
 @contextmanager
 def counting_shard_reads():
     """The indices of the shard files opened for reading inside the block, in order (every reader of the store
-    goes through ``lorif_ray.store.shards._record_batches``)."""
-    import lorif_ray.store.shards as shards
+    goes through ``shard_batches``, which ``lorif_ray.store.index_folder.IndexFolder`` calls)."""
+    import lorif_ray.store.index_folder as index_folder
 
-    opened, real = [], shards._record_batches
+    opened, real = [], index_folder.shard_batches
 
     def counting(directory, manifest, record, columns, batch_rows):
         opened.append(record.index)
         return real(directory, manifest, record, columns, batch_rows)
 
-    shards._record_batches = counting
+    index_folder.shard_batches = counting
     try:
         yield opened
     finally:
-        shards._record_batches = real
+        index_folder.shard_batches = real
 
 
 def index_columns(index_dir) -> dict[str, torch.Tensor]:
     """Every column of an index, all rows in order: {column: (N, width)}."""
-    from lorif_ray.store import iter_batches
+    from lorif_ray.store import IndexFolder
 
     parts: dict[str, list] = {}
-    for _, columns in iter_batches(index_dir, batch_rows=1000):
+    for _, columns in IndexFolder(index_dir).batches(batch_rows=1000):
         for name, value in columns.items():
             parts.setdefault(name, []).append(value)
     return {name: torch.cat(values) for name, values in parts.items()}

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import lorif_ray.stages.inputs as inputs
-from lorif_ray.data import ROWS_NAME, TrainTexts
+from lorif_ray.data import TrainTexts
 from lorif_ray.errors import IndexMismatchError
 from lorif_ray.stages.index import run_index
-from lorif_ray.store import Manifest, read_ids
+from lorif_ray.store import IndexFolder, Manifest
+from lorif_ray.store.index_folder import ROWS_NAME
 from tests.conftest import SHARD_SIZE
 from tests.stages.helpers import index_columns, make_config
 
@@ -27,7 +28,7 @@ def test_a_parquet_input_gives_the_index_of_its_jsonl_twin(tiny_assets, baseline
     cfg = make_config({**tiny_assets, "train": train}, tmp_path / "out", shard_size=SHARD_SIZE)
     assert run_index(cfg)["computed"] == 48
     expected = baseline["cfg"].index_path
-    assert read_ids(cfg.index_path) == read_ids(expected)
+    assert IndexFolder(cfg.index_path).ids() == IndexFolder(expected).ids()
     actual, wanted = index_columns(cfg.index_path), index_columns(expected)
     assert all(torch.equal(actual[name], wanted[name]) for name in wanted)
 
@@ -44,7 +45,7 @@ def test_a_resumed_run_reads_only_the_missing_shards_rows(tiny_assets, tmp_path,
     report = run_index(cfg)
     assert (report["computed"], report["skipped_shards"]) == (SHARD_SIZE, 4)
     assert [(r.start, r.stop) for r in read] == [(30, 40)]
-    assert read_ids(cfg.index_path) == [f"t{i}" for i in range(48)]
+    assert IndexFolder(cfg.index_path).ids() == [f"t{i}" for i in range(48)]
 
 
 def test_stage_1_writes_the_row_table_beside_the_shards(tiny_assets, tmp_path):
@@ -53,7 +54,7 @@ def test_stage_1_writes_the_row_table_beside_the_shards(tiny_assets, tmp_path):
     cfg = make_config(tiny_assets, tmp_path, shard_size=SHARD_SIZE)
     run_index(cfg)
     table = cfg.index_path / ROWS_NAME
-    assert pq.read_table(table).column("example_id").to_pylist() == read_ids(cfg.index_path)
+    assert pq.read_table(table).column("example_id").to_pylist() == IndexFolder(cfg.index_path).ids()
     assert pq.read_table(cfg.index_path).num_rows == 48 and "example_id" in pq.read_table(cfg.index_path).column_names
     last = json.loads(tiny_assets["train"].read_text().splitlines()[47])["text"]
     assert TrainTexts(cfg.index_path).texts([47]) == {47: last}

@@ -14,8 +14,7 @@ from lorif_ray.model.layers import select_layers
 from lorif_ray.stages.featurize import Featurizer
 from lorif_ray.stages.index import run_index
 from lorif_ray.eval.index_cache import index_key
-from lorif_ray.stages.kronecker_stats import folded
-from lorif_ray.store import open_index
+from lorif_ray.store import IndexFolder
 from tests.conftest import padded_batch, tiny_gpt2
 from tests.stages.helpers import index_columns, make_config
 
@@ -102,15 +101,17 @@ def test_the_index_records_its_labels_and_is_deterministic(sampled_index, tiny_a
     training = replace(cfg, output_dir=str(root / "training"), kfac_labels="training")
     run_index(again)
     run_index(training)
-    assert open_index(cfg.index_path).meta["kfac_labels"] == "sampled"
-    assert "kfac_labels" not in open_index(training.index_path).meta  # absent = training: older indexes stay valid
+    assert IndexFolder(cfg.index_path).manifest().meta["kfac_labels"] == "sampled"
+    assert IndexFolder(training.index_path).settings.kfac_labels == "training"
+    assert "kfac_labels" not in IndexFolder(training.index_path).manifest().meta  # absent = training: older indexes
     assert index_columns(cfg.index_path).keys() == index_columns(training.index_path).keys()
     for name, column in index_columns(training.index_path).items():  # the stored rows do not change
         torch.testing.assert_close(index_columns(cfg.index_path)[name], column, rtol=0, atol=0)
-    (ours, _), (repeat, _), (theirs, _) = (folded(c.index_path) for c in (cfg, again, training))
+    (ours, _), (repeat, _), (theirs, _) = (IndexFolder(c.index_path).folded_statistics()
+                                           for c in (cfg, again, training))
     for name, stats in ours.items():
-        assert torch.equal(stats.gradients, repeat[name].gradients)
-        assert not torch.allclose(stats.gradients, theirs[name].gradients, rtol=1e-3)
+        assert torch.equal(stats["gradients"], repeat[name]["gradients"])
+        assert not torch.allclose(stats["gradients"], theirs[name]["gradients"], rtol=1e-3)
     with pytest.raises(IndexMismatchError, match="kfac_labels"):  # resuming with the other labels is refused
         run_index(replace(training, index_dir=str(cfg.index_path)))
     identity, data = {"sha": "x"}, "y"
@@ -128,5 +129,5 @@ def test_ray_gives_the_one_process_sampled_statistics(sampled_index, tiny_assets
     ray_cfg = replace(cfg, output_dir=str(root / "ray"),
                       cluster=ClusterConfig(backend="ray", gradient_actors=2, writer_actors=1))
     run_index(ray_cfg, RayFeaturize)
-    assert open_index(ray_cfg.index_path).meta["kfac_labels"] == "sampled"
+    assert IndexFolder(ray_cfg.index_path).manifest().meta["kfac_labels"] == "sampled"
     _assert_same_index(ray_cfg.index_path, cfg.index_path)

@@ -10,14 +10,14 @@ import torch
 from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.data import load_examples
 from lorif_ray.errors import IndexMismatchError
+from lorif_ray.math.kronecker import KroneckerStats
 from lorif_ray.model.loading import load_tokenizer
 from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.kronecker_stats import read_stats
 from lorif_ray.stages.query import featurize_queries, run_query
-from lorif_ray.store import CurvatureFolder, iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.oracles import kronecker_inverse, oracle_scores
 from tests.stages.helpers import make_config
 
@@ -40,22 +40,28 @@ def indexes(tiny_assets, tmp_path_factory):
     return {"dense": dense, "factors": factors, "root": root}
 
 
+def _statistics(cfg, shards, layers) -> dict[str, KroneckerStats]:
+    stored = IndexFolder(cfg.index_path).read_statistics(shards, layers)
+    return {name: KroneckerStats.from_tensors(tensors) for name, tensors in stored.items()}
+
+
 def _dense_rows(cfg) -> dict[str, torch.Tensor]:
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     specs = layer_specs(manifest)
     parts = [blocks_from_columns(specs, manifest.kind, {k: v.double() for k, v in columns.items()})
-             for _, columns in iter_batches(cfg.index_path, batch_rows=1000)]
+             for _, columns in IndexFolder(cfg.index_path).batches(batch_rows=1000)]
     return {s.name: torch.cat([p[s.name].dense() for p in parts]) for s in specs}
 
 
 def test_stage_one_counts_every_token_of_every_example_once(indexes, tiny_assets):
     cfg = indexes["dense"]
-    manifest = open_index(cfg.index_path)
-    stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], [s.name for s in layer_specs(manifest)])
+    manifest = IndexFolder(cfg.index_path).manifest()
+    shards = [r.index for r in manifest.shards]
+    stats = _statistics(cfg, shards, [s.name for s in layer_specs(manifest)])
     tokenizer = load_tokenizer(tiny_assets["model"])
     tokens = sum(min(len(tokenizer(e.text)["input_ids"]), 32) for e in load_examples(tiny_assets["train"]))
     assert {(s.tokens, s.examples) for s in stats.values()} == {(tokens, 48)}
-    factor_stats = read_stats(indexes["factors"].index_path, [r.index for r in manifest.shards], list(stats))
+    factor_stats = _statistics(indexes["factors"], shards, list(stats))
     for name, s in stats.items():  # the statistics do not depend on what is stored
         torch.testing.assert_close(factor_stats[name].activations, s.activations, rtol=1e-12, atol=0)
 
@@ -69,11 +75,11 @@ def test_dense_kronecker_scores_equal_the_explicit_inverse(indexes, kind):
     fitted = run_curvature(cfg)
     report = run_query(cfg)
     assert report["route"] == "none"
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     numbers = sum(s.d1 * s.d1 + s.d2 * s.d2 + s.d1 * s.d2 for s in layer_specs(manifest))  # Q_A, Q_S, Λ per layer
     assert fitted["kind"] == kind and 8 * numbers <= fitted["bytes"] <= 8 * numbers + 4096 * len(layer_specs(manifest))
     names = [s.name for s in layer_specs(manifest)]
-    stats = read_stats(cfg.index_path, [r.index for r in manifest.shards], names)
+    stats = _statistics(cfg, [r.index for r in manifest.shards], names)
     curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
     train = _dense_rows(cfg)
     inverses = {}

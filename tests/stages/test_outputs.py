@@ -144,11 +144,11 @@ def test_a_repsim_index_refuses_gradient_outputs(tiny_assets, tmp_path):
 def test_a_top_k_query_reads_the_ids_of_its_top_k_rows_only(exact_factors, monkeypatch):
     """The driver's share of stage 3 does not grow with N: without full-score outputs it reads the example ids of
     the shards that hold a top-k row, one shard at a time, never the index's N ids."""
-    import lorif_ray.store.shards as shards
+    from lorif_ray.store import IndexFolder
 
     cfg, _ = exact_factors
-    calls, real = [], shards.read_ids
-    monkeypatch.setattr(shards, "read_ids", lambda *a, **kw: calls.append(kw.get("shards")) or real(*a, **kw))
+    calls, real = [], IndexFolder.ids
+    monkeypatch.setattr(IndexFolder, "ids", lambda *a, **kw: calls.append(kw.get("shards")) or real(*a, **kw))
     run_query(replace(cfg, query=QueryConfig(top_k=2)))
     top = pq.read_table(f"{cfg.output_dir}/topk.parquet").column("train_id").to_pylist()
     holding = {int(t[1:]) // cfg.shard_size for t in top}

@@ -16,7 +16,7 @@ from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import run_query
 from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows
-from lorif_ray.store import CurvatureFolder, iter_batches, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.conftest import QUERY_CONFIG
 from tests.stages.helpers import counting_shard_reads
 
@@ -49,8 +49,8 @@ def test_stage_two_streamed_and_resident_write_the_same_curvature_and_coordinate
     resident = baseline["config"]("curv_resident", query=QueryConfig(**QUERY_CONFIG, store_coordinates=True))
     run_curvature(resident, _resident_gram(True))
     _same_curvature(resident.curvature_path, ref.curvature_path, 1e-10)
-    manifest = open_index(streamed.index_path)
-    rows = {k: torch.cat([c[k] for _, c in iter_batches(streamed.index_path, out_dtype=torch.float64,
+    manifest = IndexFolder(streamed.index_path).manifest()
+    rows = {k: torch.cat([c[k] for _, c in IndexFolder(streamed.index_path).batches(out_dtype=torch.float64,
                                                         manifest=manifest)]) for k in manifest.columns}
     blocks = blocks_from_columns(layer_specs(manifest), manifest.kind, rows)
     width = 0
@@ -119,10 +119,11 @@ def test_stale_coordinates_are_not_used(baseline):
 def test_stage_two_holds_a_layer_resident_only_when_it_fits(baseline):
     """N · Σ c(d1+d2) numbers in the math dtype against a fraction of the device's memory."""
     cfg = baseline["cfg"]
-    manifest = open_index(cfg.index_path)
+    index = IndexFolder(cfg.index_path)
+    manifest = index.manifest()
     specs = layer_specs(manifest)
-    assert isinstance(layer_rows(cfg.index_path, manifest, specs, dtype=torch.float64), ResidentRows)
-    assert isinstance(layer_rows(cfg.index_path, manifest, specs, dtype=torch.float64, fraction=1e-12), ParquetRows)
+    assert isinstance(layer_rows(index, manifest, specs, dtype=torch.float64), ResidentRows)
+    assert isinstance(layer_rows(index, manifest, specs, dtype=torch.float64, fraction=1e-12), ParquetRows)
     assert Precision.of(cfg, torch.device("cpu")).math == torch.float64
 
 
@@ -134,7 +135,7 @@ def test_layers_fitted_in_groups_or_resumed_give_the_same_curvature(baseline, mo
     ref = baseline["cfg"]
     cfg = baseline["config"]("groups")
     monkeypatch.setattr(stage, "GROUP_BYTES", 1)
-    assert all(len(g) == 1 for g in stage.layer_groups(layer_specs(open_index(cfg.index_path)), cfg))
+    assert all(len(g) == 1 for g in stage.layer_groups(layer_specs(IndexFolder(cfg.index_path).manifest()), cfg))
     assert run_curvature(cfg)["fitted_layers"] == 8
     _same_curvature(cfg.curvature_path, ref.curvature_path, 1e-10)
     (cfg.curvature_path / "_curvature.json").unlink()

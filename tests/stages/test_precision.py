@@ -15,7 +15,7 @@ from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import LocalScorer, output_files
-from lorif_ray.store import CurvatureFolder, open_index
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.schema import factor_columns
 from tests.oracles import oracle_scores, woodbury_inverse
 from tests.stages.spiked import LAYERS, spiked_config, with_output, write_spiked_index
@@ -39,7 +39,7 @@ def reference_scores(cfg, train: dict, queries: dict) -> torch.Tensor:
 
 def path_scores(cfg, queries: dict) -> dict[str, np.ndarray]:
     """Full scores of every one-process path: rows streamed or resident × the three curvature-term routes."""
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     out = {}
     for resident in (False, True):
         for route in ("recompute", "query", "stored"):
@@ -70,7 +70,7 @@ def test_the_spectrum_is_spiked(spiked):
     folder = CurvatureFolder(cfg.curvature_path)
     header = folder.header()
 
-    curvature = load_curvature(folder, cfg, open_index(cfg.index_path), "cpu", torch.float64)
+    curvature = load_curvature(folder, cfg, IndexFolder(cfg.index_path).manifest(), "cpu", torch.float64)
     ratios = [float(c.values[0]) / c.damping for c in curvature.values()]
     assert min(ratios) >= 500, ratios
     assert header["precision"]["coordinates"] == "float32" and header["precision"]["storage"] == cfg.dtype

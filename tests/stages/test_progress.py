@@ -13,7 +13,7 @@ from lorif_ray.config import ClusterConfig, QueryConfig
 from lorif_ray.stages.curvature import LocalGram, run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.query import run_query
-from lorif_ray.store import open_index
+from lorif_ray.store import IndexFolder
 from tests.conftest import QUERY_CONFIG, SHARD_SIZE
 from tests.stages.helpers import counting_shard_reads, make_config
 
@@ -52,7 +52,7 @@ def test_stage_two_counts_rows_over_every_pass_it_makes(baseline, recording_bars
     with counting_shard_reads() as opened:
         run_curvature(cfg, partial(LocalGram, resident=False))
     bar = _only(recording_bars, "stage 2: curvature")
-    manifest = open_index(cfg.index_path)
+    manifest = IndexFolder(cfg.index_path).manifest()
     passes = len(opened) // len(manifest.shards)
     assert len(opened) == passes * len(manifest.shards) and passes == {"woodbury": 4, "ekfac": 1, "exact": 1}[curvature]
     _assert_exact(bar, passes * manifest.num_rows)

@@ -10,7 +10,7 @@ from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.stages.inputs import layer_specs, query_config
 from lorif_ray.stages.query import TopK, featurize_queries, prepare_query, score_blocks
 from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows, rows_bytes
-from lorif_ray.store import CurvatureFolder, open_index, read_ids
+from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.schema import TORCH_STORAGE_DTYPES
 
 
@@ -37,11 +37,12 @@ def _dense(source) -> dict[str, torch.Tensor]:
 
 def test_streamed_and_resident_rows_of_a_shard_run_are_the_same_blocks(baseline):
     cfg = baseline["cfg"]
-    manifest = open_index(cfg.index_path)
+    index = IndexFolder(cfg.index_path)
+    manifest = index.manifest()
     specs, shards = layer_specs(manifest), [3, 4]
     options = dict(dtype=torch.float64, shards=shards, batch_rows=7, block_rows=7)
-    streamed = layer_rows(cfg.index_path, manifest, specs, resident=False, **options)
-    resident = layer_rows(cfg.index_path, manifest, specs, resident=True, **options)
+    streamed = layer_rows(index, manifest, specs, resident=False, **options)
+    resident = layer_rows(index, manifest, specs, resident=True, **options)
     assert isinstance(streamed, ParquetRows) and isinstance(resident, ResidentRows)
     stored = TORCH_STORAGE_DTYPES[manifest.dtype]
     assert resident.block.factors[0][0].dtype == stored and stored != torch.float64
@@ -49,7 +50,7 @@ def test_streamed_and_resident_rows_of_a_shard_run_are_the_same_blocks(baseline)
     blocks = {name: list(source.blocks()) for name, source in (("streamed", streamed), ("resident", resident))}
     assert [(b.offset, len(b)) for b in blocks["streamed"]] == [(30, 7), (37, 3), (40, 7), (47, 1)]  # per shard
     assert [(b.offset, len(b)) for b in blocks["resident"]] == [(30, 7), (37, 7), (44, 4)]
-    ids = read_ids(cfg.index_path, manifest, shards=shards)
+    ids = index.ids(manifest, shards=shards)
     for parts in blocks.values():
         assert [i for b in parts for i in b.ids] == ids and all(b.factors[0][0].dtype == torch.float64 for b in parts)
     want, got = _dense(streamed), _dense(resident)
@@ -58,14 +59,15 @@ def test_streamed_and_resident_rows_of_a_shard_run_are_the_same_blocks(baseline)
 
 def test_a_new_row_source_serves_the_gram_pass_and_the_scorer(baseline):
     """Shards 0-2 streamed, 3-4 resident, chained by ``Segments``: the Gram pass and the scores of the index."""
-    cfg = query_config(baseline["cfg"], open_index(baseline["cfg"].index_path))
-    manifest = open_index(cfg.index_path)
+    cfg = query_config(baseline["cfg"], IndexFolder(baseline["cfg"].index_path).manifest())
+    index = IndexFolder(cfg.index_path)
+    manifest = index.manifest()
     specs = layer_specs(manifest)
     curvature = load_curvature(CurvatureFolder(cfg.curvature_path), cfg, manifest, "cpu", torch.float64)
     options = dict(dtype=torch.float64, batch_rows=7, block_rows=7, curvature=curvature)
-    parts = Segments([layer_rows(cfg.index_path, manifest, specs, shards=[0, 1, 2], resident=False, **options),
-                      layer_rows(cfg.index_path, manifest, specs, shards=[3, 4], resident=True, **options)])
-    whole = layer_rows(cfg.index_path, manifest, specs, resident=True, **options)
+    parts = Segments([layer_rows(index, manifest, specs, shards=[0, 1, 2], resident=False, **options),
+                      layer_rows(index, manifest, specs, shards=[3, 4], resident=True, **options)])
+    whole = layer_rows(index, manifest, specs, resident=True, **options)
     gen = torch.Generator().manual_seed(0)
     q = {s.name: torch.randn(s.dim, 3, generator=gen, dtype=torch.float64) for s in specs}
     expected = GramPass(whole)(applies=q)

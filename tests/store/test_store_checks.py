@@ -13,7 +13,7 @@ import torch
 from store_helpers import reopen
 
 from lorif_ray.errors import CorruptArtifactError, CorruptShardError, FolderLockedError, StorageFullError, UnsafePathError
-from lorif_ray.store import (CheckedBlocks, Manifest, atomic_path, block_checksums, contained, iter_batches,
+from lorif_ray.store import (CheckedBlocks, IndexFolder, Manifest, atomic_path, block_checksums, contained,
                              remove_stale_temporaries, save_tensors, seal, unseal, writer_lock)
 from lorif_ray.store.artifacts import storage_error
 from lorif_ray.store.manifest import MANIFEST_NAME, SHARD_LOG_NAME
@@ -57,11 +57,12 @@ def test_a_shard_is_checked_against_its_record_when_read(index_dir):
     manifest = Manifest.load(index_dir)
     assert all(len(r.footer_sha256) == 64 for r in manifest.shards)
     swapped = dataclasses.replace(manifest.record(1), footer_sha256=manifest.record(0).footer_sha256)
+    swapped_manifest = dataclasses.replace(manifest, shards=[manifest.record(0), swapped])
     with pytest.raises(CorruptShardError, match=r"footer of .*shard-00001\.parquet .* has SHA-256"):
-        list(iter_batches(index_dir, manifest=dataclasses.replace(manifest, shards=[manifest.record(0), swapped])))
+        list(IndexFolder(index_dir).batches(manifest=swapped_manifest))
     other = dataclasses.replace(manifest, meta={**manifest.meta, "seed": 7})
     with pytest.raises(CorruptShardError, match=r"shard-00000\.parquet was made for another index .*meta\.seed: 0 != 7"):
-        list(iter_batches(index_dir, manifest=other))
+        list(IndexFolder(index_dir).batches(manifest=other))
     writer = reopen(index_dir)  # stage 1 checks the same at resume: another index's shard is not done
     writer.manifest.meta = {**writer.manifest.meta, "seed": 7}
     assert not writer.is_done(0)

@@ -7,7 +7,7 @@ import pytest
 from store_helpers import COLUMNS, DEFAULT_META, make_rows, reopen, write_index
 
 from lorif_ray.errors import CorruptShardError, IndexMismatchError
-from lorif_ray.store import finished_index, iter_batches, remove_stale_temporaries, shard_file_name
+from lorif_ray.store import IndexFolder, remove_stale_temporaries, shard_file_name
 from lorif_ray.store.manifest import MANIFEST_NAME
 
 LAYOUT = dict(kind="factors", columns=COLUMNS, dtype="float32", shard_size=4, meta=DEFAULT_META)
@@ -26,7 +26,7 @@ def test_shards_carry_page_checksums(index_dir):
     assert parquet.read().num_rows == 4
     _flip(index_dir / shard_file_name(1))
     with pytest.raises(CorruptShardError, match=r"shard-00001\.parquet.*jobs/index\.py"):
-        list(iter_batches(index_dir))
+        list(IndexFolder(index_dir).batches())
 
 
 def test_is_done_checks_the_sha256_and_a_rewrite_replaces_the_record(index_dir):
@@ -37,18 +37,18 @@ def test_is_done_checks_the_sha256_and_a_rewrite_replaces_the_record(index_dir):
     writer.write_shard(1, ids[4:8], {c: a[4:8] for c, a in arrays.items()})
     assert [writer.is_done(i) for i in range(3)] == [True, True, True]
     writer.finalize(10)
-    assert [i for i, _ in iter_batches(index_dir, batch_rows=4)][1] == ids[4:8]
+    assert [i for i, _ in IndexFolder(index_dir).batches(batch_rows=4)][1] == ids[4:8]
 
 
 def test_finished_index_reads_only_and_needs_every_shard_intact(index_dir):
     (index_dir / ".manifest.lock").unlink()
-    manifest = finished_index(index_dir, num_rows=10, **LAYOUT)
+    manifest = IndexFolder(index_dir).finished(num_rows=10, **LAYOUT)
     assert manifest is not None and manifest.complete
     assert not (index_dir / ".manifest.lock").exists()
-    assert finished_index(index_dir, num_rows=11, **LAYOUT) is None  # more data: work left
-    assert finished_index(index_dir, num_rows=10, **{**LAYOUT, "meta": {"seed": 1, "f": 4}}) is None
+    assert IndexFolder(index_dir).finished(num_rows=11, **LAYOUT) is None  # more data: work left
+    assert IndexFolder(index_dir).finished(num_rows=10, **{**LAYOUT, "meta": {"seed": 1, "f": 4}}) is None
     _flip(index_dir / shard_file_name(2), at=0.3)
-    assert finished_index(index_dir, num_rows=10, **LAYOUT) is None
+    assert IndexFolder(index_dir).finished(num_rows=10, **LAYOUT) is None
 
 
 def test_mismatch_names_the_nested_meta_key(tmp_path):

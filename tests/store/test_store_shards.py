@@ -10,13 +10,13 @@ import torch
 from store_helpers import COLUMNS, TORCH_DTYPES, make_rows, reopen, write_index
 
 from lorif_ray.errors import ConfigError, CorruptShardError, IndexMismatchError, IndexNotFoundError, MissingShardError
-from lorif_ray.store import Manifest, ShardWriter, iter_batches, open_index, read_ids, shard_file_name
+from lorif_ray.store import IndexFolder, Manifest, ShardWriter, shard_file_name
 
 
 def read_all(directory, **kwargs):
     """All batches of an index, concatenated: (ids, {column: tensor}, batch sizes)."""
     ids, parts, sizes = [], {}, []
-    for batch_ids, tensors in iter_batches(directory, **kwargs):
+    for batch_ids, tensors in IndexFolder(directory).batches(**kwargs):
         ids += batch_ids
         sizes.append(len(batch_ids))
         for name, t in tensors.items():
@@ -29,7 +29,7 @@ def read_all(directory, **kwargs):
 def test_round_trip(tmp_path, dtype):
     _, ids, arrays = write_index(tmp_path, num_rows=10, shard_size=4, dtype=dtype)
     read_ids_, tensors, sizes = read_all(tmp_path)
-    assert read_ids_ == ids == read_ids(tmp_path)
+    assert read_ids_ == ids == IndexFolder(tmp_path).ids()
     assert sizes == [4, 4, 2]
     assert list(tensors) == list(COLUMNS)
     for name, t in tensors.items():
@@ -46,14 +46,14 @@ def test_batch_rows_and_column_subset(index_dir):
     assert read_all(index_dir, batch_rows=100)[2] == [4, 4, 2]
     got_ids, tensors, _ = read_all(index_dir, shards=[2, 0], out_dtype=torch.float64)
     assert got_ids == ids[8:] + ids[:4] and tensors["h.0.attn.u"].dtype == torch.float64
-    assert read_ids(index_dir, shards=[1]) == ids[4:8]
+    assert IndexFolder(index_dir).ids(shards=[1]) == ids[4:8]
 
 
 def test_unknown_column_or_shard(index_dir):
     with pytest.raises(ConfigError, match=r"'nope'.*h\.0\.attn\.u"):
-        next(iter_batches(index_dir, ["nope"]))
+        next(IndexFolder(index_dir).batches(["nope"]))
     with pytest.raises(ConfigError, match=r"\[7\]"):
-        next(iter_batches(index_dir, shards=[7]))
+        next(IndexFolder(index_dir).batches(shards=[7]))
 
 
 def test_readable_with_pyarrow_alone(index_dir):
@@ -80,13 +80,13 @@ def test_resume_skips_done_shards_and_finalize_names_missing(tmp_path):
     with pytest.raises(MissingShardError, match=r"shards \[1\]"):
         writer.finalize(10)
     with pytest.raises(IndexNotFoundError, match="incomplete"):
-        open_index(tmp_path)
-    assert len(open_index(tmp_path, expect_complete=False).shards) == 2
+        IndexFolder(tmp_path).manifest()
+    assert len(IndexFolder(tmp_path).manifest(expect_complete=False).shards) == 2
     ids, arrays = make_rows(10)
     writer.write_shard(1, ids[4:8], {c: a[4:8] for c, a in arrays.items()})
     manifest = writer.finalize(10)
     assert manifest.complete and manifest.num_rows == 10 and Manifest.load(tmp_path) == manifest
-    assert read_ids(tmp_path) == ids
+    assert IndexFolder(tmp_path).ids() == ids
 
 
 def test_two_writers_on_one_directory_keep_both_records(tmp_path):
@@ -146,12 +146,12 @@ def test_finalize_checks_row_counts_and_extra_shards(tmp_path):
 
 
 def test_missing_shard_file(index_dir):
-    manifest = open_index(index_dir)
+    manifest = IndexFolder(index_dir).manifest()
     (index_dir / shard_file_name(1)).unlink()
     with pytest.raises(MissingShardError, match=shard_file_name(1)):
-        open_index(index_dir)
+        IndexFolder(index_dir).manifest()
     with pytest.raises(MissingShardError, match=shard_file_name(1)):
-        list(iter_batches(index_dir, manifest=manifest))
+        list(IndexFolder(index_dir).batches(manifest=manifest))
 
 
 def test_flipped_bytes_fail_verify(index_dir):
@@ -159,29 +159,29 @@ def test_flipped_bytes_fail_verify(index_dir):
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF
     path.write_bytes(bytes(data))
-    open_index(index_dir)  # same size: only the checksum can tell
+    IndexFolder(index_dir).manifest()  # same size: only the checksum can tell
     recorded = Manifest.load(index_dir).shards[0].sha256
     with pytest.raises(CorruptShardError, match=rf"{shard_file_name(0)}.*[0-9a-f]{{64}}.*{recorded}"):
-        open_index(index_dir, verify=True)
+        IndexFolder(index_dir).manifest(verify=True)
 
 
 def test_truncated_shard(index_dir):
-    manifest = open_index(index_dir)
+    manifest = IndexFolder(index_dir).manifest()
     path = index_dir / shard_file_name(2)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptShardError, match=shard_file_name(2)):
-        open_index(index_dir)
+        IndexFolder(index_dir).manifest()
     with pytest.raises(CorruptShardError, match=shard_file_name(2)) as info:
-        list(iter_batches(index_dir, manifest=manifest))
+        list(IndexFolder(index_dir).batches(manifest=manifest))
     assert isinstance(info.value.__cause__, (pa.ArrowException, OSError, ValueError))  # ValueError: the footer
     writer = reopen(index_dir)
     assert not writer.is_done(2)
 
 
 def test_shard_disagreeing_with_manifest(index_dir):
-    manifest = open_index(index_dir)
+    manifest = IndexFolder(index_dir).manifest()
     with pytest.raises(CorruptShardError, match=rf"{shard_file_name(0)}.*h\.0\.attn\.u"):
-        list(iter_batches(index_dir, manifest=dataclasses.replace(manifest, dtype="float16")))
+        list(IndexFolder(index_dir).batches(manifest=dataclasses.replace(manifest, dtype="float16")))
     shards = [dataclasses.replace(s, rows=3) if s.index == 1 else s for s in manifest.shards]
     with pytest.raises(CorruptShardError, match=rf"{shard_file_name(1)} has 4 rows; the manifest says 3"):
-        list(iter_batches(index_dir, manifest=dataclasses.replace(manifest, shards=shards)))
+        list(IndexFolder(index_dir).batches(manifest=dataclasses.replace(manifest, shards=shards)))

@@ -19,7 +19,7 @@ import torch
 
 from lorif_ray import Attributor
 from lorif_ray.errors import ConfigError, DataError
-from lorif_ray.store import open_index
+from lorif_ray.store import IndexFolder
 from tests.conftest import write_hub_cache
 from tests.stages.helpers import index_columns
 from tests.user.conftest import job_env, ray_started, run
@@ -77,7 +77,7 @@ def test_a_hub_id_a_dataset_dict_and_other_column_names_through_the_job(tiny_ass
     assert np.abs(scores - expected).max() <= 1e-4 * np.abs(expected).max()
     ids = json.loads((out / "scores.json").read_text())
     assert ids["query_ids"] == [f"q{i}" for i in range(6)] and ids["train_ids"] == [f"t{i}" for i in range(48)]
-    meta = open_index(out / "index").meta
+    meta = IndexFolder(out / "index").manifest().meta
     assert meta["data"]["columns"] == {"text": "content", "prompt": "question", "response": "answer", "id": "doc_id"}
     assert "query q0: " in first.stdout  # the proponents' texts come from the mapped columns
     second = run("attribute", *args, env=env)
@@ -150,4 +150,4 @@ def test_the_api_takes_a_dataset_dict_an_iterable_and_keeps_a_bf16_model(tiny_as
     bf16 = Attributor(model, tokenizer, output_dir=tmp_path / "bf16", max_length=32, device="cpu", shard_size=48)
     assert bf16.config.model.dtype == "bfloat16"
     bf16.index(tiny_assets["train"])
-    assert open_index(tmp_path / "bf16" / "index").meta["config"]["model_dtype"] == "bfloat16"
+    assert IndexFolder(tmp_path / "bf16" / "index").manifest().meta["config"]["model_dtype"] == "bfloat16"
