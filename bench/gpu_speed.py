@@ -46,7 +46,7 @@ from lorif_ray.math.scoring import StackedQuery  # noqa: E402
 from lorif_ray.model.layers import select_layers  # noqa: E402
 from lorif_ray.stages.featurize import Featurizer, LayerSpec, blocks_from_columns  # noqa: E402
 from lorif_ray.stages.index import shard_chunks, write_shards  # noqa: E402
-from lorif_ray.stages.query import TopK  # noqa: E402
+from lorif_ray.outputs.query_outputs import TopK  # noqa: E402
 from lorif_ray.store import IndexFolder, load_tensors, save_tensors  # noqa: E402
 
 FORBIDDEN = ("ray", "deepspeed", "hydra")
@@ -395,7 +395,8 @@ def precision_check(args) -> list[dict]:
 
     from lorif_ray.config import PrecisionConfig
     from lorif_ray.stages.curvature import run_curvature
-    from lorif_ray.stages.query import LocalScorer, output_files
+    from lorif_ray.stages.query import LocalScorer
+    from lorif_ray.outputs.query_outputs import output_files
     from lorif_ray.store import CurvatureFolder, IndexFolder
     from tests.stages.spiked import spiked_config, with_output, write_spiked_index
     from tests.stages.test_precision import reference_scores

@@ -27,7 +27,8 @@ from lorif_ray.config import ClusterConfig, Config, QueryConfig
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config
-from lorif_ray.stages.query import LocalScorer, featurize_queries
+from lorif_ray.stages.query import LocalScorer
+from lorif_ray.stages.queries import featurize_queries
 from lorif_ray.store import CurvatureFolder, IndexFolder
 
 

@@ -29,7 +29,7 @@ from lorif_ray.eval.latency import synthetic_index
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
-from lorif_ray.stages.query import featurize_queries
+from lorif_ray.stages.queries import featurize_queries
 from lorif_ray.store import CurvatureFolder, IndexFolder
 
 

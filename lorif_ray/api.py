@@ -188,7 +188,8 @@ class Attributor:
 
             if measurement is None:
                 return run_local_stage(stage, self.cfg)
-            from lorif_ray.stages.query import LocalScorer, QueryBackend, QueryFeaturizer, run_query
+            from lorif_ray.stages.query import LocalScorer, QueryBackend, run_query
+            from lorif_ray.stages.queries import QueryFeaturizer
 
             claim_output_dir(self.cfg)
             return run_query(self.cfg, lambda cfg, manifest, folder, stored: QueryBackend(

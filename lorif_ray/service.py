@@ -37,7 +37,8 @@ import torch
 from lorif_ray.config import Config
 from lorif_ray.data import Example, examples_of_rows, tokenize_examples
 from lorif_ray.errors import ConfigError, DataError, LorifError, RequestError
-from lorif_ray.stages.query import QueryBackend, TopK, local_query, open_query, open_train_texts, query_route
+from lorif_ray.stages.query import QueryBackend, local_query, open_query, open_train_texts, query_route
+from lorif_ray.outputs.query_outputs import TopK
 from lorif_ray.store import IndexFolder
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from lorif_ray.errors import ConfigError, IndexMismatchError
 from lorif_ray.model.loading import check_same_model, load_tokenizer
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.inputs import query_config, resolve_inputs
-from lorif_ray.stages.query import QueryRows, query_examples
+from lorif_ray.stages.queries import QueryRows, query_examples
 
 
 class RemoteQueryFeaturizer:
     """Featurizes query files on one gradient replica (``cluster.tp_size`` ranks), exactly like the index.
 
-    Same interface as ``lorif_ray.stages.query.QueryFeaturizer``; call ``close()`` (or use ``with``)
+    Same interface as ``lorif_ray.stages.queries.QueryFeaturizer``; call ``close()`` (or use ``with``)
     to release the replica.
 
     The replica is built from ``query_config``: every row-shaping setting (f, c, seed, factor_iters,

@@ -43,7 +43,8 @@ from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import QueryProjector
 from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import OutputFiles, QueryBackend, TopK, prepare_query, score_blocks
+from lorif_ray.stages.query import QueryBackend, prepare_query, score_blocks
+from lorif_ray.outputs.query_outputs import OutputFiles, TopK
 from lorif_ray.stages.rows import layer_rows
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.curvature_folder import ranks

@@ -14,7 +14,9 @@ from lorif_ray.distributed.backends import run_stage
 from lorif_ray.math.rsvd import randomized_spectrum
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.inputs import layer_specs, query_config
-from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.queries import featurize_queries
+from lorif_ray.outputs.query_outputs import OutputFiles
 from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.curvature_folder import ranks, write_rows

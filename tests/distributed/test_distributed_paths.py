@@ -18,7 +18,9 @@ from lorif_ray.distributed.query_pool import QueryPool, ray_query
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import query_config, resolve_inputs
-from lorif_ray.stages.query import featurize_queries, output_files, run_query
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.queries import featurize_queries
+from lorif_ray.outputs.query_outputs import output_files
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.distributed.conftest import NUM_WORKERS
 from tests.stages.helpers import make_config

@@ -15,7 +15,9 @@ from lorif_ray.distributed.gram import shard_groups
 from lorif_ray.distributed.query_pool import QueryPool, QueryWorker, merge_topk, ray_query
 from lorif_ray.errors import LorifError
 from lorif_ray.stages.inputs import query_config
-from lorif_ray.stages.query import OutputFiles, featurize_queries, run_query
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.queries import featurize_queries
+from lorif_ray.outputs.query_outputs import OutputFiles
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.conftest import QUERY_CONFIG
 from tests.distributed.conftest import NUM_WORKERS

@@ -8,7 +8,8 @@ from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbu
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.math.scoring import StackedQuery, choose_route
 from lorif_ray.stages.featurize import LayerSpec
-from lorif_ray.stages.query import TopK, score_bins, score_blocks
+from lorif_ray.stages.query import score_blocks
+from lorif_ray.outputs.query_outputs import TopK, score_bins
 from lorif_ray.store.query_run import HALF, NUM_SCORE_BINS, score_bin_edges
 from tests.oracles import curvature_inverse, oracle_scores
 

@@ -21,7 +21,8 @@ from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
 from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.inputs import query_config
 from lorif_ray.store.index_folder import STATISTICS_NAME
-from lorif_ray.stages.query import LocalScorer, featurize_queries
+from lorif_ray.stages.query import LocalScorer
+from lorif_ray.stages.queries import featurize_queries
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.reliability.conftest import config
 from tests.reliability.layout import flipped, npy_regions, parquet_regions, safetensors_regions

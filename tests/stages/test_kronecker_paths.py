@@ -16,7 +16,8 @@ from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.featurize import blocks_from_columns
 from lorif_ray.stages.index import run_index
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import featurize_queries, run_query
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.queries import featurize_queries
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from tests.oracles import kronecker_inverse, oracle_scores
 from tests.stages.helpers import make_config

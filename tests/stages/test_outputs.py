@@ -20,7 +20,8 @@ from lorif_ray.stages.attribute import run_attribute
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.stages.featurize import Featurizer
 from lorif_ray.stages.index import run_index
-from lorif_ray.stages.query import query_examples, run_query
+from lorif_ray.stages.query import run_query
+from lorif_ray.stages.queries import query_examples
 from tests.conftest import tiny_gpt2
 from tests.stages.helpers import make_config
 

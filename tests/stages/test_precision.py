@@ -14,7 +14,8 @@ from lorif_ray.math.curvature import FitSettings, Woodbury
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.stages.curvature import load_curvature, run_curvature
 from lorif_ray.stages.inputs import layer_specs
-from lorif_ray.stages.query import LocalScorer, output_files
+from lorif_ray.stages.query import LocalScorer
+from lorif_ray.outputs.query_outputs import output_files
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.schema import factor_columns
 from tests.oracles import oracle_scores, woodbury_inverse

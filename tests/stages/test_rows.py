@@ -8,7 +8,9 @@ import torch
 from lorif_ray.math.rsvd import GramPass
 from lorif_ray.stages.curvature import load_curvature
 from lorif_ray.stages.inputs import layer_specs, query_config
-from lorif_ray.stages.query import TopK, featurize_queries, prepare_query, score_blocks
+from lorif_ray.stages.query import prepare_query, score_blocks
+from lorif_ray.stages.queries import featurize_queries
+from lorif_ray.outputs.query_outputs import TopK
 from lorif_ray.stages.rows import ParquetRows, ResidentRows, layer_rows, rows_bytes
 from lorif_ray.store import CurvatureFolder, IndexFolder
 from lorif_ray.store.schema import TORCH_STORAGE_DTYPES
