@@ -30,11 +30,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lorif_ray.config import (COORDINATE_DTYPES, CURVATURE_KINDS, MATH_DTYPES, MATMUL_DTYPES, METHODS, Config,
+from lorif_ray.config import (COORDINATE_DTYPES, MATH_DTYPES, MATMUL_DTYPES, METHODS, Config,
                               MethodConfig, ModelConfig, PrecisionConfig, setting)
 from lorif_ray.errors import ConfigError
 from lorif_ray.math.blocks import dense_chunk_rows
-from lorif_ray.math.curvature import curvature_class
+from lorif_ray.math.curvature import Curvature, FitSettings
 from lorif_ray.math.factorize import default_iterations, effective_rank
 from lorif_ray.math.projection import projected_dims
 from lorif_ray.math.scoring import choose_route
@@ -69,7 +69,7 @@ class PlanConfig:
 
     model: ModelConfig = setting(factory=ModelConfig, help="the model; model.arch (or model.path) gives the shape")
     method: MethodConfig = setting(factory=MethodConfig, help="the attribution method (method=lorif|logra|...)")
-    curvature: Optional[str] = setting(None, "woodbury | exact | identity | kfac | ekfac; null = the method's")
+    curvature: Optional[str] = setting(None, "stage 2's curvature (Config.curvature); null = the method's")
     f: int = setting(4, "projection factor: d1 = I/f, d2 = O/f")
     c: int = setting(1, "factor rank (LoRIF)")
     r: int = setting(4096, "truncation rank of the curvature (LoRIF)")
@@ -142,9 +142,10 @@ class PlanConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.curvature is not None and self.curvature not in CURVATURE_KINDS:
-            raise ConfigError(f"curvature={self.curvature!r}: choose one of {CURVATURE_KINDS}")
-        if (self.curvature_kind == "none") != (self.method.store_kind == "hidden"):
+        kinds = Curvature.registered()
+        if self.curvature is not None and self.curvature not in kinds:
+            raise ConfigError(f"curvature={self.curvature!r}: choose one of {tuple(kinds)}")
+        if kinds[self.curvature_kind].scores_gradients == (self.method.store_kind == "hidden"):
             raise ConfigError(f"curvature={self.curvature_kind}: method={self.method.name} stores "
                               f"{self.method.store_kind} rows; hidden states take no curvature, gradients need one")
 
@@ -306,15 +307,10 @@ class Plan:
 
     def curvature_bytes(self, spec: LayerSpec) -> int:
         """The saved curvature of one layer, in the dtype stage 2 writes it (the driver's math dtype): Woodbury
-        V_r (D×r', r' = min(r, D)) + r' values; exact the D×D inverse; K-FAC/EK-FAC bases and eigenvalues."""
-        size = self.layout.driver.math.itemsize
-        curvature = self.config.curvature_kind
-        if curvature == "woodbury":
-            rank = min(self.config.r, spec.dim)
-            return size * (spec.dim * rank + rank)
-        if curvature in ("kfac", "ekfac"):  # bases Q_A (d1×d1), Q_S (d2×d2), eigenvalues (d1×d2)
-            return size * (spec.d1**2 + spec.d2**2 + spec.dim)
-        return size * spec.dim**2 if curvature == "exact" else 0
+        ``Curvature.saved_numbers``."""
+        cfg = self.config
+        numbers = Curvature.of(cfg.curvature_kind).saved_numbers(spec.d1, spec.d2, fit_settings(cfg))
+        return self.layout.driver.math.itemsize * numbers
 
     def iterate_bytes(self, spec: LayerSpec) -> int:
         """The driver's rSVD iterate Q of one layer (D×k, k = min(r, D) + p, its math dtype); 0 for a layer
@@ -451,15 +447,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def fit_settings(cfg: PlanConfig) -> FitSettings:
+    """The fit settings that shape the curvature's footprint (r, p)."""
+    return FitSettings(rank=cfg.r, oversample=cfg.oversample)
+
+
 def fit_request(cfg: PlanConfig, spec: LayerSpec) -> tuple[str, int]:
-    """What stage 2 asks of a layer's rows (``Curvature.steps``): ("apply", k) for the randomized SVD's
-    D×k iterate, ("gram", D) for the D×D GᵀG (exact, or Woodbury when r + p ≥ D), ("eigen", D) for EK-FAC's
-    eigenvalues (d1×d2), ("none", 0) without rows (identity, K-FAC)."""
-    kind = cfg.curvature_kind
-    if kind == "woodbury":
-        rank = min(cfg.r, spec.dim)
-        return ("gram", spec.dim) if rank + cfg.oversample >= spec.dim else ("apply", rank + cfg.oversample)
-    return {"exact": ("gram", spec.dim), "ekfac": ("eigen", spec.dim)}.get(kind, ("none", 0))
+    """What stage 2 asks of a layer's rows (``Curvature.row_request``)."""
+    return Curvature.of(cfg.curvature_kind).row_request(spec.d1, spec.d2, fit_settings(cfg))
 
 
 def largest_group_rows(num_examples: int, shard_size: int, actors: int) -> tuple[int, int]:
@@ -486,7 +481,7 @@ class Layout:
         gram_actors, query_actors: actors that get shards (at most one per shard).
         gram_rows, query_rows: rows of the largest shard group of each (the first one).
         groups: stage 2's layer groups (``stages.curvature.layer_groups``), [] without a fitted curvature.
-        reads_rows: whether the curvature is fitted from the rows (by Gram actors; not K-FAC, identity).
+        reads_rows: whether the curvature is fitted from the rows (by Gram actors; ``Curvature.reads_rows``).
         resident: per group, whether its rows are resident in that Gram actor (``stages.rows.layer_rows``:
             rows ≤ RESIDENT_FRACTION of the device's memory) rather than streamed once per pass.
         resident_bytes: per group, those rows' bytes in the actor's math dtype (``stages.rows.rows_bytes``).
@@ -518,13 +513,13 @@ def plan_layout(cfg: PlanConfig, specs: list[LayerSpec]) -> Layout:
     actor = Precision.of(run, cfg.actor_device)
     gram_actors, gram_rows = largest_group_rows(cfg.num_examples, cfg.shard_size, cfg.gram_actors or cfg.num_gpus)
     query_actors, query_rows = largest_group_rows(cfg.num_examples, cfg.shard_size, cfg.query_actors or cfg.num_gpus)
-    kind = cfg.curvature_kind
-    groups = stage2.layer_groups(specs, run) if kind not in ("identity", "none") else []
-    reads_rows = bool(groups) and curvature_class(kind).reads_rows
+    curvature = Curvature.of(cfg.curvature_kind)
+    groups = stage2.layer_groups(specs, run) if curvature.fit_keys else []  # nothing fitted: no groups
+    reads_rows = bool(groups) and curvature.reads_rows
     store = cfg.method.store_kind
     sizes = [gram_rows * sum(row_width(s, store) for s in g) * actor.math.itemsize for g in groups if reads_rows]
     threshold = RESIDENT_FRACTION * device_bytes(cfg, cfg.actor_device)
-    low_rank = [min(cfg.r, s.dim) for s in specs] if kind == "woodbury" else []
+    low_rank = [min(cfg.r, s.dim) for s in specs] if curvature.truncates else []
     route = choose_route(cfg.num_queries, low_rank, stored=cfg.store_coordinates, train_self=cfg.normalize)
     return Layout(Precision.of(run, cfg.driver_device), actor, -(-cfg.num_examples // cfg.shard_size),
                   gram_actors, query_actors, gram_rows, query_rows, groups, reads_rows,
@@ -656,7 +651,7 @@ def driver_stage2(plan: Plan) -> ActorMemory:
     math, workers = layout.driver.math, layout.gram_actors
     size, name = math.itemsize, dtype_name(math)
     where = "GPU" if cfg.driver_device == "cuda" else "host"
-    kronecker = cfg.curvature_kind in ("kfac", "ekfac")
+    kronecker = Curvature.of(cfg.curvature_kind).needs_stats
     stats = sum(s.d1**2 + s.d2**2 for s in plan.specs)  # read_stats: every layer's Ã and S̃ at once
     best: tuple[Held, ...] = ()
     for group in layout.groups:
@@ -797,7 +792,8 @@ def query_actor(plan: Plan) -> ActorMemory:
     rows, nq, route = layout.query_rows, cfg.num_queries, layout.route
     values = sum(plan.columns.values())
     nt = min(cfg.train_batch_rows, rows)
-    low = [s for s in plan.specs if cfg.curvature_kind == "woodbury"]
+    curvature = Curvature.of(cfg.curvature_kind)
+    low = plan.specs if curvature.truncates else []
     ranks = sum(min(cfg.r, s.dim) for s in low)
     dense = sum(s.dim for s in low)
     vectors = x * sum(s.dim * min(cfg.r, s.dim) for s in low)
@@ -809,8 +805,7 @@ def query_actor(plan: Plan) -> ActorMemory:
                  nq * values * (x + matmul.itemsize), where, "score"),
             Held(f"[score] scores of one block and the running top-k ({nq:,} × ({nt:,} + 2·{cfg.top_k}))", m,
                  nq * (2 * nt * x + 2 * cfg.top_k * (x + 8)), where, "score")]
-    kind = cfg.curvature_kind
-    preconditioned = kind in ("exact", "kfac", "ekfac")  # term 1 is H⁻¹ g_q: no scale (Curvature.scale is None)
+    preconditioned = curvature.preconditions  # term 1 is H⁻¹ g_q: no scale (Curvature.scale is None)
     if cfg.method.store_kind == "factors":  # layers of equal (d1, d2, c) are one bmm (RowLayout.factor_groups)
         groups: dict[tuple, list[int]] = {}
         for s in plan.specs:
@@ -824,11 +819,9 @@ def query_actor(plan: Plan) -> ActorMemory:
             term_one = max(len(dims) * nq * c * nt * c for (_, _, c), dims in groups.items())
             held.append(Held("[score] term 1 of the largest factor group: uᵀu and vᵀv (L × nq·c × nt·c)", m,
                              2 * term_one * (x + (matmul.itemsize if matmul != math else 0)), where, "score"))
-    if kind == "exact":
-        held.append(Held("every layer's (GᵀG + λI)⁻¹ (D×D)", m, x * sum(s.dim**2 for s in plan.specs), where))
-    if kind in ("kfac", "ekfac"):
-        held.append(Held("every layer's bases Q_A, Q_S and eigenvalues", m,
-                         x * sum(s.d1**2 + s.d2**2 + s.dim for s in plan.specs), where))
+    if preconditioned:  # every layer's curvature, as saved
+        numbers = sum(curvature.saved_numbers(s.d1, s.d2, fit_settings(cfg)) for s in plan.specs)
+        held.append(Held(f"every layer's {curvature.holds}", m, x * numbers, where))
     if low:
         shares = divide_layers({s.name: s.dim * min(cfg.r, s.dim) for s in low}, layout.query_actors)
         by_name = {s.name: s for s in low}
@@ -877,7 +870,7 @@ def driver_stage3(plan: Plan) -> ActorMemory:
     x = layout.actor.math.itemsize
     m = dtype_name(layout.actor.math)
     values = sum(plan.columns.values())
-    low = [s for s in plan.specs if cfg.curvature_kind == "woodbury"]
+    low = plan.specs if Curvature.of(cfg.curvature_kind).truncates else []
     ranks, dense = sum(min(cfg.r, s.dim) for s in low), sum(s.dim for s in low)
     columns = PROJECTION_BYTES * nq * values
     k = min(cfg.top_k, cfg.num_examples)
@@ -1090,10 +1083,8 @@ def format_plan(plan: Plan) -> str:
     largest = max(plan.curvature_bytes(s) for s in plan.specs)
     lines.append(f"| total | {len(plan.specs)} | | | | | | | {sum(plan.columns.values()):,} | {human_bytes(curvature)} |")
     math = dtype_name(plan.layout.driver.math)
-    kronecker = f"per layer the bases Q_A (d1×d1), Q_S (d2×d2) and eigenvalues (d1×d2), in {math}"
-    curvature_rule = {"woodbury": f"per layer V_r (D×min(r, D)) + min(r, D) values, in {math}",
-                      "exact": f"per layer the D×D inverse, in {math}", "kfac": kronecker,
-                      "ekfac": kronecker}.get(cfg.curvature_kind, "none for this method")
+    saved = Curvature.of(cfg.curvature_kind).saved_rule
+    curvature_rule = f"per layer {saved}, in {math}" if saved else "none for this method"
     curvature_rule += " (stage 2 saves it in the driver's math dtype: precision.math on driver_device)"
     lines += [
         "",

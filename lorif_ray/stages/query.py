@@ -35,6 +35,7 @@ from lorif_ray.data.examples import DEFAULT_COLUMNS
 from lorif_ray.data import iter_batches as token_batches
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.blocks import RowLayout, TrainBlock
+from lorif_ray.math.curvature import Curvature
 from lorif_ray.math.scoring import RepSimQuery, StackedQuery, choose_route
 from lorif_ray.model.loading import check_same_model, load_model, model_identity, resolve_device
 from lorif_ray.precision import Precision, warn_if_unsafe
@@ -399,7 +400,8 @@ def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, st
     route = query_route(cfg, header, stored, len(row_ids))
     start = time.perf_counter()
     facts = {"route": route, "precision": Precision.of(cfg, resolve_device(cfg.model.device)).describe()}
-    meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
+    curvature = Curvature.of(header.get("kind", cfg.curvature_kind))
+    meaning = NORMALIZED_MEANING if cfg.query.normalize else curvature.score_meaning
     top_k = min(cfg.query.top_k, manifest.num_rows)
     meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "curvature": cfg.curvature_kind, "score": meaning,
             **facts}
@@ -515,18 +517,6 @@ def write_self_influence(run: QueryRun, cfg: Config, manifest, values: np.ndarra
     run.write_tables("self_influence", schema, tables(), {"score": SELF_INFLUENCE_MEANING})
 
 
-SCORE_MEANING = {  # by curvature
-    "woodbury": "I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (truncated SVD + Woodbury); > 0: proponent (training on t "
-                "lowers the query loss); ~ rise of the query loss (nats) if t were left out",
-    "exact": "I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (exact per-layer inverse); > 0: proponent; ~ rise of the "
-             "query loss (nats) if t were left out",
-    "kfac": "I(t,q) = g_q^T (H_KFAC + lambda I)^-1 g_t, H_KFAC = (A (x) S) / tokens in the projected space; > 0: "
-            "proponent; ~ rise of the query loss (nats) if t were left out",
-    "ekfac": "I(t,q) = g_q^T (H_EKFAC + lambda I)^-1 g_t, K-FAC's eigenbasis with the stored gradients' eigenvalues; "
-             "> 0: proponent; ~ rise of the query loss (nats) if t were left out",
-    "identity": "g_q^T g_t (no curvature); > 0: proponent; unscaled",
-    "none": "cosine of last-layer last-token hidden states in [-1, 1]; similarity, not influence",
-}
 NORMALIZED_MEANING = "I(t,q) / sqrt(I(t,t) I(q,q)) in [-1, 1]; > 0: proponent"
 SELF_INFLUENCE_MEANING = ("I(t,t) = g_t^T H^-1 g_t, the example's influence on its own loss; large: the model fits t "
                           "unlike the rest (outlier, mislabel or memorized)")
