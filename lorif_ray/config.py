@@ -288,9 +288,11 @@ def validate(cfg: Config) -> None:
         (cfg.damping is None or cfg.damping > 0, f"damping={cfg.damping}: must be > 0 or null"),
         (cfg.damping_scale is None or cfg.damping_scale > 0, f"damping_scale={cfg.damping_scale}: must be > 0 or null"),
         (cfg.curvature is None or cfg.curvature in kinds, f"curvature={cfg.curvature!r}: choose one of {tuple(kinds)}"),
-        (cfg.curvature_kind not in kinds or kinds[cfg.curvature_kind].scores_gradients != (cfg.method.store_kind == "hidden"),
-         f"curvature={cfg.curvature_kind}: method={cfg.method.name} stores {cfg.method.store_kind} rows; "
-         "hidden states (RepSim) take no curvature and gradients need one"),
+        (cfg.method.name not in METHODS or cfg.curvature_kind not in kinds
+         or kinds[cfg.curvature_kind].scores_gradients != (cfg.method.store_kind == "hidden"),
+         f"curvature={cfg.curvature}: method={cfg.method.name} stores "
+         f"{METHOD_PARTS.get(cfg.method.name, ('?',))[0]} rows; hidden states (RepSim) take no curvature and "
+         "gradients need one"),
         (cfg.kfac_labels in ("training", "sampled"), f"kfac_labels={cfg.kfac_labels!r}: choose training or sampled"),
         (cfg.dtype in STORAGE_DTYPES, f"dtype={cfg.dtype!r}: choose one of {STORAGE_DTYPES}"),
         (cfg.factor_iters is None or cfg.factor_iters >= 1, f"factor_iters={cfg.factor_iters}: must be >= 1"),
