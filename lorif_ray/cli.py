@@ -63,7 +63,7 @@ def run_job(task: Callable[[Any], Any], *, config_name: str = "config", schema: 
     Args:
         task: the job's body; it gets the validated config object (``OmegaConf.to_object``).
         schema: the config dataclass (default: the one ``conf/<config_name>.yaml`` names: ``Config``,
-            ``SweepConfig`` or ``PlanConfig``): ``--help`` lists its keys, the command line's are checked
+            ``SweepConfig`` or ``PlanJob``): ``--help`` lists its keys, the command line's are checked
             against it.
         stages: what the job runs over ``output_dir`` (some of ``lorif_ray.stages.preflight.PREFLIGHT_STAGES``):
             checked, claimed and logged before ``task`` starts; empty for jobs with their own folders.
@@ -377,10 +377,10 @@ def _register(config_name: str) -> type:
         register_sweep_configs()
         return SweepConfig
     if config_name == "plan":
-        from lorif_ray.plan import PlanConfig, register_plan_config
+        from lorif_ray.plan import PlanJob, register_plan_config
 
         register_plan_config()
-        return PlanConfig
+        return PlanJob
     from lorif_ray.config import Config, register_configs
 
     register_configs()

@@ -20,9 +20,6 @@ from lorif_ray.errors import ConfigError
 METHOD_PARTS = {"lorif": ("factors", "woodbury"), "logra": ("dense", "exact"), "graddot": ("dense", "identity"),
                 "repsim": ("hidden", "none")}
 METHODS = tuple(METHOD_PARTS)
-# what ``curvature=`` may name (``lorif_ray.math.curvature.CURVATURES``, and "none" for RepSim); any of the first
-# five goes with a factors or dense store
-CURVATURE_KINDS = ("woodbury", "exact", "identity", "kfac", "ekfac", "none")
 
 
 def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None):
@@ -277,7 +274,11 @@ def user_cache_dir() -> Path:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first invalid value."""
-    from lorif_ray.store.schema import STORAGE_DTYPES  # here: importing the store loads torch (a key check does not)
+    # here: importing the store and the curvatures loads torch (a key check does not)
+    from lorif_ray.math.curvature import Curvature
+    from lorif_ray.store.schema import STORAGE_DTYPES
+
+    kinds = Curvature.registered()  # what ``curvature=`` may name
 
     checks = [
         (cfg.method.name in METHODS, f"method={cfg.method.name!r}: choose one of {METHODS}"),
@@ -286,11 +287,12 @@ def validate(cfg: Config) -> None:
         (cfg.r >= 1, f"r={cfg.r}: the truncation rank must be >= 1"),
         (cfg.damping is None or cfg.damping > 0, f"damping={cfg.damping}: must be > 0 or null"),
         (cfg.damping_scale is None or cfg.damping_scale > 0, f"damping_scale={cfg.damping_scale}: must be > 0 or null"),
-        (cfg.curvature is None or cfg.curvature in CURVATURE_KINDS,
-         f"curvature={cfg.curvature!r}: choose one of {CURVATURE_KINDS}"),
-        ((cfg.curvature_kind == "none") == (cfg.method.store_kind == "hidden"),
-         f"curvature={cfg.curvature_kind}: method={cfg.method.name} stores {cfg.method.store_kind} rows; "
-         "hidden states (RepSim) take no curvature and gradients need one"),
+        (cfg.curvature is None or cfg.curvature in kinds, f"curvature={cfg.curvature!r}: choose one of {tuple(kinds)}"),
+        (cfg.method.name not in METHODS or cfg.curvature_kind not in kinds
+         or kinds[cfg.curvature_kind].scores_gradients != (cfg.method.store_kind == "hidden"),
+         f"curvature={cfg.curvature}: method={cfg.method.name} stores "
+         f"{METHOD_PARTS.get(cfg.method.name, ('?',))[0]} rows; hidden states (RepSim) take no curvature and "
+         "gradients need one"),
         (cfg.kfac_labels in ("training", "sampled"), f"kfac_labels={cfg.kfac_labels!r}: choose training or sampled"),
         (cfg.dtype in STORAGE_DTYPES, f"dtype={cfg.dtype!r}: choose one of {STORAGE_DTYPES}"),
         (cfg.factor_iters is None or cfg.factor_iters >= 1, f"factor_iters={cfg.factor_iters}: must be >= 1"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lorif_ray.config import Config
+from lorif_ray.math.curvature import Curvature
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ class Precision:
 
 
 def warn_if_unsafe(cfg: Config) -> None:
-    """Log a warning for a policy measured to lose LoRIF's ranking: 16-bit inputs to the large products
+    """Log a warning, for a curvature whose score is a difference of large terms (``Curvature.precision_sensitive``:
+    LoRIF's Woodbury), for a policy measured to lose its ranking: 16-bit inputs to the large products
     (relative score error 0.4-0.6, Spearman 0.86-0.91 on a spiked spectrum, σ₁²/λ ≈ 900), or 16-bit g'_t."""
-    if cfg.curvature_kind != "woodbury":
+    if not Curvature.of(cfg.curvature_kind).precision_sensitive:
         return
     if cfg.precision.matmul in ("bfloat16", "float16"):
         log.warning("precision.matmul=%s with LoRIF: its score is a difference of terms up to σ₁²/λ times larger, "

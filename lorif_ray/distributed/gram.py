@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import torch
 
 from lorif_ray.config import Config
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import ConfigError
+from lorif_ray.footprint import Held, dtype_name, largest, shard_records
+from lorif_ray.math.blocks import dense_chunk_rows
+from lorif_ray.math.curvature import Curvature
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.precision import Precision
-from lorif_ray.stages.curvature import LayerGram
+from lorif_ray.stages.curvature import LayerGram, fit_settings
+from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.rows import layer_rows
 from lorif_ray.store import IndexFolder, Manifest
@@ -178,3 +183,143 @@ class RayGram:
             ray.kill(worker)
         self.workers = []
 
+
+
+# ---------------------------------------------------------------- footprints (what each process holds)
+
+
+def row_requests(cfg: Config, group: list[LayerSpec]) -> dict[str, list]:
+    """The group's layers by what their fit asks of the rows (``Curvature.row_request``): "apply" [(spec, k)],
+    "gram" [(spec, D)], "eigen" [spec]."""
+    curvature, settings = Curvature.of(cfg.curvature_kind), fit_settings(cfg, torch.float64, "cpu")
+    out: dict[str, list] = {"apply": [], "gram": [], "eigen": []}
+    for s in group:
+        kind, k = curvature.row_request(s.d1, s.d2, settings)
+        if kind in ("apply", "gram"):
+            out[kind].append((s, k))
+        elif kind == "eigen":
+            out[kind].append(s)
+    return out
+
+
+def worker_footprint(cfg: Config, group: list[LayerSpec], *, rows: int, shards: int, resident_bytes: int | None,
+                     precision: Precision, driver_math: torch.dtype, where: str) -> list[Held]:
+    """What one ``GramWorker`` of ``rows`` rows holds for one group of layers: the group's rows resident
+    (``resident_bytes``, in its math dtype) or one streamed batch, their dense rows one chunk at a time, Q in
+    the matmul dtype and GᵀG Q accumulated in the dtype of the Q it receives (the driver's), or the D×D GᵀG, or
+    EK-FAC's Λ*; with stored g'_t, V_r and the rows' g'_t."""
+    math, matmul, driver = precision.math, precision.matmul, driver_math
+    factors = cfg.method.store_kind == "factors"
+    asks = row_requests(cfg, group)
+    applies, grams, eigens = asks["apply"], asks["gram"], asks["eigen"]
+    width = sum(s.c * (s.d1 + s.d2) if factors else s.dim for s in group)
+    dense = sum(s.dim for s in group)
+    held = [shard_records(shards)]
+    if resident_bytes is not None:
+        chunk = min(rows, dense_chunk_rows(dense, math))
+        held += [Held(f"rows of the group's layers, resident ({rows:,} × {width:,})", dtype_name(math),
+                      resident_bytes, where),
+                 Held("[load] the decoded batches, until concatenated", dtype_name(math), resident_bytes, where,
+                      "load")]
+    else:
+        chunk = min(rows, cfg.query.train_batch_rows, cfg.shard_size)
+        held.append(Held(f"[pass] one streamed batch of the group's columns ({chunk:,} × {width:,})",
+                         dtype_name(math), chunk * width * math.itemsize, where, "pass"))
+    if factors:
+        held.append(Held(f"[pass] dense rows vec(u vᵀ) of one chunk ({chunk:,} × ΣD = {dense:,})",
+                         dtype_name(math), chunk * dense * math.itemsize, where, "pass"))
+    if applies:
+        iterate = sum(s.dim * k for s, k in applies)
+        held += [Held("[pass] Q (D×k per layer) in the matmul dtype", dtype_name(matmul),
+                      matmul.itemsize * iterate, where, "pass"),
+                 Held("[pass] GᵀG Q accumulated, in the dtype of the Q it receives", dtype_name(driver),
+                      driver.itemsize * iterate, where, "pass"),
+                 Held("[pass] one chunk's G_bᵀ(G_b Q) before it is added (one layer at a time)",
+                      dtype_name(matmul), (matmul.itemsize + (driver.itemsize if driver != matmul else 0))
+                      * largest(applies, lambda s, k: s.dim * k), where, "pass"),
+                 Held("[pass] Q received and GᵀG Q returned", dtype_name(driver), 2 * driver.itemsize * iterate,
+                      "host", "pass")]
+        if matmul != math:
+            held.append(Held("[pass] one chunk's rows cast to the matmul dtype (one layer at a time)",
+                             dtype_name(matmul), chunk * max(s.dim for s, _ in applies) * matmul.itemsize,
+                             where, "pass"))
+        if cfg.query.store_coordinates:
+            ranks = sum(min(cfg.r, s.dim) for s, _ in applies)
+            held += [Held("[g'_t] V_r of the group's layers", dtype_name(math),
+                          math.itemsize * sum(s.dim * min(cfg.r, s.dim) for s, _ in applies), where, "g'_t"),
+                     Held(f"[g'_t] g'_t of its rows, by batch and concatenated ({rows:,} × {ranks:,}, twice)",
+                          dtype_name(math), 2 * rows * ranks * math.itemsize, where, "g'_t")]
+    if grams:
+        gram = sum(s.dim**2 for s, _ in grams)
+        held += [Held("[pass] GᵀG (D×D) accumulated", "float64", 8 * gram, where, "pass"),
+                 Held("[pass] one chunk's G_bᵀG_b before it is added (one layer at a time)", "float64",
+                      8 * largest(grams, lambda s, k: s.dim**2), where, "pass"),
+                 Held("[pass] GᵀG returned", "float64", 8 * gram, "host", "pass")]
+        if math != torch.float64:
+            held.append(Held("[pass] one chunk's rows in float64 (one layer at a time)", "float64",
+                             8 * chunk * max(s.dim for s, _ in grams), where, "pass"))
+    if eigens:  # GramPass: bases as the driver sends them, Λ* in float64, eigenvalue_sums per chunk
+        bases = sum(s.d1**2 + s.d2**2 for s in eigens)
+        held += [Held("[pass] eigenbases Q_A, Q_S of the group's layers, as received", dtype_name(driver),
+                      driver.itemsize * bases, where, "pass"),
+                 Held("[pass] Λ* (d1×d2) accumulated", "float64", 8 * sum(s.dim for s in eigens), where, "pass"),
+                 Held("[pass] one chunk rotated, in float64 and squared (one layer at a time)", "float64",
+                      chunk * max(s.dim for s in eigens) * (driver.itemsize + 16), where, "pass"),
+                 Held("[pass] bases received and Λ* returned", "float64",
+                      driver.itemsize * bases + 8 * sum(s.dim for s in eigens), "host", "pass")]
+    return held
+
+
+def driver_footprint(cfg: Config, group: list[LayerSpec], specs: list[LayerSpec], *, workers: int, shards: int,
+                     math: torch.dtype, where: str) -> list[Held]:
+    """What ``run_curvature``'s driver holds with ``RayGram`` for one group of layers: the rSVD iterate Q of
+    each layer, every worker's partial GᵀG Q gathered at once and summed, then the final float64 step; the
+    fitted curvature of the group until it is written. K-FAC and EK-FAC: stage 1's statistics of every layer
+    (``specs``), the group's eigenbases, and (EK-FAC) every worker's Λ* gathered at once."""
+    size, name = math.itemsize, dtype_name(math)
+    curvature = Curvature.of(cfg.curvature_kind)
+    settings = fit_settings(cfg, math, "cpu")
+    asks = row_requests(cfg, group)
+    applies, grams = asks["apply"], asks["gram"]
+    eigens = sum(s.dim for s in asks["eigen"])
+    iterate = sum(s.dim * k for s, k in applies)
+    gram = sum(s.dim**2 for s, _ in grams)
+    top = max(applies, key=lambda p: p[0].dim * p[1], default=None)
+    shape = f"D×k per layer, {len(group)} layer(s)" + (f", largest {top[0].dim:,}×{top[1]:,}" if top else "")
+    held = [shard_records(shards)]
+    bases = sum(s.d1**2 + s.d2**2 for s in group)
+    if curvature.needs_stats:
+        stats = sum(s.d1**2 + s.d2**2 for s in specs)  # read_stats: every layer's Ã and S̃ at once
+        held += [Held("K-FAC statistics Ã (d1×d1), S̃ (d2×d2) of every layer", "float64", 8 * stats),
+                 Held("[final] eigenbases Q_A, Q_S of each layer of the group, and their eigenvalues", name,
+                      size * (bases + sum(s.dim for s in group)), where, "final")]
+    if eigens:
+        held += [Held("eigenbases Q_A, Q_S of each layer of the group", name, size * bases, where),
+                 Held("[gather] the bases put for the Gram actors", name, size * bases, "object store", "gather"),
+                 Held(f"[gather] Λ* (d1×d2) from each of {workers} Gram actors, gathered at once, and their sum",
+                      "float64", (workers + 1) * 8 * eigens, phase="gather")]
+    if applies:
+        held += [Held(f"rSVD iterate Q ({shape})", name, size * iterate, where),
+                 Held("[gather] Q put for the Gram actors", name, size * iterate, "object store", "gather"),
+                 Held(f"[gather] GᵀG Q from each of {workers} Gram actors, gathered at once", name,
+                      workers * size * iterate, phase="gather"),
+                 Held("[gather] their sum", name, size * iterate, phase="gather"),
+                 Held("[final] Z = GᵀG Q of each layer", name, size * iterate, where, "final"),
+                 Held("[final] B = R⁻ᵀZᵀ, its SVD's Vᵀ and V reordered (one layer at a time)" +
+                      ("; Q and Z in float64" if math != torch.float64 else ""), "float64",
+                      (3 if math == torch.float64 else 5) * 8 * largest(applies, lambda s, k: s.dim * k),
+                      where, "final")]
+    if grams:
+        held += [Held(f"[gather] GᵀG (D×D) from each of {workers} Gram actors, gathered at once", "float64",
+                      workers * 8 * gram, phase="gather"),
+                 Held("[gather] their sum", "float64", 8 * gram, phase="gather"),
+                 Held("[final] GᵀG of each layer", "float64", 8 * gram, where, "final"),
+                 Held("[final] eigenvectors, their scaled copy and the result (one layer at a time)", "float64",
+                      3 * 8 * largest(grams, lambda s, k: s.dim**2), where, "final")]
+    fitted = size * sum(curvature.saved_numbers(s.d1, s.d2, settings) for s in group)
+    held.append(Held("[final] fitted curvature of the group, until written", name, fitted, where, "final"))
+    if cfg.query.store_coordinates and applies:
+        vectors = sum(size * s.dim * min(cfg.r, s.dim) for s, _ in applies)
+        held += [Held("[g'_t] fitted V_r of the group", name, vectors, where, "g'_t"),
+                 Held("[g'_t] V_r put for the Gram actors", name, vectors, "object store", "g'_t")]
+    return held

@@ -36,12 +36,15 @@ from lorif_ray.distributed.gram import DEFAULT_ACTOR_OPTIONS, shard_groups
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.distributed.query_gradients import RemoteQueryFeaturizer
 from lorif_ray.errors import LorifError
+from lorif_ray.footprint import Held, dtype_name, id_bytes, shard_records
+from lorif_ray.math.curvature import Curvature
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.model.tensor_parallel import divide_layers
 from lorif_ray.precision import Precision
 from lorif_ray.progress import progress_bar
 from lorif_ray.stages.coordinates import QueryProjector
-from lorif_ray.stages.curvature import load_curvature
+from lorif_ray.stages.curvature import fit_settings, load_curvature
+from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import QueryBackend, prepare_query, score_blocks
 from lorif_ray.outputs.query_outputs import OutputFiles, TopK
@@ -233,3 +236,113 @@ def ray_query(cfg: Config, manifest, folder: CurvatureFolder, stored: bool, *, n
         featurize.close()
         raise
 
+
+
+# ---------------------------------------------------------------- footprints (what each process holds)
+
+COLUMN_BYTES = 4  # query columns come float32 from the gradient replica that featurized them
+
+
+def worker_footprint(cfg: Config, specs: list[LayerSpec], *, values: int, rows: int, shards: int, workers: int,
+                     num_queries: int, route: str, precision: Precision, where: str) -> list[Held]:
+    """What one ``QueryWorker`` of ``rows`` resident rows (``values`` store numbers each) holds for a batch of
+    ``num_queries``: its rows in the stacked layout (in the math dtype, whatever the storage dtype), stored
+    g'_t, V_r of its share of the layers (of ``workers``), and per batch the query terms of the route and one
+    block's products."""
+    math, matmul = precision.math, precision.matmul
+    m, mm, x = dtype_name(math), dtype_name(matmul), math.itemsize
+    nq, nt = num_queries, min(cfg.query.train_batch_rows, rows)
+    curvature = Curvature.of(cfg.curvature_kind)
+    low = specs if curvature.truncates else []
+    ranks, dense = sum(min(cfg.r, s.dim) for s in low), sum(s.dim for s in low)
+    vectors = x * sum(s.dim * min(cfg.r, s.dim) for s in low)
+    held = [shard_records(shards),
+            Held(f"its example ids ({rows:,} Python str)", "—", rows * id_bytes()),
+            Held(f"its rows, resident in the stacked layout ({rows:,} × {values:,}; stored as {cfg.dtype})", m,
+                 rows * values * x, where),
+            Held(f"[score] the query batch's columns, and stacked for the products ({nq:,} × {values:,})", m,
+                 nq * values * (x + matmul.itemsize), where, "score"),
+            Held(f"[score] scores of one block and the running top-k ({nq:,} × ({nt:,} + 2·{cfg.query.top_k}))", m,
+                 nq * (2 * nt * x + 2 * cfg.query.top_k * (x + 8)), where, "score")]
+    if cfg.method.store_kind == "factors":  # layers of equal (d1, d2, c) are one bmm (RowLayout.factor_groups)
+        groups: dict[tuple, list[int]] = {}
+        for s in specs:
+            groups.setdefault((s.d1, s.d2, s.c), []).append(s.dim)
+        if curvature.preconditions:  # ⟨H⁻¹ g_q, vec(Σ u vᵀ)⟩ per group: the group's dense rows of the block
+            held += [Held(f"[score] H⁻¹ g_q of every layer ({nq:,} × ΣD)", mm,
+                          nq * sum(s.dim for s in specs) * matmul.itemsize, where, "score"),
+                     Held("[score] dense rows vec(u vᵀ) of one block, the largest layer group", mm,
+                          nt * max(sum(g) for g in groups.values()) * matmul.itemsize, where, "score")]
+        else:
+            term_one = max(len(dims) * nq * c * nt * c for (_, _, c), dims in groups.items())
+            held.append(Held("[score] term 1 of the largest factor group: uᵀu and vᵀv (L × nq·c × nt·c)", m,
+                             2 * term_one * (x + (matmul.itemsize if matmul != math else 0)), where, "score"))
+    if curvature.preconditions:  # every layer's curvature, as saved
+        settings = fit_settings(cfg, math, "cpu")
+        numbers = sum(curvature.saved_numbers(s.d1, s.d2, settings) for s in specs)
+        held.append(Held(f"every layer's {curvature.holds}", m, x * numbers, where))
+    if low:
+        shares = divide_layers({s.name: s.dim * min(cfg.r, s.dim) for s in low}, workers)
+        by_name = {s.name: s for s in low}
+        share = max(sum(by_name[n].dim * min(cfg.r, by_name[n].dim) for n in names) for names in shares)
+        held += [Held(f"λ and σ² of every layer ({ranks:,})", m, ranks * x, where),
+                 Held("V_r of its share of the layers, to project queries (divide_layers by D·r)", m, share * x,
+                      where),
+                 Held(f"[score] g'_q of the queries, concatenated and weighted ({nq:,} × Σr = {ranks:,})", m,
+                      nq * ranks * (x + matmul.itemsize), where, "score")]
+        if route in ("stored", "query"):
+            held.append(Held("[score] g'_q of every layer, received from the driver", m, nq * ranks * x, "host",
+                             "score"))
+        if route == "stored":
+            held.append(Held(f"stored g'_t of its rows ({rows:,} × Σr = {ranks:,}; stored as "
+                             f"{cfg.precision.coordinates})", m, rows * ranks * x, where))
+        if route == "query":
+            held += [Held(f"[score] h_q = V_r(w ⊙ g'_q) of every layer, received ({nq:,} × ΣD = {dense:,})", m,
+                          nq * dense * x, "host", "score"),
+                     Held("[score] h_q stacked per layer group for the products", mm, nq * dense * matmul.itemsize,
+                          where, "score")]
+        if route == "recompute":
+            held.append(Held("[score] every layer's V_r (read on the first such batch), and stacked per layer group",
+                             m, 2 * vectors + (vectors // x * matmul.itemsize if matmul != math else 0), where,
+                             "score"))
+        if route in ("query", "recompute"):  # _coordinate_rows forms every coordinate group's rows at once
+            held.append(Held(f"[score] dense rows vec(u vᵀ) of one block, every low-rank layer at once "
+                             f"({nt:,} × ΣD = {dense:,})", m, nt * dense * x, where, "score"))
+            if matmul != math:
+                coordinate_groups: dict[tuple, int] = {}
+                for s in low:
+                    key = (s.d1, s.d2, s.c, min(cfg.r, s.dim))
+                    coordinate_groups[key] = coordinate_groups.get(key, 0) + s.dim
+                held.append(Held("[score] the largest layer group's dense rows cast to the matmul dtype", mm,
+                                 nt * max(coordinate_groups.values()) * matmul.itemsize, where, "score"))
+    return held
+
+
+def driver_footprint(cfg: Config, specs: list[LayerSpec], *, values: int, num_examples: int, shards: int,
+                     workers: int, num_queries: int, route: str, math: torch.dtype) -> list[Held]:
+    """What ``run_query``'s driver holds with ``ray_query``: the query batch's columns (float32, from the
+    gradient replica that featurized them), the route's query terms gathered from the query actors and
+    scattered back through the object store, the per-actor top-k it merges and the ids of those rows (all N
+    ids only for the sidecar of full-score files, not counted)."""
+    nq, x, m = num_queries, math.itemsize, dtype_name(math)
+    low = specs if Curvature.of(cfg.curvature_kind).truncates else []
+    ranks, dense = sum(min(cfg.r, s.dim) for s in low), sum(s.dim for s in low)
+    columns = COLUMN_BYTES * nq * values
+    k = min(cfg.query.top_k, num_examples)
+    held = [shard_records(shards),
+            Held(f"[merge] ids of the top-k rows (ids_of_rows: {nq:,} × {k} Python str)", "—", nq * k * id_bytes(),
+                 phase="merge"),
+            Held(f"the query batch's columns ({nq:,} × {values:,})", "float32", columns),
+            Held(f"[merge] top-k of each of {workers} query actors, concatenated", m,
+                 2 * workers * nq * k * (x + 8), phase="merge")]
+    scattered = columns
+    if route in ("stored", "query") and low:
+        terms = nq * ranks * x + (nq * dense * x if route == "query" else 0)
+        what = "g'_q" + (" and h_q (nq × ΣD)" if route == "query" else "")
+        held += [Held("[scatter] the columns put for the query actors to project them", "float32", columns,
+                      "object store", "scatter"),
+                 Held(f"[scatter] {what} of every layer, gathered from the query actors", m, terms, phase="scatter")]
+        scattered += terms
+    held.append(Held("[scatter] the batch's payload (columns" + (" and query terms" if scattered > columns else "")
+                     + ") put for the query actors", m, scattered, "object store", "scatter"))
+    return held

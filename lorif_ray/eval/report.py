@@ -11,6 +11,7 @@ from lorif_ray.config import METHOD_PARTS
 from lorif_ray.data import load_examples
 from lorif_ray.eval.stats import MeanSE
 from lorif_ray.eval.sweep import damping_scale, read_results
+from lorif_ray.math.curvature import Curvature
 
 MARKERS = {"lorif": ("o", "tab:red"), "logra": ("s", "tab:blue"), "graddot": ("^", "tab:green"),
            "repsim": ("v", "tab:purple"), "kronfluence": ("D", "tab:orange")}
@@ -77,10 +78,16 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def _order(row: dict) -> tuple:
     methods = {"lorif": 0, "logra": 1, "graddot": 2, "repsim": 3, "kronfluence": 4}
-    curvatures = {"woodbury": 0, "exact": 0, "identity": 0, "kfac": 1, "ekfac": 2}
-    return (methods.get(row["method"].split("-")[0], 9), row["method"], curvatures.get(row.get("curvature"), 0),
+    statistics = _from_statistics()  # after a method's own curvature, in their declaration order
+    curvature = statistics.index(row["curvature"]) + 1 if row.get("curvature") in statistics else 0
+    return (methods.get(row["method"].split("-")[0], 9), row["method"], curvature,
             row.get("f") or 0, row.get("c") or 0, row.get("r") or 0, -(row.get("damping") or float("inf")),
             -(row.get("damping_scale") or float("inf")), row.get("kfac_labels") or "")
+
+
+def _from_statistics() -> list[str]:
+    """The curvature kinds made from stage 1's K-FAC statistics (``Curvature.needs_stats``): K-FAC, EK-FAC."""
+    return [kind for kind, cls in Curvature.registered().items() if cls.needs_stats]
 
 
 def results_table(rows: list[dict]) -> str:
@@ -195,7 +202,9 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     shades = plt.get_cmap("Reds")
     ranks = sorted({r["c"] for r in lorif})
     shade = lambda c: shades(0.35 + 0.6 * ranks.index(c) / max(len(ranks) - 1, 1))  # noqa: E731
-    styles = {"kfac": (":", "x", "K-FAC"), "ekfac": ("--", "P", "EK-FAC")}  # other curvatures than the method's
+    # other curvatures than the method's: those made from K-FAC statistics, a line style and marker each
+    styles = {kind: (line, marker, Curvature.of(kind).title)
+              for kind, (line, marker) in zip(_from_statistics(), ((":", "x"), ("--", "P"), ("-.", "*")))}
     for c in ranks:
         group = [r for r in lorif if r["c"] == c and _is_preset(r)]
         if not group:

@@ -31,7 +31,7 @@ from lorif_ray.eval.config import EvalConfig, SweepConfig, stage_config
 from lorif_ray.eval.groundtruth import GroundTruth, Setup, ensure_setup, ground_truth, tokenized
 from lorif_ray.eval.stats import MeanSE, lds_per_query, noise_ceiling
 from lorif_ray.eval.tailpatch import tail_patch
-from lorif_ray.math.curvature import CURVATURES
+from lorif_ray.math.curvature import Curvature
 from lorif_ray.model.loading import load_model
 from lorif_ray.stages.curvature import run_curvature
 from lorif_ray.eval.index_cache import IndexCache
@@ -44,7 +44,6 @@ RUNS: Counter = Counter()  # stage-2/3 runs this process actually made: "curvatu
 # and the training labels (row_key)
 KEY_COLUMNS = ("setup", "method", "curvature", "f", "c", "r", "damping", "damping_scale", "kfac_labels", "dtype",
                "seed")
-KRONECKER = ("kfac", "ekfac")  # the curvatures made from stage 1's K-FAC statistics (whose labels ``kfac_labels`` sets)
 
 
 def row_curvature(row: dict) -> str | None:
@@ -56,15 +55,18 @@ def row_curvature(row: dict) -> str | None:
 def damping_scale(curvature: str | None, damping: float | None, scale: float | None) -> float | None:
     """The scale of λ = scale × mean eigenvalue a point used: ``scale``, else its curvature's current default;
     None where λ was given (``damping``) or there is no curvature (RepSim, a peer)."""
-    if damping is not None or curvature not in CURVATURES:
+    default = getattr(Curvature.registered().get(curvature), "default_damping_scale", None)
+    if damping is not None or default is None:
         return None
-    return scale if scale is not None else CURVATURES[curvature].default_damping_scale
+    return scale if scale is not None else default
 
 
 def row_kfac_labels(curvature: str | None, labels: str | None) -> str | None:
-    """The labels of the K-FAC statistics a K-FAC/EK-FAC point used (rows before the column: training); None for
-    the other curvatures, whose scores do not use the statistics."""
-    return (labels or "training") if curvature in KRONECKER else None
+    """The labels of the K-FAC statistics a point used whose curvature is made from them (K-FAC, EK-FAC:
+    ``Curvature.needs_stats``; rows before the column: training); None for the other curvatures, whose scores do
+    not use the statistics."""
+    uses_stats = getattr(Curvature.registered().get(curvature), "needs_stats", False)
+    return (labels or "training") if uses_stats else None
 
 
 def row_key(row: dict) -> tuple:
@@ -155,7 +157,7 @@ def run_point(cfg: SweepConfig) -> dict:
         "curvature": point.curvature_kind,
         "f": point.f if method != "repsim" else None,
         "c": point.c if method == "lorif" else None,
-        "r": point.r if point.curvature_kind == "woodbury" else None,  # only the Woodbury curvature truncates
+        "r": point.r if Curvature.of(point.curvature_kind).truncates else None,  # r matters only where it truncates
         "damping": point.damping,
         "damping_scale": damping_scale(point.curvature_kind, point.damping, point.damping_scale),  # the one used
         "kfac_labels": row_kfac_labels(point.curvature_kind, point.kfac_labels),

@@ -9,8 +9,14 @@ scores in two terms that the batched scorer (``lorif_ray.math.scoring``) stacks 
   on dense rows when the curvature is a full matrix;
 - term 2 (Woodbury only), ``Σ_j w_j g'_{q,j} g'_{t,j}`` with g' = V_rᵀ g, subtracted.
 
-``prepare``/``score``/``self_influence`` give the same numbers for one layer on its own (per-layer
-outputs, tests); nothing outside this module branches on the curvature's kind.
+Every fact about a kind is asked of its class through the registry (``Curvature.of(kind)``,
+``Curvature.registered()``; a subclass registers itself with ``class X(Curvature, kind="x")``): its fit keys,
+what its score means, whether it needs rows, K-FAC statistics or neither, whether it truncates (has r), its
+precision rule and its footprint (``row_request``, ``fit_numbers``, ``saved_numbers``). Nothing outside this
+module branches on a kind's name; the kind strings live here and in the config presets. Per-layer scores come
+from the batched scorer (``lorif_ray.math.scoring``); ``self_influence`` gives I(t, t) of one layer.
+
+- ``NoCurvature`` ("none", RepSim): no per-layer curvature; the hidden states' cosine.
 
 - ``Woodbury`` (LoRIF): H = V_r diag(σ²) V_rᵀ + λI from a randomized SVD, H⁻¹ = I/λ − V diag(w) Vᵀ,
   w_j = σ_j² / (λ(λ + σ_j²)).
@@ -24,13 +30,13 @@ outputs, tests); nothing outside this module branches on the curvature's kind.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Generator
+from typing import ClassVar, Generator, Optional
 
 import torch
 
 from lorif_ray.errors import LorifError
 from lorif_ray.math.blocks import GradientBlock
-from lorif_ray.math.influence import inner, self_inner
+from lorif_ray.math.influence import self_inner
 from lorif_ray.math.kronecker import KroneckerStats, eigenbasis, kfac_eigenvalues, rotate, unrotate
 from lorif_ray.math.rsvd import ROW_REQUESTS, GramOperatorLike, Request, eigh_spectrum, randomized_steps, run_steps
 
@@ -63,25 +69,80 @@ def woodbury_weights(values: torch.Tensor, damping: float) -> torch.Tensor:
     return values / (damping * (damping + values))
 
 
-@dataclass
-class PreparedLayer:
-    """One layer's query-side terms: ``query`` scaled by the term-1 scale (or ``dense`` preconditioned
-    rows), and for Woodbury ``coordinates`` g'_q (nq, r) with the weights w (r,)."""
-
-    query: GradientBlock
-    dense: torch.Tensor | None = None
-    coordinates: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-
-
 class Curvature:
-    """Base class: the interface every curvature implements (see the module docstring)."""
+    """Base class: the interface every curvature implements (see the module docstring), and the registry of
+    the kinds (``of``, ``registered``): a subclass declared with ``kind="..."`` is registered under it.
+
+    Capabilities (class attributes, asked by the stages, planner, sweeps and report instead of the kind):
+        fit_keys: the ``Config`` keys that change the fitted curvature (recorded in its header; () = nothing
+            is fitted, so no precision either).
+        reads_rows: ``fit`` makes passes over the stored rows (a Gram backend).
+        needs_stats: ``fit`` needs stage 1's K-FAC statistics of the layer.
+        truncates: it keeps a rank-r low-rank term (``r`` matters; g'_t = V_rᵀ g_t can be stored).
+        preconditions: term 1 is H⁻¹ g_q (a full matrix, ``scale`` None) rather than a scaled g_q.
+        precision_sensitive: its score is a difference of terms up to σ₁²/λ times larger than itself, so
+            16-bit products or g'_t lose the ranking (``lorif_ray.precision.warn_if_unsafe``).
+        scores_gradients: it scores gradient rows (factors or dense); False for hidden states (RepSim).
+        default_damping_scale: λ = scale × mean eigenvalue; None where there is no λ.
+        score_meaning: what a score means (written into each query run's metadata).
+        title: its name in tables and figures.
+        saved_rule: what ``saved_numbers`` counts, in words ("" = nothing saved).
+        holds: what a scorer holds of every layer when it ``preconditions`` (its tensors, in words).
+    """
 
     kind: ClassVar[str]
+    _registry: ClassVar[dict[str, type["Curvature"]]] = {}
+    fit_keys: ClassVar[tuple[str, ...]] = ("damping", "damping_scale")
     reads_rows: ClassVar[bool] = True  # whether ``fit`` needs the Gram operator at all
     needs_stats: ClassVar[bool] = False  # whether ``steps`` asks for the layer's KroneckerStats ("stats")
-    default_damping_scale: ClassVar[float] = 0.1  # λ = scale × mean eigenvalue (paper App. A.2)
+    truncates: ClassVar[bool] = False
+    preconditions: ClassVar[bool] = False
+    precision_sensitive: ClassVar[bool] = False
+    scores_gradients: ClassVar[bool] = True
+    default_damping_scale: ClassVar[Optional[float]] = 0.1  # λ = scale × mean eigenvalue (paper App. A.2)
+    score_meaning: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    saved_rule: ClassVar[str] = ""
+    holds: ClassVar[str] = ""
     damping: float  # λ
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            if kind in Curvature._registry:
+                raise ValueError(f"curvature kind {kind!r} is registered twice "
+                                 f"({Curvature._registry[kind].__name__}, {cls.__name__})")
+            cls.kind = kind
+            Curvature._registry[kind] = cls
+
+    @staticmethod
+    def of(kind: str) -> type["Curvature"]:
+        """The class of a curvature kind (``Config.curvature_kind``, a header's "kind")."""
+        if kind not in Curvature._registry:
+            raise ValueError(f"unknown curvature {kind!r}; choose one of {sorted(Curvature._registry)}")
+        return Curvature._registry[kind]
+
+    @staticmethod
+    def registered() -> dict[str, type["Curvature"]]:
+        """{kind: class} of every registered curvature, in declaration order."""
+        return dict(Curvature._registry)
+
+    # -- footprint (numbers, not bytes: the caller multiplies by the dtype it holds them in) -------
+    @classmethod
+    def row_request(cls, d1: int, d2: int, settings: "FitSettings") -> tuple[str, int]:
+        """What ``steps`` asks of a layer's rows (D = d1·d2): ("apply", k) for a D×k iterate, ("gram", D) for
+        the D×D GᵀG, ("eigen", D) for EK-FAC's d1×d2 eigenvalues, ("none", 0) without rows."""
+        return ("none", 0)
+
+    @classmethod
+    def fit_numbers(cls, d1: int, d2: int, settings: "FitSettings") -> int:
+        """Numbers the driver holds while fitting one layer (stage 2's layer groups are sized by it)."""
+        return 0
+
+    @classmethod
+    def saved_numbers(cls, d1: int, d2: int, settings: "FitSettings") -> int:
+        """Numbers saved for one layer (``tensors``), in the fit's dtype."""
+        return 0
 
     @classmethod
     def damping_scale_for(cls, settings: "FitSettings") -> float:
@@ -142,25 +203,6 @@ class Curvature:
         """(V_r (D, r) or None when not loaded, w (r,)) of the subtracted term, or None without one."""
         return None
 
-    # -- one layer on its own ---------------------------------------------------------------------
-    def prepare(self, query: GradientBlock) -> PreparedLayer:
-        if self.scale is None:
-            return PreparedLayer(query, dense=self.precondition(query.dense()))
-        low = self.low_rank
-        if low is None:
-            return PreparedLayer(query)
-        vectors, weights = low
-        return PreparedLayer(query, coordinates=query.dense() @ vectors, weights=weights)
-
-    def score(self, prepared: PreparedLayer, train: GradientBlock) -> torch.Tensor:
-        """I(t, q) of this layer: (nq, nt)."""
-        if prepared.dense is not None:
-            return prepared.dense @ train.dense().T
-        scores = inner(prepared.query, train) * self.scale
-        if prepared.coordinates is not None:
-            scores = scores - (prepared.coordinates * prepared.weights) @ (train.dense() @ self.low_rank[0]).T
-        return scores
-
     def self_influence(self, block: GradientBlock) -> torch.Tensor:
         """I(t, t) = g_tᵀ H⁻¹ g_t per example (n,)."""
         if self.scale is None:
@@ -174,11 +216,13 @@ class Curvature:
         return out
 
 
-class Identity(Curvature):
+class Identity(Curvature, kind="identity"):
     """H = I: GradDot."""
 
-    kind = "identity"
+    fit_keys = ()
     reads_rows = False
+    score_meaning = "g_q^T g_t (no curvature); > 0: proponent; unscaled"
+    title = "identity"
     damping = 0.0
 
     @classmethod
@@ -192,12 +236,29 @@ class Identity(Curvature):
 
 
 @dataclass
-class ExactInverse(Curvature):
-    """(GᵀG + λI)⁻¹ (D, D): LoGRA. Scores dense rows only."""
+class ExactInverse(Curvature, kind="exact"):
+    """(GᵀG + λI)⁻¹ (D, D): LoGRA."""
 
     damping: float
     inverse: torch.Tensor
-    kind: ClassVar[str] = "exact"
+    preconditions: ClassVar[bool] = True
+    score_meaning: ClassVar[str] = ("I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (exact per-layer inverse); > 0: "
+                                    "proponent; ~ rise of the query loss (nats) if t were left out")
+    title: ClassVar[str] = "exact"
+    saved_rule: ClassVar[str] = "the D×D inverse"
+    holds: ClassVar[str] = "(GᵀG + λI)⁻¹ (D×D)"
+
+    @classmethod
+    def row_request(cls, d1, d2, settings):
+        return ("gram", d1 * d2)
+
+    @classmethod
+    def fit_numbers(cls, d1, d2, settings):
+        return (d1 * d2) ** 2
+
+    @classmethod
+    def saved_numbers(cls, d1, d2, settings):
+        return (d1 * d2) ** 2
 
     @classmethod
     def steps(cls, dim, name, settings):
@@ -227,7 +288,7 @@ class ExactInverse(Curvature):
 
 
 @dataclass
-class Woodbury(Curvature):
+class Woodbury(Curvature, kind="woodbury"):
     """Rank-r SVD of G plus damping, inverted by the Woodbury identity: LoRIF.
 
     Attributes:
@@ -238,12 +299,37 @@ class Woodbury(Curvature):
     damping: float
     values: torch.Tensor
     vectors: torch.Tensor | None = None
-    kind: ClassVar[str] = "woodbury"
+    fit_keys: ClassVar[tuple[str, ...]] = ("r", "damping", "damping_scale", "oversample", "svd_power_iters", "seed")
+    truncates: ClassVar[bool] = True
+    precision_sensitive: ClassVar[bool] = True
+    score_meaning: ClassVar[str] = ("I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (truncated SVD + Woodbury); > 0: "
+                                    "proponent (training on t lowers the query loss); ~ rise of the query loss "
+                                    "(nats) if t were left out")
+    title: ClassVar[str] = "Woodbury"
+    saved_rule: ClassVar[str] = "V_r (D×min(r, D)) + min(r, D) values"
 
     @staticmethod
     def _whole_spectrum(dim: int, settings: FitSettings) -> bool:
         """Whether r + p reaches D: the whole spectrum (one GᵀG pass) is then as cheap as a sketch of it."""
         return min(settings.rank, dim) + settings.oversample >= dim
+
+    @classmethod
+    def row_request(cls, d1, d2, settings):
+        dim = d1 * d2
+        return ("gram", dim) if cls._whole_spectrum(dim, settings) else ("apply", min(settings.rank, dim)
+                                                                           + settings.oversample)
+
+    @classmethod
+    def fit_numbers(cls, d1, d2, settings):
+        """Q and GᵀG Q (2·D·k), or D·D for the whole spectrum."""
+        dim = d1 * d2
+        k = min(settings.rank + settings.oversample, dim)
+        return dim * dim if k >= dim else 2 * dim * k
+
+    @classmethod
+    def saved_numbers(cls, d1, d2, settings):
+        rank = min(settings.rank, d1 * d2)
+        return d1 * d2 * rank + rank
 
     @classmethod
     def row_passes(cls, dim, settings) -> int:
@@ -306,11 +392,23 @@ class Kronecker(Curvature):
     basis_s: torch.Tensor
     eigenvalues: torch.Tensor
     needs_stats: ClassVar[bool] = True
+    preconditions: ClassVar[bool] = True
+    saved_rule: ClassVar[str] = "the bases Q_A (d1×d1), Q_S (d2×d2) and eigenvalues (d1×d2)"
+    holds: ClassVar[str] = "bases Q_A, Q_S and eigenvalues"
     # λ = 1e-4 × mean Λ per layer, from the damping study of issue 14 (BENCHMARKS.md, "Kronecker curvatures";
     # facts setup, 24 queries): LDS rises from 0.1 to 1e-4 and is flat below; at 1e-4 K-FAC and EK-FAC are within
     # 0.003 of their best scale (paired) at LoGRA f=4, 8 and LoRIF f=4, 8 c=1, 4, while 0.1 (the paper's, kept
     # by woodbury and exact) loses 0.04-0.08 (e.g. LoRIF f=4 c=4 EK-FAC: 0.390 at 0.1, 0.465 at 1e-4).
     default_damping_scale: ClassVar[float] = 1e-4
+
+    @classmethod
+    def fit_numbers(cls, d1, d2, settings):
+        """The bases and eigenvalues, twice while solving."""
+        return 2 * (d1 * d1 + d2 * d2 + d1 * d2)
+
+    @classmethod
+    def saved_numbers(cls, d1, d2, settings):
+        return d1 * d1 + d2 * d2 + d1 * d2
 
     @classmethod
     def steps(cls, dim, name, settings):
@@ -361,11 +459,14 @@ class Kronecker(Curvature):
         return (rotated.square() / (self.eigenvalues.to(dtype) + self.damping)).sum(dim=(1, 2))
 
 
-class KFAC(Kronecker):
+class KFAC(Kronecker, kind="kfac"):
     """K-FAC: Λ = Λ_A Λ_Sᵀ / N_tok, from the statistics alone (no pass over the rows)."""
 
-    kind: ClassVar[str] = "kfac"
     reads_rows: ClassVar[bool] = False
+    score_meaning: ClassVar[str] = ("I(t,q) = g_q^T (H_KFAC + lambda I)^-1 g_t, H_KFAC = (A (x) S) / tokens in the "
+                                    "projected space; > 0: proponent; ~ rise of the query loss (nats) if t were "
+                                    "left out")
+    title: ClassVar[str] = "K-FAC"
 
     @classmethod
     def _eigenvalues(cls, stats, settings):
@@ -373,11 +474,18 @@ class KFAC(Kronecker):
         yield  # a generator that asks nothing of the rows
 
 
-class EKFAC(Kronecker):
+class EKFAC(Kronecker, kind="ekfac"):
     """EK-FAC: K-FAC's eigenbasis with Λ* = Σ_n (Q_Aᵀ G̃_n Q_S)², by one pass over the stored rows (exact
     diagonal of GᵀG in the basis when the rows are; from factors, exact when c ≥ the rank of each G̃_n)."""
 
-    kind: ClassVar[str] = "ekfac"
+    score_meaning: ClassVar[str] = ("I(t,q) = g_q^T (H_EKFAC + lambda I)^-1 g_t, K-FAC's eigenbasis with the stored "
+                                    "gradients' eigenvalues; > 0: proponent; ~ rise of the query loss (nats) if t "
+                                    "were left out")
+    title: ClassVar[str] = "EK-FAC"
+
+    @classmethod
+    def row_request(cls, d1, d2, settings):
+        return ("eigen", d1 * d2)
 
     @classmethod
     def _eigenvalues(cls, stats, settings):
@@ -387,6 +495,17 @@ class EKFAC(Kronecker):
                  basis_s.to(device=settings.device, dtype=settings.dtype))
         eigenvalues = (yield ("eigen", bases)).to(torch.float64)
         return bases[0].to(torch.float64), bases[1].to(torch.float64), eigenvalues
+
+
+class NoCurvature(Curvature, kind="none"):
+    """RepSim: hidden states, no per-layer curvature (nothing is fitted or saved)."""
+
+    fit_keys = ()
+    reads_rows = False
+    scores_gradients = False
+    default_damping_scale = None
+    score_meaning = "cosine of last-layer last-token hidden states in [-1, 1]; similarity, not influence"
+    damping = 0.0
 
 
 def fit_layers(steps: dict[str, Generator], gram, stats: dict[str, KroneckerStats] | None = None
@@ -422,15 +541,6 @@ def fit_layers(steps: dict[str, Generator], gram, stats: dict[str, KroneckerStat
         for name in list(requests):
             advance(name, out[name])
     return {name: results[name] for name in steps}
-
-
-CURVATURES: dict[str, type[Curvature]] = {c.kind: c for c in (Woodbury, ExactInverse, Identity, KFAC, EKFAC)}
-
-
-def curvature_class(kind: str) -> type[Curvature]:
-    if kind not in CURVATURES:
-        raise ValueError(f"unknown curvature {kind!r}; choose one of {sorted(CURVATURES)}")
-    return CURVATURES[kind]
 
 
 def _check_damping(damping: float, name: str) -> None:

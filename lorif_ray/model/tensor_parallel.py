@@ -320,6 +320,22 @@ class TensorParallelCapture(ProjectedGradientCapture):
         return out
 
 
+# Linears that DeepSpeed AutoTP makes row-parallel (input dim sharded, output all-reduced): its all-reduce names
+# in deepspeed/module_inject/auto_tp.py. Every other linear in the blocks is column-parallel; embeddings, norms and
+# the LM head count as replicated. What a rank holds of a layer (``rank_dims``) follows from it.
+ROW_PARALLEL_NAMES = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2")
+
+
+def is_row_parallel(name: str) -> bool:
+    """Whether AutoTP shards this linear's input (row-parallel) rather than its output (column-parallel)."""
+    return name.rsplit(".", 1)[-1] in ROW_PARALLEL_NAMES
+
+
+def rank_dims(name: str, in_features: int, out_features: int, tp: int) -> tuple[int, int]:
+    """(I, O) of the slice of a linear held by one of ``tp`` ranks."""
+    return (in_features // tp, out_features) if is_row_parallel(name) else (in_features, out_features // tp)
+
+
 def divide_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
     """Split layers among ranks, largest cost first to the least-loaded rank (deterministic).
 
@@ -465,18 +481,20 @@ class _ParametersOnMeta:
         nn.Module.register_parameter = self._original
 
 
-def meta_model(model_path: str | Path, dtype: str = "bfloat16") -> nn.Module:
-    """The causal LM of a local checkpoint with its parameters on the meta device and real buffers (eval mode)."""
+def meta_model(model: str | Path | object, dtype: str = "bfloat16") -> nn.Module:
+    """The causal LM of a local checkpoint (or of a Hugging Face config object, ``lorif_ray.model.shapes``) with
+    its parameters on the meta device and real buffers (eval mode): shapes and dtypes, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorif_ray.errors import ConfigError
     from lorif_ray.model.loading import DTYPES, check_model_folder
 
-    path = Path(model_path)
-    check_model_folder(path, tokenizer=False)  # the weights only
+    if isinstance(model, (str, Path)):
+        check_model_folder(Path(model), tokenizer=False)  # the weights only
     if dtype not in DTYPES:
         raise ConfigError(f"model dtype {dtype!r} not in {sorted(DTYPES)}")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = AutoConfig.from_pretrained(Path(model), local_files_only=True) if isinstance(model, (str, Path)) \
+        else model
     with _ParametersOnMeta():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     return model.eval()

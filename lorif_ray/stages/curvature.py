@@ -37,7 +37,7 @@ import torch
 
 from lorif_ray.config import Config
 from lorif_ray.errors import CorruptArtifactError, IndexMismatchError
-from lorif_ray.math.curvature import Curvature, FitSettings, curvature_class, fit_layers
+from lorif_ray.math.curvature import Curvature, FitSettings, fit_layers
 from lorif_ray.math.kronecker import KroneckerStats
 from lorif_ray.math.rsvd import GramPass
 from lorif_ray.model.loading import resolve_device
@@ -53,22 +53,16 @@ log = logging.getLogger(__name__)
 
 GROUP_BYTES = 1 << 30  # the driver's iterates of one group of layers (Q and GᵀG Q, D×k each, or D×D)
 
-# the config keys that change each curvature (its fit settings); RepSim ("none") has no curvature
-FIT_KEYS = {"woodbury": ("r", "damping", "damping_scale", "oversample", "svd_power_iters", "seed"),
-            "exact": ("damping", "damping_scale"), "kfac": ("damping", "damping_scale"),
-            "ekfac": ("damping", "damping_scale"), "identity": (), "none": ()}
-
-
 def curvature_meta(cfg: Config, manifest: Manifest) -> dict:
     """What determines the curvature: the method's curvature and fit settings, the policy, the index."""
-    kind = cfg.curvature_kind
-    fitted = bool(FIT_KEYS[kind])
-    settings = {key: getattr(cfg, key) for key in FIT_KEYS[kind]}
+    curvature = Curvature.of(cfg.curvature_kind)
+    settings = {key: getattr(cfg, key) for key in curvature.fit_keys}  # the keys that change the fit
     if "damping_scale" in settings and settings["damping_scale"] is None:  # the curvature's default, as a number
-        settings["damping_scale"] = curvature_class(kind).default_damping_scale
+        settings["damping_scale"] = curvature.default_damping_scale
+    fitted = bool(curvature.fit_keys)
     return {
         "method": cfg.method.name,
-        "curvature": kind,
+        "curvature": curvature.kind,
         "config": settings,
         "precision": {"math": cfg.precision.math, "matmul": cfg.precision.matmul} if fitted else {},
         "index": {"model": manifest.meta["model"], "config": manifest.meta["config"],
@@ -115,10 +109,10 @@ def load_curvature(folder: CurvatureFolder, cfg: Config, manifest: Manifest, dev
             tensors not asked for are never read.
     """
     header = check_curvature(folder, cfg, manifest)
-    if header["kind"] == "none":
+    kind = Curvature.of(header["kind"])
+    if not kind.scores_gradients:
         return {}
     wanted = vectors if isinstance(vectors, bool) else set(vectors)
-    kind = curvature_class(header["kind"])
     out = {}
     for spec in layer_specs(manifest):
         with_vectors = wanted if isinstance(wanted, bool) else spec.name in wanted
@@ -168,25 +162,14 @@ def fit_settings(cfg: Config, dtype: torch.dtype, device) -> FitSettings:
                        power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype, device=device)
 
 
-def fit_numbers(spec: LayerSpec, cfg: Config) -> int:
-    """Numbers the driver holds while fitting one layer: Woodbury's Q and GᵀG Q (2·D·k), or D·D for a full
-    spectrum or the exact inverse; K-FAC/EK-FAC's bases and eigenvalues (d1² + d2² + D, twice while solving)."""
-    kind = cfg.curvature_kind
-    if kind in ("kfac", "ekfac"):
-        return 2 * (spec.d1 * spec.d1 + spec.d2 * spec.d2 + spec.dim)
-    if kind == "identity":
-        return 0
-    k = min(cfg.r + cfg.oversample, spec.dim)
-    return spec.dim * spec.dim if kind == "exact" or k >= spec.dim else 2 * spec.dim * k
-
-
 def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None) -> list[list[LayerSpec]]:
-    """Consecutive layers fitted together: what the driver holds for them (``fit_numbers``, float64) within
-    ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
+    """Consecutive layers fitted together: what the driver holds for them (``Curvature.fit_numbers``, float64)
+    within ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
     budget = GROUP_BYTES if budget is None else budget
+    curvature, settings = Curvature.of(cfg.curvature_kind), fit_settings(cfg, torch.float64, "cpu")
     groups, current, used = [], [], 0
     for spec in specs:
-        size = 8 * fit_numbers(spec, cfg)
+        size = 8 * curvature.fit_numbers(spec.d1, spec.d2, settings)
         if current and used + size > budget:
             groups.append(current)
             current, used = [], 0
@@ -230,13 +213,13 @@ def reusable_curvature(cfg: Config, folder: CurvatureFolder, meta: dict) -> bool
 def group_passes(group: list[LayerSpec], cfg: Config, settings: FitSettings) -> int:
     """Passes over a group's rows: the most any of its layers' fits asks for (they run in lockstep), and one
     more to write g'_t."""
-    fit = max(curvature_class(cfg.curvature_kind).row_passes(s.dim, settings) for s in group)
+    fit = max(Curvature.of(cfg.curvature_kind).row_passes(s.dim, settings) for s in group)
     return fit + int(stores_coordinates(cfg))
 
 
 def stores_coordinates(cfg: Config) -> bool:
     """Whether stage 2 writes g'_t: asked for, and the curvature has a low-rank term."""
-    return cfg.query.store_coordinates and cfg.curvature_kind == "woodbury"
+    return cfg.query.store_coordinates and Curvature.of(cfg.curvature_kind).truncates
 
 
 def reused_curvature_report(folder: CurvatureFolder) -> dict:
@@ -251,7 +234,7 @@ def reused_curvature_report(folder: CurvatureFolder) -> dict:
 def clamped_ranks(cfg: Config, specs: list[LayerSpec], folder: CurvatureFolder) -> dict:
     """{"r": {"asked": r, "used": {layer: D}}} of the Woodbury layers narrower than ``r`` (their curvature keeps
     r = D, the whole spectrum), logged once; {} when none is (or the curvature has no r)."""
-    if cfg.curvature_kind != "woodbury":
+    if not Curvature.of(cfg.curvature_kind).truncates:
         return {}
     used = {s.name: s.dim for s in specs if cfg.r > s.dim}
     if not used:
@@ -288,8 +271,8 @@ def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, met
     warn_if_unsafe(cfg)
     device = resolve_device(cfg.model.device)
     precision = Precision.of(cfg, device)
-    kind = cfg.curvature_kind
-    specs = layer_specs(manifest) if kind != "none" else []
+    kind = Curvature.of(cfg.curvature_kind)
+    specs = layer_specs(manifest) if kind.scores_gradients else []
     store = stores_coordinates(cfg)
     writer = folder.writer(meta)
     coordinates = folder.coordinate_writer(manifest.num_rows, cfg.precision.coordinates,
@@ -301,10 +284,10 @@ def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, met
                  len(specs) - len(todo), len(specs))
     settings = fit_settings(cfg, precision.math, device)
     stats = None
-    if todo and curvature_class(kind).needs_stats:
+    if todo and kind.needs_stats:
         stored = IndexFolder(cfg.index_path).read_statistics([r.index for r in manifest.shards], [s.name for s in todo])
         stats = {layer: KroneckerStats.from_tensors(tensors) for layer, tensors in stored.items()}
-    reads_rows = bool(todo) and curvature_class(kind).reads_rows
+    reads_rows = bool(todo) and kind.reads_rows
     backend = backend_class(cfg, manifest, precision, device) if reads_rows else None
     groups = layer_groups(todo, cfg)
     if reads_rows:
@@ -318,7 +301,7 @@ def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, met
             for number, group in enumerate(groups, 1):
                 bar.set_postfix_str(f"layer group {number}/{len(groups)}", refresh=False)
                 gram = backend.layers(group, on_rows) if backend is not None else None
-                steps = {s.name: curvature_class(kind).steps(s.dim, s.name, settings) for s in group}
+                steps = {s.name: kind.steps(s.dim, s.name, settings) for s in group}
                 fitted = fit_layers(steps, gram, stats)
                 for name, curvature in fitted.items():
                     writer.write(name, curvature)
@@ -338,7 +321,7 @@ def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, met
     # a reuse reports these seconds
     layers = writer.finish({"precision": precision.describe(), "seconds": seconds,
                             **({"clamped": clamped} if clamped else {})})
-    report = {"reused": False, "path": str(folder.path), "kind": kind, "seconds": seconds, "layers": layers,
+    report = {"reused": False, "path": str(folder.path), "kind": kind.kind, "seconds": seconds, "layers": layers,
               "fitted_layers": len(todo), "bytes": folder.layer_bytes(), "precision": precision.describe(),
               **({"clamped": clamped} if clamped else {})}
     if coordinates is not None:

@@ -26,9 +26,11 @@ from lorif_ray.math.factorize import default_iterations, effective_rank, factori
 from lorif_ray.math.blocks import GradientBlock
 from lorif_ray.math.kronecker import StatsAccumulator
 from lorif_ray.math.projection import layer_projection
+from lorif_ray.model.tensor_parallel import divide_layers, rank_dims
 from lorif_ray.store.schema import HIDDEN_COLUMN, dense_column, factor_columns, store_columns
 
 STATISTICS_LABELS = ("training", "sampled")  # ``Config.kfac_labels``
+DEVICE_BYTES = 4  # projections, captured A/B and store columns are float32 on the device
 
 FiniteMasks = list[tuple[str, torch.Tensor]]
 """[(layer, (n,) bool rows holding NaN/Inf)] for ``check_finite_all``."""
@@ -226,3 +228,24 @@ def blocks_from_columns(specs: list[LayerSpec], kind: str, columns: dict[str, to
             u, v = (columns[c] for c in factor_columns(s.name))
             out[s.name] = GradientBlock(u=u.reshape(u.shape[0], s.d1, s.c), v=v.reshape(u.shape[0], s.d2, s.c))
     return out
+
+
+def featurizer_footprint(specs: list["LayerSpec"], kind: str, *, tokens: int, shard_rows: int,
+                         hidden_size: int | None = None, tp: int = 1) -> dict[str, int]:
+    """Bytes a ``Featurizer`` (one of ``tp`` tensor-parallel ranks) holds on its device beside the model, for
+    batches of ``tokens`` tokens and shards of ``shard_rows`` rows, all float32: {"projections": the rows of
+    P_in (I×d1), P_out (O×d2) the rank holds, "captured": A (tokens×d1), B (tokens×d2) of every layer after the
+    all-reduce, "store": the store columns of the shard's batches (``featurize_chunk`` keeps them until the shard
+    ends; with TP, of the rank's share of the layers, ``divide_layers`` by D)}. A hidden store ("repsim")
+    projects nothing and keeps the shard's hidden states."""
+    if kind == "hidden":
+        return {"projections": 0, "captured": 0, "store": DEVICE_BYTES * shard_rows * hidden_size}
+    projections = 0
+    for s in specs:
+        rows_in, rows_out = rank_dims(s.name, s.in_features, s.out_features, tp)
+        projections += rows_in * s.d1 + rows_out * s.d2
+    captured = tokens * sum(s.d1 + s.d2 for s in specs)
+    share = max(sum(store_columns(kind, [s for s in specs if s.name in names], 0).values())
+                for names in map(set, divide_layers({s.name: s.dim for s in specs}, tp)))
+    return {"projections": DEVICE_BYTES * projections, "captured": DEVICE_BYTES * captured,
+            "store": DEVICE_BYTES * shard_rows * share}

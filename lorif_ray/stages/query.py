@@ -29,6 +29,7 @@ from lorif_ray.config import Config
 from lorif_ray.data import TrainTexts, load_examples
 from lorif_ray.errors import ConfigError, DataError
 from lorif_ray.math.blocks import RowLayout, TrainBlock
+from lorif_ray.math.curvature import Curvature
 from lorif_ray.math.scoring import RepSimQuery, StackedQuery, choose_route
 from lorif_ray.model.loading import resolve_device
 from lorif_ray.outputs.query_outputs import (NORMALIZED_MEANING, BlockOutputs, OutputFiles, TopK, output_files,
@@ -194,7 +195,8 @@ def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, st
     route = query_route(cfg, header, stored, len(row_ids))
     start = time.perf_counter()
     facts = {"route": route, "precision": Precision.of(cfg, resolve_device(cfg.model.device)).describe()}
-    meaning = NORMALIZED_MEANING if cfg.query.normalize else SCORE_MEANING[header.get("kind", "none")]
+    curvature = Curvature.of(header.get("kind", cfg.curvature_kind))
+    meaning = NORMALIZED_MEANING if cfg.query.normalize else curvature.score_meaning
     top_k = min(cfg.query.top_k, manifest.num_rows)
     meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "curvature": cfg.curvature_kind, "score": meaning,
             **facts}
@@ -234,19 +236,3 @@ def check_outputs(cfg: Config, manifest) -> None:
     asked = [key for key in ("self_influence", "per_layer", "per_token") if getattr(cfg.query, key)]
     if manifest.kind == "hidden" and asked:
         raise ConfigError(f"query.{asked[0]}: a RepSim index holds hidden states, not gradients")
-
-
-SCORE_MEANING = {  # by curvature
-    "woodbury": "I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (truncated SVD + Woodbury); > 0: proponent (training on t "
-                "lowers the query loss); ~ rise of the query loss (nats) if t were left out",
-    "exact": "I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (exact per-layer inverse); > 0: proponent; ~ rise of the "
-             "query loss (nats) if t were left out",
-    "kfac": "I(t,q) = g_q^T (H_KFAC + lambda I)^-1 g_t, H_KFAC = (A (x) S) / tokens in the projected space; > 0: "
-            "proponent; ~ rise of the query loss (nats) if t were left out",
-    "ekfac": "I(t,q) = g_q^T (H_EKFAC + lambda I)^-1 g_t, K-FAC's eigenbasis with the stored gradients' eigenvalues; "
-             "> 0: proponent; ~ rise of the query loss (nats) if t were left out",
-    "identity": "g_q^T g_t (no curvature); > 0: proponent; unscaled",
-    "none": "cosine of last-layer last-token hidden states in [-1, 1]; similarity, not influence",
-}
-
-

@@ -7,6 +7,7 @@ from lorif_ray.math.blocks import GradientBlock, dense_from_factors
 from lorif_ray.math.curvature import ExactInverse, FitSettings, Identity, Woodbury, woodbury_weights
 from lorif_ray.math.influence import factor_inner, repsim_scores
 from lorif_ray.math.rsvd import GramOperator, TensorRows
+from tests.math.layer_scores import layer_scores
 from tests.oracles import curvature_inverse, damped_inverse, oracle_scores, woodbury_inverse
 
 GEN = torch.Generator().manual_seed(0)
@@ -36,7 +37,7 @@ def test_factor_inner_equals_dense_inner():
 
 @pytest.mark.parametrize("cls", [Woodbury, ExactInverse, Identity])
 def test_each_curvature_scores_like_its_explicit_inverse(cls):
-    """fit → prepare → score and self_influence of one layer equal g_q H⁻¹ g_t with H formed explicitly;
+    """fit → the batched scorer and self_influence of one layer equal g_q H⁻¹ g_t with H formed explicitly;
     LoRIF at full rank (c = min(d1, d2), r = D) equals LoGRA."""
     n, d1, d2, lam = 40, 4, 3, 0.7
     train = GradientBlock(u=_rand(n, d1, 3), v=_rand(n, d2, 3))  # c = min(d1, d2): exact
@@ -47,11 +48,11 @@ def test_each_curvature_scores_like_its_explicit_inverse(cls):
     explicit = {"layer": torch.eye(d1 * d2, dtype=torch.float64) if cls is Identity else damped_inverse(gram, lam)}
     assert (curvature_inverse(curvature, d1 * d2) - explicit["layer"]).norm() < 1e-9 * explicit["layer"].norm()
     expected = oracle_scores({"layer": query.dense()}, {"layer": train.dense()}, explicit)
-    rows = train if curvature.scale is not None else GradientBlock(g=train.dense())
-    got = curvature.score(curvature.prepare(query if curvature.scale is not None else GradientBlock(g=query.dense())),
-                          rows)
-    assert (got - expected).norm() / expected.norm() < 1e-10
+    for q, t in ((query, train), (GradientBlock(g=query.dense()), GradientBlock(g=train.dense()))):
+        got = layer_scores(curvature, q, t)  # factor and dense stores
+        assert (got - expected).norm() / expected.norm() < 1e-10
     diagonal = oracle_scores({"layer": train.dense()}, {"layer": train.dense()}, explicit).diagonal()
+    rows = train if curvature.scale is not None else GradientBlock(g=train.dense())
     assert torch.allclose(curvature.self_influence(rows), diagonal, rtol=1e-10)
 
 
@@ -62,7 +63,7 @@ def test_truncated_woodbury_keeps_top_directions():
     assert curvature.rank == 6
     expected = oracle_scores({"l": g[:3]}, {"l": g[3:]}, {"l": woodbury_inverse(curvature.vectors, curvature.values,
                                                                                 lam)})
-    got = curvature.score(curvature.prepare(GradientBlock(g=g[:3])), GradientBlock(g=g[3:]))
+    got = layer_scores(curvature, GradientBlock(g=g[:3]), GradientBlock(g=g[3:]))
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -73,8 +74,7 @@ def test_saved_state_round_trips():
         again = cls.from_saved(fitted.tensors(), fitted.info())
         assert again.info() == fitted.info()
         q = GradientBlock(g=g[:3])
-        assert torch.equal(again.score(again.prepare(q), GradientBlock(g=g)), fitted.score(fitted.prepare(q),
-                                                                                          GradientBlock(g=g)))
+        assert torch.equal(layer_scores(again, q, GradientBlock(g=g)), layer_scores(fitted, q, GradientBlock(g=g)))
 
 
 def test_repsim_is_cosine():

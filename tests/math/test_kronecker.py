@@ -9,7 +9,7 @@ import torch
 
 from lorif_ray.math.blocks import GradientBlock, RowLayout
 from lorif_ray.math.capture import dense_gradients
-from lorif_ray.math.curvature import (CURVATURES, EKFAC, KFAC, ExactInverse, FitSettings, Woodbury, curvature_class,
+from lorif_ray.math.curvature import (EKFAC, KFAC, Curvature, ExactInverse, FitSettings, Woodbury,
                                       fit_layers)
 from lorif_ray.math.factorize import factorize_dense, initial_block
 from lorif_ray.math.kronecker import KroneckerStats, batch_stats, sum_stats
@@ -17,6 +17,7 @@ from lorif_ray.math.rsvd import GramOperator, GramPass, TensorRows
 from lorif_ray.math.scoring import StackedQuery
 from lorif_ray.stages.featurize import LayerSpec
 from lorif_ray.store import load_tensors, save_tensors
+from tests.math.layer_scores import layer_scores
 from tests.oracles import (curvature_inverse, damped_inverse, eigenbasis_inverse, ekfac_eigenvalues,
                            kronecker_inverse, oracle_scores, spiked_rows)
 
@@ -151,11 +152,9 @@ def test_factor_and_dense_rows_give_the_same_scores_and_self_influence(cls):
     q_dense, q_factors = GradientBlock(g=rows[queries]), GradientBlock(u=factors.u[queries], v=factors.v[queries])
     t_dense, t_factors = GradientBlock(g=rows[train]), GradientBlock(u=factors.u[train], v=factors.v[train])
     expected = oracle_scores({"l": rows[queries]}, {"l": rows[train]}, {"l": inverse})
-    for query in (q_dense, q_factors):
-        prepared = curvature.prepare(query)
-        for block in (t_dense, t_factors):
-            got = curvature.score(prepared, block)
-            assert (got - expected).norm() < 1e-10 * expected.norm()
+    for query, block in ((q_dense, t_dense), (q_factors, t_factors)):  # a dense store, a factor store
+        got = layer_scores(curvature, query, block)
+        assert (got - expected).norm() < 1e-10 * expected.norm()
     diagonal = ((rows @ inverse) * rows).sum(dim=1)
     for block in (GradientBlock(g=rows), factors):
         assert torch.allclose(curvature.self_influence(block), diagonal, rtol=1e-10)
@@ -209,16 +208,16 @@ def test_saved_state_round_trips(cls, tmp_path):
     fitted = _fit(cls, rows, stats)
     save_tensors(tmp_path / "layer.safetensors", fitted.tensors(), {"info": fitted.info()})
     tensors, meta = load_tensors(tmp_path / "layer.safetensors")
-    again = curvature_class(cls.kind).from_saved(tensors, meta["info"])
+    again = Curvature.of(cls.kind).from_saved(tensors, meta["info"])
     assert all(torch.equal(tensors[k], t) for k, t in fitted.tensors().items())
     assert again.info() == fitted.info() and set(fitted.tensors()) == {"basis_a", "basis_s", "eigenvalues"}
-    assert CURVATURES[cls.kind] is cls and again.scale is None and again.low_rank is None
-    query = GradientBlock(g=rows[:3])
-    assert torch.equal(again.score(again.prepare(query), factors), fitted.score(fitted.prepare(query), factors))
+    assert Curvature.registered()[cls.kind] is cls and again.scale is None and again.low_rank is None
+    query = GradientBlock(u=factors.u[:3], v=factors.v[:3])
+    assert torch.equal(layer_scores(again, query, factors), layer_scores(fitted, query, factors))
     single = again.to(dtype=torch.float32)
     assert single.eigenvalues.dtype == torch.float32 and type(single) is cls
-    got = single.score(single.prepare(GradientBlock(g=rows[:3].float())), GradientBlock(g=rows.float()))
-    expected = fitted.score(fitted.prepare(query), GradientBlock(g=rows))
+    got = layer_scores(single, GradientBlock(g=rows[:3].float()), GradientBlock(g=rows.float()))
+    expected = layer_scores(fitted, GradientBlock(g=rows[:3]), GradientBlock(g=rows))
     assert (got.double() - expected).norm() < 1e-4 * expected.norm()
 
 
@@ -254,9 +253,8 @@ def test_stacked_query_scores_kronecker_layers(kind, normalize):
     assert (stacked.scores(block) - expected).norm() < 1e-10 * expected.norm()
     self_t = sum(((dense_train[n] @ inverses[n]) * dense_train[n]).sum(dim=1) for n in inverses)
     assert torch.allclose(stacked.train_self_influence(block), self_t, rtol=1e-10)
-    if not normalize:  # each layer's slice is that layer scored on its own
+    if not normalize:  # each layer's slice is that layer's oracle score
         per_layer = stacked.scores(block, per_layer=True)
-        train_blocks = layout.layer_blocks(block)
         for i, name in enumerate(layout.names):
-            alone = curvature[name].score(curvature[name].prepare(query[name]), train_blocks[name])
+            alone = oracle_scores({name: dense_query[name]}, {name: dense_train[name]}, {name: inverses[name]})
             assert torch.allclose(per_layer[i], alone, rtol=1e-10, atol=1e-10)

@@ -74,7 +74,7 @@ def test_the_route_is_chosen_in_one_place(nq, train_self, stored, expected):
 @pytest.mark.parametrize("kind,method,c", CASES)
 @pytest.mark.parametrize("route", ["query", "recompute", "stored"])
 def test_per_layer_scores_are_each_layers_own_and_sum_to_the_total(kind, method, c, route):
-    """scores(per_layer=True)[ℓ] equals the layer scored on its own (``Curvature.prepare/score``), on every
+    """scores(per_layer=True)[ℓ] equals the layer's own oracle score g_q H_ℓ⁻¹ g_t (tests/oracles.py), on every
     route, and the slices sum to the fused total."""
     specs, train, query, curvature = _setup(kind, method, c=c)
     layout = RowLayout.build(specs, kind, curvature)
@@ -86,7 +86,8 @@ def test_per_layer_scores_are_each_layers_own_and_sum_to_the_total(kind, method,
     per_layer = stacked.scores(block, per_layer=True)
     assert per_layer.shape == (len(specs), 5, 37)
     for i, s in enumerate(specs):
-        alone = curvature[s.name].score(curvature[s.name].prepare(query[s.name]), train[s.name])
+        inverse = {s.name: curvature_inverse(curvature[s.name], s.dim)}
+        alone = oracle_scores({s.name: query[s.name].dense()}, {s.name: train[s.name].dense()}, inverse)
         assert torch.allclose(per_layer[i], alone, rtol=1e-10, atol=1e-10)
     assert torch.allclose(per_layer.sum(dim=0), stacked.scores(block), rtol=1e-10, atol=1e-10)
 

@@ -11,10 +11,13 @@ from lorif_ray.config import MethodConfig, ModelConfig, PrecisionConfig
 from lorif_ray.distributed.gram import shard_groups
 from lorif_ray.math.curvature import FitSettings, Woodbury
 from lorif_ray.math.rsvd import GramPass, TensorRows
-from lorif_ray.plan import (GIB, SHARD_RECORD_BYTES, PlanConfig, format_plan, id_bytes, make_plan, memory_row)
+from lorif_ray.footprint import GIB, SHARD_RECORD_BYTES, id_bytes
+from lorif_ray.plan import make_plan
+from lorif_ray.plan_report import format_plan, memory_row
 from lorif_ray.stages.rows import RESIDENT_FRACTION, rows_bytes
 from lorif_ray.store.manifest import Manifest, ShardRecord
 from tests.conftest import tiny_gpt2
+from tests.plan.helpers import plan_job
 
 N, SHARD, R, P = 10_000, 1024, 16, 4
 # tiny GPT-2 (n_embd 32, 2 blocks), f=4: c_attn 8×24, attn.c_proj 8×8, c_fc 8×32, mlp.c_proj 32×8 per block
@@ -23,11 +26,11 @@ WIDTHS = [8 + 24, 8 + 8, 8 + 32, 32 + 8] * 2  # c(d1+d2), c = 1
 K = R + P  # every layer has D > r + p: all by the randomized SVD
 
 
-def tiny(**kwargs) -> PlanConfig:
-    options = dict(model=ModelConfig(arch=tiny_gpt2().config.to_dict()), method=MethodConfig("lorif"), f=4, c=1, r=R,
-                   oversample=P, num_examples=N, num_queries=8, shard_size=SHARD, num_gpus=2, gram_actors=4,
-                   query_actors=2)
-    return PlanConfig(**{**options, **kwargs})
+def tiny(**kwargs):
+    options = {"model": ModelConfig(arch=tiny_gpt2().config.to_dict()), "method": MethodConfig("lorif"), "f": 4,
+               "c": 1, "r": R, "oversample": P, "num_examples": N, "num_queries": 8, "shard_size": SHARD,
+               "num_gpus": 2, "cluster.gram_actors": 4, "cluster.query_actors": 2}
+    return plan_job(**{**options, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def test_the_layout_follows_the_stages_rules(plan):
 
 
 @pytest.mark.parametrize("kwargs,route", [({}, "query"), ({"num_queries": R}, "recompute"),
-                                          ({"normalize": True}, "recompute"), ({"store_coordinates": True}, "stored"),
+                                          ({"query.normalize": True}, "recompute"), ({"query.store_coordinates": True}, "stored"),
                                           ({"method": MethodConfig("logra")}, "none")])
 def test_the_route_is_the_one_stage_3_chooses(kwargs, route):
     assert make_plan(tiny(**kwargs)).layout.route == route
@@ -128,7 +131,7 @@ def test_the_query_actor_holds_its_rows_in_the_math_dtype_and_the_routes_terms(p
     assert actor.bytes_of("dense rows vec(u vᵀ) of one block") == nt * dense * 4
     vectors = [h for h in actor.held if h.what.startswith("V_r of its share")][0].bytes
     assert 4 * sum(d * R for d in DIMS) / 2 <= vectors < 4 * sum(d * R for d in DIMS)
-    stored = make_plan(tiny(store_coordinates=True, precision=PrecisionConfig(coordinates="bfloat16")))
+    stored = make_plan(tiny(**{"query.store_coordinates": True}, precision=PrecisionConfig(coordinates="bfloat16")))
     assert stored.actor("query actor").bytes_of("stored g'_t") == rows * R * 8 * 4  # held in float32
     recompute = make_plan(tiny(num_queries=R)).actor("query actor")
     assert recompute.bytes_of("every layer's V_r") == 2 * 4 * sum(d * R for d in DIMS)
@@ -158,7 +161,7 @@ def test_stage_1_actors_hold_a_shard(plan):
     assert gradient.bytes_of("the shard's store columns, returned") == SHARD * values * 4
     writer = plan.actor("writer actor")
     assert writer.peak() == SHARD * values * (4 + 2) and writer.peak("object store") == 4 * SHARD * values * 4
-    unfused = make_plan(tiny(fused=False)).actor("writer actor")
+    unfused = make_plan(tiny(**{"cluster.fused": False})).actor("writer actor")
     assert unfused.bytes_of("captured (A, B)") == SHARD * 32 * sum(d1 + d2 for d1, d2 in [(8, 24), (8, 8), (8, 32),
                                                                                             (32, 8)] * 2) * 4
 

@@ -11,9 +11,11 @@ from omegaconf import OmegaConf
 from lorif_ray.config import MethodConfig, ModelConfig, PrecisionConfig
 from lorif_ray.errors import ConfigError
 from lorif_ray.model.layers import select_layers
-from lorif_ray.plan import GIB, PlanConfig, format_plan, make_plan
+from lorif_ray.plan import GIB, make_plan
+from lorif_ray.plan_report import format_plan
 from lorif_ray.stages.featurize import Featurizer
 from tests.conftest import tiny_gpt2, tiny_llama
+from tests.plan.helpers import plan_job
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -26,7 +28,7 @@ def model_conf(name: str) -> ModelConfig:
 
 
 def plan(model: ModelConfig, method: str, f: int, c: int = 1, **kwargs):
-    return make_plan(PlanConfig(model=model, method=MethodConfig(method), f=f, c=c, dtype="bfloat16", **kwargs))
+    return make_plan(plan_job(model=model, method=MethodConfig(method), f=f, c=c, dtype="bfloat16", **kwargs))
 
 
 # Paper Tables 2-4 (16-bit values, every linear layer of each block): model, method, f, c, printed
@@ -115,22 +117,27 @@ def test_tp_search_returns_the_smallest_fitting_size():
     (ModelConfig(arch={"model_type": "not_a_model"}), {}, "not_a_model"),
     (ModelConfig(arch={"hidden_size": 64}), {}, "model_type"),
     (None, {"tp_size": 3}, "tp_size=3"),
-    (None, {"max_length": 4096}, "max_length=4096"),
     (None, {"precision": PrecisionConfig(math="float16")}, "precision.math='float16'"),
     (None, {"driver_device": "tpu"}, "driver_device='tpu'"),
-    (None, {"gram_actors": 0}, "gram_actors=0"),
+    (None, {"cluster.gram_actors": 0}, r"cluster.\*_actors"),
     (None, {"curvature": "kfc"}, "curvature='kfc'"),
 ])
 def test_bad_input_raises_config_error(model, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         plan(model or model_conf("gpt2_small"), "lorif", 4, **kwargs)
     with pytest.raises(ConfigError, match="method="):
-        PlanConfig(method=MethodConfig("lorf"))
+        plan_job(method=MethodConfig("lorf"))
+
+
+def test_max_length_is_capped_at_the_models_positions():
+    """Every example counts as data.max_length tokens (conf/plan.yaml: 512), at most the model's positions."""
+    assert plan(model_conf("gpt2_small"), "lorif", 4, max_length=4096).config.data.max_length == 1024
+    assert plan(model_conf("gpt2_small"), "lorif", 4, max_length=256).config.data.max_length == 256
 
 
 def test_embedded_default_reads_the_recipe():
     p = plan(ModelConfig(), "lorif", 4)
-    assert (p.model_type, p.num_blocks, len(p.specs), p.config.max_length) == ("gpt2", 2, 8, 64)
+    assert (p.model_type, p.num_blocks, len(p.specs), p.config.data.max_length) == ("gpt2", 2, 8, 64)
     text = format_plan(p)
     assert "- exact: bytes per example" in text and "- estimate: TP size: 1" in text
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lorif_ray.plan import MEMORY_HEADER, SUMMARY_HEADER, make_plan, memory_row, register_plan_config, summary_row
+from lorif_ray.plan import expand_shorthands, make_plan, register_plan_config
+from lorif_ray.plan_report import MEMORY_HEADER, SUMMARY_HEADER, memory_row, summary_row
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"olmo3_7b": "OLMo-3-7B", "llama_70b": "Llama-70B", "apertus_70b": "Apertus-70B"}
@@ -35,7 +36,7 @@ def test_the_readme_plan_tables_are_generated_by_the_planner():
     assert len(commands) == 3
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         for overrides in commands:
-            plan = make_plan(OmegaConf.to_object(compose(config_name="plan", overrides=overrides)))
+            plan = make_plan(OmegaConf.to_object(compose(config_name="plan", overrides=expand_shorthands(overrides))))
             label = label_of(overrides)
             for row in (summary_row(plan, label), memory_row(plan, label)):
                 assert row in readme, f"README row for {label} differs from the planner:\n{row}"

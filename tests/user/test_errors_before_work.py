@@ -13,11 +13,11 @@ import shutil
 from lorif_ray.cli import schema_keys
 from lorif_ray.config import Config
 from lorif_ray.eval.config import SweepConfig
-from lorif_ray.plan import PlanConfig
+from lorif_ray.plan import PlanJob
 from tests.user.conftest import finish, job_env, ray_started, run, start
 
 JOBS = {"attribute": Config, "index": Config, "curvature": Config, "query": Config, "serve": Config,
-        "plan": PlanConfig, "evaluate": SweepConfig, "sweep": SweepConfig, "report": SweepConfig}
+        "plan": PlanJob, "evaluate": SweepConfig, "sweep": SweepConfig, "report": SweepConfig}
 
 
 def _error_line(result) -> str:
@@ -121,7 +121,7 @@ def test_damaged_model_files_are_named(tiny_assets, tmp_path, env):
 
 def test_every_field_has_a_one_line_help_text():
     """What `--help` shows comes from the dataclasses: no field without its meaning, none over one line."""
-    for schema in (Config, SweepConfig, PlanConfig):
+    for schema in (Config, SweepConfig, PlanJob):
         for key in schema_keys(schema):
             assert key.help and "\n" not in key.help, f"{schema.__name__}.{key.name}"
 
