@@ -6,7 +6,7 @@ examples and queries, the GPUs and memory, reference throughputs); the job's sch
 (``PlanJob``). It owns no memory model: each allocating part declares its footprint as a function of the
 settings it runs with (``lorif_ray.footprint``) — the featurizer's device tensors and a tensor-parallel rank's
 slices (``stages.featurize.featurizer_footprint``, ``model.tensor_parallel.rank_dims``), each curvature
-(``Curvature.row_request``, ``fit_numbers``, ``saved_numbers``), the Gram worker and its driver
+(``Curvature.row_request``, ``fit_numbers``, ``saved_numbers``), the gradient and writer actors and stage 1's driver (``distributed.featurize``), the Gram worker and its driver
 (``distributed.gram``), the query worker and its driver (``distributed.query_pool``) — and the planner composes
 them with the model's shapes (the model built on the meta device, ``model.tensor_parallel.meta_model``) and the
 layout the code would choose: stage 2's layer groups (``stages.curvature.layer_groups``), rows resident or
@@ -27,10 +27,11 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from lorif_ray.config import Config, setting
+from lorif_ray.distributed import featurize as ray_featurize
 from lorif_ray.distributed import gram as ray_gram
 from lorif_ray.distributed import query_pool
 from lorif_ray.errors import ConfigError
-from lorif_ray.footprint import GIB, Footprint, Held, largest_footprint, shard_records
+from lorif_ray.footprint import GIB, Footprint, largest_footprint
 from lorif_ray.math.curvature import Curvature
 from lorif_ray.math.factorize import default_iterations, effective_rank
 from lorif_ray.math.projection import projected_dims
@@ -41,7 +42,7 @@ from lorif_ray.model.shapes import model_config
 from lorif_ray.model.tensor_parallel import is_row_parallel, meta_model, rank_dims
 from lorif_ray.precision import Precision
 from lorif_ray.stages import curvature as stage2
-from lorif_ray.stages.featurize import DEVICE_BYTES, LayerSpec, featurizer_footprint
+from lorif_ray.stages.featurize import LayerSpec, featurizer_footprint
 from lorif_ray.stages.rows import RESIDENT_FRACTION
 from lorif_ray.store.schema import BYTES_PER_VALUE, store_columns
 
@@ -376,40 +377,19 @@ def budget_of(plan: Plan, where: str) -> float:
 
 
 def stage1_footprints(plan: Plan) -> list[Footprint]:
-    """Stage 1's driver (a record per committed shard and its to-do entries; the gradient actors read the
-    input), one TP rank at the chosen size (the largest tried when none fits: ``rank_memory``, and on the host
-    the shard it returns), and a member of the factorization pool (one shard's payload at a time, rounded to the
-    storage dtype; the payloads waiting for the pool sit in the object store)."""
+    """Stage 1's driver, one TP rank at the chosen size (the largest tried when none fits: ``rank_memory``) and a
+    member of the factorization pool, as ``distributed.featurize`` declares them."""
     cfg, layout = plan.config, plan.layout
     m = next((m for m in plan.memory if m.tp == plan.tp_size), plan.memory[-1])
-    dtype, values, rows = cfg.model.dtype, sum(plan.columns.values()), min(cfg.shard_size, cfg.num_examples)
-    fused = cfg.cluster.fused or cfg.method.store_kind == "hidden"
-    shard = DEVICE_BYTES * rows * values
-    captured = Held(f"captured (A, B) of every batch of the shard, returned ({rows:,} × T × Σ(d1+d2))", "float32",
-                    DEVICE_BYTES * rows * cfg.data.max_length * sum(s.d1 + s.d2 for s in plan.specs))
-    gradient = [Held("model shard: block linears / TP + the rest", dtype, m.weights, "GPU"),
-                Held(f"activations saved for backward, B={cfg.data.batch_size}, T={cfg.data.max_length}", dtype,
-                     m.activations, "GPU"),
-                Held("projections P_in, P_out of the rank's rows", "float32", m.projections, "GPU"),
-                Held("captured A (B·T×d1), B (B·T×d2) of every layer", "float32", m.captured, "GPU"),
-                Held(f"store columns of the shard's batches ({rows:,} rows), until the shard ends", "float32", m.store,
-                     "GPU"),
-                Held(f"the shard's store columns, returned ({rows:,} × {values:,})", "float32", shard) if fused
-                else captured]
-    writer = [Held(f"one shard's store columns ({rows:,} × {values:,})", "float32", shard),
-              Held("the same rounded to the storage dtype (Arrow table)", cfg.dtype,
-                   BYTES_PER_VALUE[cfg.dtype] * rows * values)]
-    if not fused:
-        writer.insert(0, replace(captured, what=captured.what.replace(", returned", "")))
-    waiting = 2 * cfg.cluster.inflight_per_actor * cfg.cluster.writer_actors  # the driver's payload budget
-    writer.append(Held(f"shard payloads waiting for the pool (≤ {waiting}, the driver's budget)", "float32",
-                       waiting * writer[0].bytes, "object store"))
-    driver = Held(f"shard records and to-do entries: {layout.shards:,} shards × ~{shard_records(1).bytes} B", "—",
-                  shard_records(layout.shards).bytes)
-    return [Footprint("driver, stage 1", 1, "host", budget_of(plan, "host"), (driver,)),
-            Footprint(f"gradient actor (one TP rank, TP = {m.tp})", cfg.num_gpus, "GPU", plan.usable_bytes,
-                      tuple(gradient)),
-            Footprint("writer actor", cfg.cluster.writer_actors, "host", budget_of(plan, "host"), tuple(writer))]
+    rows = min(cfg.shard_size, cfg.num_examples)
+    gradient = ray_featurize.gradient_actor_footprint(cfg, plan.specs, plan.columns, rows=rows, weights=m.weights,
+                                                      activations=m.activations, projections=m.projections,
+                                                      captured=m.captured, store=m.store)
+    writer = ray_featurize.writer_actor_footprint(cfg, plan.specs, plan.columns, rows=rows)
+    return [Footprint("driver, stage 1", 1, "host", budget_of(plan, "host"),
+                      ray_featurize.driver_footprint(layout.shards)),
+            Footprint(f"gradient actor (one TP rank, TP = {m.tp})", cfg.num_gpus, "GPU", plan.usable_bytes, gradient),
+            Footprint("writer actor", cfg.cluster.writer_actors, "host", budget_of(plan, "host"), writer)]
 
 
 def footprints(plan: Plan) -> list[Footprint]:

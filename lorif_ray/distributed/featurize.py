@@ -51,13 +51,15 @@ from lorif_ray.distributed.cluster import (actor_options, in_bundle, ready_place
                                           replica_placement_group)
 from lorif_ray.distributed.progress import ActorProgress
 from lorif_ray.errors import LorifError
+from lorif_ray.footprint import Held, shard_records
 from lorif_ray.math.capture import nonfinite_rows
 from lorif_ray.model.loading import load_model, load_tokenizer, model_identity
-from lorif_ray.stages.featurize import ColumnMaker, Featurizer, LayerSpec
+from lorif_ray.stages.featurize import DEVICE_BYTES, ColumnMaker, Featurizer, LayerSpec
 from lorif_ray.stages.index import (FeaturizeBackend, FinishedShard, IndexLayout, build_featurizer, capture_chunk,
                                     columns_of_captured, featurize_chunk, index_meta)
 from lorif_ray.stages.inputs import tokenized_shard
 from lorif_ray.store import ShardRecord, ShardWriter
+from lorif_ray.store.schema import BYTES_PER_VALUE
 
 if TYPE_CHECKING:  # ray is imported where Ray work starts
     from lorif_ray.distributed.actor_pool import Member
@@ -430,3 +432,55 @@ class RayFeaturize(FeaturizeBackend):
         if self.replicas is not None:
             self.replicas.close()
         self.writers, self.writer_group = [], None
+
+
+def _fused(cfg: Config) -> bool:
+    """Whether the gradient actors factorize in place (else they ship the captured (A, B) pairs to the pool)."""
+    return cfg.cluster.fused or cfg.method.store_kind == "hidden"
+
+
+def _captured(cfg: Config, specs: list[LayerSpec], rows: int, what: str) -> Held:
+    return Held(f"captured (A, B) of every batch of the shard{what} ({rows:,} × T × Σ(d1+d2))", "float32",
+                DEVICE_BYTES * rows * cfg.data.max_length * sum(s.d1 + s.d2 for s in specs))
+
+
+def gradient_actor_footprint(cfg: Config, specs: list[LayerSpec], columns: dict[str, int], *, rows: int, weights: int,
+                             activations: int, projections: int, captured: int, store: int) -> tuple[Held, ...]:
+    """What one TP rank of a gradient replica holds at its largest step, for shards of ``rows`` examples: the
+    model shard and its activations (bytes as the caller estimates them from the model's shapes), the
+    featurizer's device tensors (``stages.featurize.featurizer_footprint``: ``projections``, ``captured``,
+    ``store``), and what it returns per shard (store columns when fused, else the captured pairs)."""
+    dtype, values = cfg.model.dtype, sum(columns.values())
+    returned = (Held(f"the shard's store columns, returned ({rows:,} × {values:,})", "float32",
+                     DEVICE_BYTES * rows * values) if _fused(cfg) else _captured(cfg, specs, rows, ", returned"))
+    return (Held("model shard: block linears / TP + the rest", dtype, weights, "GPU"),
+            Held(f"activations saved for backward, B={cfg.data.batch_size}, T={cfg.data.max_length}", dtype,
+                 activations, "GPU"),
+            Held("projections P_in, P_out of the rank's rows", "float32", projections, "GPU"),
+            Held("captured A (B·T×d1), B (B·T×d2) of every layer", "float32", captured, "GPU"),
+            Held(f"store columns of the shard's batches ({rows:,} rows), until the shard ends", "float32", store, "GPU"),
+            returned)
+
+
+def writer_actor_footprint(cfg: Config, specs: list[LayerSpec], columns: dict[str, int], *, rows: int
+                           ) -> tuple[Held, ...]:
+    """What a member of the factorization pool holds: one shard's payload at a time (the captured pairs it
+    factorizes when not fused), its store columns and their storage-dtype copy; the payloads waiting for the pool
+    sit in the object store (at most 2·``inflight_per_actor`` per pool actor: the driver's budget)."""
+    values = sum(columns.values())
+    shard = Held(f"one shard's store columns ({rows:,} × {values:,})", "float32", DEVICE_BYTES * rows * values)
+    held = [shard, Held("the same rounded to the storage dtype (Arrow table)", cfg.dtype,
+                        BYTES_PER_VALUE[cfg.dtype] * rows * values)]
+    if not _fused(cfg):
+        held.insert(0, _captured(cfg, specs, rows, ""))
+    waiting = 2 * cfg.cluster.inflight_per_actor * cfg.cluster.writer_actors
+    held.append(Held(f"shard payloads waiting for the pool (≤ {waiting}, the driver's budget)", "float32",
+                     waiting * held[0].bytes, "object store"))
+    return tuple(held)
+
+
+def driver_footprint(shards: int) -> tuple[Held, ...]:
+    """What stage 1's driver holds: a record per committed shard and its to-do entries (never a row: the gradient
+    actors read the input)."""
+    return (Held(f"shard records and to-do entries: {shards:,} shards × ~{shard_records(1).bytes} B", "—",
+                 shard_records(shards).bytes),)

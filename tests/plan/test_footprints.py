@@ -116,3 +116,26 @@ def test_a_curvature_fits_within_its_declared_final_step():
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
     assert 0.6 * declared <= measured <= 1.4 * declared, (measured / declared, measured, declared)
+
+
+def test_the_writer_actors_declared_shard_is_a_real_shards_columns(baseline):
+    """A pool member's declared payload (store columns in float32, then their storage-dtype copy) against the
+    columns of the baseline index's first shard as the store reads them back."""
+    from lorif_ray.distributed.featurize import writer_actor_footprint
+    from lorif_ray.store import IndexFolder
+    from lorif_ray.store.schema import STORAGE_DTYPES, TORCH_STORAGE_DTYPES
+
+    cfg = baseline["cfg"]
+    index = IndexFolder(cfg.index_path)
+    manifest = index.manifest()
+    first = manifest.shards[0]
+    columns = {}
+    for _, batch in index.batches(manifest=manifest, shards=[first.index]):
+        for name, values in batch.items():
+            columns.setdefault(name, []).append(values)
+    columns = {name: torch.cat(parts) for name, parts in columns.items()}
+    held = writer_actor_footprint(cfg, [], manifest.columns, rows=first.rows)
+    shard, stored = (h for h in held if "store columns" in h.what or "storage dtype" in h.what)
+    assert manifest.dtype in STORAGE_DTYPES
+    assert shard.bytes == sum(v.to(torch.float32).nbytes for v in columns.values())
+    assert stored.bytes == sum(v.to(TORCH_STORAGE_DTYPES[manifest.dtype]).nbytes for v in columns.values())
