@@ -43,7 +43,7 @@ from lorif_ray.model.tensor_parallel import is_row_parallel, meta_model, rank_di
 from lorif_ray.precision import Precision
 from lorif_ray.stages import curvature as stage2
 from lorif_ray.stages.featurize import LayerSpec, featurizer_footprint
-from lorif_ray.stages.rows import RESIDENT_FRACTION
+from lorif_ray.stages.rows import RESIDENT_FRACTION, row_bytes
 from lorif_ray.store.schema import BYTES_PER_VALUE, store_columns
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class Layout:
         reads_rows: whether the curvature is fitted from the rows (by Gram actors; ``Curvature.reads_rows``).
         resident: per group, whether its rows are resident in that Gram actor (``stages.rows.layer_rows``:
             rows ≤ RESIDENT_FRACTION of the device's memory) rather than streamed once per pass.
-        resident_bytes: per group, those rows' bytes in the actor's math dtype (``stages.rows.rows_bytes``).
+        resident_bytes: per group, those rows' bytes in the actor's math dtype (``stages.rows.row_bytes``).
         route: stage 3's curvature-term route for a batch of ``num_queries`` (``choose_route``).
     """
 
@@ -279,9 +279,7 @@ def plan_layout(cfg: PlanJob, specs: list[LayerSpec]) -> Layout:
     curvature = Curvature.of(cfg.curvature_kind)
     groups = stage2.layer_groups(specs, cfg) if curvature.fit_keys else []  # nothing fitted: no groups
     reads_rows = bool(groups) and curvature.reads_rows
-    factors = cfg.method.store_kind == "factors"
-    sizes = [gram_rows * sum(s.c * (s.d1 + s.d2) if factors else s.dim for s in g) * actor.math.itemsize
-             for g in groups if reads_rows]
+    sizes = [row_bytes(cfg.method.store_kind, g, gram_rows, actor.math) for g in groups if reads_rows]
     threshold = RESIDENT_FRACTION * device_bytes(cfg, cfg.actor_device)
     low_rank = [min(cfg.r, s.dim) for s in specs] if curvature.truncates else []
     route = choose_route(cfg.num_queries, low_rank, stored=cfg.query.store_coordinates,

@@ -152,11 +152,17 @@ def device_memory(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def row_bytes(kind: str, specs: list[LayerSpec], rows: int, dtype: torch.dtype) -> int:
+    """Memory of ``rows`` rows of these layers in ``dtype``: rows · Σ c(d1+d2) (factors) or rows · Σ D (dense)
+    numbers (what the planner composes, and what ``layer_rows`` compares with the device's memory)."""
+    width = sum(s.c * (s.d1 + s.d2) if kind == "factors" else s.dim for s in specs)
+    return rows * width * torch.finfo(dtype).bits // 8
+
+
 def rows_bytes(manifest: Manifest, specs: list[LayerSpec], dtype: torch.dtype, shards: list[int] | None = None) -> int:
-    """Memory of these layers' rows in ``dtype``: N · Σ c(d1+d2) (factors) or N · Σ D (dense) numbers."""
+    """``row_bytes`` of the index's rows (of ``shards``, a consecutive run; None = all)."""
     start, stop = manifest.row_range(shards) if shards is not None else (0, manifest.num_rows)
-    width = sum(s.c * (s.d1 + s.d2) if manifest.kind == "factors" else s.dim for s in specs)
-    return (stop - start) * width * torch.finfo(dtype).bits // 8
+    return row_bytes(manifest.kind, specs, stop - start, dtype)
 
 
 def layer_rows(index: IndexFolder, manifest: Manifest, specs: list[LayerSpec], *, dtype: torch.dtype, device="cpu",
