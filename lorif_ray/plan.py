@@ -277,7 +277,8 @@ def plan_layout(cfg: PlanJob, specs: list[LayerSpec]) -> Layout:
     gram_actors, gram_rows = largest_group_rows(cfg.num_examples, cfg.shard_size, cfg.cluster.gram_actors)
     query_actors, query_rows = largest_group_rows(cfg.num_examples, cfg.shard_size, cfg.cluster.query_actors)
     curvature = Curvature.of(cfg.curvature_kind)
-    groups = stage2.layer_groups(specs, cfg) if curvature.fit_keys else []  # nothing fitted: no groups
+    fitted = curvature.fit_keys  # nothing fitted: no groups
+    groups = stage2.layer_groups(specs, cfg, rows=cfg.num_examples) if fitted else []
     reads_rows = bool(groups) and curvature.reads_rows
     sizes = [row_bytes(cfg.method.store_kind, g, gram_rows, actor.math) for g in groups if reads_rows]
     threshold = RESIDENT_FRACTION * device_bytes(cfg, cfg.actor_device)
@@ -327,13 +328,13 @@ class Plan:
 
     def curvature_bytes(self, spec: LayerSpec) -> int:
         """The saved curvature of one layer, in the dtype stage 2 writes it (the driver's math dtype)."""
-        settings = stage2.fit_settings(self.config, self.layout.driver.math, "cpu")
+        settings = stage2.fit_settings(self.config, self.layout.driver.math, "cpu", self.config.num_examples)
         return self.layout.driver.math.itemsize * Curvature.of(self.config.curvature_kind).saved_numbers(
             spec.d1, spec.d2, settings)
 
     def iterate_bytes(self, spec: LayerSpec) -> int:
         """The driver's rSVD iterate Q of one layer (D×k, its math dtype); 0 for a layer fitted otherwise."""
-        settings = stage2.fit_settings(self.config, self.layout.driver.math, "cpu")
+        settings = stage2.fit_settings(self.config, self.layout.driver.math, "cpu", self.config.num_examples)
         kind, k = Curvature.of(self.config.curvature_kind).row_request(spec.d1, spec.d2, settings)
         return spec.dim * k * self.layout.driver.math.itemsize if kind == "apply" else 0
 
@@ -398,15 +399,16 @@ def footprints(plan: Plan) -> list[Footprint]:
     if layout.groups:
         where = where_of(cfg.driver_device)
         held = largest_footprint((ray_gram.driver_footprint(cfg, group, plan.specs, workers=layout.gram_actors,
-                                                            shards=layout.shards, math=layout.driver.math,
-                                                            where=where) for group in layout.groups), where)
+                                                            shards=layout.shards, math=layout.driver.math, where=where,
+                                                            num_rows=cfg.num_examples)
+                                  for group in layout.groups), where)
         out.append(Footprint("driver, stage 2", 1, where, budget_of(plan, "host") if where == "host"
                              else cfg.gpu_memory_gib * GIB, held))
     if layout.reads_rows:
         where = where_of(cfg.actor_device)
         held = largest_footprint((ray_gram.worker_footprint(
             cfg, group, rows=layout.gram_rows, shards=layout.shards, resident_bytes=size if resident else None,
-            precision=layout.actor, driver_math=layout.driver.math, where=where)
+            precision=layout.actor, driver_math=layout.driver.math, where=where, num_rows=cfg.num_examples)
             for group, resident, size in zip(layout.groups, layout.resident, layout.resident_bytes)), where)
         out.append(Footprint("Gram actor", layout.gram_actors, where, budget_of(plan, where), held))
     values, where = sum(plan.columns.values()), where_of(cfg.actor_device)
@@ -415,7 +417,7 @@ def footprints(plan: Plan) -> list[Footprint]:
                                          num_queries=cfg.num_queries, route=layout.route, math=layout.actor.math)
     worker = query_pool.worker_footprint(cfg, plan.specs, values=values, rows=layout.query_rows, shards=layout.shards,
                                          workers=layout.query_actors, num_queries=cfg.num_queries, route=layout.route,
-                                         precision=layout.actor, where=where)
+                                         precision=layout.actor, where=where, num_rows=cfg.num_examples)
     return out + [Footprint("driver, stage 3", 1, "host", budget_of(plan, "host"), tuple(driver)),
                   Footprint("query actor", layout.query_actors, where, budget_of(plan, where), tuple(worker))]
 

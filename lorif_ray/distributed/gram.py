@@ -188,10 +188,10 @@ class RayGram:
 # ---------------------------------------------------------------- footprints (what each process holds)
 
 
-def row_requests(cfg: Config, group: list[LayerSpec]) -> dict[str, list]:
-    """The group's layers by what their fit asks of the rows (``Curvature.row_request``): "apply" [(spec, k)],
-    "gram" [(spec, D)], "eigen" [spec]."""
-    curvature, settings = Curvature.of(cfg.curvature_kind), fit_settings(cfg, torch.float64, "cpu")
+def row_requests(cfg: Config, group: list[LayerSpec], num_rows: int | None = None) -> dict[str, list]:
+    """The group's layers by what their fit over ``num_rows`` rows asks of them (``Curvature.row_request``):
+    "apply" [(spec, k)], "gram" [(spec, D)], "eigen" [spec]."""
+    curvature, settings = Curvature.of(cfg.curvature_kind), fit_settings(cfg, torch.float64, "cpu", num_rows)
     out: dict[str, list] = {"apply": [], "gram": [], "eigen": []}
     for s in group:
         kind, k = curvature.row_request(s.d1, s.d2, settings)
@@ -203,14 +203,15 @@ def row_requests(cfg: Config, group: list[LayerSpec]) -> dict[str, list]:
 
 
 def worker_footprint(cfg: Config, group: list[LayerSpec], *, rows: int, shards: int, resident_bytes: int | None,
-                     precision: Precision, driver_math: torch.dtype, where: str) -> list[Held]:
+                     precision: Precision, driver_math: torch.dtype, where: str,
+                     num_rows: int | None = None) -> list[Held]:
     """What one ``GramWorker`` of ``rows`` rows holds for one group of layers: the group's rows resident
     (``resident_bytes``, in its math dtype) or one streamed batch, their dense rows one chunk at a time, Q in
     the matmul dtype and GᵀG Q accumulated in the dtype of the Q it receives (the driver's), or the D×D GᵀG, or
     EK-FAC's Λ*; with stored g'_t, V_r and the rows' g'_t."""
     math, matmul, driver = precision.math, precision.matmul, driver_math
     factors = cfg.method.store_kind == "factors"
-    asks = row_requests(cfg, group)
+    asks = row_requests(cfg, group, num_rows)
     applies, grams, eigens = asks["apply"], asks["gram"], asks["eigen"]
     width = sum(s.c * (s.d1 + s.d2) if factors else s.dim for s in group)
     dense = sum(s.dim for s in group)
@@ -271,15 +272,15 @@ def worker_footprint(cfg: Config, group: list[LayerSpec], *, rows: int, shards: 
 
 
 def driver_footprint(cfg: Config, group: list[LayerSpec], specs: list[LayerSpec], *, workers: int, shards: int,
-                     math: torch.dtype, where: str) -> list[Held]:
+                     math: torch.dtype, where: str, num_rows: int | None = None) -> list[Held]:
     """What ``run_curvature``'s driver holds with ``RayGram`` for one group of layers: the rSVD iterate Q of
     each layer, every worker's partial GᵀG Q gathered at once and summed, then the final float64 step; the
     fitted curvature of the group until it is written. K-FAC and EK-FAC: stage 1's statistics of every layer
     (``specs``), the group's eigenbases, and (EK-FAC) every worker's Λ* gathered at once."""
     size, name = math.itemsize, dtype_name(math)
     curvature = Curvature.of(cfg.curvature_kind)
-    settings = fit_settings(cfg, math, "cpu")
-    asks = row_requests(cfg, group)
+    settings = fit_settings(cfg, math, "cpu", num_rows)
+    asks = row_requests(cfg, group, num_rows)
     applies, grams = asks["apply"], asks["gram"]
     eigens = sum(s.dim for s in asks["eigen"])
     iterate = sum(s.dim * k for s, k in applies)

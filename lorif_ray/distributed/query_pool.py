@@ -244,7 +244,8 @@ COLUMN_BYTES = 4  # query columns come float32 from the gradient replica that fe
 
 
 def worker_footprint(cfg: Config, specs: list[LayerSpec], *, values: int, rows: int, shards: int, workers: int,
-                     num_queries: int, route: str, precision: Precision, where: str) -> list[Held]:
+                     num_queries: int, route: str, precision: Precision, where: str,
+                     num_rows: int | None = None) -> list[Held]:
     """What one ``QueryWorker`` of ``rows`` resident rows (``values`` store numbers each) holds for a batch of
     ``num_queries``: its rows in the stacked layout (in the math dtype, whatever the storage dtype), stored
     g'_t, V_r of its share of the layers (of ``workers``), and per batch the query terms of the route and one
@@ -278,7 +279,7 @@ def worker_footprint(cfg: Config, specs: list[LayerSpec], *, values: int, rows: 
             held.append(Held("[score] term 1 of the largest factor group: uᵀu and vᵀv (L × nq·c × nt·c)", m,
                              2 * term_one * (x + (matmul.itemsize if matmul != math else 0)), where, "score"))
     if curvature.preconditions:  # every layer's curvature, as saved
-        settings = fit_settings(cfg, math, "cpu")
+        settings = fit_settings(cfg, math, "cpu", num_rows)  # the curvature as fitted over the index's N rows
         numbers = sum(curvature.saved_numbers(s.d1, s.d2, settings) for s in specs)
         held.append(Held(f"every layer's {curvature.holds}", m, x * numbers, where))
     if low:

@@ -52,6 +52,7 @@ class FitSettings:
         damping_scale: that scale, or None for the curvature's own ``default_damping_scale``.
         dtype: dtype of the fitted tensors (the precision policy's math dtype).
         device: where the fit keeps its D×k iterate between passes.
+        rows: N, the rows the curvature is fitted on (None: not known; ExactInverse then forms GᵀG).
     """
 
     rank: int = 64
@@ -62,6 +63,7 @@ class FitSettings:
     seed: int = 0
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"  # where the driver keeps Q (D, k) between passes
+    rows: int | None = None
 
 
 def woodbury_weights(values: torch.Tensor, damping: float) -> torch.Tensor:
@@ -237,31 +239,60 @@ class Identity(Curvature, kind="identity"):
 
 @dataclass
 class ExactInverse(Curvature, kind="exact"):
-    """(GᵀG + λI)⁻¹ (D, D): LoGRA."""
+    """(GᵀG + λI)⁻¹: LoGRA, in one of two exact forms.
+
+    With N rows known and N + p < D/2 (``thin``): G has rank ≤ N, so GᵀG = V diag(σ²) Vᵀ with V (D, N) and the
+    inverse is exactly I/λ − V diag(w) Vᵀ (the Woodbury identity at full rank): one pass of GᵀG Q with a random
+    D×(N+p) Q (no power iterations: its range is G's whole row space) gives V and σ², and nothing D×D is formed,
+    stored or held by a scorer. Otherwise the D×D inverse, from the eigendecomposition of the formed GᵀG.
+
+    Attributes:
+        inverse: (D, D), or None in the thin form.
+        values, vectors: (N,) σ² and (D, N) V of the thin form, else None.
+    """
 
     damping: float
-    inverse: torch.Tensor
+    inverse: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
     preconditions: ClassVar[bool] = True
     score_meaning: ClassVar[str] = ("I(t,q) = g_q^T (G^T G + lambda I)^-1 g_t (exact per-layer inverse); > 0: "
                                     "proponent; ~ rise of the query loss (nats) if t were left out")
     title: ClassVar[str] = "exact"
-    saved_rule: ClassVar[str] = "the D×D inverse"
-    holds: ClassVar[str] = "(GᵀG + λI)⁻¹ (D×D)"
+    saved_rule: ClassVar[str] = "the D×D inverse, or V (D×N) + N values when N + p < D/2"
+    holds: ClassVar[str] = "(GᵀG + λI)⁻¹ (D×D, or D×N thin)"
+
+    @staticmethod
+    def thin(dim: int, settings: FitSettings) -> bool:
+        """Whether the fit takes the thin form: N known and N + p < D/2 (its passes and SVD cost ~D·(N+p)² against
+        the eigendecomposition's ~D³: the measured crossover is near N + p ≈ D/2, ``bench/exact_cpu.py``)."""
+        return settings.rows is not None and 2 * (settings.rows + settings.oversample) < dim
 
     @classmethod
     def row_request(cls, d1, d2, settings):
-        return ("gram", d1 * d2)
+        dim = d1 * d2
+        return ("apply", settings.rows + settings.oversample) if cls.thin(dim, settings) else ("gram", dim)
 
     @classmethod
     def fit_numbers(cls, d1, d2, settings):
-        return (d1 * d2) ** 2
+        dim = d1 * d2
+        return 2 * dim * (settings.rows + settings.oversample) if cls.thin(dim, settings) else dim ** 2
 
     @classmethod
     def saved_numbers(cls, d1, d2, settings):
-        return (d1 * d2) ** 2
+        dim = d1 * d2
+        return dim * settings.rows + settings.rows if cls.thin(dim, settings) else dim ** 2
 
     @classmethod
     def steps(cls, dim, name, settings):
+        if cls.thin(dim, settings):
+            spectrum = yield from randomized_steps(dim, settings.rows, oversample=settings.oversample, power_iters=0,
+                                                   seed=settings.seed, name=name, dtype=settings.dtype,
+                                                   device=settings.device)
+            trace = float(spectrum.values.double().sum())  # every nonzero eigenvalue: GᵀG has rank ≤ N
+            damping = settings.damping or cls.damping_scale_for(settings) * trace / dim  # × mean eigenvalue
+            _check_damping(damping, name)
+            return cls(damping, values=spectrum.values.to(settings.dtype), vectors=spectrum.vectors.to(settings.dtype))
         matrix = (yield ("gram", torch.float64)).to(torch.float64)
         damping = settings.damping or cls.damping_scale_for(settings) * float(matrix.trace()) / dim  # × mean eigenvalue
         _check_damping(damping, name)
@@ -270,21 +301,27 @@ class ExactInverse(Curvature, kind="exact"):
         return cls(damping, inverse.to(settings.dtype))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"inverse": self.inverse}
+        # the thin form's V is saved as "basis", not "vectors": a loader that skips V_r (stored g'_t) needs it
+        return {"inverse": self.inverse} if self.inverse is not None else {"values": self.values, "basis": self.vectors}
 
     @classmethod
     def from_saved(cls, tensors, info) -> "ExactInverse":
-        return cls(info["damping"], tensors["inverse"])
+        return cls(info["damping"], tensors.get("inverse"), tensors.get("values"), tensors.get("basis"))
 
     def to(self, device=None, dtype=None) -> "ExactInverse":
-        return ExactInverse(self.damping, self.inverse.to(device=device, dtype=dtype))
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return ExactInverse(self.damping, move(self.inverse), move(self.values), move(self.vectors))
 
     @property
     def scale(self) -> None:
         return None
 
     def precondition(self, g: torch.Tensor) -> torch.Tensor:
-        return g @ self.inverse.to(g.dtype)
+        if self.inverse is not None:
+            return g @ self.inverse.to(g.dtype)
+        vectors = self.vectors.to(g.dtype)
+        weights = woodbury_weights(self.values.to(g.dtype), self.damping)
+        return g / self.damping - ((g @ vectors) * weights) @ vectors.T
 
 
 @dataclass

@@ -157,16 +157,18 @@ class LocalGram:
         pass
 
 
-def fit_settings(cfg: Config, dtype: torch.dtype, device) -> FitSettings:
+def fit_settings(cfg: Config, dtype: torch.dtype, device, rows: int | None = None) -> FitSettings:
+    """The ``FitSettings`` of ``cfg``'s curvature, fitted in ``dtype`` on ``device`` over ``rows`` rows (N)."""
     return FitSettings(rank=cfg.r, damping=cfg.damping, damping_scale=cfg.damping_scale, oversample=cfg.oversample,
-                       power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype, device=device)
+                       power_iters=cfg.svd_power_iters, seed=cfg.seed, dtype=dtype, device=device, rows=rows)
 
 
-def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None) -> list[list[LayerSpec]]:
-    """Consecutive layers fitted together: what the driver holds for them (``Curvature.fit_numbers``, float64)
-    within ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
+def layer_groups(specs: list[LayerSpec], cfg: Config, budget: int | None = None,
+                 rows: int | None = None) -> list[list[LayerSpec]]:
+    """Consecutive layers fitted together: what the driver holds for them (``Curvature.fit_numbers``, float64,
+    over ``rows`` rows) within ``budget`` bytes (default ``GROUP_BYTES``); a larger layer is a group of its own."""
     budget = GROUP_BYTES if budget is None else budget
-    curvature, settings = Curvature.of(cfg.curvature_kind), fit_settings(cfg, torch.float64, "cpu")
+    curvature, settings = Curvature.of(cfg.curvature_kind), fit_settings(cfg, torch.float64, "cpu", rows)
     groups, current, used = [], [], 0
     for spec in specs:
         size = 8 * curvature.fit_numbers(spec.d1, spec.d2, settings)
@@ -282,14 +284,14 @@ def _fit_curvature(cfg: Config, folder: CurvatureFolder, manifest: Manifest, met
     if len(todo) < len(specs):
         log.info("stage 2: %d of %d layers were finished by an earlier run; fitting the others",
                  len(specs) - len(todo), len(specs))
-    settings = fit_settings(cfg, precision.math, device)
+    settings = fit_settings(cfg, precision.math, device, manifest.num_rows)
     stats = None
     if todo and kind.needs_stats:
         stored = IndexFolder(cfg.index_path).read_statistics([r.index for r in manifest.shards], [s.name for s in todo])
         stats = {layer: KroneckerStats.from_tensors(tensors) for layer, tensors in stored.items()}
     reads_rows = bool(todo) and kind.reads_rows
     backend = backend_class(cfg, manifest, precision, device) if reads_rows else None
-    groups = layer_groups(todo, cfg)
+    groups = layer_groups(todo, cfg, rows=manifest.num_rows)
     if reads_rows:
         total, unit = sum(group_passes(g, cfg, settings) for g in groups) * manifest.num_rows, "row"
     else:

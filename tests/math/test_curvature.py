@@ -82,3 +82,39 @@ def test_repsim_is_cosine():
     s = repsim_scores(q, t)
     assert torch.allclose(s[1, 2], (q[1] @ t[2]) / (q[1].norm() * t[2].norm()))
     assert torch.allclose(repsim_scores(t, t).diagonal(), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("damping", [None, 0.05])
+def test_exact_with_fewer_rows_than_columns_is_the_dd_inverse_without_forming_it(damping):
+    """N + p < D/2: the thin form (V (D, N), σ²: one GᵀG Q pass, no D×D anywhere) equals the D×D inverse of GᵀG + λI,
+    its relative damping (λ = 0.1 × trace / D) included, and scores like it; spiked rows, σ₁²/λ in the hundreds."""
+    n, d = 30, 200
+    g = _rand(n, d) * torch.cat([torch.tensor([40.0, 15.0, 6.0]), torch.ones(d - 3)]).double()
+    asked = []
+
+    class Recorded(GramOperator):  # the real operator, noting which passes the fit asks for
+        def __call__(self, q):
+            asked.append("apply")
+            return super().__call__(q)
+
+        def gram(self, dtype=torch.float64):
+            asked.append("gram")
+            return super().gram(dtype)
+
+    rows = GramOperator(TensorRows(g, batch_rows=7))
+    thin = ExactInverse.fit(Recorded(TensorRows(g, batch_rows=7)), d, "layer", FitSettings(damping=damping, rows=n))
+    full = ExactInverse.fit(rows, d, "layer", FitSettings(damping=damping))
+    assert asked == ["apply"] and thin.inverse is None and thin.vectors.shape == (d, n) and full.inverse is not None
+    assert abs(thin.damping - full.damping) <= 1e-12 * full.damping
+    assert float((g.T @ g).diagonal().max()) / thin.damping > 100  # spiked: the score is a difference of large terms
+    explicit = damped_inverse(g.T @ g, full.damping)
+    assert (curvature_inverse(thin, d) - explicit).norm() <= 1e-9 * explicit.norm()
+    query, train = GradientBlock(g=_rand(4, d)), GradientBlock(g=g)
+    expected = oracle_scores({"l": query.dense()}, {"l": g}, {"l": explicit})
+    assert (layer_scores(thin, query, train) - expected).norm() <= 1e-9 * expected.norm()
+    assert torch.allclose(thin.self_influence(train), (g @ explicit * g).sum(1), rtol=1e-9)
+    again = ExactInverse.from_saved(thin.tensors(), thin.info())
+    assert set(thin.tensors()) == {"values", "basis"} and torch.equal(again.vectors, thin.vectors)
+    assert ExactInverse.row_request(10, 20, FitSettings(rows=n)) == ("apply", n + 10)
+    assert ExactInverse.row_request(10, 20, FitSettings(rows=500)) == ("gram", 200)
+    assert ExactInverse.saved_numbers(10, 20, FitSettings(rows=n)) == d * n + n
