@@ -286,12 +286,15 @@ def spectrum_from_last_pass(q: torch.Tensor, z: torch.Tensor, rank: int) -> Spec
     b = (w[:, keep] / lam[keep].sqrt()).T @ z.T  # (k', D)
     _, sigma, vh = torch.linalg.svd(b, full_matrices=False)
     values, vectors = sigma ** 2, vh.T
-    missing = q.shape[1] - values.numel()
-    if missing:  # keep k columns: the dropped directions carry (numerically) zero eigenvalues
-        filler = torch.linalg.qr(torch.cat([vectors, q], dim=1)).Q[:, values.numel():q.shape[1]]  # rank k: Householder
-        values = torch.cat([values, values.new_zeros(missing)])
-        vectors = torch.cat([vectors, filler], dim=1)
-    return _top(values, vectors, rank)
+    found = values.numel()
+    if found == q.shape[1]:
+        return _top(values, vectors, rank)
+    # the dropped directions carry (numerically) zero eigenvalues; vectors are completed up to the rank kept only
+    need = max(0, min(rank, q.shape[1]) - found)
+    if need:  # orthonormal directions beyond span(V): rank-deficient by construction, so Householder
+        vectors = torch.cat([vectors, torch.linalg.qr(torch.cat([vectors, q], dim=1)).Q[:, found:found + need]], dim=1)
+    values = torch.cat([values.clamp_min(0), values.new_zeros(q.shape[1] - found)])  # descending (B's SVD)
+    return Spectrum(vectors[:, :rank].contiguous(), values[:rank].contiguous(), values[rank:].contiguous())
 
 
 def randomized_steps(dim: int, rank: int, *, oversample: int = 10, power_iters: int = 3, seed: int = 0,
