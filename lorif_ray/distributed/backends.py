@@ -2,8 +2,8 @@
 
 The jobs call ``run_stage``; with the Ray backend it checks the stage's inputs and (for a local instance) the
 layout first, then starts or joins Ray (``cluster.address``). Each stage runs its one driver (``run_index``,
-``run_curvature``, ``run_query``) with its Ray backend (``RayFeaturize``, ``RayGram``, ``ray_query``). ``run_service`` is the HTTP query
-service on the same two backends (Ray Serve, or a server in this process).
+``run_curvature``, ``run_query``) with its Ray backend (``RayFeaturize``, ``RayGram``, ``ray_query``).
+``run_service`` is the HTTP query service on the same two backends (Ray Serve, or a server in this process).
 """
 
 from __future__ import annotations

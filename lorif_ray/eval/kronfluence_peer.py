@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lorif_ray.data import IGNORE_INDEX, collate
 from lorif_ray.eval.config import SweepConfig

@@ -13,7 +13,6 @@ from lorif_ray.math.blocks import dense_from_factors
 from lorif_ray.math.curvature import FitSettings, Woodbury
 from lorif_ray.math.rsvd import GramOperator, TensorRows
 from lorif_ray.stages.curvature import load_curvature, run_curvature
-from lorif_ray.stages.inputs import layer_specs
 from lorif_ray.stages.query import LocalScorer
 from lorif_ray.outputs.query_outputs import output_files
 from lorif_ray.store import CurvatureFolder, IndexFolder
