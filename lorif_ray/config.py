@@ -228,6 +228,8 @@ class Config:
     shard_size: int = setting(1024, "examples per Parquet shard (the unit of resumption)")
     output_dir: str = setting("outputs/run", "where everything goes (a folder this tool made, or a new or empty one)")
     index_dir: Optional[str] = setting(None, "null = <output_dir>/index; share one across runs that differ in r")
+    curvature_from: Optional[str] = setting(None, "jobs/score.py: the output_dir of an earlier run whose curvature "
+                                                  "(<dir>/curvature) scores the live rows; null = fit none")
     embedded_cache: Optional[str] = setting(None, "where the embedded default model and corpus are trained once and "
                                                   "kept; null = <user cache>/embedded (~/.cache/lorif-ray, or "
                                                   "$LORIF_RAY_CACHE_DIR)")

@@ -262,6 +262,13 @@ class TrainTexts:
         rows = sorted({int(r) for r in rows})
         return {row: p.example_id for row, p in self._positions(rows).items()}
 
+    def all_ids(self) -> list[str]:
+        """Every row's example id, in row order (the table's ``example_id`` column: O(N), for the full-score files'
+        sidecars)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.table, columns=["example_id"]).column("example_id").to_pylist()
+
     def examples(self, rows: Iterable[int]) -> dict[int, Example]:
         """{global row: its ``Example``} (text; prompt; messages), read from those rows of the input.
 

@@ -151,15 +151,44 @@ def output_shapes(cfg: Config, manifest, num_queries: int, num_tokens: int) -> t
     return {name: (shape, dtype) for name, (shape, dtype, asked) in shapes.items() if asked}, scratch
 
 
+class IndexRowIds:
+    """The example ids of training rows, read from the index's shards (``of_rows``: some rows; ``all``: every row)."""
+
+    def __init__(self, index_path, manifest):
+        self.index, self.manifest = IndexFolder(index_path), manifest
+
+    def of_rows(self, rows: list[int]) -> dict[int, str]:
+        return self.index.ids_of_rows(self.manifest, rows)
+
+    def all(self) -> list[str]:
+        return self.index.ids(self.manifest)
+
+
+class TableRowIds:
+    """The example ids of training rows, read from a row table (``TrainTexts``): rows that no index holds (live
+    rows, ``lorif_ray.stages.score``)."""
+
+    def __init__(self, texts: TrainTexts):
+        self.texts = texts
+
+    def of_rows(self, rows: list[int]) -> dict[int, str]:
+        return self.texts.ids(rows)
+
+    def all(self) -> list[str]:
+        return self.texts.all_ids()
+
+
 def write_query_outputs(run: QueryRun, cfg: Config, manifest, queries: QueryRows, examples: list,
-                        sources: dict[str, str], ends: TopK, texts: TrainTexts | None) -> dict:
+                        sources: dict[str, str], ends: TopK, texts: TrainTexts | None,
+                        ids: IndexRowIds | TableRowIds | None = None) -> dict:
     """The run's tables from the two ends of every row: ``topk``, ``opponents`` and ``queries`` (with each query's
     score bins) of the queries; ``tokens`` and ``token_topk`` of the token rows; the JSON sidecars of the
     ``.npy`` files. Reads the ids and texts of the ends' rows only (all N ids only for the sidecars of the
-    full-score files, which are O(N) themselves)."""
+    full-score files, which are O(N) themselves); ``ids``: where the training ids come from (None: the index's)."""
+    ids = ids or IndexRowIds(cfg.index_path, manifest)
     nq = len(queries.ids)
     rows = ends.index.reshape(-1).tolist() + ends.low_index[:nq].reshape(-1).tolist()
-    named = {"train_ids": IndexFolder(cfg.index_path).ids_of_rows(manifest, rows),
+    named = {"train_ids": ids.of_rows(rows),
              "train_texts": texts.texts(rows) if texts is not None else {},
              "query_texts": {e.id: e.text for e in examples}}
     run.write_table("topk", topk_table(queries.ids, ends.scores[:nq], ends.index[:nq], **named))
@@ -169,7 +198,7 @@ def write_query_outputs(run: QueryRun, cfg: Config, manifest, queries: QueryRows
     report = {"topk_path": str(run.path("topk")), "opponents_path": str(run.path("opponents")), "scores_path": None,
               "queries": nq, "train": manifest.num_rows}
     if run.has("scores") or run.has("layer_scores"):
-        train_ids = IndexFolder(cfg.index_path).ids(manifest)
+        train_ids = ids.all()
     if run.has("scores"):
         run.write_json("scores_ids", {"query_ids": queries.ids, "train_ids": train_ids})
         report["scores_path"] = str(run.path("scores"))

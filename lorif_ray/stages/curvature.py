@@ -108,7 +108,13 @@ def load_curvature(folder: CurvatureFolder, cfg: Config, manifest: Manifest, dev
             against stored g'_t), or the named layers. V_r is most of the curvature (D·r per layer), and
             tensors not asked for are never read.
     """
-    header = check_curvature(folder, cfg, manifest)
+    return read_curvature(folder, check_curvature(folder, cfg, manifest), manifest, device, dtype, vectors=vectors)
+
+
+def read_curvature(folder: CurvatureFolder, header: dict, manifest: Manifest, device, dtype, *,
+                   vectors: bool | Iterable[str] = True) -> dict[str, Curvature]:
+    """The saved curvature of every layer of ``manifest`` ({} for RepSim), from a header already checked
+    (``check_curvature``, or ``lorif_ray.stages.score``'s check for live rows); ``vectors`` as ``load_curvature``."""
     kind = Curvature.of(header["kind"])
     if not kind.scores_gradients:
         return {}

@@ -24,7 +24,8 @@ from lorif_ray.model.loading import check_context_length, check_model_folder
 log = logging.getLogger(__name__)
 
 # what a job may run: the three stages, and "serve" (stage 3 without a query file: queries come by request)
-PREFLIGHT_STAGES = ("index", "curvature", "query", "serve")
+# and "score" (on-the-fly: stage 3 over the training set streamed through the model, no index)
+PREFLIGHT_STAGES = ("index", "curvature", "query", "serve", "score")
 _FIRST_ROWS = 64  # rows of the training data read to check its columns (stage 1 checks every row, streamed)
 
 
@@ -55,16 +56,20 @@ def check_before_work(cfg: Config, stages: Iterable[str]) -> Config:
         raise ValueError(f"unknown stages {unknown}; stages: {PREFLIGHT_STAGES}")
     cfg = resolve_model(cfg)
     user_model = cfg.model.path is not None
-    if user_model and set(stages) & {"index", "query", "serve"}:
+    if "score" in stages:  # what it refuses (Ray, a curvature that needs the rows) before any file is read
+        from lorif_ray.stages.score import check_score
+
+        check_score(cfg)
+    if user_model and set(stages) & {"index", "query", "serve", "score"}:
         check_model_folder(cfg.model.path)
         check_context_length(cfg.model.path, cfg.data.max_length)
-    if cfg.model.adapter is not None and set(stages) & {"index", "query", "serve"}:
+    if cfg.model.adapter is not None and set(stages) & {"index", "query", "serve", "score"}:
         from lorif_ray.model.adapters import read_adapter_config
 
         read_adapter_config(Path(cfg.model.adapter))
-    if "index" in stages:
+    if set(stages) & {"index", "score"}:
         _check_train(cfg, required=user_model)
-    if "query" in stages:
+    if set(stages) & {"query", "score"}:
         _check_queries(cfg, required=user_model)
     if "curvature" in stages and "index" not in stages:
         _open_index(cfg)

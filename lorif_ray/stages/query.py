@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -32,8 +33,8 @@ from lorif_ray.math.blocks import RowLayout, TrainBlock
 from lorif_ray.math.curvature import Curvature
 from lorif_ray.math.scoring import RepSimQuery, StackedQuery, choose_route
 from lorif_ray.model.loading import resolve_device
-from lorif_ray.outputs.query_outputs import (NORMALIZED_MEANING, BlockOutputs, OutputFiles, TopK, output_files,
-                                            write_query_outputs, write_self_influence)
+from lorif_ray.outputs.query_outputs import (NORMALIZED_MEANING, BlockOutputs, IndexRowIds, OutputFiles, TableRowIds,
+                                            TopK, output_files, write_query_outputs, write_self_influence)
 from lorif_ray.outputs.report_page import write_report_page
 from lorif_ray.outputs.summary import expected_sources
 from lorif_ray.precision import Precision, warn_if_unsafe
@@ -178,17 +179,33 @@ def run_query(cfg: Config, make_backend=local_query) -> dict:
         backend.close()
 
 
+@dataclass(frozen=True)
+class TrainNames:
+    """Where a run's training rows get their names: ``texts`` (``TrainTexts``, or None: ids only), ``ids``
+    (``IndexRowIds`` or ``TableRowIds``) and ``source`` (recorded as the run's "index": the index folder, or
+    "live" for rows no index holds)."""
+
+    texts: TrainTexts | None
+    ids: IndexRowIds | TableRowIds
+    source: str
+
+    @classmethod
+    def of_index(cls, cfg: Config, manifest) -> "TrainNames":
+        return cls(open_train_texts(cfg, manifest), IndexRowIds(cfg.index_path, manifest), str(cfg.index_path))
+
+
 def answer(cfg: Config, manifest, header: dict, stored: bool, backend, queries_path: Path,
-) -> dict:
+           names: TrainNames | None = None) -> dict:
     """One query file through ``backend``: featurize, choose the route, score, write the run (``QueryRun``),
-    holding the output folder's writer lock (``QUERY_WRITER``: one run writes a folder's query outputs at a time)."""
+    holding the output folder's writer lock (``QUERY_WRITER``: one run writes a folder's query outputs at a time).
+    ``names``: the training rows' texts and ids (None: the index's)."""
     check_outputs(cfg, manifest)
     with writer_lock(cfg.output_dir, *QUERY_WRITER):
-        return _answer(cfg, manifest, header, backend, queries_path, stored)
+        return _answer(cfg, manifest, header, backend, queries_path, stored, names or TrainNames.of_index(cfg, manifest))
 
 
-def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, stored: bool) -> dict:
-    texts = open_train_texts(cfg, manifest)
+def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, stored: bool, names: TrainNames) -> dict:
+    texts = names.texts
     examples = load_examples(queries_path, cfg.data.columns)
     queries = backend.featurize(queries_path)
     row_ids = queries.row_ids
@@ -198,7 +215,7 @@ def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, st
     curvature = Curvature.of(header.get("kind", cfg.curvature_kind))
     meaning = NORMALIZED_MEANING if cfg.query.normalize else curvature.score_meaning
     top_k = min(cfg.query.top_k, manifest.num_rows)
-    meta = {"config": cfg.to_dict(), "index": str(cfg.index_path), "curvature": cfg.curvature_kind, "score": meaning,
+    meta = {"config": cfg.to_dict(), "index": names.source, "curvature": cfg.curvature_kind, "score": meaning,
             **facts}
     run = QueryRun.begin(cfg.output_dir, meta, queries=len(queries.ids), tokens=len(queries.tokens),
                          train=manifest.num_rows, top_k=top_k, texts=texts is not None)
@@ -207,7 +224,7 @@ def _answer(cfg: Config, manifest, header: dict, backend, queries_path: Path, st
         if files.self_influence is not None:
             write_self_influence(run, cfg, manifest, np.load(files.self_influence, mmap_mode="r"))
     report = write_query_outputs(run, cfg, manifest, queries, examples, expected_sources(queries_path, cfg.data.columns),
-                                 ends, texts)
+                                 ends, texts, names.ids)
     write_report_page(run)
     run.commit()
     return {**report, "report_path": str(run.path("report")), **backend.info, **facts,
