@@ -136,6 +136,18 @@ def test_your_model_and_data_block(clone):
     assert np.load(clone / "out" / "scores.npy", mmap_mode="r").shape == (48, 736)
 
 
+def test_the_scoring_without_an_index_block(clone):
+    """jobs/score.py as the README shows it (after the model-and-data block's export): a query run with texts and
+    its page, and no index anywhere; K-FAC takes its two passes."""
+    run_script(clone, f"{shlex.quote(str(clone / '.venv/bin/python'))} -m lorif_ray.embedded export my-model")
+    run_block(clone, block_with("run", "jobs/score.py"))
+    for out in ("out-live", "out-live-kfac"):
+        topk = pq.read_table(clone / out / "topk.parquet")
+        assert topk.num_rows > 0 and all(topk.column("train_text").to_pylist())
+        assert (clone / out / "report.html").is_file() and not (clone / out / "index").exists()
+    assert "2 passes, no index" in (clone / "out-live-kfac" / "score.log").read_text()
+
+
 def test_the_errors_block_prints_each_line_it_shows(clone):
     for line in commands(readme_blocks("fails")[0]):
         command, _, shown = line.partition("# ")
