@@ -49,6 +49,7 @@ import torch
 from lorif_ray.errors import ConfigError, CorruptArtifactError, IndexMismatchError
 from lorif_ray.store.artifacts import (load_tensors, preallocated_memmap, remove_stale_temporaries, replace_durably,
                                        save_tensors, temporary_path, write_json)
+from lorif_ray.store.folder import ArtifactFolder
 from lorif_ray.store.integrity import CheckedBlocks, block_checksums, contained, read_sealed_json, seal
 from lorif_ray.store.locks import writer_lock
 
@@ -76,7 +77,7 @@ def ranks(header: dict) -> dict[str, int]:
     return {name: info["rank"] for name, info in header.get("layers", {}).items() if info.get("rank")}
 
 
-class CurvatureFolder:
+class CurvatureFolder(ArtifactFolder):
     """A curvature folder (``<output_dir>/curvature``) and its stored g'_t (``coordinates_path``).
 
     ``CurvatureFolder(path)`` names the folder (it need not exist yet: stage 2 writes it);
@@ -86,29 +87,12 @@ class CurvatureFolder:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        super().__init__(path)
         self.coordinates_path = self.path.parent / COORDINATES_DIR
 
-    @classmethod
-    def open(cls, path) -> "CurvatureFolder":
-        """The folder at ``path``, after checking that a complete curvature is there.
-
-        Raises:
-            ConfigError: no curvature header there (run stage 2 first).
-        """
-        folder = cls(path)
-        if not folder.exists():
-            raise ConfigError(f"no curvature at {folder.path}; run stage 2 (jobs/curvature.py) first")
-        return folder
-
-    def __repr__(self) -> str:
-        return f"CurvatureFolder({str(self.path)!r})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, CurvatureFolder) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
+    def missing(self) -> Exception:
+        """``open``'s error: no curvature header there (run stage 2 first)."""
+        return ConfigError(f"no curvature at {self.path}; run stage 2 (jobs/curvature.py) first")
 
     # naming
 

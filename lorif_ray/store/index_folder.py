@@ -49,6 +49,7 @@ from lorif_ray.errors import (ConfigError, CorruptArtifactError, CorruptShardErr
                               IndexNotFoundError, LorifError, MissingShardError)
 from lorif_ray.store.artifacts import (atomic_path, file_sha256, load_tensors, remove_stale_temporaries, save_tensors,
                                        write_json)
+from lorif_ray.store.folder import ArtifactFolder
 from lorif_ray.store.integrity import contained
 from lorif_ray.store.locks import lock_name, writer_lock
 from lorif_ray.store.manifest import MANIFEST_NAME, Manifest, ShardRecord
@@ -114,7 +115,7 @@ def collects_statistics(meta: dict) -> bool:
     return bool(meta.get("kronecker_stats"))
 
 
-class IndexFolder:
+class IndexFolder(ArtifactFolder):
     """An index folder (``cfg.index_path``): its manifest, shards, K-FAC statistics, row table and report.
 
     ``IndexFolder(path)`` names the folder (it need not exist yet: stage 1 writes it); ``IndexFolder.open(path)``
@@ -122,29 +123,9 @@ class IndexFolder:
     actors as that, and every read reads the files as they are now.
     """
 
-    def __init__(self, path):
-        self.path = Path(path)
-
-    @classmethod
-    def open(cls, path) -> "IndexFolder":
-        """The folder at ``path``, after checking that an index is there.
-
-        Raises:
-            IndexNotFoundError: no manifest there (run stage 1 first).
-        """
-        folder = cls(path)
-        if not folder.exists():
-            raise IndexNotFoundError(f"no index at {folder.path}: {folder.manifest_path} does not exist")
-        return folder
-
-    def __repr__(self) -> str:
-        return f"IndexFolder({str(self.path)!r})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, IndexFolder) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
+    def missing(self) -> Exception:
+        """``open``'s error: no manifest there (run stage 1 first)."""
+        return IndexNotFoundError(f"no index at {self.path}: {self.manifest_path} does not exist")
 
     # naming
 
