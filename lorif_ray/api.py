@@ -177,6 +177,37 @@ class Attributor:
         self._run("query", measure if callable(measure) else None)
         return Results(self.cfg.output_dir)
 
+    def score(self, queries: Data, train: Data | None = None, *, top_k: int | None = None,
+              curvature_from: str | Path | None = None, split: str | None = None,
+              query_split: str | None = None) -> Results:
+        """Score the queries against the training set streamed through the model once, writing no index
+        (``jobs/score.py``; one process): the same ``Results`` as ``index`` + ``fit_curvature`` + ``query``.
+
+        Args:
+            queries: the queries (see ``Data``).
+            train: the training data; None = the one ``index`` was given, or the embedded default's.
+            top_k: overrides the constructor's for this call.
+            curvature_from: the ``output_dir`` of an earlier run whose curvature scores the rows (needed for a
+                curvature fitted from the rows themselves: woodbury, exact, ekfac); None = identity or kfac.
+            split, query_split: the splits of DatasetDicts.
+
+        Raises:
+            ConfigError: on Ray (one process only, for now), or a curvature that needs ``curvature_from``.
+        """
+        from lorif_ray.stages.score import run_score
+
+        if train is not None:
+            path, split = self._data_path(train, "train", split)
+            self.cfg = replace(self.cfg, data=replace(self.cfg.data, train=str(path), split=split))
+        path, query_split = self._data_path(queries, "queries", query_split)
+        query = replace(self.cfg.query, top_k=top_k or self.cfg.query.top_k, full_scores=True, self_influence=False,
+                        per_layer=False, per_token=False)
+        self.cfg = replace(self.cfg, query=query, curvature_from=None if curvature_from is None else str(curvature_from),
+                           data=replace(self.cfg.data, queries=str(path), query_split=query_split))
+        with quiet_transformers():
+            run_score(self.cfg)
+        return Results(self.cfg.output_dir)
+
     def _run(self, stage: str, measurement: Callable | None = None) -> dict:
         """One stage of ``self.cfg``, in this process or on Ray, with transformers' own output silenced."""
         with quiet_transformers():

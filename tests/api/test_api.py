@@ -153,3 +153,24 @@ def test_chat_queries_and_a_dataset_object(tiny_assets, tmp_path):
     assert results.topk.column("query_text").to_pylist() == ["user: the cat\nassistant: sat on the mat"] * 2
     assert results.proponents("c")[0]["train_text"] in train.column("text").to_pylist()
     assert results.scores.shape == (1, 48)
+
+
+def test_score_without_an_index_equals_index_then_query(tiny_assets, tmp_path):
+    """Attributor.score (the training set streamed once, nothing indexed) gives the Results of index + fit + query
+    for the same method (graddot: identity), with the texts; on Ray it is refused by name before any work."""
+    indexed = Attributor(str(tiny_assets["model"]), method="graddot", output_dir=tmp_path / "indexed",
+                         max_length=32, device="cpu", top_k=5, cluster="none", progress=False)
+    indexed.index(tiny_assets["train"])
+    indexed.fit_curvature()
+    want = indexed.query(tiny_assets["queries"])
+    live = Attributor(str(tiny_assets["model"]), method="graddot", output_dir=tmp_path / "live", max_length=32,
+                      device="cpu", top_k=5, cluster="none", progress=False)
+    got = live.score(tiny_assets["queries"], tiny_assets["train"])
+    assert got.scores.shape == want.scores.shape
+    assert np.abs(got.scores - want.scores).max() <= 1e-4 * np.abs(want.scores).max()
+    assert got.topk.column("train_id").to_pylist() == want.topk.column("train_id").to_pylist()
+    assert all(got.topk.column("train_text").to_pylist()) and not (tmp_path / "live" / "index").exists()
+    on_ray = Attributor(str(tiny_assets["model"]), method="graddot", output_dir=tmp_path / "ray", max_length=32,
+                        device="cpu", progress=False, cluster="local")
+    with pytest.raises(ConfigError, match="cluster=none"):
+        on_ray.score(tiny_assets["queries"], tiny_assets["train"])
