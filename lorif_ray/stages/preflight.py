@@ -78,25 +78,28 @@ def check_before_work(cfg: Config, stages: Iterable[str]) -> Config:
     return cfg
 
 
+def _data_file(value: str | None, split: str | None, key: str, split_key: str, required: bool):
+    """The file (or split folder) a ``data.*`` key names, or None when it is unset and not ``required``."""
+    if value is None:
+        if required:
+            raise ConfigError(f"{key} is not set (a .jsonl, .parquet, .arrow file or a save_to_disk folder); "
+                              "it is required with model.path")
+        return None
+    return dataset_split(value, split, split_key)
+
+
 def _check_train(cfg: Config, required: bool) -> None:
     """``data.train`` exists, is of a known kind and its first rows have a schema's columns."""
-    if cfg.data.train is None:
-        if required:
-            raise ConfigError("data.train is not set (a .jsonl, .parquet, .arrow file or a save_to_disk folder); "
-                              "it is required with model.path")
-        return
-    path = dataset_split(cfg.data.train, cfg.data.split, "data.split")
-    next(iter_examples(path, batch_rows=_FIRST_ROWS, columns=cfg.data.columns), None)
+    path = _data_file(cfg.data.train, cfg.data.split, "data.train", "data.split", required)
+    if path is not None:
+        next(iter_examples(path, batch_rows=_FIRST_ROWS, columns=cfg.data.columns), None)
 
 
 def _check_queries(cfg: Config, required: bool) -> None:
     """``data.queries`` read whole (a small file): every row's schema and the ids."""
-    if cfg.data.queries is None:
-        if required:
-            raise ConfigError("data.queries is not set (a .jsonl, .parquet, .arrow file or a save_to_disk folder); "
-                              "it is required with model.path")
-        return
-    load_examples(dataset_split(cfg.data.queries, cfg.data.query_split, "data.query_split"), cfg.data.columns)
+    path = _data_file(cfg.data.queries, cfg.data.query_split, "data.queries", "data.query_split", required)
+    if path is not None:
+        load_examples(path, cfg.data.columns)
 
 
 def _open_index(cfg: Config):
